@@ -35,7 +35,9 @@ impl ChunkHash {
 
     /// Parses 64 hex characters.
     pub fn from_hex(hex: &str) -> Option<Self> {
-        blake3::Hash::from_hex(hex).ok().map(|h| Self(*h.as_bytes()))
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .map(|h| Self(*h.as_bytes()))
     }
 }
 
@@ -206,11 +208,13 @@ mod tests {
     }
 
     const GOLDEN_LENS: &[u32] = &[
-        70860, 32337, 69488, 147106, 80103, 19470, 35570, 67267, 41465, 26848, 68082, 83047, 140936,
-        165997,
+        70860, 32337, 69488, 147106, 80103, 19470, 35570, 67267, 41465, 26848, 68082, 83047,
+        140936, 165997,
     ];
-    const GOLDEN_FIRST_HASH: &str = "c125be85dbcdfc546955754da2f4c7ecfdb7c965e4ea12010d5115847a81dc85";
-    const GOLDEN_LAST_HASH: &str = "19aeb6f59f81c2e834f9f1ff3de94981d0628e73f263db900b7dbe4d6aef9bf7";
+    const GOLDEN_FIRST_HASH: &str =
+        "c125be85dbcdfc546955754da2f4c7ecfdb7c965e4ea12010d5115847a81dc85";
+    const GOLDEN_LAST_HASH: &str =
+        "19aeb6f59f81c2e834f9f1ff3de94981d0628e73f263db900b7dbe4d6aef9bf7";
 
     #[test]
     fn chunks_cover_input_within_size_bounds() {

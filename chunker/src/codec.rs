@@ -86,16 +86,27 @@ mod tests {
             "web",
             "1.4.2",
             vec![
-                Entry { path: "bin".into(), kind: EntryKind::Dir { mode: 0o755 } },
+                Entry {
+                    path: "bin".into(),
+                    kind: EntryKind::Dir { mode: 0o755 },
+                },
                 Entry {
                     path: "bin/app".into(),
                     kind: EntryKind::File {
                         mode: 0o755,
                         size: 5,
-                        chunks: vec![ChunkRef { hash: ChunkHash::of(b"hello"), len: 5 }],
+                        chunks: vec![ChunkRef {
+                            hash: ChunkHash::of(b"hello"),
+                            len: 5,
+                        }],
                     },
                 },
-                Entry { path: "current".into(), kind: EntryKind::Symlink { target: "bin/app".into() } },
+                Entry {
+                    path: "current".into(),
+                    kind: EntryKind::Symlink {
+                        target: "bin/app".into(),
+                    },
+                },
             ],
         )
         .unwrap()
@@ -123,7 +134,10 @@ mod tests {
     fn unknown_version_is_refused() {
         let mut e = sample().encode();
         e[4] = 2;
-        assert!(matches!(Manifest::decode(&e), Err(DecodeError::UnknownVersion(2))));
+        assert!(matches!(
+            Manifest::decode(&e),
+            Err(DecodeError::UnknownVersion(2))
+        ));
     }
 
     #[test]
@@ -131,14 +145,20 @@ mod tests {
         let mut e = sample().encode();
         e[0] = b'X';
         assert!(matches!(Manifest::decode(&e), Err(DecodeError::BadMagic)));
-        assert!(matches!(Manifest::decode(b"CV"), Err(DecodeError::BadMagic)));
+        assert!(matches!(
+            Manifest::decode(b"CV"),
+            Err(DecodeError::BadMagic)
+        ));
     }
 
     #[test]
     fn trailing_bytes_are_refused() {
         let mut e = sample().encode();
         e.push(0);
-        assert!(matches!(Manifest::decode(&e), Err(DecodeError::TrailingBytes(1))));
+        assert!(matches!(
+            Manifest::decode(&e),
+            Err(DecodeError::TrailingBytes(1))
+        ));
     }
 
     #[test]
@@ -161,7 +181,10 @@ mod tests {
     #[test]
     fn oversized_input_is_refused() {
         let e = vec![0u8; limits::MAX_ENCODED_BYTES + 1];
-        assert!(matches!(Manifest::decode(&e), Err(DecodeError::TooLarge(_))));
+        assert!(matches!(
+            Manifest::decode(&e),
+            Err(DecodeError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -176,23 +199,43 @@ mod tests {
         let raw = Raw {
             app: "web".into(),
             version: "1".into(),
-            entries: vec![Entry { path: "../escape".into(), kind: EntryKind::Dir { mode: 0o755 } }],
+            entries: vec![Entry {
+                path: "../escape".into(),
+                kind: EntryKind::Dir { mode: 0o755 },
+            }],
         };
-        assert!(matches!(Manifest::decode(&encode(&raw)), Err(DecodeError::Invalid(ManifestError::BadPath { .. }))));
+        assert!(matches!(
+            Manifest::decode(&encode(&raw)),
+            Err(DecodeError::Invalid(ManifestError::BadPath { .. }))
+        ));
         let unsorted = Raw {
             app: "web".into(),
             version: "1".into(),
             entries: vec![
-                Entry { path: "b".into(), kind: EntryKind::Dir { mode: 0o755 } },
-                Entry { path: "a".into(), kind: EntryKind::Dir { mode: 0o755 } },
+                Entry {
+                    path: "b".into(),
+                    kind: EntryKind::Dir { mode: 0o755 },
+                },
+                Entry {
+                    path: "a".into(),
+                    kind: EntryKind::Dir { mode: 0o755 },
+                },
             ],
         };
-        assert!(matches!(Manifest::decode(&encode(&unsorted)), Err(DecodeError::Invalid(ManifestError::Unsorted { .. }))));
+        assert!(matches!(
+            Manifest::decode(&encode(&unsorted)),
+            Err(DecodeError::Invalid(ManifestError::Unsorted { .. }))
+        ));
     }
 
     fn arb_manifest() -> impl Strategy<Value = Manifest> {
         let name = "[a-z][a-z0-9]{0,6}";
-        let entry = (name, any::<bool>(), 0u32..0o777, proptest::collection::vec((any::<[u8; 32]>(), 1u32..1000), 0..4));
+        let entry = (
+            name,
+            any::<bool>(),
+            0u32..0o777,
+            proptest::collection::vec((any::<[u8; 32]>(), 1u32..1000), 0..4),
+        );
         proptest::collection::vec(entry, 0..20).prop_map(|raw| {
             let mut seen = std::collections::HashSet::new();
             let entries = raw
@@ -202,8 +245,18 @@ mod tests {
                     let kind = if is_dir {
                         EntryKind::Dir { mode }
                     } else {
-                        let chunks: Vec<_> = chunks.into_iter().map(|(h, len)| ChunkRef { hash: ChunkHash(h), len }).collect();
-                        EntryKind::File { mode, size: chunks.iter().map(|c| u64::from(c.len)).sum(), chunks }
+                        let chunks: Vec<_> = chunks
+                            .into_iter()
+                            .map(|(h, len)| ChunkRef {
+                                hash: ChunkHash(h),
+                                len,
+                            })
+                            .collect();
+                        EntryKind::File {
+                            mode,
+                            size: chunks.iter().map(|c| u64::from(c.len)).sum(),
+                            chunks,
+                        }
                     };
                     Entry { path, kind }
                 })

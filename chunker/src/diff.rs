@@ -54,7 +54,10 @@ mod tests {
             .map(|(path, parts)| {
                 let chunks: Vec<ChunkRef> = parts
                     .iter()
-                    .map(|p| ChunkRef { hash: ChunkHash::of(p), len: p.len() as u32 })
+                    .map(|p| ChunkRef {
+                        hash: ChunkHash::of(p),
+                        len: p.len() as u32,
+                    })
                     .collect();
                 Entry {
                     path: (*path).into(),
@@ -72,11 +75,21 @@ mod tests {
     #[test]
     fn between_versions_lists_only_changed_chunks_once() {
         let v1 = release(&[("a", &[b"aaaa", b"bbbb"]), ("b", &[b"cccc"])]);
-        let v2 = release(&[("a", &[b"aaaa", b"BBBBB"]), ("b", &[b"cccc"]), ("c", &[b"BBBBB"])]);
+        let v2 = release(&[
+            ("a", &[b"aaaa", b"BBBBB"]),
+            ("b", &[b"cccc"]),
+            ("c", &[b"BBBBB"]),
+        ]);
         let d = Diff::between(&v1, &v2);
         assert_eq!(d.chunks_total, 3);
         assert_eq!(d.bytes_total, 13);
-        assert_eq!(d.new, vec![ChunkRef { hash: ChunkHash::of(b"BBBBB"), len: 5 }]);
+        assert_eq!(
+            d.new,
+            vec![ChunkRef {
+                hash: ChunkHash::of(b"BBBBB"),
+                len: 5
+            }]
+        );
         assert_eq!(d.bytes_new, 5);
     }
 

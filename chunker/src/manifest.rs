@@ -173,7 +173,10 @@ pub enum ManifestError {
         count: usize,
     },
     /// More bytes than [`limits::MAX_TOTAL_BYTES`].
-    #[error("{bytes} bytes of files: a package may hold at most {}", limits::MAX_TOTAL_BYTES)]
+    #[error(
+        "{bytes} bytes of files: a package may hold at most {}",
+        limits::MAX_TOTAL_BYTES
+    )]
     TooLarge {
         /// Bytes found.
         bytes: u64,
@@ -464,31 +467,52 @@ mod tests {
 
     #[test]
     fn absolute_path_is_refused() {
-        assert!(matches!(build(vec![file("/etc/passwd", b"x")]), Err(ManifestError::BadPath { .. })));
+        assert!(matches!(
+            build(vec![file("/etc/passwd", b"x")]),
+            Err(ManifestError::BadPath { .. })
+        ));
     }
 
     #[test]
     fn dot_dot_component_is_refused() {
-        assert!(matches!(build(vec![dir("a"), file("a/../../x", b"x")]), Err(ManifestError::BadPath { .. })));
-        assert!(matches!(build(vec![file("..", b"x")]), Err(ManifestError::BadPath { .. })));
+        assert!(matches!(
+            build(vec![dir("a"), file("a/../../x", b"x")]),
+            Err(ManifestError::BadPath { .. })
+        ));
+        assert!(matches!(
+            build(vec![file("..", b"x")]),
+            Err(ManifestError::BadPath { .. })
+        ));
     }
 
     #[test]
     fn empty_and_dot_components_are_refused() {
         for p in ["", "a//b", "a/", "./a", "a/."] {
-            assert!(matches!(build(vec![dir("a"), file(p, b"x")]), Err(ManifestError::BadPath { .. })), "{p}");
+            assert!(
+                matches!(
+                    build(vec![dir("a"), file(p, b"x")]),
+                    Err(ManifestError::BadPath { .. })
+                ),
+                "{p}"
+            );
         }
     }
 
     #[test]
     fn nul_in_path_is_refused() {
-        assert!(matches!(build(vec![file("a\0b", b"x")]), Err(ManifestError::BadPath { .. })));
+        assert!(matches!(
+            build(vec![file("a\0b", b"x")]),
+            Err(ManifestError::BadPath { .. })
+        ));
     }
 
     #[test]
     fn overlong_component_is_refused() {
         let name = "n".repeat(limits::MAX_COMPONENT_BYTES + 1);
-        assert!(matches!(build(vec![file(&name, b"x")]), Err(ManifestError::BadPath { .. })));
+        assert!(matches!(
+            build(vec![file(&name, b"x")]),
+            Err(ManifestError::BadPath { .. })
+        ));
     }
 
     #[test]
@@ -499,9 +523,18 @@ mod tests {
 
     #[test]
     fn entry_under_a_file_or_symlink_is_refused() {
-        assert!(matches!(build(vec![file("a", b"1"), file("a/b", b"2")]), Err(ManifestError::MissingParent { .. })));
-        assert!(matches!(build(vec![link("l", "x"), file("l/b", b"2")]), Err(ManifestError::MissingParent { .. })));
-        assert!(matches!(build(vec![file("nodir/b", b"2")]), Err(ManifestError::MissingParent { .. })));
+        assert!(matches!(
+            build(vec![file("a", b"1"), file("a/b", b"2")]),
+            Err(ManifestError::MissingParent { .. })
+        ));
+        assert!(matches!(
+            build(vec![link("l", "x"), file("l/b", b"2")]),
+            Err(ManifestError::MissingParent { .. })
+        ));
+        assert!(matches!(
+            build(vec![file("nodir/b", b"2")]),
+            Err(ManifestError::MissingParent { .. })
+        ));
     }
 
     #[test]
@@ -517,13 +550,23 @@ mod tests {
             ("l", "a//b"),
         ] {
             let err = build(vec![dir("d"), link(path, target)]).unwrap_err();
-            assert!(matches!(err, ManifestError::SymlinkEscapes { .. }), "{path} -> {target}: {err}");
+            assert!(
+                matches!(err, ManifestError::SymlinkEscapes { .. }),
+                "{path} -> {target}: {err}"
+            );
         }
     }
 
     #[test]
     fn symlinks_inside_the_release_are_accepted() {
-        build(vec![dir("d"), dir("d/e"), link("d/e/l", "../../top"), link("d/m", "e/l"), link("t", "d")]).unwrap();
+        build(vec![
+            dir("d"),
+            dir("d/e"),
+            link("d/e/l", "../../top"),
+            link("d/m", "e/l"),
+            link("t", "d"),
+        ])
+        .unwrap();
     }
 
     #[test]
@@ -541,7 +584,10 @@ mod tests {
         if let EntryKind::File { size, .. } = &mut e.kind {
             *size = 6;
         }
-        assert!(matches!(build(vec![e]), Err(ManifestError::BadChunks { .. })));
+        assert!(matches!(
+            build(vec![e]),
+            Err(ManifestError::BadChunks { .. })
+        ));
         let oversized = Entry {
             path: "b".into(),
             kind: EntryKind::File {
@@ -553,13 +599,29 @@ mod tests {
                 }],
             },
         };
-        assert!(matches!(build(vec![oversized]), Err(ManifestError::BadChunks { .. })));
+        assert!(matches!(
+            build(vec![oversized]),
+            Err(ManifestError::BadChunks { .. })
+        ));
     }
 
     #[test]
     fn bad_app_and_version_names_are_refused() {
-        for (app, version) in [("", "1"), ("we b", "1"), ("web@x", "1"), ("-web", "1"), ("web", "1/2"), ("web", "")] {
-            assert!(matches!(Manifest::new(app, version, vec![]), Err(ManifestError::BadName { .. })), "{app}@{version}");
+        for (app, version) in [
+            ("", "1"),
+            ("we b", "1"),
+            ("web@x", "1"),
+            ("-web", "1"),
+            ("web", "1/2"),
+            ("web", ""),
+        ] {
+            assert!(
+                matches!(
+                    Manifest::new(app, version, vec![]),
+                    Err(ManifestError::BadName { .. })
+                ),
+                "{app}@{version}"
+            );
         }
         Manifest::new("my_app.v2", "1.4.2+build-7", vec![]).unwrap();
     }
@@ -572,17 +634,37 @@ mod tests {
                 mode: 0o644,
                 size: limits::MAX_TOTAL_BYTES + MAX_CHUNK_SIZE as u64,
                 chunks: vec![
-                    ChunkRef { hash: ChunkHash([1; 32]), len: MAX_CHUNK_SIZE as u32 };
+                    ChunkRef {
+                        hash: ChunkHash([1; 32]),
+                        len: MAX_CHUNK_SIZE as u32
+                    };
                     (limits::MAX_TOTAL_BYTES / MAX_CHUNK_SIZE as u64 + 1) as usize
                 ],
             },
         };
-        assert!(matches!(build(vec![big]), Err(ManifestError::TooLarge { .. })));
+        assert!(matches!(
+            build(vec![big]),
+            Err(ManifestError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn too_many_entries_are_refused() {
+        let entries = vec![dir("a"); limits::MAX_ENTRIES + 1];
+        assert!(matches!(
+            build(entries),
+            Err(ManifestError::TooManyEntries { .. })
+        ));
     }
 
     #[test]
     fn unique_chunks_drop_repeats_in_first_use_order() {
-        let m = build(vec![file("a", b"same"), file("b", b"same"), file("c", b"other")]).unwrap();
+        let m = build(vec![
+            file("a", b"same"),
+            file("b", b"same"),
+            file("c", b"other"),
+        ])
+        .unwrap();
         assert_eq!(m.chunk_refs().count(), 3);
         let unique: Vec<_> = m.unique_chunks().iter().map(|c| c.hash).collect();
         assert_eq!(unique, [ChunkHash::of(b"same"), ChunkHash::of(b"other")]);

@@ -74,10 +74,7 @@ pub fn materialise(
     progress: &dyn Progress,
 ) -> Result<(), MaterialiseError> {
     let occupied = match fs::symlink_metadata(dest) {
-        Ok(meta) if meta.is_dir() => fs::read_dir(dest)
-            .map_err(io_at(dest))?
-            .next()
-            .is_some(),
+        Ok(meta) if meta.is_dir() => fs::read_dir(dest).map_err(io_at(dest))?.next().is_some(),
         Ok(_) => true,
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(io_at(dest)(e)),
@@ -89,7 +86,10 @@ pub fn materialise(
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let staging = tempfile::Builder::new()
         .prefix(&format!(".{name}.convoy-partial-"))
         .tempdir_in(parent)
@@ -137,7 +137,9 @@ fn write_tree(
             EntryKind::File { mode, chunks, .. } => Some((e.path.as_str(), *mode, chunks)),
             _ => None,
         })
-        .try_for_each(|(path, mode, chunks)| write_file(root, path, mode, chunks, source, progress))?;
+        .try_for_each(|(path, mode, chunks)| {
+            write_file(root, path, mode, chunks, source, progress)
+        })?;
     for e in entries {
         if let EntryKind::Symlink { target } = &e.kind {
             let p = root.join(&e.path);
@@ -218,14 +220,23 @@ mod tests {
     }
     impl ChunkSource for MapStore {
         fn stored_chunk(&self, c: &ChunkRef) -> Result<StoredChunk, BoxError> {
-            self.0.lock().unwrap().get(&c.hash).cloned().ok_or_else(|| "missing".into())
+            self.0
+                .lock()
+                .unwrap()
+                .get(&c.hash)
+                .cloned()
+                .ok_or_else(|| "missing".into())
         }
     }
 
     fn sample_tree(root: &Path) {
         fs::create_dir_all(root.join("bin")).unwrap();
         fs::create_dir(root.join("ro")).unwrap();
-        fs::write(root.join("bin/app"), crate::testutil::pseudo_random(700_000, 3)).unwrap();
+        fs::write(
+            root.join("bin/app"),
+            crate::testutil::pseudo_random(700_000, 3),
+        )
+        .unwrap();
         fs::set_permissions(root.join("bin/app"), fs::Permissions::from_mode(0o750)).unwrap();
         fs::write(root.join("ro/data.txt"), "text ".repeat(10_000)).unwrap();
         fs::write(root.join("empty"), "").unwrap();
@@ -248,12 +259,19 @@ mod tests {
         let dest = out.path().join("tree");
         materialise(&m, &store, &dest, false, &()).unwrap();
         for rel in ["bin/app", "ro/data.txt", "empty"] {
-            assert_eq!(fs::read(src.path().join(rel)).unwrap(), fs::read(dest.join(rel)).unwrap(), "{rel}");
+            assert_eq!(
+                fs::read(src.path().join(rel)).unwrap(),
+                fs::read(dest.join(rel)).unwrap(),
+                "{rel}"
+            );
         }
         let mode = |p: &Path| fs::symlink_metadata(p).unwrap().mode() & 0o777;
         assert_eq!(mode(&dest.join("bin/app")), 0o750);
         assert_eq!(mode(&dest.join("ro")), 0o555);
-        assert_eq!(fs::read_link(dest.join("run")).unwrap(), Path::new("bin/app"));
+        assert_eq!(
+            fs::read_link(dest.join("run")).unwrap(),
+            Path::new("bin/app")
+        );
         // Nothing but the tree is left beside it.
         assert_eq!(fs::read_dir(out.path()).unwrap().count(), 1);
     }
@@ -262,12 +280,22 @@ mod tests {
     fn corrupt_chunk_fails_and_leaves_no_tree() {
         let (_src, store, m) = packed();
         let victim = m.chunk_refs().next().unwrap().hash;
-        store.0.lock().unwrap().insert(victim, StoredChunk { encoding: Encoding::Raw, bytes: vec![0; 10] });
+        store.0.lock().unwrap().insert(
+            victim,
+            StoredChunk {
+                encoding: Encoding::Raw,
+                bytes: vec![0; 10],
+            },
+        );
         let out = tempfile::tempdir().unwrap();
         let dest = out.path().join("tree");
         let err = materialise(&m, &store, &dest, false, &()).unwrap_err();
         assert!(matches!(err, MaterialiseError::Corrupt { .. }), "{err}");
-        assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0, "partial tree left behind");
+        assert_eq!(
+            fs::read_dir(out.path()).unwrap().count(),
+            0,
+            "partial tree left behind"
+        );
     }
 
     #[test]

@@ -123,7 +123,7 @@ pub fn pack<S: ChunkSink>(
     let (mut entries, mut files) = walk(root)?;
     progress.set_total(files.iter().map(|f| f.size).sum());
     // Largest first, so one big file does not start last and run alone.
-    files.sort_by(|a, b| b.size.cmp(&a.size));
+    files.sort_by_key(|f| std::cmp::Reverse(f.size));
     let chunked: Vec<(usize, u64, Vec<ChunkRef>)> = files
         .par_iter()
         .map_init(StreamChunker::new, |chunker, file| {
@@ -333,7 +333,10 @@ mod tests {
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
         let err = pack_dir(d.path()).unwrap_err();
-        assert!(matches!(&err, PackError::Unsupported { path, .. } if path == &fifo), "{err}");
+        assert!(
+            matches!(&err, PackError::Unsupported { path, .. } if path == &fifo),
+            "{err}"
+        );
     }
 
     #[test]
@@ -342,7 +345,10 @@ mod tests {
         let path = d.path().join("sock");
         let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let err = pack_dir(d.path()).unwrap_err();
-        assert!(matches!(&err, PackError::Unsupported { path: p, .. } if p == &path), "{err}");
+        assert!(
+            matches!(&err, PackError::Unsupported { path: p, .. } if p == &path),
+            "{err}"
+        );
     }
 
     #[test]

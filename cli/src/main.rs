@@ -1,1 +1,538 @@
-fn main(){}
+//! `convoy`: the operator's command line for Convoy.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use convoy_chunker::{materialise, pack, Diff, EntryKind, Manifest, ReleaseId};
+use convoy_daemon::store::{gc, verify, Ingest, RocksStore, Store, StoreSource};
+use indicatif::BinaryBytes;
+use serde_json::json;
+
+mod progress;
+
+use progress::Bar;
+
+/// Convoy moves release packages to fleets as content-defined chunks.
+///
+/// The commands here work on a local chunk store: pack a build directory
+/// into a release, inspect and compare releases, write one back out, and
+/// keep the store healthy.
+#[derive(Parser)]
+#[command(name = "convoy", version)]
+struct Cli {
+    /// Chunk store directory [default: $XDG_DATA_HOME/convoy, else ~/.local/share/convoy]
+    #[arg(long, global = true, env = "CONVOY_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+
+    /// Print results as JSON on stdout (progress and messages stay on stderr)
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Worker threads for chunking, hashing and writing [default: all cores]
+    #[arg(long, global = true, env = "CONVOY_THREADS", value_name = "N")]
+    threads: Option<usize>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chunk a directory into the store as release APP@VERSION and print its id
+    ///
+    /// Files are split into content-defined chunks (FastCDC, 16/64/256 KiB),
+    /// named by BLAKE3 and stored zstd-compressed when that saves a tenth.
+    /// Chunks the store already holds are not written again. The same tree
+    /// always gives the same release id: timestamps and owners are not recorded.
+    ///
+    /// Example: convoy pack ./build --app web --version 1.4.2
+    #[command(disable_version_flag = true)]
+    Pack {
+        /// The build directory to package
+        dir: PathBuf,
+        /// App name (letters, digits, '.', '_', '-')
+        #[arg(long)]
+        app: String,
+        /// Version (letters, digits, '.', '_', '-', '+'); a version names one release forever
+        #[arg(long = "version", value_name = "VERSION")]
+        release_version: String,
+    },
+    /// Show a release: its entries, sizes and chunk statistics
+    ///
+    /// RELEASE is APP@VERSION, a release id, or a unique prefix of an id.
+    ///
+    /// Example: convoy inspect web@1.4.2
+    Inspect {
+        /// The release to show
+        release: String,
+        /// Only the summary, not every entry
+        #[arg(long)]
+        summary: bool,
+    },
+    /// Show what upgrading a holder of FROM to TO must move
+    ///
+    /// Counts the distinct chunks of TO that FROM lacks, their bytes, and
+    /// their bytes as they cross the network (compressed).
+    ///
+    /// Example: convoy diff web@1.4.1 web@1.4.2
+    Diff {
+        /// The release a target has
+        from: String,
+        /// The release it moves to
+        to: String,
+    },
+    /// Write a release's tree into DEST, verifying every chunk
+    ///
+    /// The tree is built beside DEST and renamed into place at the end, so
+    /// DEST never holds half a release. Modes and symlinks are reproduced.
+    ///
+    /// Example: convoy unpack web@1.4.2 /srv/web/releases/1.4.2
+    Unpack {
+        /// The release to write
+        release: String,
+        /// Destination directory; must be absent or empty unless --force
+        dest: PathBuf,
+        /// Replace a non-empty DEST
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-hash every chunk and check every release's chunks are present
+    ///
+    /// Exits 1 and names each corrupt or missing chunk if any.
+    ///
+    /// Example: convoy verify
+    Verify,
+    /// Drop old releases and the chunks no kept release uses
+    ///
+    /// Keeps the newest N releases of each app (newest by when they entered
+    /// this store).
+    ///
+    /// Example: convoy gc --keep 3
+    Gc {
+        /// Releases to keep per app
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+        keep: u64,
+    },
+    /// List the releases in the store, oldest first
+    ///
+    /// Example: convoy list
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("convoy: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("starting worker threads")?;
+    }
+    let store_dir = match cli.store {
+        Some(dir) => dir,
+        None => default_store_dir()?,
+    };
+    let store = RocksStore::open(&store_dir)?;
+    let out = Output { json: cli.json };
+    match cli.command {
+        Command::Pack {
+            dir,
+            app,
+            release_version,
+        } => cmd_pack(&store, &out, &dir, &app, &release_version),
+        Command::Inspect { release, summary } => cmd_inspect(&store, &out, &release, summary),
+        Command::Diff { from, to } => cmd_diff(&store, &out, &from, &to),
+        Command::Unpack {
+            release,
+            dest,
+            force,
+        } => cmd_unpack(&store, &out, &release, &dest, force),
+        Command::Verify => cmd_verify(&store, &out),
+        Command::Gc { keep } => cmd_gc(&store, &out, keep as usize),
+        Command::List => cmd_list(&store, &out),
+    }
+}
+
+/// `$XDG_DATA_HOME/convoy`, else `~/.local/share/convoy`.
+fn default_store_dir() -> Result<PathBuf> {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("convoy"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| anyhow!("neither XDG_DATA_HOME nor HOME is set: pass --store DIR"))?;
+    Ok(PathBuf::from(home).join(".local/share/convoy"))
+}
+
+struct Output {
+    json: bool,
+}
+
+impl Output {
+    /// Prints `value` as JSON, or `text()` for people.
+    fn emit(&self, value: serde_json::Value, text: impl FnOnce() -> String) {
+        if self.json {
+            println!("{value}");
+        } else {
+            print!("{}", text());
+        }
+    }
+}
+
+/// Finds a release by `app@version`, full id, or unique id prefix.
+fn find(store: &dyn Store, spec: &str) -> Result<(ReleaseId, Manifest)> {
+    let id = if let Some((app, version)) = spec.split_once('@') {
+        store.resolve(app, version)?.ok_or_else(|| {
+            anyhow!("no release {spec} in the store; `convoy list` shows what it holds")
+        })?
+    } else if let Some(id) = ReleaseId::from_hex(spec) {
+        id
+    } else {
+        let prefix = spec.to_ascii_lowercase();
+        if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("{spec:?} is neither APP@VERSION nor a release id (or a prefix of at least 4 hex digits)");
+        }
+        let mut matches: Vec<ReleaseId> = store
+            .releases()?
+            .into_iter()
+            .map(|r| r.id)
+            .filter(|id| id.to_hex().starts_with(&prefix))
+            .collect();
+        matches.dedup();
+        match matches.as_slice() {
+            [id] => *id,
+            [] => {
+                bail!("no release id starts with {spec}; `convoy list` shows what the store holds")
+            }
+            _ => bail!(
+                "{spec} matches {} releases; give more digits",
+                matches.len()
+            ),
+        }
+    };
+    let manifest = store.get_manifest(&id)?.ok_or_else(|| {
+        anyhow!("release {id} is not in the store; `convoy list` shows what it holds")
+    })?;
+    Ok((id, manifest))
+}
+
+fn cmd_pack(
+    store: &RocksStore,
+    out: &Output,
+    dir: &Path,
+    app: &str,
+    version: &str,
+) -> Result<ExitCode> {
+    let started = Instant::now();
+    let bar = Bar::bytes(&format!("packing {app}@{version}"));
+    let ingest = Ingest::new(store);
+    let manifest = pack(dir, app, version, &&ingest, &bar)?;
+    bar.finish();
+    // Chunks first, durably; only then the manifest that names them.
+    store.flush()?;
+    let id = store.put_release(&manifest)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = ingest.stats();
+    let (files, bytes) = manifest.file_totals();
+    let unique = manifest.unique_chunks();
+    let hashes: Vec<_> = unique.iter().map(|c| c.hash).collect();
+    let stored_bytes: u64 = store
+        .chunk_info(&hashes)?
+        .iter()
+        .flatten()
+        .map(|i| u64::from(i.stored_len))
+        .sum();
+    let chunks = manifest.chunk_refs().count();
+    if !out.json {
+        eprintln!(
+            "packed {app}@{version}: {files} files, {}, {chunks} chunks ({} unique, {} new: {} stored as {}), {} in store, {seconds:.2}s",
+            BinaryBytes(bytes),
+            unique.len(),
+            stats.new_chunks,
+            BinaryBytes(stats.new_bytes),
+            BinaryBytes(stats.new_stored_bytes),
+            BinaryBytes(stored_bytes),
+        );
+    }
+    out.emit(
+        json!({
+            "release_id": id.to_hex(),
+            "app": app,
+            "version": version,
+            "files": files,
+            "bytes": bytes,
+            "chunks": chunks,
+            "unique_chunks": unique.len(),
+            "unique_bytes": unique.iter().map(|c| u64::from(c.len)).sum::<u64>(),
+            "stored_bytes": stored_bytes,
+            "new_chunks": stats.new_chunks,
+            "new_bytes": stats.new_bytes,
+            "new_stored_bytes": stats.new_stored_bytes,
+            "seconds": seconds,
+            "threads": rayon::current_num_threads(),
+        }),
+        || format!("{id}\n"),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_inspect(store: &RocksStore, out: &Output, spec: &str, summary: bool) -> Result<ExitCode> {
+    let (id, m) = find(store, spec)?;
+    let (files, bytes) = m.file_totals();
+    let count = |f: fn(&EntryKind) -> bool| m.entries().iter().filter(|e| f(&e.kind)).count();
+    let dirs = count(|k| matches!(k, EntryKind::Dir { .. }));
+    let symlinks = count(|k| matches!(k, EntryKind::Symlink { .. }));
+    let unique = m.unique_chunks();
+    let unique_bytes: u64 = unique.iter().map(|c| u64::from(c.len)).sum();
+    let hashes: Vec<_> = unique.iter().map(|c| c.hash).collect();
+    let infos = store.chunk_info(&hashes)?;
+    let stored_bytes: u64 = infos
+        .iter()
+        .flatten()
+        .map(|i| u64::from(i.stored_len))
+        .sum();
+    let missing = infos.iter().filter(|i| i.is_none()).count();
+    let chunk_refs = m.chunk_refs().count();
+    let entries: Vec<serde_json::Value> = if summary {
+        Vec::new()
+    } else {
+        m.entries()
+            .iter()
+            .map(|e| match &e.kind {
+                EntryKind::Dir { mode } => json!({"path": e.path, "kind": "dir", "mode": format!("{mode:o}")}),
+                EntryKind::File { mode, size, chunks } => json!({"path": e.path, "kind": "file", "mode": format!("{mode:o}"), "size": size, "chunks": chunks.len()}),
+                EntryKind::Symlink { target } => json!({"path": e.path, "kind": "symlink", "target": target}),
+            })
+            .collect()
+    };
+    out.emit(
+        json!({
+            "release_id": id.to_hex(),
+            "app": m.app(),
+            "version": m.version(),
+            "files": files,
+            "dirs": dirs,
+            "symlinks": symlinks,
+            "bytes": bytes,
+            "chunks": chunk_refs,
+            "unique_chunks": unique.len(),
+            "unique_bytes": unique_bytes,
+            "stored_bytes": stored_bytes,
+            "missing_chunks": missing,
+            "entries": entries,
+        }),
+        || {
+            let ratio = if unique_bytes == 0 { 100.0 } else { 100.0 * stored_bytes as f64 / unique_bytes as f64 };
+            let mut s = format!(
+                "release   {id}\nname      {}@{}\nentries   {files} files ({}), {dirs} directories, {symlinks} symlinks\nchunks    {chunk_refs} in files, {} distinct ({}), stored as {} ({ratio:.0}%)\n",
+                m.app(),
+                m.version(),
+                BinaryBytes(bytes),
+                unique.len(),
+                BinaryBytes(unique_bytes),
+                BinaryBytes(stored_bytes),
+            );
+            if missing > 0 {
+                s += &format!("missing   {missing} chunks are not in this store\n");
+            }
+            if !summary {
+                s.push('\n');
+                for e in m.entries() {
+                    s += &match &e.kind {
+                        EntryKind::Dir { mode } => format!("d {mode:04o} {:>12} {}/\n", "-", e.path),
+                        EntryKind::File { mode, size, chunks } => {
+                            format!("f {mode:04o} {size:>12} {} ({} chunks)\n", e.path, chunks.len())
+                        }
+                        EntryKind::Symlink { target } => format!("l      {:>12} {} -> {target}\n", "-", e.path),
+                    };
+                }
+            }
+            s
+        },
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_diff(store: &RocksStore, out: &Output, from: &str, to: &str) -> Result<ExitCode> {
+    let (from_id, from_m) = find(store, from)?;
+    let (to_id, to_m) = find(store, to)?;
+    let diff = Diff::between(&from_m, &to_m);
+    let hashes: Vec<_> = diff.new.iter().map(|c| c.hash).collect();
+    let infos = store.chunk_info(&hashes)?;
+    if infos.iter().any(|i| i.is_none()) {
+        bail!("release {to} has chunks missing from the store; run `convoy verify`");
+    }
+    let wire: u64 = infos
+        .iter()
+        .flatten()
+        .map(|i| u64::from(i.stored_len))
+        .sum();
+    out.emit(
+        json!({
+            "from": from_id.to_hex(),
+            "to": to_id.to_hex(),
+            "chunks_total": diff.chunks_total,
+            "chunks_new": diff.new.len(),
+            "bytes_total": diff.bytes_total,
+            "bytes_new": diff.bytes_new,
+            "wire_bytes_new": wire,
+        }),
+        || {
+            let share = if diff.bytes_total == 0 {
+                0.0
+            } else {
+                100.0 * diff.bytes_new as f64 / diff.bytes_total as f64
+            };
+            format!(
+                "{from} -> {to}: {} of {} chunks new, {} of {} ({share:.1}%), {} on the wire\n",
+                diff.new.len(),
+                diff.chunks_total,
+                BinaryBytes(diff.bytes_new),
+                BinaryBytes(diff.bytes_total),
+                BinaryBytes(wire),
+            )
+        },
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_unpack(
+    store: &RocksStore,
+    out: &Output,
+    spec: &str,
+    dest: &Path,
+    force: bool,
+) -> Result<ExitCode> {
+    let started = Instant::now();
+    let (id, m) = find(store, spec)?;
+    let bar = Bar::bytes(&format!("unpacking {}@{}", m.app(), m.version()));
+    materialise(&m, &StoreSource(store), dest, force, &bar)
+        .with_context(|| format!("unpacking {spec} into {}", dest.display()))?;
+    bar.finish();
+    let (files, bytes) = m.file_totals();
+    let seconds = started.elapsed().as_secs_f64();
+    out.emit(
+        json!({"release_id": id.to_hex(), "dest": dest, "files": files, "bytes": bytes, "seconds": seconds}),
+        || format!("unpacked {}@{} into {}: {files} files, {}, {seconds:.2}s\n", m.app(), m.version(), dest.display(), BinaryBytes(bytes)),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_verify(store: &RocksStore, out: &Output) -> Result<ExitCode> {
+    let bar = Bar::bytes("verifying");
+    let report = verify(store, &bar)?;
+    bar.finish();
+    let clean = report.is_clean();
+    out.emit(json!({"ok": clean, "report": report}), || {
+        let mut s = String::new();
+        for c in &report.corrupt {
+            s += &format!("corrupt chunk {}: {}\n", c.hash, c.reason);
+        }
+        for c in &report.missing {
+            s += &format!("missing chunk {} (needed by {})\n", c.hash, c.release);
+        }
+        s += &format!(
+            "checked {} chunks ({}) and {} releases: {}\n",
+            report.chunks_checked,
+            BinaryBytes(report.bytes_checked),
+            report.releases_checked,
+            if clean {
+                "all good".to_string()
+            } else {
+                format!(
+                    "{} corrupt, {} missing",
+                    report.corrupt.len(),
+                    report.missing.len()
+                )
+            },
+        );
+        s
+    });
+    if clean {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "convoy: error: the store has {} corrupt and {} missing chunks; pack or fetch the releases that use them again (`convoy gc` drops unused ones)",
+            report.corrupt.len(),
+            report.missing.len()
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn cmd_gc(store: &RocksStore, out: &Output, keep: usize) -> Result<ExitCode> {
+    let report = gc(store, keep)?;
+    out.emit(json!(report), || {
+        let mut s = String::new();
+        for r in &report.removed {
+            s += &format!("removed {r}\n");
+        }
+        s += &format!(
+            "kept {} releases, removed {} releases and {} chunks ({} stored)\n",
+            report.kept.len(),
+            report.removed.len(),
+            report.chunks_removed,
+            BinaryBytes(report.stored_bytes_removed),
+        );
+        s
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_list(store: &RocksStore, out: &Output) -> Result<ExitCode> {
+    let mut releases = store.releases()?;
+    releases.sort_by_key(|r| r.seq);
+    out.emit(
+        json!(releases
+            .iter()
+            .map(|r| json!({"app": r.app, "version": r.version, "release_id": r.id.to_hex()}))
+            .collect::<Vec<_>>()),
+        || {
+            releases
+                .iter()
+                .map(|r| format!("{}  {}@{}\n", r.id, r.app, r.version))
+                .collect()
+        },
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+        for sub in Cli::command().get_subcommands_mut() {
+            sub.clone().debug_assert();
+        }
+    }
+
+    #[test]
+    fn pack_takes_version_as_a_release_version() {
+        use clap::Parser;
+        let cli =
+            Cli::try_parse_from(["convoy", "pack", "dir", "--app", "web", "--version", "1.0"])
+                .unwrap();
+        assert!(
+            matches!(cli.command, super::Command::Pack { release_version, .. } if release_version == "1.0")
+        );
+    }
+}

@@ -1,1 +1,17 @@
-//! stub
+//! The Convoy daemon library.
+//!
+//! For now it holds the [`store`]: where a daemon (and the `convoy` CLI)
+//! keeps chunks, manifests and release names, in RocksDB or in memory.
+//!
+//! ```
+//! use convoy_daemon::store::{MemoryStore, Store};
+//! use convoy_chunker::Manifest;
+//!
+//! let store = MemoryStore::new();
+//! let id = store.put_release(&Manifest::new("web", "1.0", vec![])?)?;
+//! assert_eq!(store.resolve("web", "1.0")?, Some(id));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod store;

@@ -1,0 +1,178 @@
+//! Whole-store checks and clean-up, the same for every [`Store`].
+
+use std::collections::{BTreeMap, HashSet};
+
+use convoy_chunker::{ChunkHash, ChunkRef, Progress, ReleaseId};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::{Release, Store, StoreError};
+
+/// Chunks re-hashed per store read in [`verify`].
+const VERIFY_BATCH: usize = 256;
+
+/// What [`verify`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Chunks re-hashed.
+    pub chunks_checked: u64,
+    /// Their uncompressed bytes.
+    pub bytes_checked: u64,
+    /// Chunks whose bytes are not what their name says, or cannot be read.
+    pub corrupt: Vec<CorruptChunk>,
+    /// Chunks a stored release needs that the store lacks.
+    pub missing: Vec<MissingChunk>,
+    /// Releases checked for missing chunks.
+    pub releases_checked: u64,
+}
+
+impl VerifyReport {
+    /// True when nothing is corrupt or missing.
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty() && self.missing.is_empty()
+    }
+}
+
+/// A chunk that failed verification.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CorruptChunk {
+    /// The chunk's name, hex.
+    pub hash: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// A chunk a release needs and the store lacks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MissingChunk {
+    /// The chunk's name, hex.
+    pub hash: String,
+    /// A release that needs it, as `app@version`.
+    pub release: String,
+}
+
+/// Re-hashes every chunk (on rayon's threads) and checks that every named
+/// release's manifest decodes and its chunks are present.
+pub fn verify(store: &dyn Store, progress: &dyn Progress) -> Result<VerifyReport, StoreError> {
+    let hashes = store.chunk_hashes()?;
+    let infos = store.chunk_info(&hashes)?;
+    progress.set_total(infos.iter().flatten().map(|i| u64::from(i.raw_len)).sum());
+    let checked: Vec<Result<(u64, Option<CorruptChunk>), StoreError>> = hashes
+        .par_chunks(VERIFY_BATCH)
+        .zip(infos.par_chunks(VERIFY_BATCH))
+        .flat_map_iter(|(hashes, infos)| {
+            hashes.iter().zip(infos).map(|(hash, info)| {
+                let len = info.map_or(0, |i| i.raw_len);
+                progress.advance(u64::from(len));
+                let corrupt = |reason: String| CorruptChunk {
+                    hash: hash.to_hex(),
+                    reason,
+                };
+                let stored = match store.get_chunk(hash) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => {
+                        return Ok((0, Some(corrupt("size record without content".into()))))
+                    }
+                    Err(StoreError::Db { reason, .. }) => return Ok((0, Some(corrupt(reason)))),
+                    Err(e) => return Err(e),
+                };
+                let chunk = ChunkRef { hash: *hash, len };
+                Ok(match stored.into_verified(&chunk) {
+                    Ok(raw) => (raw.len() as u64, None),
+                    Err(e) => (0, Some(corrupt(e.to_string()))),
+                })
+            })
+        })
+        .collect();
+    let mut report = VerifyReport::default();
+    for item in checked {
+        let (bytes, corrupt) = item?;
+        report.chunks_checked += 1;
+        report.bytes_checked += bytes;
+        report.corrupt.extend(corrupt);
+    }
+    let present: HashSet<ChunkHash> = hashes.into_iter().collect();
+    for release in store.releases()? {
+        report.releases_checked += 1;
+        let manifest = store
+            .get_manifest(&release.id)?
+            .ok_or_else(|| StoreError::Corrupt {
+                path: String::new(),
+                what: format!(
+                    "name {}@{} (its manifest is missing)",
+                    release.app, release.version
+                ),
+            })?;
+        let mut reported = HashSet::new();
+        for c in manifest.chunk_refs() {
+            if !present.contains(&c.hash) && reported.insert(c.hash) {
+                report.missing.push(MissingChunk {
+                    hash: c.hash.to_hex(),
+                    release: format!("{}@{}", release.app, release.version),
+                });
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What [`gc`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    /// Releases kept, as `app@version`, newest first per app.
+    pub kept: Vec<String>,
+    /// Releases removed, as `app@version`.
+    pub removed: Vec<String>,
+    /// Chunks removed.
+    pub chunks_removed: u64,
+    /// Their bytes as stored.
+    pub stored_bytes_removed: u64,
+}
+
+/// Keeps the newest `keep` releases of each app (by arrival in this
+/// store), removes the older ones, then every chunk no kept release uses.
+pub fn gc(store: &dyn Store, keep: usize) -> Result<GcReport, StoreError> {
+    assert!(keep >= 1, "gc must keep at least one release per app");
+    let mut by_app: BTreeMap<String, Vec<Release>> = BTreeMap::new();
+    for r in store.releases()? {
+        by_app.entry(r.app.clone()).or_default().push(r);
+    }
+    let mut report = GcReport::default();
+    let mut kept_ids: HashSet<ReleaseId> = HashSet::new();
+    for releases in by_app.values_mut() {
+        releases.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        for (i, r) in releases.iter().enumerate() {
+            let name = format!("{}@{}", r.app, r.version);
+            if i < keep {
+                kept_ids.insert(r.id);
+                report.kept.push(name);
+            } else {
+                store.delete_release(&r.app, &r.version)?;
+                report.removed.push(name);
+            }
+        }
+    }
+    let mut used: HashSet<ChunkHash> = HashSet::new();
+    for id in &kept_ids {
+        if let Some(m) = store.get_manifest(id)? {
+            used.extend(m.chunk_refs().map(|c| c.hash));
+        }
+    }
+    let unused: Vec<ChunkHash> = store
+        .chunk_hashes()?
+        .into_iter()
+        .filter(|h| !used.contains(h))
+        .collect();
+    report.stored_bytes_removed = store
+        .chunk_info(&unused)?
+        .iter()
+        .flatten()
+        .map(|i| u64::from(i.stored_len))
+        .sum();
+    report.chunks_removed = unused.len() as u64;
+    for batch in unused.chunks(VERIFY_BATCH * 16) {
+        store.delete_chunks(batch)?;
+    }
+    store.compact()?;
+    Ok(report)
+}

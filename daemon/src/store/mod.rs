@@ -1,0 +1,156 @@
+//! Where chunks, manifests and release names live.
+//!
+//! [`Store`] is the typed API; [`RocksStore`] keeps it in RocksDB (the one
+//! place that knows its column families and tuning) and [`MemoryStore`] in
+//! memory, and both pass the same test bodies. [`Ingest`] is the
+//! [`ChunkSink`](convoy_chunker::ChunkSink) that packing writes through;
+//! [`verify`] and [`gc`] work on any store.
+//!
+//! Durability: chunks are written without the write-ahead log and made
+//! durable by [`Store::flush`]; a release (manifest + name) is written with
+//! a synced log entry, and only after the flush of its chunks. A crash can
+//! lose chunks that no release names yet (they are fetched or packed again),
+//! never a chunk a stored release needs.
+
+mod ingest;
+mod maintenance;
+mod memory;
+mod rocks;
+
+use convoy_chunker::{
+    BoxError, ChunkHash, ChunkRef, ChunkSource, DecodeError, Manifest, ReleaseId, StoredChunk,
+};
+
+pub use ingest::{Ingest, IngestStats, IngestWriter};
+pub use maintenance::{gc, verify, GcReport, VerifyReport};
+pub use memory::MemoryStore;
+pub use rocks::RocksStore;
+
+/// Sizes of a stored chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// Uncompressed length.
+    pub raw_len: u32,
+    /// Length as stored and sent (compressed or not), without the flag byte.
+    pub stored_len: u32,
+}
+
+/// A named release.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    /// App name.
+    pub app: String,
+    /// Version.
+    pub version: String,
+    /// The manifest it names.
+    pub id: ReleaseId,
+    /// Order of arrival in this store; higher is newer.
+    pub seq: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process has the store open.
+    #[error("store {path} is in use by another process (a convoyd or another convoy command); stop it or pass another --store")]
+    Locked {
+        /// The store's directory.
+        path: String,
+    },
+    /// The database could not be opened or an operation on it failed.
+    #[error("store {path}: {reason}")]
+    Db {
+        /// The store's directory.
+        path: String,
+        /// What RocksDB said.
+        reason: String,
+    },
+    /// A record that does not decode: disk corruption or a foreign database.
+    #[error("store {path}: corrupt {what}; run `convoy verify`")]
+    Corrupt {
+        /// The store's directory.
+        path: String,
+        /// Which record.
+        what: String,
+    },
+    /// A stored manifest that fails to decode.
+    #[error("store {path}: manifest {id} is corrupt: {source}")]
+    BadManifest {
+        /// The store's directory.
+        path: String,
+        /// The release.
+        id: ReleaseId,
+        /// Why it does not decode.
+        source: DecodeError,
+    },
+    /// `app@version` already names another release; versions are immutable.
+    #[error("{app}@{version} already names release {existing}; publish under a new version")]
+    NameTaken {
+        /// App.
+        app: String,
+        /// Version.
+        version: String,
+        /// The release it names.
+        existing: ReleaseId,
+    },
+}
+
+/// The typed store API. Implementations are safe to share between threads.
+pub trait Store: Send + Sync {
+    /// Stores chunks whose bytes the caller has verified (or just hashed).
+    /// Not durable until [`Store::flush`].
+    fn put_chunks(&self, chunks: &[(ChunkRef, StoredChunk)]) -> Result<(), StoreError>;
+    /// A chunk in its stored form.
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Option<StoredChunk>, StoreError>;
+    /// Sizes of each chunk, `None` where absent; one answer per hash, in order.
+    fn chunk_info(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<ChunkInfo>>, StoreError>;
+    /// Every chunk the store holds, in hash order.
+    fn chunk_hashes(&self) -> Result<Vec<ChunkHash>, StoreError>;
+    /// Removes chunks.
+    fn delete_chunks(&self, hashes: &[ChunkHash]) -> Result<(), StoreError>;
+    /// Makes every chunk written so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+    /// Stores a manifest and names it `app@version`, durably. Storing the
+    /// same release twice is a no-op; a name taken by another release is
+    /// refused with [`StoreError::NameTaken`].
+    fn put_release(&self, manifest: &Manifest) -> Result<ReleaseId, StoreError>;
+    /// A stored manifest, decoded and checked against its id.
+    fn get_manifest(&self, id: &ReleaseId) -> Result<Option<Manifest>, StoreError>;
+    /// The release `app@version` names.
+    fn resolve(&self, app: &str, version: &str) -> Result<Option<ReleaseId>, StoreError>;
+    /// Every named release.
+    fn releases(&self) -> Result<Vec<Release>, StoreError>;
+    /// Drops a name, and its manifest unless another name still uses it.
+    fn delete_release(&self, app: &str, version: &str) -> Result<(), StoreError>;
+    /// Gives the space of deleted chunks back to the file system.
+    fn compact(&self) -> Result<(), StoreError>;
+
+    /// Whether the store holds a chunk.
+    fn contains_chunk(&self, hash: &ChunkHash) -> Result<bool, StoreError> {
+        Ok(self.chunk_info(std::slice::from_ref(hash))?[0].is_some())
+    }
+
+    /// Whether the store holds each chunk; one answer per hash, in order.
+    fn contains_chunks(&self, hashes: &[ChunkHash]) -> Result<Vec<bool>, StoreError> {
+        Ok(self
+            .chunk_info(hashes)?
+            .into_iter()
+            .map(|i| i.is_some())
+            .collect())
+    }
+}
+
+/// Reads chunks from a store for [`materialise`](convoy_chunker::materialise).
+pub struct StoreSource<'a>(pub &'a dyn Store);
+
+impl ChunkSource for StoreSource<'_> {
+    fn stored_chunk(&self, chunk: &ChunkRef) -> Result<StoredChunk, BoxError> {
+        self.0
+            .get_chunk(&chunk.hash)?
+            .ok_or_else(|| "not in the store; run `convoy verify`".into())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,226 @@
+//! One set of test bodies, run against every [`Store`] implementation.
+
+use convoy_chunker::{
+    pack, ChunkHash, ChunkRef, Compressor, Encoding, Entry, EntryKind, Manifest, StoredChunk,
+};
+
+use super::*;
+
+fn chunk(data: &[u8]) -> (ChunkRef, StoredChunk) {
+    let r = ChunkRef {
+        hash: ChunkHash::of(data),
+        len: data.len() as u32,
+    };
+    (r, Compressor::new().store(data))
+}
+
+fn release(app: &str, version: &str, parts: &[&[u8]]) -> Manifest {
+    let chunks: Vec<ChunkRef> = parts.iter().map(|p| chunk(p).0).collect();
+    let size = chunks.iter().map(|c| u64::from(c.len)).sum();
+    Manifest::new(
+        app,
+        version,
+        vec![Entry {
+            path: "f".into(),
+            kind: EntryKind::File {
+                mode: 0o644,
+                size,
+                chunks,
+            },
+        }],
+    )
+    .unwrap()
+}
+
+fn put(store: &dyn Store, parts: &[&[u8]]) {
+    let chunks: Vec<_> = parts.iter().map(|p| chunk(p)).collect();
+    store.put_chunks(&chunks).unwrap();
+    store.flush().unwrap();
+}
+
+fn chunks_round_trip_with_sizes(store: &dyn Store) {
+    let text = b"let x = 1;\n".repeat(500);
+    let (r, s) = chunk(&text);
+    assert!(!store.contains_chunk(&r.hash).unwrap());
+    put(store, &[&text, b"tiny"]);
+    assert!(store.contains_chunk(&r.hash).unwrap());
+    let got = store.get_chunk(&r.hash).unwrap().unwrap();
+    assert_eq!(got, s);
+    assert_eq!(got.encoding, Encoding::Zstd);
+    assert_eq!(got.into_verified(&r).unwrap(), text);
+    let infos = store
+        .chunk_info(&[r.hash, ChunkHash::of(b"absent"), ChunkHash::of(b"tiny")])
+        .unwrap();
+    assert_eq!(infos[0].unwrap().raw_len, text.len() as u32);
+    assert_eq!(infos[0].unwrap().stored_len, s.bytes.len() as u32);
+    assert_eq!(infos[1], None);
+    assert_eq!(infos[2].unwrap().raw_len, 4);
+    assert_eq!(
+        store
+            .contains_chunks(&[ChunkHash::of(b"absent"), r.hash])
+            .unwrap(),
+        [false, true]
+    );
+    assert_eq!(store.chunk_hashes().unwrap().len(), 2);
+}
+
+fn release_names_resolve_and_are_immutable(store: &dyn Store) {
+    let v1 = release("web", "1", &[b"a"]);
+    let id = store.put_release(&v1).unwrap();
+    assert_eq!(id, v1.release_id());
+    assert_eq!(store.resolve("web", "1").unwrap(), Some(id));
+    assert_eq!(store.resolve("web", "2").unwrap(), None);
+    assert_eq!(store.get_manifest(&id).unwrap(), Some(v1.clone()));
+    // Same release again: fine. Another release under the same name: refused.
+    assert_eq!(store.put_release(&v1).unwrap(), id);
+    let other = release("web", "1", &[b"b"]);
+    assert!(
+        matches!(store.put_release(&other), Err(StoreError::NameTaken { existing, .. }) if existing == id)
+    );
+    let names = store.releases().unwrap();
+    assert_eq!(names.len(), 1);
+    assert_eq!(
+        (names[0].app.as_str(), names[0].version.as_str()),
+        ("web", "1")
+    );
+}
+
+fn verify_finds_corrupt_and_missing_chunks(store: &dyn Store) {
+    put(store, &[b"good chunk", b"soon bad"]);
+    store
+        .put_release(&release("web", "1", &[b"good chunk", b"never stored"]))
+        .unwrap();
+    assert_eq!(verify(store, &()).unwrap().corrupt, vec![]);
+    // Overwrite a chunk's body with other bytes: what disk corruption looks like.
+    let bad = ChunkRef {
+        hash: ChunkHash::of(b"soon bad"),
+        len: 8,
+    };
+    store
+        .put_chunks(&[(
+            bad,
+            StoredChunk {
+                encoding: Encoding::Raw,
+                bytes: b"evil bad".to_vec(),
+            },
+        )])
+        .unwrap();
+    let report = verify(store, &()).unwrap();
+    assert_eq!(report.chunks_checked, 2);
+    assert_eq!(report.corrupt.len(), 1);
+    assert_eq!(report.corrupt[0].hash, bad.hash.to_hex());
+    assert_eq!(report.missing.len(), 1);
+    assert_eq!(
+        report.missing[0].hash,
+        ChunkHash::of(b"never stored").to_hex()
+    );
+    assert_eq!(report.missing[0].release, "web@1");
+    assert!(!report.is_clean());
+}
+
+fn gc_keeps_newest_releases_per_app_and_their_chunks(store: &dyn Store) {
+    put(
+        store,
+        &[
+            b"shared", b"v1 only", b"v2 only", b"v3 only", b"api", b"orphan",
+        ],
+    );
+    for (v, own) in [("1", b"v1 only"), ("2", b"v2 only"), ("3", b"v3 only")] {
+        store
+            .put_release(&release("web", v, &[b"shared", own]))
+            .unwrap();
+    }
+    store.put_release(&release("api", "1", &[b"api"])).unwrap();
+    let report = gc(store, 2).unwrap();
+    assert_eq!(report.removed, vec!["web@1".to_string()]);
+    assert_eq!(report.kept.len(), 3);
+    assert_eq!(report.chunks_removed, 2); // "v1 only" and "orphan"
+    assert_eq!(store.resolve("web", "1").unwrap(), None);
+    let has = |d: &[u8]| store.contains_chunk(&ChunkHash::of(d)).unwrap();
+    assert!(has(b"shared") && has(b"v2 only") && has(b"v3 only") && has(b"api"));
+    assert!(!has(b"v1 only") && !has(b"orphan"));
+    assert!(verify(store, &()).unwrap().is_clean());
+}
+
+fn ingest_counts_new_chunks_once(store: &dyn Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.path().join("a"), &data).unwrap();
+    std::fs::write(dir.path().join("b"), &data).unwrap();
+    let ingest = Ingest::new(store);
+    let m = pack(dir.path(), "web", "1", &&ingest, &()).unwrap();
+    let stats = ingest.stats();
+    assert_eq!(stats.unique_chunks as usize, m.unique_chunks().len());
+    assert_eq!(stats.new_chunks, stats.unique_chunks);
+    assert_eq!(stats.new_bytes, 300_000);
+    assert!(
+        stats.new_stored_bytes < stats.new_bytes,
+        "repetitive data compresses"
+    );
+    // Packing again adds nothing.
+    let again = Ingest::new(store);
+    pack(dir.path(), "web", "1", &&again, &()).unwrap();
+    assert_eq!(again.stats().new_chunks, 0);
+}
+
+fn deleting_a_release_keeps_a_manifest_another_name_uses(store: &dyn Store) {
+    let a = release("web", "1", &[b"x"]);
+    store.put_release(&a).unwrap();
+    store.delete_release("web", "1").unwrap();
+    assert_eq!(store.get_manifest(&a.release_id()).unwrap(), None);
+    assert_eq!(store.releases().unwrap(), vec![]);
+}
+
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[test] fn $name() { super::$name(&super::MemoryStore::new()); })*
+        }
+        mod rocks {
+            $(#[test] fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$name(&super::RocksStore::open(dir.path()).unwrap());
+            })*
+        }
+    };
+}
+
+store_tests!(
+    chunks_round_trip_with_sizes,
+    release_names_resolve_and_are_immutable,
+    verify_finds_corrupt_and_missing_chunks,
+    gc_keeps_newest_releases_per_app_and_their_chunks,
+    ingest_counts_new_chunks_once,
+    deleting_a_release_keeps_a_manifest_another_name_uses,
+);
+
+#[test]
+fn rocks_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = release("web", "1", &[b"persisted"]);
+    {
+        let store = RocksStore::open(dir.path()).unwrap();
+        put(&store, &[b"persisted"]);
+        store.put_release(&m).unwrap();
+    }
+    let store = RocksStore::open(dir.path()).unwrap();
+    assert_eq!(store.resolve("web", "1").unwrap(), Some(m.release_id()));
+    assert!(store.contains_chunk(&ChunkHash::of(b"persisted")).unwrap());
+    // Sequence numbers continue after a reopen, so "newest" stays right.
+    store
+        .put_release(&release("web", "2", &[b"persisted"]))
+        .unwrap();
+    let seqs: Vec<u64> = store.releases().unwrap().iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [0, 1]);
+}
+
+#[test]
+fn rocks_store_open_twice_is_locked_not_corrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = RocksStore::open(dir.path()).unwrap();
+    let err = RocksStore::open(dir.path())
+        .err()
+        .expect("second open must fail");
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("in use by another process"));
+}
