@@ -47,6 +47,12 @@ pub struct Run {
 }
 
 impl Run {
+    /// Asserts the run succeeded, showing its output if not.
+    pub fn success(self) -> Self {
+        assert!(self.ok, "convoy failed:\n{}\n{}", self.stdout, self.stderr);
+        self
+    }
+
     /// Stdout parsed as JSON; panics with the run's output if it is not.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
@@ -85,6 +91,16 @@ impl Convoy {
         }
     }
 
+    /// Runs `convoy pack DIR --app APP --version VERSION` for `release` =
+    /// `APP@VERSION`, with `extra` arguments after.
+    pub fn pack(&self, dir: &Path, release: &str, extra: &[&str]) -> Run {
+        let (app, version) = release.split_once('@').expect("release is APP@VERSION");
+        let dir = dir.to_str().expect("UTF-8 test path");
+        let mut args = vec!["pack", dir, "--app", app, "--version", version];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
     /// Runs and asserts success, returning the run.
     pub fn ok(&self, args: &[&str]) -> Run {
         let run = self.run(args);
@@ -97,16 +113,12 @@ impl Convoy {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*): incompressible content.
-pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    seed |= 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed >> 12;
-        seed ^= seed << 25;
-        seed ^= seed >> 27;
-        out.extend_from_slice(&seed.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
+/// Deterministic incompressible bytes from a seed (BLAKE3 in XOF mode).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut out);
     out
 }

@@ -21,14 +21,7 @@ fn pack_killed_mid_way_leaves_the_store_consistent_and_repack_completes() {
     let convoy = Convoy::new(&store);
     let small = work.path().join("small");
     write_files(&small, 2, 1 << 20, 1);
-    convoy.ok(&[
-        "pack",
-        small.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    convoy.pack(&small, "web@1", &[]).success();
 
     let big = work.path().join("big");
     write_files(&big, 48, 8 << 20, 100);
@@ -84,14 +77,7 @@ fn pack_killed_mid_way_leaves_the_store_consistent_and_repack_completes() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(convoy.ok(&["verify", "--json"]).json()["ok"], true);
     // Packing again completes, and the release comes back out byte for byte.
-    convoy.ok(&[
-        "pack",
-        big.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "2",
-    ]);
+    convoy.pack(&big, "web@2", &[]).success();
     assert_eq!(convoy.ok(&["verify", "--json"]).json()["ok"], true);
     let out = work.path().join("out");
     convoy.ok(&["unpack", "web@2", out.to_str().unwrap()]);
@@ -143,25 +129,11 @@ fn full_disk_fails_pack_and_keeps_what_was_stored() {
     let convoy = Convoy::new(&store);
     let small = work.path().join("small");
     write_files(&small, 2, 4 << 20, 1);
-    convoy.ok(&[
-        "pack",
-        small.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    convoy.pack(&small, "web@1", &[]).success();
 
     let big = work.path().join("big");
     write_files(&big, 10, 8 << 20, 50);
-    let run = convoy.run(&[
-        "pack",
-        big.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "2",
-    ]);
+    let run = convoy.pack(&big, "web@2", &[]);
     assert!(!run.ok, "packing 80 MiB into a 48 MiB disk must fail");
     assert!(
         run.stderr.contains("No space left") || run.stderr.contains("space"),
@@ -181,14 +153,7 @@ fn unpack_onto_a_full_disk_fails_and_leaves_no_partial_tree() {
     let convoy = Convoy::new(&work.path().join("store"));
     let src = work.path().join("src");
     write_files(&src, 8, 8 << 20, 7);
-    convoy.ok(&[
-        "pack",
-        src.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    convoy.pack(&src, "web@1", &[]).success();
     let dest = disk.0.path().join("out");
     let run = convoy.run(&["unpack", "web@1", dest.to_str().unwrap()]);
     assert!(!run.ok, "64 MiB cannot fit a 48 MiB disk");

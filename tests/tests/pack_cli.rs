@@ -59,17 +59,7 @@ fn pack_then_unpack_gives_an_identical_tree() {
     let src = work.path().join("src");
     sample_tree(&src);
     let convoy = Convoy::new(&work.path().join("store"));
-    let packed = convoy
-        .ok(&[
-            "pack",
-            src.to_str().unwrap(),
-            "--app",
-            "web",
-            "--version",
-            "1.0",
-            "--json",
-        ])
-        .json();
+    let packed = convoy.pack(&src, "web@1.0", &["--json"]).success().json();
     assert_eq!(packed["app"], "web");
     assert_eq!(packed["files"], 4);
     for field in [
@@ -98,38 +88,17 @@ fn repacking_an_unchanged_tree_gives_the_same_id_and_writes_nothing() {
     sample_tree(&work.path().join("a"));
     let convoy = Convoy::new(&work.path().join("store"));
     let first = convoy
-        .ok(&[
-            "pack",
-            work.path().join("a").to_str().unwrap(),
-            "--app",
-            "web",
-            "--version",
-            "1",
-            "--json",
-        ])
+        .pack(&work.path().join("a"), "web@1", &["--json"])
+        .success()
         .json();
     let again = convoy
-        .ok(&[
-            "pack",
-            work.path().join("a").to_str().unwrap(),
-            "--app",
-            "web",
-            "--version",
-            "1",
-            "--json",
-        ])
+        .pack(&work.path().join("a"), "web@1", &["--json"])
+        .success()
         .json();
     assert_eq!(first["release_id"], again["release_id"]);
     assert_eq!(again["new_chunks"], 0);
     // Plain output is the id alone, for scripts.
-    let plain = convoy.ok(&[
-        "pack",
-        work.path().join("a").to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    let plain = convoy.pack(&work.path().join("a"), "web@1", &[]).success();
     assert_eq!(plain.stdout.trim(), first["release_id"].as_str().unwrap());
 }
 
@@ -139,23 +108,9 @@ fn a_version_cannot_be_repacked_with_other_content() {
     let src = work.path().join("src");
     sample_tree(&src);
     let convoy = Convoy::new(&work.path().join("store"));
-    convoy.ok(&[
-        "pack",
-        src.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    convoy.pack(&src, "web@1", &[]).success();
     fs::write(src.join("empty"), "changed").unwrap();
-    let run = convoy.run(&[
-        "pack",
-        src.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    let run = convoy.pack(&src, "web@1", &[]);
     assert!(!run.ok);
     assert!(
         run.stderr.contains("web@1 already names release"),
@@ -175,22 +130,8 @@ fn inserting_one_byte_in_a_50_mib_file_moves_at_most_3_chunks() {
     data.insert(25 << 20, 0xAB);
     fs::write(v2.join("big.bin"), &data).unwrap();
     let convoy = Convoy::new(&work.path().join("store"));
-    convoy.ok(&[
-        "pack",
-        v1.to_str().unwrap(),
-        "--app",
-        "big",
-        "--version",
-        "1",
-    ]);
-    convoy.ok(&[
-        "pack",
-        v2.to_str().unwrap(),
-        "--app",
-        "big",
-        "--version",
-        "2",
-    ]);
+    convoy.pack(&v1, "big@1", &[]).success();
+    convoy.pack(&v2, "big@2", &[]).success();
     let diff = convoy.ok(&["diff", "big@1", "big@2", "--json"]).json();
     let new = diff["chunks_new"].as_u64().unwrap();
     assert!((1..=3).contains(&new), "{diff}");
@@ -206,14 +147,7 @@ fn escaping_symlink_is_refused_naming_it() {
     let src = work.path().join("src");
     fs::create_dir_all(src.join("conf")).unwrap();
     symlink("../../etc/shadow", src.join("conf/link")).unwrap();
-    let run = Convoy::new(&work.path().join("store")).run(&[
-        "pack",
-        src.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    let run = Convoy::new(&work.path().join("store")).pack(&src, "web@1", &[]);
     assert!(!run.ok);
     assert!(run.stderr.contains("conf/link"), "{}", run.stderr);
 }
@@ -225,14 +159,7 @@ fn fifo_in_tree_is_refused_naming_it() {
     fs::create_dir_all(&src).unwrap();
     let fifo = std::ffi::CString::new(src.join("pipe").to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
-    let run = Convoy::new(&work.path().join("store")).run(&[
-        "pack",
-        src.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    let run = Convoy::new(&work.path().join("store")).pack(&src, "web@1", &[]);
     assert!(!run.ok);
     assert!(
         run.stderr.contains("pipe") && run.stderr.contains("FIFO"),
@@ -245,14 +172,8 @@ fn fifo_in_tree_is_refused_naming_it() {
 fn bad_app_name_is_refused() {
     let work = tempfile::tempdir().unwrap();
     fs::create_dir_all(work.path().join("src")).unwrap();
-    let run = Convoy::new(&work.path().join("store")).run(&[
-        "pack",
-        work.path().join("src").to_str().unwrap(),
-        "--app",
-        "../web",
-        "--version",
-        "1",
-    ]);
+    let run =
+        Convoy::new(&work.path().join("store")).pack(&work.path().join("src"), "../web@1", &[]);
     assert!(!run.ok);
     assert!(run.stderr.contains("invalid app"), "{}", run.stderr);
 }
@@ -267,16 +188,7 @@ fn hostile_manifest_in_the_store_is_refused_naming_the_path() {
     fs::write(src.join("xx"), "payload").unwrap();
     let store = work.path().join("store");
     let convoy = Convoy::new(&store);
-    let id = convoy
-        .ok(&[
-            "pack",
-            src.to_str().unwrap(),
-            "--app",
-            "web",
-            "--version",
-            "1",
-        ])
-        .stdout;
+    let id = convoy.pack(&src, "web@1", &[]).success().stdout;
     let cfs = ["chunks", "chunk_info", "manifests", "names"];
     {
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).unwrap();
@@ -308,14 +220,7 @@ fn corrupted_chunk_on_disk_is_found_by_verify() {
     fs::write(src.join("data.bin"), noise(2 << 20, 9)).unwrap();
     let store = work.path().join("store");
     let convoy = Convoy::new(&store);
-    convoy.ok(&[
-        "pack",
-        src.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    convoy.pack(&src, "web@1", &[]).success();
     let clean = convoy.ok(&["verify", "--json"]).json();
     assert_eq!(clean["ok"], true);
     assert!(clean["report"]["chunks_checked"].as_u64().unwrap() > 5);
@@ -341,14 +246,7 @@ fn unpack_refuses_a_non_empty_destination_without_force() {
     let src = work.path().join("src");
     sample_tree(&src);
     let convoy = Convoy::new(&work.path().join("store"));
-    convoy.ok(&[
-        "pack",
-        src.to_str().unwrap(),
-        "--app",
-        "web",
-        "--version",
-        "1",
-    ]);
+    convoy.pack(&src, "web@1", &[]).success();
     let dest = work.path().join("out");
     fs::create_dir_all(&dest).unwrap();
     fs::write(dest.join("keep-me"), "x").unwrap();
@@ -368,14 +266,7 @@ fn gc_keeps_the_newest_releases_and_the_store_still_verifies() {
     let convoy = Convoy::new(&work.path().join("store"));
     for v in 1..=3u64 {
         fs::write(src.join("app.bin"), noise(1 << 20, v)).unwrap();
-        convoy.ok(&[
-            "pack",
-            src.to_str().unwrap(),
-            "--app",
-            "web",
-            "--version",
-            &v.to_string(),
-        ]);
+        convoy.pack(&src, &format!("web@{v}"), &[]).success();
     }
     let report = convoy.ok(&["gc", "--keep", "2", "--json"]).json();
     assert_eq!(report["removed"], serde_json::json!(["web@1"]));
@@ -412,14 +303,8 @@ fn inspect_shows_entries_and_accepts_an_id_prefix() {
     sample_tree(&src);
     let convoy = Convoy::new(&work.path().join("store"));
     let id = convoy
-        .ok(&[
-            "pack",
-            src.to_str().unwrap(),
-            "--app",
-            "web",
-            "--version",
-            "1",
-        ])
+        .pack(&src, "web@1", &[])
+        .success()
         .stdout
         .trim()
         .to_string();
