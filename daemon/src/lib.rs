@@ -1,7 +1,9 @@
 //! The Convoy daemon library.
 //!
-//! For now it holds the [`store`]: where a daemon (and the `convoy` CLI)
-//! keeps chunks, manifests and release names, in RocksDB or in memory.
+//! - [`store`]: where a daemon (and the `convoy` CLI) keeps chunks,
+//!   manifests and release names, in RocksDB or in memory.
+//! - [`transfer`]: the decisions of swarm, push and pull distribution as
+//!   sans-I/O state machines, and a fleet simulator that drives them.
 //!
 //! ```
 //! use convoy_daemon::store::{MemoryStore, Store};
@@ -15,3 +17,4 @@
 #![deny(missing_docs)]
 
 pub mod store;
+pub mod transfer;

@@ -1,0 +1,841 @@
+//! A target fetching the chunks it lacks.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::{ChunkIndex, HaveSet, Locality};
+
+/// Where a fetcher may get chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// From peers and the origin.
+    Swarm,
+    /// From the origin only.
+    Pull,
+}
+
+/// Tuning of a [`Fetcher`].
+#[derive(Clone, Debug)]
+pub struct FetchConfig {
+    /// Swarm or pull.
+    pub mode: Mode,
+    /// Requests in flight per peer: enough to keep its link busy while a
+    /// request crosses the network.
+    pub window: usize,
+    /// A request unanswered for this long is given up and made elsewhere.
+    pub request_timeout: Duration,
+    /// When this few chunks are missing and all are requested, a request
+    /// that is overdue (older than [`FetchConfig::endgame_slowness`] times the
+    /// typical round trip) is also made to a second peer (the endgame).
+    pub endgame_chunks: usize,
+    /// How many typical round trips a request may take before the endgame
+    /// duplicates it.
+    pub endgame_slowness: u32,
+    /// A peer that declined a chunk is not asked for it again for this long.
+    pub refusal_backoff: Duration,
+    /// A peer that answered "busy" is left alone for this long.
+    pub busy_backoff: Duration,
+    /// This target's rank among the targets of its data centre, and their
+    /// number (from the tracker). Chunk `c` is fetched from another data
+    /// centre (or a remote origin) only by the target of rank
+    /// `c % size`; the others wait for it to hold the chunk, so each chunk
+    /// crosses into a data centre about once. `(0, 1)` imports everything.
+    pub import_rank: (u32, u32),
+    /// Whether the origin is in this target's data centre; if not, chunks
+    /// from it are imports like those from another data centre.
+    pub origin_in_my_dc: bool,
+    /// Seed of the random tie-breaks; runs with one seed are identical.
+    pub seed: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Swarm,
+            window: 8,
+            request_timeout: Duration::from_secs(30),
+            endgame_chunks: 16,
+            endgame_slowness: 3,
+            refusal_backoff: Duration::from_millis(500),
+            busy_backoff: Duration::from_millis(20),
+            import_rank: (0, 1),
+            origin_in_my_dc: true,
+            seed: 0,
+        }
+    }
+}
+
+/// What a [`Fetcher`] wants done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchAction<P> {
+    /// Ask `peer` for `chunk`.
+    Request {
+        /// Who to ask.
+        peer: P,
+        /// What to ask for.
+        chunk: ChunkIndex,
+    },
+    /// Withdraw a request: the chunk came from elsewhere.
+    Cancel {
+        /// Who was asked.
+        peer: P,
+        /// The chunk.
+        chunk: ChunkIndex,
+    },
+    /// Tell peers this target now holds `chunk`.
+    Announce {
+        /// The chunk now held.
+        chunk: ChunkIndex,
+    },
+    /// `peer` sent a chunk that failed verification: disconnect and never
+    /// accept it again.
+    Ban {
+        /// The offender.
+        peer: P,
+    },
+    /// Every chunk is held.
+    Complete,
+}
+
+struct Peer {
+    locality: Locality,
+    have: HaveSet,
+    in_flight: usize,
+    /// Chunks this peer declined to serve, and until when not to ask again.
+    refused: BTreeMap<ChunkIndex, Instant>,
+    /// The peer said it is busy: ask it nothing before this.
+    busy_until: Option<Instant>,
+}
+
+struct Outstanding<P> {
+    peer: P,
+    since: Instant,
+    /// The endgame has looked at this overdue request; it is retried when a
+    /// slot frees, not on a timer.
+    overdue: bool,
+}
+
+/// A request must be this old before the endgame may duplicate it, however
+/// fast round trips have been.
+const ENDGAME_MIN_AGE: Duration = Duration::from_millis(20);
+
+/// Bounds on what a fetcher keeps (TigerBeetle style: every map has a limit).
+const MAX_PEERS: usize = 1024;
+const MAX_WINDOW: usize = 256;
+
+/// The target side of swarm and pull: decides which chunk to request from
+/// which peer. Feed it peers, their have-announcements and the outcome of
+/// each request; drain [`Fetcher::poll_action`] after every input.
+pub struct Fetcher<P> {
+    config: FetchConfig,
+    have: HaveSet,
+    peers: BTreeMap<P, Peer>,
+    banned: Vec<P>,
+    /// Non-origin peers holding each chunk.
+    holders: Vec<u32>,
+    /// Peers in this target's data centre holding each chunk.
+    local_holders: Vec<u32>,
+    /// Requests in flight per chunk (two at most, in the endgame).
+    outstanding: BTreeMap<ChunkIndex, Vec<Outstanding<P>>>,
+    actions: VecDeque<FetchAction<P>>,
+    rng: SmallRng,
+    completed: bool,
+    /// Smoothed time from request to chunk (1/8 weight per sample, as TCP's SRTT).
+    round_trip: Option<Duration>,
+}
+
+impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
+    /// A fetcher for a release of `have.len()` chunks, already holding `have`.
+    pub fn new(have: HaveSet, config: FetchConfig) -> Self {
+        assert!(
+            config.window >= 1 && config.window <= MAX_WINDOW,
+            "window out of range"
+        );
+        let n = have.len();
+        let mut f = Self {
+            rng: SmallRng::seed_from_u64(config.seed),
+            config,
+            have,
+            peers: BTreeMap::new(),
+            banned: Vec::new(),
+            holders: vec![0; n],
+            local_holders: vec![0; n],
+            outstanding: BTreeMap::new(),
+            actions: VecDeque::new(),
+            completed: false,
+            round_trip: None,
+        };
+        f.check_complete();
+        f
+    }
+
+    /// The tracker re-ranked this data centre's targets (one joined, left
+    /// or was banned); see [`FetchConfig::import_rank`].
+    pub fn set_import_rank(&mut self, now: Instant, rank: u32, size: u32) {
+        assert!(
+            rank < size.max(1),
+            "rank {rank} outside a data centre of {size}"
+        );
+        self.config.import_rank = (rank, size);
+        self.schedule(now);
+    }
+
+    /// What this target holds.
+    pub fn have(&self) -> &HaveSet {
+        &self.have
+    }
+
+    /// True once every chunk is held.
+    pub fn is_complete(&self) -> bool {
+        self.completed
+    }
+
+    /// Requests in flight, to every peer.
+    pub fn in_flight(&self) -> usize {
+        self.outstanding.values().map(Vec::len).sum()
+    }
+
+    /// A peer is connected, holding `have`. In pull mode only the origin is used.
+    pub fn add_peer(&mut self, now: Instant, peer: P, locality: Locality, have: HaveSet) {
+        assert_eq!(have.len(), self.have.len(), "have-set of another release");
+        if self.banned.contains(&peer) || self.peers.contains_key(&peer) {
+            return;
+        }
+        if self.config.mode == Mode::Pull && locality != Locality::Origin {
+            return;
+        }
+        assert!(self.peers.len() < MAX_PEERS, "more than {MAX_PEERS} peers");
+        for c in have.iter() {
+            self.count_holder(c, locality, 1);
+        }
+        self.peers.insert(
+            peer,
+            Peer {
+                locality,
+                have,
+                in_flight: 0,
+                refused: BTreeMap::new(),
+                busy_until: None,
+            },
+        );
+        self.schedule(now);
+    }
+
+    /// A peer is gone; its requests are made elsewhere.
+    pub fn remove_peer(&mut self, now: Instant, peer: P) {
+        self.forget_peer(peer);
+        self.schedule(now);
+    }
+
+    /// `peer` announced that it now holds `chunk`.
+    pub fn handle_have(&mut self, now: Instant, peer: P, chunk: ChunkIndex) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if chunk as usize >= p.have.len() || !p.have.insert(chunk) {
+            return;
+        }
+        let locality = p.locality;
+        self.count_holder(chunk, locality, 1);
+        // Only this peer can serve something new; others' choices only narrow.
+        self.fill(now, peer);
+        self.endgame(now);
+    }
+
+    /// `peer` answered the request for `chunk`; `valid` says whether the
+    /// bytes hashed to the chunk's name (the driver checks, then tells).
+    pub fn handle_chunk(&mut self, now: Instant, peer: P, chunk: ChunkIndex, valid: bool) {
+        if let Some(since) = self.request_time(chunk, peer) {
+            let sample = now.saturating_duration_since(since);
+            self.round_trip = Some(match self.round_trip {
+                None => sample,
+                Some(rt) => (rt * 7 + sample) / 8,
+            });
+        }
+        let was_outstanding = self.settle(chunk, peer);
+        if !valid {
+            self.ban(peer);
+        } else if was_outstanding && self.have.insert(chunk) {
+            // Withdraw the endgame duplicate, if any.
+            if let Some(others) = self.outstanding.remove(&chunk) {
+                for o in others {
+                    if let Some(p) = self.peers.get_mut(&o.peer) {
+                        p.in_flight -= 1;
+                    }
+                    self.actions.push_back(FetchAction::Cancel {
+                        peer: o.peer,
+                        chunk,
+                    });
+                }
+            }
+            self.actions.push_back(FetchAction::Announce { chunk });
+            self.check_complete();
+        }
+        if valid {
+            // A freed slot at this peer; nothing became newly eligible elsewhere.
+            self.fill(now, peer);
+            self.endgame(now);
+        } else {
+            self.schedule(now);
+        }
+    }
+
+    /// `peer` declined to serve `chunk` (busy, or the origin wants the swarm
+    /// to spread it); it is asked of another holder.
+    pub fn handle_refused(&mut self, now: Instant, peer: P, chunk: ChunkIndex) {
+        if self.settle(chunk, peer) {
+            let until = now + self.config.refusal_backoff;
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.refused.insert(chunk, until);
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// `peer` declined `chunk` because its upload queue is full; it is
+    /// asked nothing for a short while.
+    pub fn handle_busy(&mut self, now: Instant, peer: P, chunk: ChunkIndex) {
+        if self.settle(chunk, peer) {
+            let until = now + self.config.busy_backoff;
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.busy_until = Some(until);
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// Gives up requests older than the timeout and ends back-offs; call at
+    /// [`Fetcher::poll_timeout`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            p.refused.retain(|_, until| *until > now);
+            if p.busy_until.is_some_and(|t| t <= now) {
+                p.busy_until = None;
+            }
+        }
+        let timeout = self.config.request_timeout;
+        let expired: Vec<(ChunkIndex, P)> = self
+            .outstanding
+            .iter()
+            .flat_map(|(c, os)| {
+                os.iter()
+                    .filter(|o| now.duration_since(o.since) >= timeout)
+                    .map(|o| (*c, o.peer))
+            })
+            .collect();
+        for (chunk, peer) in expired {
+            self.settle(chunk, peer);
+            self.actions.push_back(FetchAction::Cancel { peer, chunk });
+        }
+        self.schedule(now);
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self) -> Option<FetchAction<P>> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Fetcher::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let requests = self
+            .outstanding
+            .values()
+            .flatten()
+            .map(|o| o.since + self.config.request_timeout);
+        let refusals = self
+            .peers
+            .values()
+            .flat_map(|p| p.refused.values().copied().chain(p.busy_until));
+        let endgame = self.in_endgame().then(|| {
+            let patience = self.endgame_patience();
+            self.outstanding
+                .values()
+                .filter(|l| l.len() == 1 && !l[0].overdue)
+                .map(move |l| l[0].since + patience)
+        });
+        requests
+            .chain(refusals)
+            .chain(endgame.into_iter().flatten())
+            .min()
+    }
+
+    fn request_time(&self, chunk: ChunkIndex, peer: P) -> Option<Instant> {
+        self.outstanding
+            .get(&chunk)?
+            .iter()
+            .find(|o| o.peer == peer)
+            .map(|o| o.since)
+    }
+
+    fn in_endgame(&self) -> bool {
+        let missing = self.have.len() - self.have.count();
+        missing > 0 && missing <= self.config.endgame_chunks && self.outstanding.len() >= missing
+    }
+
+    fn endgame_patience(&self) -> Duration {
+        let typical = self.round_trip.unwrap_or(self.config.request_timeout / 4);
+        (typical * self.config.endgame_slowness).max(ENDGAME_MIN_AGE)
+    }
+
+    fn count_holder(&mut self, chunk: ChunkIndex, locality: Locality, delta: i32) {
+        let c = chunk as usize;
+        if locality != Locality::Origin {
+            self.holders[c] = self.holders[c].wrapping_add_signed(delta);
+        }
+        if locality.is_local() {
+            self.local_holders[c] = self.local_holders[c].wrapping_add_signed(delta);
+        }
+    }
+
+    /// Removes the request for `chunk` to `peer`; true if there was one.
+    fn settle(&mut self, chunk: ChunkIndex, peer: P) -> bool {
+        let Some(list) = self.outstanding.get_mut(&chunk) else {
+            return false;
+        };
+        let Some(at) = list.iter().position(|o| o.peer == peer) else {
+            return false;
+        };
+        list.swap_remove(at);
+        if list.is_empty() {
+            self.outstanding.remove(&chunk);
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.in_flight -= 1;
+        }
+        true
+    }
+
+    fn ban(&mut self, peer: P) {
+        self.forget_peer(peer);
+        if !self.banned.contains(&peer) {
+            assert!(self.banned.len() < MAX_PEERS, "more than {MAX_PEERS} bans");
+            self.banned.push(peer);
+            self.actions.push_back(FetchAction::Ban { peer });
+        }
+    }
+
+    fn forget_peer(&mut self, peer: P) {
+        let Some(p) = self.peers.remove(&peer) else {
+            return;
+        };
+        for c in p.have.iter() {
+            self.count_holder(c, p.locality, -1);
+        }
+        self.outstanding.retain(|_, list| {
+            list.retain(|o| o.peer != peer);
+            !list.is_empty()
+        });
+        // A chunk only this peer held may now be worth asking the origin
+        // again: clear refusals so it is reconsidered.
+        for q in self.peers.values_mut() {
+            q.refused.clear();
+        }
+    }
+
+    fn check_complete(&mut self) {
+        if !self.completed && self.have.is_full() {
+            self.completed = true;
+            self.actions.push_back(FetchAction::Complete);
+        }
+    }
+
+    /// Fills every peer's window, closest peers first.
+    fn schedule(&mut self, now: Instant) {
+        if self.completed {
+            return;
+        }
+        let mut order: Vec<(Locality, usize, P)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.in_flight < self.config.window)
+            .map(|(id, p)| (p.locality, p.in_flight, *id))
+            .collect();
+        order.sort();
+        for (_, _, peer) in order {
+            self.fill(now, peer);
+        }
+        self.endgame(now);
+    }
+
+    /// Fills one peer's window.
+    fn fill(&mut self, now: Instant, peer: P) {
+        if self.completed {
+            return;
+        }
+        while self
+            .peers
+            .get(&peer)
+            .is_some_and(|p| p.in_flight < self.config.window && p.busy_until.is_none())
+        {
+            let Some(chunk) = self.pick(peer) else { break };
+            self.request(now, peer, chunk);
+        }
+    }
+
+    /// The rarest chunk `peer` may serve, ties broken at random.
+    fn pick(&mut self, peer: P) -> Option<ChunkIndex> {
+        let p = &self.peers[&peer];
+        let swarm = self.config.mode == Mode::Swarm;
+        let (rank, size) = self.config.import_rank;
+        let remote = match p.locality {
+            Locality::OtherDc => true,
+            Locality::Origin => !self.config.origin_in_my_dc,
+            Locality::SameZone | Locality::SameDc => false,
+        };
+        let mut best: Option<(u32, ChunkIndex)> = None;
+        let mut ties = 0u32;
+        for c in self.have.missing() {
+            let i = c as usize;
+            if !p.have.contains(c)
+                || p.refused.contains_key(&c)
+                || self.outstanding.contains_key(&c)
+            {
+                continue;
+            }
+            // Each chunk should cross a data-centre link once, and leave the
+            // origin as few times as possible: ask further away only for
+            // what no closer peer holds.
+            if swarm {
+                match p.locality {
+                    Locality::Origin if self.holders[i] > 0 => continue,
+                    Locality::OtherDc if self.local_holders[i] > 0 => continue,
+                    _ => {}
+                }
+                if remote && self.local_holders[i] == 0 && size > 1 && c % size != rank {
+                    continue; // another target of this data centre imports it
+                }
+            }
+            let rarity = self.holders[i];
+            match best {
+                Some((r, _)) if rarity > r => {}
+                Some((r, _)) if rarity == r => {
+                    ties += 1;
+                    if self.rng.random_range(0..=ties) == 0 {
+                        best = Some((rarity, c));
+                    }
+                }
+                _ => {
+                    best = Some((rarity, c));
+                    ties = 0;
+                }
+            }
+        }
+        best.map(|(_, c)| c)
+    }
+
+    fn request(&mut self, now: Instant, peer: P, chunk: ChunkIndex) {
+        self.outstanding
+            .entry(chunk)
+            .or_default()
+            .push(Outstanding {
+                peer,
+                since: now,
+                overdue: false,
+            });
+        self.peers
+            .get_mut(&peer)
+            .expect("requesting from a known peer")
+            .in_flight += 1;
+        self.actions.push_back(FetchAction::Request { peer, chunk });
+    }
+
+    /// When every missing chunk is requested and few remain, ask a second
+    /// holder for each overdue one, so one slow peer does not hold the
+    /// release back.
+    fn endgame(&mut self, now: Instant) {
+        if !self.in_endgame() {
+            return;
+        }
+        let patience = self.endgame_patience();
+        let mut single: Vec<(ChunkIndex, P)> = Vec::new();
+        for (c, list) in self.outstanding.iter_mut() {
+            if list.len() == 1 && now.saturating_duration_since(list[0].since) >= patience {
+                list[0].overdue = true;
+                single.push((*c, list[0].peer));
+            }
+        }
+        for (chunk, first) in single {
+            let second = self
+                .peers
+                .iter()
+                .filter(|(id, p)| {
+                    **id != first
+                        && p.have.contains(chunk)
+                        && !p.refused.contains_key(&chunk)
+                        && p.busy_until.is_none()
+                        && p.in_flight < self.config.window
+                })
+                .min_by_key(|(_, p)| (p.locality, p.in_flight))
+                .map(|(id, _)| *id);
+            if let Some(peer) = second {
+                self.request(now, peer, chunk);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(f: &mut Fetcher<u32>) -> Vec<FetchAction<u32>> {
+        std::iter::from_fn(|| f.poll_action()).collect()
+    }
+
+    fn requests(actions: &[FetchAction<u32>]) -> Vec<(u32, ChunkIndex)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                FetchAction::Request { peer, chunk } => Some((*peer, *chunk)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Without the endgame, which the endgame tests turn on.
+    fn config(window: usize) -> FetchConfig {
+        FetchConfig {
+            window,
+            endgame_chunks: 0,
+            ..FetchConfig::default()
+        }
+    }
+
+    #[test]
+    fn asks_for_the_rarest_chunk_first() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(4), config(1));
+        // Chunks 0-2 have three holders, chunk 3 only peer 9.
+        f.add_peer(
+            now,
+            1,
+            Locality::SameZone,
+            HaveSet::from_indices(4, [0, 1, 2]),
+        );
+        f.add_peer(
+            now,
+            2,
+            Locality::SameZone,
+            HaveSet::from_indices(4, [0, 1, 2]),
+        );
+        drain(&mut f);
+        f.add_peer(now, 9, Locality::SameZone, HaveSet::full(4));
+        assert_eq!(requests(&drain(&mut f)), [(9, 3)]);
+    }
+
+    #[test]
+    fn keeps_a_window_of_requests_per_peer() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(20), config(4));
+        f.add_peer(now, 1, Locality::SameZone, HaveSet::full(20));
+        f.add_peer(now, 2, Locality::SameDc, HaveSet::full(20));
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.iter().filter(|(p, _)| *p == 1).count(), 4);
+        assert_eq!(asked.iter().filter(|(p, _)| *p == 2).count(), 4);
+        let distinct: std::collections::HashSet<_> = asked.iter().map(|(_, c)| c).collect();
+        assert_eq!(
+            distinct.len(),
+            8,
+            "no chunk is asked twice outside the endgame"
+        );
+    }
+
+    #[test]
+    fn asks_the_origin_only_for_what_no_peer_holds() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(4), config(8));
+        f.add_peer(now, 1, Locality::SameZone, HaveSet::from_indices(4, [0, 1]));
+        f.add_peer(now, 0, Locality::Origin, HaveSet::full(4));
+        let asked = requests(&drain(&mut f));
+        let from_origin: Vec<_> = asked
+            .iter()
+            .filter(|(p, _)| *p == 0)
+            .map(|(_, c)| *c)
+            .collect();
+        assert_eq!(from_origin.len(), 2);
+        assert!(from_origin.iter().all(|c| *c >= 2), "{from_origin:?}");
+    }
+
+    #[test]
+    fn asks_another_data_centre_only_for_what_none_in_its_own_holds() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(4), config(8));
+        f.add_peer(now, 1, Locality::SameDc, HaveSet::from_indices(4, [0]));
+        f.add_peer(now, 2, Locality::OtherDc, HaveSet::full(4));
+        let asked = requests(&drain(&mut f));
+        assert!(asked.contains(&(1, 0)));
+        assert!(!asked.contains(&(2, 0)), "{asked:?}");
+        assert_eq!(asked.iter().filter(|(p, _)| *p == 2).count(), 3);
+    }
+
+    #[test]
+    fn only_the_designated_importer_fetches_from_another_data_centre() {
+        let now = Instant::now();
+        // Rank 1 of 2 in its data centre: imports the odd chunks only.
+        let cfg = FetchConfig {
+            import_rank: (1, 2),
+            origin_in_my_dc: false,
+            ..config(8)
+        };
+        let mut f = Fetcher::new(HaveSet::empty(4), cfg);
+        f.add_peer(now, 1, Locality::SameDc, HaveSet::empty(4));
+        f.add_peer(now, 2, Locality::OtherDc, HaveSet::full(4));
+        let mut asked = requests(&drain(&mut f));
+        asked.sort();
+        assert_eq!(asked, [(2, 1), (2, 3)]);
+        // Once the local peer holds chunk 0, it is fetched from there.
+        f.handle_have(now, 1, 0);
+        assert_eq!(requests(&drain(&mut f)), [(1, 0)]);
+        // The importer of chunk 2 left: this target now imports everything.
+        f.set_import_rank(now, 0, 1);
+        assert_eq!(requests(&drain(&mut f)), [(2, 2)]);
+    }
+
+    #[test]
+    fn a_busy_peer_is_left_alone_for_the_back_off() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(4), config(2));
+        f.add_peer(now, 1, Locality::SameZone, HaveSet::full(4));
+        let asked = requests(&drain(&mut f));
+        f.handle_busy(now, 1, asked[0].1);
+        assert!(requests(&drain(&mut f)).is_empty());
+        let due = f.poll_timeout().unwrap();
+        assert_eq!(due, now + FetchConfig::default().busy_backoff);
+        f.handle_timeout(due);
+        assert_eq!(requests(&drain(&mut f)).len(), 1);
+    }
+
+    #[test]
+    fn pull_mode_uses_only_the_origin() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(
+            HaveSet::empty(4),
+            FetchConfig {
+                mode: Mode::Pull,
+                ..config(8)
+            },
+        );
+        f.add_peer(now, 1, Locality::SameZone, HaveSet::full(4));
+        f.add_peer(now, 0, Locality::Origin, HaveSet::full(4));
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), 4);
+        assert!(asked.iter().all(|(p, _)| *p == 0));
+    }
+
+    #[test]
+    fn bad_chunk_bans_the_peer_and_the_chunk_is_asked_elsewhere() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(1), config(1));
+        f.add_peer(now, 1, Locality::SameZone, HaveSet::full(1));
+        f.add_peer(now, 2, Locality::SameDc, HaveSet::full(1));
+        assert_eq!(requests(&drain(&mut f)), [(1, 0)]);
+        f.handle_chunk(now, 1, 0, false);
+        let actions = drain(&mut f);
+        assert!(actions.contains(&FetchAction::Ban { peer: 1 }));
+        assert_eq!(requests(&actions), [(2, 0)]);
+        // A banned peer does not come back.
+        f.add_peer(now, 1, Locality::SameZone, HaveSet::full(1));
+        f.handle_chunk(now, 2, 0, true);
+        let actions = drain(&mut f);
+        assert_eq!(
+            actions,
+            [FetchAction::Announce { chunk: 0 }, FetchAction::Complete]
+        );
+    }
+
+    #[test]
+    fn endgame_asks_a_second_peer_for_an_overdue_chunk_and_cancels_the_loser() {
+        let start = Instant::now();
+        let mut f = Fetcher::new(
+            HaveSet::empty(2),
+            FetchConfig {
+                endgame_chunks: 16,
+                ..config(1)
+            },
+        );
+        let now = start;
+        f.add_peer(now, 1, Locality::SameZone, HaveSet::full(2));
+        f.add_peer(now, 2, Locality::SameZone, HaveSet::full(2));
+        let first = requests(&drain(&mut f));
+        assert_eq!(first.len(), 2);
+        // Peer 1 delivers; its slot is free, so the chunk peer 2 still owes
+        // is also asked of peer 1.
+        let (_, c1) = first.iter().find(|(p, _)| *p == 1).copied().unwrap();
+        let (_, c2) = first.iter().find(|(p, _)| *p == 2).copied().unwrap();
+        // Peer 1 answers in 10 ms: that is the typical round trip now.
+        let now = start + Duration::from_millis(10);
+        f.handle_chunk(now, 1, c1, true);
+        assert!(requests(&drain(&mut f)).is_empty(), "not overdue yet");
+        let due = f.poll_timeout().unwrap();
+        assert_eq!(due, start + ENDGAME_MIN_AGE.max(Duration::from_millis(30)));
+        f.handle_timeout(due);
+        let actions = drain(&mut f);
+        assert!(
+            actions.contains(&FetchAction::Request { peer: 1, chunk: c2 }),
+            "{actions:?}"
+        );
+        f.handle_chunk(now, 1, c2, true);
+        let actions = drain(&mut f);
+        assert!(
+            actions.contains(&FetchAction::Cancel { peer: 2, chunk: c2 }),
+            "{actions:?}"
+        );
+        assert!(actions.contains(&FetchAction::Complete));
+        assert!(f.is_complete());
+    }
+
+    #[test]
+    fn a_timed_out_request_is_made_again() {
+        let start = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(1), config(1));
+        f.add_peer(start, 1, Locality::SameZone, HaveSet::full(1));
+        assert_eq!(requests(&drain(&mut f)), [(1, 0)]);
+        let due = f.poll_timeout().unwrap();
+        assert_eq!(due, start + FetchConfig::default().request_timeout);
+        f.handle_timeout(due);
+        let actions = drain(&mut f);
+        assert!(actions.contains(&FetchAction::Cancel { peer: 1, chunk: 0 }));
+        assert_eq!(requests(&actions), [(1, 0)]);
+    }
+
+    #[test]
+    fn refused_chunk_is_asked_again_after_the_back_off() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(1), config(4));
+        f.add_peer(now, 0, Locality::Origin, HaveSet::full(1));
+        drain(&mut f);
+        f.handle_refused(now, 0, 0);
+        assert!(requests(&drain(&mut f)).is_empty());
+        let due = f.poll_timeout().unwrap();
+        assert_eq!(due, now + FetchConfig::default().refusal_backoff);
+        f.handle_timeout(due);
+        assert_eq!(requests(&drain(&mut f)), [(0, 0)]);
+    }
+
+    #[test]
+    fn refused_chunk_is_asked_of_another_holder_once_one_appears() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(1), config(4));
+        f.add_peer(now, 0, Locality::Origin, HaveSet::full(1));
+        assert_eq!(requests(&drain(&mut f)), [(0, 0)]);
+        f.handle_refused(now, 0, 0);
+        assert!(
+            requests(&drain(&mut f)).is_empty(),
+            "not asked of the refusing origin again"
+        );
+        f.add_peer(now, 5, Locality::SameZone, HaveSet::empty(1));
+        f.handle_have(now, 5, 0);
+        assert_eq!(requests(&drain(&mut f)), [(5, 0)]);
+    }
+
+    #[test]
+    fn a_target_that_already_holds_everything_is_complete_at_once() {
+        let mut f: Fetcher<u32> = Fetcher::new(HaveSet::full(3), config(1));
+        assert!(f.is_complete());
+        assert_eq!(drain(&mut f), [FetchAction::Complete]);
+    }
+}

@@ -1,0 +1,751 @@
+//! A fleet in one process: the origin and N targets run the production
+//! state machines ([`Fetcher`], [`Seeder`], [`Pusher`]) over a virtual
+//! network stepped in virtual time.
+//!
+//! The network model: every node has an uplink of fixed rate that sends
+//! one chunk at a time, first come first served (so requests queue at busy
+//! peers as they would at a capped socket); every message takes a fixed
+//! one-way latency. Downlinks are not modelled (the bound uses them only
+//! through `min(d_i)`, which benchmarks leave uncapped). Runs are
+//! deterministic for a given [`SimConfig::seed`].
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::{
+    kumar_ross_bound, ChunkIndex, FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode,
+    PushAction, PushConfig, Pusher, Seeder, ServeDecision,
+};
+
+/// Which distribution mode to simulate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SimMode {
+    /// Targets fetch from each other and the origin.
+    Swarm,
+    /// The origin sends each target what it lacks, K at a time.
+    Push,
+    /// Targets fetch from the origin only.
+    Pull,
+}
+
+/// A simulated fleet and release.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Distribution mode.
+    pub mode: SimMode,
+    /// Number of targets.
+    pub targets: usize,
+    /// Length of each distinct chunk of the release.
+    pub chunk_sizes: Vec<u32>,
+    /// Chunks every target holds before the transfer (an update).
+    pub preloaded: Vec<ChunkIndex>,
+    /// Origin uplink, bytes per second.
+    pub origin_uplink: f64,
+    /// Target uplink, bytes per second.
+    pub target_uplink: f64,
+    /// Data centres the targets are spread over (the origin is in the first).
+    pub dcs: usize,
+    /// Zones per data centre.
+    pub zones: usize,
+    /// One-way latency of every message.
+    pub latency: Duration,
+    /// Peers each target picks (closest first); links are symmetric.
+    pub max_peers: usize,
+    /// Targets (0-based) that serve corrupt bytes for every chunk.
+    pub corrupt_targets: Vec<usize>,
+    /// Target-side tuning.
+    pub fetch: FetchConfig,
+    /// Origin-side tuning for push.
+    pub push: PushConfig,
+    /// Seeder copy limits for swarm: (normal, when the origin is idle).
+    pub seeder_copies: (u32, u32),
+    /// A target serving peers answers "busy" once this many chunks wait on its uplink.
+    pub serve_queue: usize,
+    /// Seed for peer choice and every fetcher's tie-breaks.
+    pub seed: u64,
+    /// Virtual time after which the run stops unfinished.
+    pub time_limit: Duration,
+    /// Events after which the run stops unfinished (a bound against a
+    /// scheduling bug spinning at one instant).
+    pub max_events: u64,
+}
+
+impl SimConfig {
+    /// `targets` targets, a release of `bytes` in 64 KiB chunks, every
+    /// uplink at `uplink` bytes per second.
+    pub fn new(mode: SimMode, targets: usize, bytes: u64, uplink: f64) -> Self {
+        let chunk = 64 * 1024u64;
+        let mut chunk_sizes = vec![chunk as u32; (bytes / chunk) as usize];
+        if !bytes.is_multiple_of(chunk) {
+            chunk_sizes.push((bytes % chunk) as u32);
+        }
+        Self {
+            mode,
+            targets,
+            chunk_sizes,
+            preloaded: Vec::new(),
+            origin_uplink: uplink,
+            target_uplink: uplink,
+            dcs: 1,
+            zones: 1,
+            latency: Duration::from_millis(1),
+            max_peers: 16,
+            corrupt_targets: Vec::new(),
+            fetch: FetchConfig::default(),
+            push: PushConfig::default(),
+            seeder_copies: (1, 2),
+            serve_queue: 4,
+            seed: 1,
+            time_limit: Duration::from_secs(24 * 3600),
+            max_events: 50_000_000,
+        }
+    }
+
+    /// The bytes each target lacks at the start.
+    pub fn bytes_needed(&self) -> u64 {
+        let held = HaveSet::from_indices(self.chunk_sizes.len(), self.preloaded.iter().copied());
+        held.missing()
+            .map(|c| u64::from(self.chunk_sizes[c as usize]))
+            .sum()
+    }
+
+    /// The Kumar–Ross lower bound for this fleet, on the bytes each target lacks.
+    pub fn bound_seconds(&self) -> f64 {
+        let ups = vec![self.target_uplink; self.targets];
+        let downs = vec![f64::INFINITY; self.targets];
+        kumar_ross_bound(self.bytes_needed(), self.origin_uplink, &ups, &downs)
+    }
+}
+
+/// What a run measured.
+#[derive(Clone, Debug)]
+pub struct SimReport {
+    /// When each target held every chunk; `None` if it never did.
+    pub completion: Vec<Option<Duration>>,
+    /// Chunk bytes the origin sent.
+    pub origin_egress: u64,
+    /// Chunk bytes sent by anyone.
+    pub total_bytes: u64,
+    /// Chunk bytes that crossed between data centres.
+    pub cross_dc_bytes: u64,
+    /// Bans issued by targets.
+    pub bans: usize,
+    /// Chunks a target stored without ever receiving them intact (must be zero).
+    pub corrupt_stored: usize,
+    /// Events processed.
+    pub events: u64,
+}
+
+impl SimReport {
+    /// Completion time at quantile `q` (0..=1) over the targets that
+    /// completed, in seconds; `None` if some did not complete.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let mut t: Vec<f64> = self
+            .completion
+            .iter()
+            .map(|c| c.map(|d| d.as_secs_f64()))
+            .collect::<Option<_>>()?;
+        if t.is_empty() {
+            return Some(0.0);
+        }
+        t.sort_by(f64::total_cmp);
+        let i = ((t.len() as f64 - 1.0) * q).round() as usize;
+        Some(t[i])
+    }
+}
+
+type Node = usize; // 0 = origin, 1..=N = targets
+const ORIGIN: Node = 0;
+
+#[derive(Debug)]
+enum Msg {
+    Request(ChunkIndex),
+    Cancel(ChunkIndex),
+    Refuse(ChunkIndex),
+    Busy(ChunkIndex),
+    Have(ChunkIndex),
+    Data {
+        chunk: ChunkIndex,
+        valid: bool,
+    },
+    Delivered(ChunkIndex),
+    /// A target tells the tracker it banned a peer.
+    Banned(Node),
+    Rejected(ChunkIndex),
+}
+
+#[derive(Debug)]
+enum Event {
+    Arrive { to: Node, from: Node, msg: Msg },
+    UplinkFree(Node),
+    Timer(Node),
+}
+
+struct Label {
+    dc: usize,
+    zone: usize,
+}
+
+struct Sim<'c> {
+    cfg: &'c SimConfig,
+    base: Instant,
+    now: Duration,
+    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
+    events: Vec<Option<Event>>,
+    seq: u64,
+    labels: Vec<Label>,
+    neighbours: Vec<Vec<Node>>,
+    uplink: Vec<VecDeque<(Node, ChunkIndex)>>,
+    sending: Vec<bool>,
+    fetchers: Vec<Option<Fetcher<Node>>>,
+    /// The one timer each node has pending, if any.
+    timer_at: Vec<Option<Duration>>,
+    seeder: Option<Seeder<Node>>,
+    pusher: Option<Pusher<Node>>,
+    have: Vec<HaveSet>,
+    /// Chunks each node has received intact at least once.
+    received_intact: Vec<HaveSet>,
+    banned: Vec<Vec<Node>>,
+    report: SimReport,
+}
+
+/// Runs one transfer and reports what it measured.
+pub fn run(cfg: &SimConfig) -> SimReport {
+    assert!(cfg.targets >= 1 && cfg.dcs >= 1 && cfg.zones >= 1 && cfg.max_peers >= 1);
+    let n = cfg.chunk_sizes.len();
+    let nodes = cfg.targets + 1;
+    let labels: Vec<Label> = (0..nodes)
+        .map(|i| match i {
+            ORIGIN => Label { dc: 0, zone: 0 },
+            t => Label {
+                dc: (t - 1) % cfg.dcs,
+                zone: ((t - 1) / cfg.dcs) % cfg.zones,
+            },
+        })
+        .collect();
+    let start_have = HaveSet::from_indices(n, cfg.preloaded.iter().copied());
+    let mut have = vec![start_have.clone(); nodes];
+    have[ORIGIN] = HaveSet::full(n);
+    let mut sim = Sim {
+        cfg,
+        base: Instant::now(),
+        now: Duration::ZERO,
+        queue: BinaryHeap::new(),
+        events: Vec::new(),
+        seq: 0,
+        neighbours: choose_neighbours(cfg, &labels),
+        labels,
+        uplink: vec![VecDeque::new(); nodes],
+        sending: vec![false; nodes],
+        fetchers: (0..nodes).map(|_| None).collect(),
+        timer_at: vec![None; nodes],
+        seeder: None,
+        pusher: None,
+        received_intact: have.clone(),
+        have,
+        banned: vec![Vec::new(); nodes],
+        report: SimReport {
+            completion: vec![None; cfg.targets],
+            origin_egress: 0,
+            total_bytes: 0,
+            cross_dc_bytes: 0,
+            bans: 0,
+            corrupt_stored: 0,
+            events: 0,
+        },
+    };
+    sim.start(&start_have);
+    while let Some(Reverse((at, _, slot))) = sim.queue.pop() {
+        if at > cfg.time_limit || sim.report.events >= cfg.max_events {
+            break;
+        }
+        sim.now = at;
+        sim.report.events += 1;
+        let event = sim.events[slot].take().expect("each event runs once");
+        sim.handle(event);
+        let settled =
+            |(t, c): (usize, &Option<Duration>)| c.is_some() || cfg.corrupt_targets.contains(&t);
+        if sim.report.completion.iter().enumerate().all(settled) {
+            break;
+        }
+    }
+    sim.report
+}
+
+/// Each target links to its closest peers (random among equals), up to
+/// `max_peers`; links are made symmetric.
+fn choose_neighbours(cfg: &SimConfig, labels: &[Label]) -> Vec<Vec<Node>> {
+    let nodes = labels.len();
+    let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5eed);
+    let mut links = vec![std::collections::BTreeSet::new(); nodes];
+    for t in 1..nodes {
+        let mut others: Vec<Node> = (1..nodes).filter(|o| *o != t).collect();
+        others.shuffle(&mut rng);
+        let me = &labels[t];
+        others.sort_by_key(|o| (labels[*o].dc != me.dc, labels[*o].zone != me.zone));
+        for o in others.into_iter().take(cfg.max_peers) {
+            links[t].insert(o);
+            links[o].insert(t);
+        }
+    }
+    links.into_iter().map(|s| s.into_iter().collect()).collect()
+}
+
+impl Sim<'_> {
+    fn instant(&self) -> Instant {
+        self.base + self.now
+    }
+
+    fn schedule(&mut self, after: Duration, event: Event) {
+        let slot = self.events.len();
+        self.events.push(Some(event));
+        self.queue.push(Reverse((self.now + after, self.seq, slot)));
+        self.seq += 1;
+    }
+
+    fn send(&mut self, from: Node, to: Node, msg: Msg) {
+        self.schedule(self.cfg.latency, Event::Arrive { to, from, msg });
+    }
+
+    fn locality(&self, me: Node, peer: Node) -> Locality {
+        if peer == ORIGIN {
+            return Locality::Origin;
+        }
+        let (a, b) = (&self.labels[me], &self.labels[peer]);
+        match (a.dc == b.dc, a.zone == b.zone) {
+            (true, true) => Locality::SameZone,
+            (true, false) => Locality::SameDc,
+            _ => Locality::OtherDc,
+        }
+    }
+
+    /// The tracker's ranking of targets within each data centre.
+    fn import_rank(&self, t: Node) -> (u32, u32) {
+        let dc = self.labels[t].dc;
+        let same: Vec<Node> = (1..=self.cfg.targets)
+            .filter(|o| self.labels[*o].dc == dc)
+            .collect();
+        let rank = same
+            .iter()
+            .position(|o| *o == t)
+            .expect("a target is in its own data centre");
+        (rank as u32, same.len() as u32)
+    }
+
+    fn start(&mut self, start_have: &HaveSet) {
+        let now = self.instant();
+        match self.cfg.mode {
+            SimMode::Push => {
+                let mut pusher = Pusher::new(self.cfg.push.clone());
+                for t in 1..=self.cfg.targets {
+                    pusher.add_target(t, start_have);
+                }
+                self.pusher = Some(pusher);
+                self.drain_pusher();
+            }
+            SimMode::Swarm | SimMode::Pull => {
+                let mode = if self.cfg.mode == SimMode::Swarm {
+                    Mode::Swarm
+                } else {
+                    Mode::Pull
+                };
+                let (min, idle) = self.cfg.seeder_copies;
+                let mut seeder = Seeder::new(start_have.len(), min, idle);
+                for t in 1..=self.cfg.targets {
+                    seeder.add_target(t, start_have.clone());
+                    let config = FetchConfig {
+                        mode,
+                        seed: self.cfg.seed.wrapping_mul(31).wrapping_add(t as u64),
+                        import_rank: self.import_rank(t),
+                        origin_in_my_dc: self.labels[t].dc == self.labels[ORIGIN].dc,
+                        ..self.cfg.fetch.clone()
+                    };
+                    let mut f = Fetcher::new(start_have.clone(), config);
+                    f.add_peer(
+                        now,
+                        ORIGIN,
+                        Locality::Origin,
+                        HaveSet::full(start_have.len()),
+                    );
+                    if mode == Mode::Swarm {
+                        for &p in &self.neighbours[t] {
+                            f.add_peer(now, p, self.locality(t, p), start_have.clone());
+                        }
+                    }
+                    self.fetchers[t] = Some(f);
+                }
+                if mode == Mode::Swarm {
+                    self.seeder = Some(seeder);
+                }
+                for t in 1..=self.cfg.targets {
+                    self.drain_fetcher(t);
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::UplinkFree(node) => {
+                self.sending[node] = false;
+                self.pump_uplink(node);
+            }
+            Event::Timer(node) => {
+                if self.timer_at[node] != Some(self.now) {
+                    return; // superseded by an earlier or later deadline
+                }
+                self.timer_at[node] = None;
+                let now = self.instant();
+                if let Some(f) = self.fetchers[node].as_mut() {
+                    if f.poll_timeout().is_some_and(|t| t <= now) {
+                        f.handle_timeout(now);
+                    }
+                }
+                self.drain_fetcher(node);
+            }
+            Event::Arrive { to, from, msg } => self.arrive(to, from, msg),
+        }
+    }
+
+    fn arrive(&mut self, to: Node, from: Node, msg: Msg) {
+        if self.banned[to].contains(&from) {
+            return;
+        }
+        let now = self.instant();
+        match msg {
+            Msg::Request(chunk) => {
+                let serve = match (to, self.seeder.as_mut()) {
+                    (ORIGIN, Some(seeder)) => {
+                        let idle = !self.sending[ORIGIN] && self.uplink[ORIGIN].is_empty();
+                        seeder.handle_request(from, chunk, idle) == ServeDecision::Serve
+                    }
+                    _ => self.have[to].contains(chunk),
+                };
+                if !serve {
+                    self.send(to, from, Msg::Refuse(chunk));
+                } else if to != ORIGIN && self.uplink[to].len() >= self.cfg.serve_queue {
+                    self.send(to, from, Msg::Busy(chunk));
+                } else {
+                    self.uplink[to].push_back((from, chunk));
+                    self.pump_uplink(to);
+                }
+            }
+            Msg::Cancel(chunk) => {
+                let before = self.uplink[to].len();
+                self.uplink[to].retain(|q| *q != (from, chunk));
+                if to == ORIGIN && self.uplink[to].len() != before {
+                    if let Some(s) = self.seeder.as_mut() {
+                        s.handle_send_failed(from, chunk);
+                    }
+                }
+            }
+            Msg::Refuse(chunk) => {
+                if let Some(f) = self.fetchers[to].as_mut() {
+                    f.handle_refused(now, from, chunk);
+                }
+                self.drain_fetcher(to);
+            }
+            Msg::Busy(chunk) => {
+                if let Some(f) = self.fetchers[to].as_mut() {
+                    f.handle_busy(now, from, chunk);
+                }
+                self.drain_fetcher(to);
+            }
+            Msg::Have(chunk) => {
+                if to == ORIGIN {
+                    if let Some(s) = self.seeder.as_mut() {
+                        s.handle_have(from, chunk);
+                    }
+                } else if let Some(f) = self.fetchers[to].as_mut() {
+                    f.handle_have(now, from, chunk);
+                    self.drain_fetcher(to);
+                }
+            }
+            Msg::Data { chunk, valid } => {
+                if valid {
+                    self.received_intact[to].insert(chunk);
+                }
+                if self.cfg.mode == SimMode::Push {
+                    let reply = if valid {
+                        Msg::Delivered(chunk)
+                    } else {
+                        Msg::Rejected(chunk)
+                    };
+                    if valid {
+                        self.store(to, chunk);
+                    }
+                    self.send(to, from, reply);
+                } else if let Some(f) = self.fetchers[to].as_mut() {
+                    f.handle_chunk(now, from, chunk, valid);
+                    self.drain_fetcher(to);
+                }
+            }
+            Msg::Banned(peer) => {
+                if let Some(s) = self.seeder.as_mut() {
+                    s.remove_target(peer);
+                }
+            }
+            Msg::Delivered(chunk) => {
+                if let Some(p) = self.pusher.as_mut() {
+                    p.handle_delivered(from, chunk);
+                }
+                self.drain_pusher();
+            }
+            Msg::Rejected(chunk) => {
+                if let Some(p) = self.pusher.as_mut() {
+                    p.handle_rejected(from, chunk);
+                }
+                self.drain_pusher();
+            }
+        }
+    }
+
+    fn store(&mut self, node: Node, chunk: ChunkIndex) {
+        if !self.received_intact[node].contains(chunk) {
+            self.report.corrupt_stored += 1;
+        }
+        self.have[node].insert(chunk);
+        if self.have[node].is_full() {
+            self.report.completion[node - 1].get_or_insert(self.now);
+        }
+    }
+
+    /// Starts the next queued send on `node`'s uplink, if it is free.
+    fn pump_uplink(&mut self, node: Node) {
+        if self.sending[node] {
+            return;
+        }
+        let Some((to, chunk)) = self.uplink[node].pop_front() else {
+            return;
+        };
+        let bytes = u64::from(self.cfg.chunk_sizes[chunk as usize]);
+        let rate = if node == ORIGIN {
+            self.cfg.origin_uplink
+        } else {
+            self.cfg.target_uplink
+        };
+        let airtime = Duration::from_secs_f64(bytes as f64 / rate);
+        self.sending[node] = true;
+        self.report.total_bytes += bytes;
+        if node == ORIGIN {
+            self.report.origin_egress += bytes;
+        }
+        if self.labels[node].dc != self.labels[to].dc {
+            self.report.cross_dc_bytes += bytes;
+        }
+        let valid = !(node != ORIGIN && self.cfg.corrupt_targets.contains(&(node - 1)));
+        self.schedule(airtime, Event::UplinkFree(node));
+        self.schedule(
+            airtime + self.cfg.latency,
+            Event::Arrive {
+                to,
+                from: node,
+                msg: Msg::Data { chunk, valid },
+            },
+        );
+    }
+
+    fn drain_fetcher(&mut self, node: Node) {
+        let Some(mut f) = self.fetchers[node].take() else {
+            return;
+        };
+        while let Some(action) = f.poll_action() {
+            match action {
+                FetchAction::Request { peer, chunk } => self.send(node, peer, Msg::Request(chunk)),
+                FetchAction::Cancel { peer, chunk } => self.send(node, peer, Msg::Cancel(chunk)),
+                FetchAction::Announce { chunk } => {
+                    self.store(node, chunk);
+                    let to: Vec<Node> = self.neighbours[node]
+                        .iter()
+                        .copied()
+                        .chain([ORIGIN])
+                        .collect();
+                    for peer in to {
+                        self.send(node, peer, Msg::Have(chunk));
+                    }
+                }
+                FetchAction::Ban { peer } => {
+                    self.banned[node].push(peer);
+                    self.report.bans += 1;
+                    self.send(node, ORIGIN, Msg::Banned(peer));
+                }
+                FetchAction::Complete => {}
+            }
+        }
+        if let Some(t) = f.poll_timeout() {
+            let at = self.now + t.saturating_duration_since(self.instant());
+            if self.timer_at[node] != Some(at) {
+                self.timer_at[node] = Some(at);
+                self.schedule(at - self.now, Event::Timer(node));
+            }
+        }
+        self.fetchers[node] = Some(f);
+    }
+
+    fn drain_pusher(&mut self) {
+        let Some(mut p) = self.pusher.take() else {
+            return;
+        };
+        while let Some(action) = p.poll_action() {
+            match action {
+                PushAction::Send { peer, chunk } => {
+                    self.uplink[ORIGIN].push_back((peer, chunk));
+                }
+                PushAction::Done { .. } | PushAction::Failed { .. } => {}
+            }
+        }
+        self.pusher = Some(p);
+        self.pump_uplink(ORIGIN);
+    }
+}
+
+/// A map from each mode to its report, for comparisons in tests and benches.
+pub fn run_modes(base: &SimConfig, modes: &[SimMode]) -> BTreeMap<&'static str, SimReport> {
+    modes
+        .iter()
+        .map(|m| {
+            let name = match m {
+                SimMode::Swarm => "swarm",
+                SimMode::Push => "push",
+                SimMode::Pull => "pull",
+            };
+            (
+                name,
+                run(&SimConfig {
+                    mode: *m,
+                    ..base.clone()
+                }),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn all_complete(r: &SimReport) -> bool {
+        r.completion.iter().all(Option::is_some)
+    }
+
+    #[test]
+    fn pull_sends_every_target_everything_from_the_origin() {
+        let cfg = SimConfig::new(SimMode::Pull, 20, 4 * MIB, 2.0 * MIB as f64);
+        let r = run(&cfg);
+        assert!(all_complete(&r));
+        assert_eq!(r.origin_egress, 20 * 4 * MIB);
+        assert_eq!(r.total_bytes, r.origin_egress);
+        // Push from one origin cannot beat N*F/u_s = 40 s.
+        assert!(r.quantile(1.0).unwrap() >= 40.0);
+    }
+
+    #[test]
+    fn push_sends_exactly_what_each_target_lacks() {
+        let mut cfg = SimConfig::new(SimMode::Push, 10, 2 * MIB, 2.0 * MIB as f64);
+        cfg.preloaded = (0..16).collect(); // half of 32 chunks
+        let r = run(&cfg);
+        assert!(all_complete(&r));
+        assert_eq!(r.origin_egress, 10 * MIB);
+    }
+
+    #[test]
+    fn swarm_of_200_targets_finishes_near_the_bound_with_little_origin_egress() {
+        let cfg = SimConfig::new(SimMode::Swarm, 200, 8 * MIB, 2.0 * MIB as f64);
+        let r = run(&cfg);
+        assert!(
+            all_complete(&r),
+            "{:?}",
+            r.completion.iter().filter(|c| c.is_none()).count()
+        );
+        let bound = cfg.bound_seconds();
+        let max = r.quantile(1.0).unwrap();
+        assert!(max <= 1.3 * bound, "max {max:.2}s vs bound {bound:.2}s");
+        assert!(
+            r.origin_egress <= 2 * 8 * MIB,
+            "origin sent {} MiB",
+            r.origin_egress / MIB
+        );
+    }
+
+    #[test]
+    fn swarm_is_at_least_ten_times_faster_than_push_and_pull_for_50_targets() {
+        let base = SimConfig::new(SimMode::Swarm, 50, 16 * MIB, 2.0 * MIB as f64);
+        let runs = run_modes(&base, &[SimMode::Swarm, SimMode::Push, SimMode::Pull]);
+        let swarm = runs["swarm"].quantile(0.99).unwrap();
+        for mode in ["push", "pull"] {
+            let other = runs[mode].quantile(0.99).unwrap();
+            assert!(
+                other >= 10.0 * swarm,
+                "{mode} {other:.1}s vs swarm {swarm:.1}s"
+            );
+        }
+    }
+
+    #[test]
+    fn swarm_keeps_traffic_inside_data_centres() {
+        let mut cfg = SimConfig::new(SimMode::Swarm, 48, 8 * MIB, 4.0 * MIB as f64);
+        cfg.dcs = 4;
+        cfg.zones = 2;
+        let r = run(&cfg);
+        assert!(all_complete(&r));
+        let limit = 3 * 8 * MIB * 3 / 2; // 1.5 x package x (dcs - 1)
+        assert!(
+            r.cross_dc_bytes <= limit,
+            "cross-dc {} MiB",
+            r.cross_dc_bytes / MIB
+        );
+    }
+
+    #[test]
+    fn corrupt_peers_are_banned_and_nothing_bad_is_stored() {
+        let mut cfg = SimConfig::new(SimMode::Swarm, 30, 4 * MIB, 2.0 * MIB as f64);
+        cfg.corrupt_targets = vec![0, 7];
+        let r = run(&cfg);
+        // Every honest target completes; the corrupt ones are expelled.
+        for (t, c) in r.completion.iter().enumerate() {
+            assert!(
+                c.is_some() || cfg.corrupt_targets.contains(&t),
+                "target {t} did not complete"
+            );
+        }
+        assert!(r.bans > 0);
+        assert_eq!(r.corrupt_stored, 0);
+    }
+
+    #[test]
+    fn an_update_moves_only_the_changed_chunks() {
+        let mut cfg = SimConfig::new(SimMode::Swarm, 20, 16 * MIB, 2.0 * MIB as f64);
+        cfg.preloaded = (0..253).collect(); // 3 of 256 chunks changed
+        let r = run(&cfg);
+        assert!(all_complete(&r));
+        let needed = cfg.bytes_needed();
+        assert_eq!(needed, 3 * 64 * 1024);
+        assert!(
+            r.total_bytes as f64 <= 20.0 * 1.2 * needed as f64,
+            "{} bytes moved",
+            r.total_bytes
+        );
+    }
+
+    #[test]
+    fn same_seed_same_run_different_seed_still_completes() {
+        let cfg = SimConfig::new(SimMode::Swarm, 40, 4 * MIB, 2.0 * MIB as f64);
+        let (a, b) = (run(&cfg), run(&cfg));
+        assert_eq!(a.completion, b.completion);
+        assert_eq!(a.total_bytes, b.total_bytes);
+        for seed in 2..6 {
+            let r = run(&SimConfig {
+                seed,
+                ..cfg.clone()
+            });
+            assert!(all_complete(&r), "seed {seed}");
+        }
+    }
+}
