@@ -189,7 +189,7 @@ fn hostile_manifest_in_the_store_is_refused_naming_the_path() {
     let store = work.path().join("store");
     let convoy = Convoy::new(&store);
     let id = convoy.pack(&src, "web@1", &[]).success().stdout;
-    let cfs = ["chunks", "chunk_info", "manifests", "names"];
+    let cfs = ["chunk_info", "manifests", "names"];
     {
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).unwrap();
         let manifests = db.cf_handle("manifests").unwrap();
@@ -224,12 +224,12 @@ fn corrupted_chunk_on_disk_is_found_by_verify() {
     let clean = convoy.ok(&["verify", "--json"]).json();
     assert_eq!(clean["ok"], true);
     assert!(clean["report"]["chunks_checked"].as_u64().unwrap() > 5);
-    // Flip one byte in the middle of the blob file that holds the chunk bodies.
-    let blob = fs::read_dir(&store)
+    // Flip one byte in the middle of the pack file that holds the chunk bodies.
+    let blob = fs::read_dir(store.join("packs"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "blob"))
-        .expect("chunk bodies live in a blob file");
+        .find(|p| p.extension().is_some_and(|x| x == "pack"))
+        .expect("chunk bodies live in a pack file");
     let mut bytes = fs::read(&blob).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xFF;

@@ -73,7 +73,9 @@ pub fn verify(store: &dyn Store, progress: &dyn Progress) -> Result<VerifyReport
                     Ok(None) => {
                         return Ok((0, Some(corrupt("size record without content".into()))))
                     }
-                    Err(StoreError::Db { reason, .. }) => return Ok((0, Some(corrupt(reason)))),
+                    Err(
+                        StoreError::Db { reason, .. } | StoreError::Corrupt { what: reason, .. },
+                    ) => return Ok((0, Some(corrupt(reason)))),
                     Err(e) => return Err(e),
                 };
                 let chunk = ChunkRef { hash: *hash, len };

@@ -6,15 +6,17 @@
 //! [`ChunkSink`](convoy_chunker::ChunkSink) that packing writes through;
 //! [`verify`] and [`gc`] work on any store.
 //!
-//! Durability: chunks are written without the write-ahead log and made
-//! durable by [`Store::flush`]; a release (manifest + name) is written with
-//! a synced log entry, and only after the flush of its chunks. A crash can
-//! lose chunks that no release names yet (they are fetched or packed again),
-//! never a chunk a stored release needs.
+//! Durability: chunk bodies are appended to pack files and indexed without
+//! the write-ahead log; [`Store::flush`] syncs the packs, then the index. A
+//! release (manifest + name) is written with a synced log entry, and only
+//! after the flush of its chunks. A crash can lose chunks that no release
+//! names yet (they are fetched or packed again), never a chunk a stored
+//! release needs.
 
 mod ingest;
 mod maintenance;
 mod memory;
+mod packs;
 mod rocks;
 
 use convoy_chunker::{

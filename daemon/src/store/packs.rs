@@ -1,0 +1,249 @@
+//! Chunk bodies in append-only pack files, beside the RocksDB index.
+//!
+//! A record is the chunk's hash (32 bytes), its encoding flag (1), its
+//! stored length (u32 LE) and the stored bytes; the index (in RocksDB)
+//! points at records by pack id and offset. Packing threads append whole
+//! batches with one `write` each, to packs of their own, so they never wait
+//! on each other or on a database flush; BLAKE3 checks every chunk on every
+//! read, so the files carry no checksums of their own.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use convoy_chunker::{ChunkHash, ChunkRef, Encoding, StoredChunk};
+
+/// Bytes of a record before the stored bytes.
+pub(super) const RECORD_HEADER: u64 = 32 + 1 + 4;
+/// A pack is closed for appends once it is this large.
+const MAX_PACK_BYTES: u64 = 512 << 20;
+/// Writeback of a pack is started (not awaited) every this many bytes, so
+/// the disk works while packing goes on and the final sync has little left.
+const WRITEBACK_STEP: u64 = 8 << 20;
+/// Read handles kept open; more are closed and reopened on demand.
+const MAX_OPEN_READERS: usize = 256;
+
+/// Where one chunk's record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Location {
+    pub pack: u32,
+    pub offset: u64,
+}
+
+struct OpenPack {
+    id: u32,
+    file: File,
+    len: u64,
+    /// Bytes whose writeback has been started.
+    kicked: u64,
+}
+
+/// The pack files of one store.
+pub(super) struct Packs {
+    dir: PathBuf,
+    next_id: AtomicU32,
+    /// Packs open for appending that no writer is using right now.
+    idle: Mutex<Vec<OpenPack>>,
+    /// Packs written since the last [`Packs::sync`].
+    dirty: Mutex<BTreeSet<u32>>,
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+fn pack_name(id: u32) -> String {
+    format!("{id:08}.pack")
+}
+
+fn pack_id(name: &str) -> Option<u32> {
+    name.strip_suffix(".pack")?.parse().ok()
+}
+
+/// Asks the kernel to start writing a range to disk without waiting; a
+/// hint only, so its failure is ignored (the sync at flush is what counts).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor; no memory is shared.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+impl Packs {
+    /// Opens (creating) the pack directory; new packs get ids after the
+    /// highest present.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let mut next = 0;
+        for entry in fs::read_dir(dir)? {
+            if let Some(id) = entry?.file_name().to_str().and_then(pack_id) {
+                next = next.max(id + 1);
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            next_id: AtomicU32::new(next),
+            idle: Mutex::new(Vec::new()),
+            dirty: Mutex::new(BTreeSet::new()),
+            readers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The ids of every pack file present.
+    pub fn ids(&self) -> io::Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            if let Some(id) = entry?.file_name().to_str().and_then(pack_id) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Appends `chunks` to one pack with one write; returns where each went.
+    pub fn append(&self, chunks: &[(ChunkRef, StoredChunk)]) -> io::Result<Vec<Location>> {
+        let mut pack = match self.idle.lock().expect("pack pool poisoned").pop() {
+            Some(p) => p,
+            None => self.create()?,
+        };
+        let total: usize = chunks
+            .iter()
+            .map(|(_, s)| RECORD_HEADER as usize + s.bytes.len())
+            .sum();
+        let mut buf = Vec::with_capacity(total);
+        let mut locations = Vec::with_capacity(chunks.len());
+        for (chunk, stored) in chunks {
+            locations.push(Location {
+                pack: pack.id,
+                offset: pack.len + buf.len() as u64,
+            });
+            buf.extend_from_slice(&chunk.hash.0);
+            buf.push(stored.encoding.flag());
+            buf.extend_from_slice(&(stored.bytes.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&stored.bytes);
+        }
+        // On failure the file may hold part of the batch: `pack` is dropped,
+        // never appended to again, and the index never points past its end.
+        pack.file.write_all(&buf)?;
+        pack.len += buf.len() as u64;
+        if pack.len - pack.kicked >= WRITEBACK_STEP {
+            start_writeback(&pack.file, pack.kicked, pack.len - pack.kicked);
+            pack.kicked = pack.len;
+        }
+        self.dirty
+            .lock()
+            .expect("dirty set poisoned")
+            .insert(pack.id);
+        if pack.len < MAX_PACK_BYTES {
+            self.idle.lock().expect("pack pool poisoned").push(pack);
+        }
+        Ok(locations)
+    }
+
+    fn create(&self) -> io::Result<OpenPack> {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let file = File::options()
+            .append(true)
+            .create_new(true)
+            .open(self.dir.join(pack_name(id)))?;
+        Ok(OpenPack {
+            id,
+            file,
+            len: 0,
+            kicked: 0,
+        })
+    }
+
+    /// Reads the record at `at`, checking it is `hash`'s.
+    pub fn read(
+        &self,
+        hash: &ChunkHash,
+        at: Location,
+        stored_len: u32,
+    ) -> Result<StoredChunk, String> {
+        let file = self
+            .reader(at.pack)
+            .map_err(|e| format!("pack {}: {e}", pack_name(at.pack)))?;
+        let mut buf = vec![0u8; RECORD_HEADER as usize + stored_len as usize];
+        file.read_exact_at(&mut buf, at.offset)
+            .map_err(|e| format!("pack {} at {}: {e}", pack_name(at.pack), at.offset))?;
+        let (header, bytes) = buf.split_at(RECORD_HEADER as usize);
+        if header[..32] != hash.0 {
+            return Err(format!(
+                "pack {} at {}: record names another chunk",
+                pack_name(at.pack),
+                at.offset
+            ));
+        }
+        let len = u32::from_le_bytes(header[33..37].try_into().expect("4 bytes"));
+        let encoding = Encoding::from_flag(header[32]);
+        match encoding {
+            Some(encoding) if len == stored_len => Ok(StoredChunk {
+                encoding,
+                bytes: bytes.to_vec(),
+            }),
+            _ => Err(format!(
+                "pack {} at {}: corrupt record header",
+                pack_name(at.pack),
+                at.offset
+            )),
+        }
+    }
+
+    fn reader(&self, id: u32) -> io::Result<Arc<File>> {
+        let mut readers = self.readers.lock().expect("reader cache poisoned");
+        if let Some(f) = readers.get(&id) {
+            return Ok(f.clone());
+        }
+        if readers.len() >= MAX_OPEN_READERS {
+            readers.clear();
+        }
+        let f = Arc::new(File::open(self.dir.join(pack_name(id)))?);
+        readers.insert(id, f.clone());
+        Ok(f)
+    }
+
+    /// Makes every pack written since the last sync durable, and the
+    /// directory entries of new packs.
+    pub fn sync(&self) -> io::Result<()> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().expect("dirty set poisoned"));
+        for id in &dirty {
+            File::open(self.dir.join(pack_name(*id)))?.sync_data()?;
+        }
+        if !dirty.is_empty() {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Removes a pack file (after its live records moved elsewhere).
+    pub fn remove(&self, id: u32) -> io::Result<()> {
+        self.readers
+            .lock()
+            .expect("reader cache poisoned")
+            .remove(&id);
+        self.idle
+            .lock()
+            .expect("pack pool poisoned")
+            .retain(|p| p.id != id);
+        fs::remove_file(self.dir.join(pack_name(id)))
+    }
+
+    /// Size of a pack file.
+    pub fn len(&self, id: u32) -> io::Result<u64> {
+        Ok(fs::metadata(self.dir.join(pack_name(id)))?.len())
+    }
+
+    /// Stops appending to every open pack, so compaction can rewrite them.
+    pub fn seal_all(&self) {
+        self.idle.lock().expect("pack pool poisoned").clear();
+    }
+}
