@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -59,6 +59,18 @@ fn pack_name(id: u32) -> String {
 
 fn pack_id(name: &str) -> Option<u32> {
     name.strip_suffix(".pack")?.parse().ok()
+}
+
+fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Asks the kernel to start writing a range to disk without waiting; a
@@ -114,26 +126,32 @@ impl Packs {
             Some(p) => p,
             None => self.create()?,
         };
-        let total: usize = chunks
-            .iter()
-            .map(|(_, s)| RECORD_HEADER as usize + s.bytes.len())
-            .sum();
-        let mut buf = Vec::with_capacity(total);
+        // Headers and bodies go out in one vectored write: no copy of the
+        // bodies into a batch buffer.
+        let mut headers = Vec::with_capacity(chunks.len());
         let mut locations = Vec::with_capacity(chunks.len());
+        let mut offset = pack.len;
         for (chunk, stored) in chunks {
+            let mut h = [0u8; RECORD_HEADER as usize];
+            h[..32].copy_from_slice(&chunk.hash.0);
+            h[32] = stored.encoding.flag();
+            h[33..].copy_from_slice(&(stored.bytes.len() as u32).to_le_bytes());
+            headers.push(h);
             locations.push(Location {
                 pack: pack.id,
-                offset: pack.len + buf.len() as u64,
+                offset,
             });
-            buf.extend_from_slice(&chunk.hash.0);
-            buf.push(stored.encoding.flag());
-            buf.extend_from_slice(&(stored.bytes.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&stored.bytes);
+            offset += RECORD_HEADER + stored.bytes.len() as u64;
         }
+        let mut slices: Vec<IoSlice> = headers
+            .iter()
+            .zip(chunks)
+            .flat_map(|(h, (_, stored))| [IoSlice::new(h), IoSlice::new(&stored.bytes)])
+            .collect();
         // On failure the file may hold part of the batch: `pack` is dropped,
         // never appended to again, and the index never points past its end.
-        pack.file.write_all(&buf)?;
-        pack.len += buf.len() as u64;
+        write_all_vectored(&mut pack.file, &mut slices)?;
+        pack.len = offset;
         if pack.len - pack.kicked >= WRITEBACK_STEP {
             start_writeback(&pack.file, pack.kicked, pack.len - pack.kicked);
             pack.kicked = pack.len;
