@@ -113,12 +113,4 @@ impl Convoy {
     }
 }
 
-/// Deterministic incompressible bytes from a seed (BLAKE3 in XOF mode).
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(&seed.to_le_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
+pub use convoy_benches::noise;
