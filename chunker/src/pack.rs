@@ -339,6 +339,21 @@ mod tests {
         );
     }
 
+    /// Needs root (to create the device node), as the test machines have.
+    #[test]
+    fn character_device_is_refused_naming_it() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("null");
+        let c = std::ffi::CString::new(dev.to_str().unwrap()).unwrap();
+        let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+        assert_eq!(made, 0, "mknod failed: {}", std::io::Error::last_os_error());
+        let err = pack_dir(d.path()).unwrap_err();
+        assert!(
+            matches!(&err, PackError::Unsupported { path, kind: "a character device" } if path == &dev),
+            "{err}"
+        );
+    }
+
     #[test]
     fn socket_is_refused_naming_it() {
         let d = tempfile::tempdir().unwrap();
