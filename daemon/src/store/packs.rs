@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use convoy_chunker::{ChunkHash, ChunkRef, Encoding, StoredChunk};
+use convoy_chunker::{ChunkHash, ChunkRef, Encoding, StoredChunk, MAX_CHUNK_SIZE};
 
 /// Bytes of a record before the stored bytes.
 pub(super) const RECORD_HEADER: u64 = 32 + 1 + 4;
@@ -187,6 +187,11 @@ impl Packs {
         at: Location,
         stored_len: u32,
     ) -> Result<StoredChunk, String> {
+        // A stored chunk is never larger than the chunk (compression is kept
+        // only when it saves): a larger length is a corrupt index entry.
+        if stored_len as usize > MAX_CHUNK_SIZE {
+            return Err(format!("index gives an impossible length {stored_len}"));
+        }
         let file = self
             .reader(at.pack)
             .map_err(|e| format!("pack {}: {e}", pack_name(at.pack)))?;
