@@ -48,6 +48,9 @@ pub struct FetchConfig {
     /// Whether the origin is in this target's data centre; if not, chunks
     /// from it are imports like those from another data centre.
     pub origin_in_my_dc: bool,
+    /// Failed requests (timed out, or answered with bad bytes) for one
+    /// chunk before it is given up ([`FetchAction::GaveUp`]).
+    pub max_failures: u32,
     /// Seed of the random tie-breaks; runs with one seed are identical.
     pub seed: u64,
 }
@@ -64,6 +67,7 @@ impl Default for FetchConfig {
             busy_backoff: Duration::from_millis(20),
             import_rank: (0, 1),
             origin_in_my_dc: true,
+            max_failures: 8,
             seed: 0,
         }
     }
@@ -96,6 +100,12 @@ pub enum FetchAction<P> {
     Ban {
         /// The offender.
         peer: P,
+    },
+    /// `chunk` failed [`FetchConfig::max_failures`] times and is no longer
+    /// requested: the transfer cannot complete without new peers.
+    GaveUp {
+        /// The chunk given up.
+        chunk: ChunkIndex,
     },
     /// Every chunk is held.
     Complete,
@@ -144,6 +154,8 @@ pub struct Fetcher<P> {
     actions: VecDeque<FetchAction<P>>,
     rng: SmallRng,
     completed: bool,
+    /// Failed requests per chunk; a chunk at the limit is not requested.
+    failures: BTreeMap<ChunkIndex, u32>,
     /// Smoothed time from request to chunk (1/8 weight per sample, as TCP's SRTT).
     round_trip: Option<Duration>,
 }
@@ -167,6 +179,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             outstanding: BTreeMap::new(),
             actions: VecDeque::new(),
             completed: false,
+            failures: BTreeMap::new(),
             round_trip: None,
         };
         f.check_complete();
@@ -258,6 +271,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         }
         let was_outstanding = self.settle(chunk, peer);
         if !valid {
+            self.count_failure(chunk);
             self.ban(peer);
         } else if was_outstanding && self.have.insert(chunk) {
             // Withdraw the endgame duplicate, if any.
@@ -329,6 +343,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             .collect();
         for (chunk, peer) in expired {
             self.settle(chunk, peer);
+            self.count_failure(chunk);
             self.actions.push_back(FetchAction::Cancel { peer, chunk });
         }
         self.schedule(now);
@@ -407,6 +422,20 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             p.in_flight -= 1;
         }
         true
+    }
+
+    fn count_failure(&mut self, chunk: ChunkIndex) {
+        let n = self.failures.entry(chunk).or_insert(0);
+        *n += 1;
+        if *n == self.config.max_failures {
+            self.actions.push_back(FetchAction::GaveUp { chunk });
+        }
+    }
+
+    fn given_up(&self, chunk: ChunkIndex) -> bool {
+        self.failures
+            .get(&chunk)
+            .is_some_and(|n| *n >= self.config.max_failures)
     }
 
     fn ban(&mut self, peer: P) {
@@ -493,6 +522,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             if !p.have.contains(c)
                 || p.refused.contains_key(&c)
                 || self.outstanding.contains_key(&c)
+                || self.given_up(c)
             {
                 continue;
             }
@@ -786,6 +816,29 @@ mod tests {
         );
         assert!(actions.contains(&FetchAction::Complete));
         assert!(f.is_complete());
+    }
+
+    #[test]
+    fn a_chunk_that_keeps_failing_is_given_up() {
+        let mut now = Instant::now();
+        let cfg = FetchConfig {
+            max_failures: 3,
+            ..config(1)
+        };
+        let mut f = Fetcher::new(HaveSet::empty(1), cfg);
+        f.add_peer(now, 1, Locality::SameZone, HaveSet::full(1));
+        for attempt in 1..=3 {
+            assert_eq!(requests(&drain(&mut f)), [(1, 0)], "attempt {attempt}");
+            now = f.poll_timeout().unwrap();
+            f.handle_timeout(now);
+        }
+        let actions = drain(&mut f);
+        assert!(
+            actions.contains(&FetchAction::GaveUp { chunk: 0 }),
+            "{actions:?}"
+        );
+        assert!(requests(&actions).is_empty());
+        assert_eq!(f.poll_timeout(), None, "nothing left to wait for");
     }
 
     #[test]

@@ -574,7 +574,7 @@ impl Sim<'_> {
                     self.report.bans += 1;
                     self.send(node, ORIGIN, Msg::Banned(peer));
                 }
-                FetchAction::Complete => {}
+                FetchAction::Complete | FetchAction::GaveUp { .. } => {}
             }
         }
         if let Some(t) = f.poll_timeout() {
