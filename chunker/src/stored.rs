@@ -117,23 +117,6 @@ impl Default for Compressor {
 }
 
 impl StoredChunk {
-    /// The stored form as one buffer: the encoding flag, then the bytes.
-    pub fn to_flagged(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + self.bytes.len());
-        out.push(self.encoding.flag());
-        out.extend_from_slice(&self.bytes);
-        out
-    }
-
-    /// Parses [`StoredChunk::to_flagged`] output; `None` for an unknown flag.
-    pub fn from_flagged(flagged: &[u8]) -> Option<Self> {
-        let (&flag, bytes) = flagged.split_first()?;
-        Some(Self {
-            encoding: Encoding::from_flag(flag)?,
-            bytes: bytes.to_vec(),
-        })
-    }
-
     /// Decompresses and checks that the bytes are the chunk `expected` names.
     pub fn into_verified(self, expected: &ChunkRef) -> Result<Vec<u8>, ChunkError> {
         let hash = expected.hash;
@@ -231,16 +214,5 @@ mod tests {
             bytes: zstd::bulk::compress(&huge, 1).unwrap(),
         };
         assert!(stored.into_verified(&chunk(&huge[..10])).is_err());
-    }
-
-    #[test]
-    fn flagged_form_round_trips_and_rejects_unknown_flags() {
-        let s = StoredChunk {
-            encoding: Encoding::Zstd,
-            bytes: vec![1, 2, 3],
-        };
-        assert_eq!(StoredChunk::from_flagged(&s.to_flagged()), Some(s));
-        assert_eq!(StoredChunk::from_flagged(&[9, 1]), None);
-        assert_eq!(StoredChunk::from_flagged(&[]), None);
     }
 }
