@@ -446,6 +446,9 @@ fn cmd_verify(store: &RocksStore, out: &Output) -> Result<ExitCode> {
         for c in &report.missing {
             s += &format!("missing chunk {} (needed by {})\n", c.hash, c.release);
         }
+        for name in &report.missing_manifests {
+            s += &format!("missing manifest of {name}\n");
+        }
         s += &format!(
             "checked {} chunks ({}) and {} releases: {}\n",
             report.chunks_checked,
@@ -467,9 +470,10 @@ fn cmd_verify(store: &RocksStore, out: &Output) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!(
-            "convoy: error: the store has {} corrupt and {} missing chunks; pack or fetch the releases that use them again (`convoy gc` drops unused ones)",
+            "convoy: error: the store has {} corrupt and {} missing chunks and {} names without a manifest; pack or fetch the releases concerned again (`convoy gc` drops unused chunks)",
             report.corrupt.len(),
-            report.missing.len()
+            report.missing.len(),
+            report.missing_manifests.len()
         );
         Ok(ExitCode::FAILURE)
     }

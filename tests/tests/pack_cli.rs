@@ -328,3 +328,32 @@ fn inspect_shows_entries_and_accepts_an_id_prefix() {
         missing.stderr
     );
 }
+
+/// A name whose manifest is gone (as a damaged store could hold) is
+/// reported by `verify` with the others, not an abort of the check.
+#[test]
+fn verify_reports_a_name_without_its_manifest() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), "payload").unwrap();
+    let store = work.path().join("store");
+    let convoy = Convoy::new(&store);
+    convoy.pack(&src, "web@1", &[]).success();
+    {
+        let cfs = ["chunk_info", "manifests", "names"];
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).unwrap();
+        let mut value = [7u8; 32].to_vec();
+        value.extend_from_slice(&5u64.to_be_bytes());
+        db.put_cf(db.cf_handle("names").unwrap(), b"web@ghost", value)
+            .unwrap();
+    }
+    let run = convoy.run(&["verify"]);
+    assert!(!run.ok);
+    assert!(
+        run.stdout.contains("missing manifest of web@ghost"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("and 2 releases"), "{}", run.stdout);
+}

@@ -24,12 +24,14 @@ pub struct VerifyReport {
     pub missing: Vec<MissingChunk>,
     /// Releases checked for missing chunks.
     pub releases_checked: u64,
+    /// Names (`app@version`) whose manifest is gone.
+    pub missing_manifests: Vec<String>,
 }
 
 impl VerifyReport {
     /// True when nothing is corrupt or missing.
     pub fn is_clean(&self) -> bool {
-        self.corrupt.is_empty() && self.missing.is_empty()
+        self.corrupt.is_empty() && self.missing.is_empty() && self.missing_manifests.is_empty()
     }
 }
 
@@ -96,21 +98,17 @@ pub fn verify(store: &dyn Store, progress: &dyn Progress) -> Result<VerifyReport
     let present: HashSet<ChunkHash> = hashes.into_iter().collect();
     for release in store.releases()? {
         report.releases_checked += 1;
-        let manifest = store
-            .get_manifest(&release.id)?
-            .ok_or_else(|| StoreError::Corrupt {
-                path: String::new(),
-                what: format!(
-                    "name {}@{} (its manifest is missing)",
-                    release.app, release.version
-                ),
-            })?;
+        let name = format!("{}@{}", release.app, release.version);
+        let Some(manifest) = store.get_manifest(&release.id)? else {
+            report.missing_manifests.push(name);
+            continue;
+        };
         let mut reported = HashSet::new();
         for c in manifest.chunk_refs() {
             if !present.contains(&c.hash) && reported.insert(c.hash) {
                 report.missing.push(MissingChunk {
                     hash: c.hash.to_hex(),
-                    release: format!("{}@{}", release.app, release.version),
+                    release: name.clone(),
                 });
             }
         }

@@ -116,6 +116,7 @@ fn verify_finds_corrupt_and_missing_chunks(store: &dyn Store) {
     );
     assert_eq!(report.missing[0].release, "web@1");
     assert!(!report.is_clean());
+    assert_eq!(report.missing_manifests, Vec::<String>::new());
 }
 
 fn gc_keeps_newest_releases_per_app_and_their_chunks(store: &dyn Store) {
