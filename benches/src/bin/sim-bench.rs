@@ -6,7 +6,7 @@
 //!        [--targets 50] [--size-mib 16] [--uplink-mib 2] [--dcs 1] [--changed-percent 100] [--json]
 
 use anyhow::{bail, Context, Result};
-use convoy_daemon::transfer::sim::{run, SimConfig, SimMode};
+use convoy_daemon::transfer::sim::{run_modes, SimConfig, SimMode};
 use serde_json::json;
 
 fn main() -> Result<()> {
@@ -33,29 +33,26 @@ fn main() -> Result<()> {
         bail!("--changed-percent must be 1..=100");
     }
     let mib = (1u64 << 20) as f64;
+    let mut base = SimConfig::new(SimMode::Swarm, targets, size_mib << 20, uplink_mib * mib);
+    base.dcs = dcs;
+    let chunks = base.chunk_sizes.len() as u32;
+    base.preloaded = (0..chunks - (chunks * changed).div_ceil(100)).collect();
+    let (bound, needed) = (base.bound_seconds(), base.bytes_needed());
     let mut rows = Vec::new();
-    for mode in [SimMode::Swarm, SimMode::Push, SimMode::Pull] {
-        let mut cfg = SimConfig::new(mode, targets, size_mib << 20, uplink_mib * mib);
-        cfg.dcs = dcs;
-        let chunks = cfg.chunk_sizes.len() as u32;
-        let unchanged = chunks - (chunks * changed).div_ceil(100);
-        cfg.preloaded = (0..unchanged).collect();
-        let r = run(&cfg);
-        let bound = cfg.bound_seconds();
+    for (mode, r) in run_modes(&base, &[SimMode::Swarm, SimMode::Push, SimMode::Pull]) {
         let q = |x| r.quantile(x).unwrap_or(f64::NAN);
-        let row = json!({
-            "mode": format!("{mode:?}").to_lowercase(), "targets": targets, "bytes_needed": cfg.bytes_needed(),
-            "p50": q(0.5), "p99": q(0.99), "max": q(1.0), "bound_seconds": bound, "ratio_to_bound": q(0.99) / bound,
-            "origin_egress_bytes": r.origin_egress, "total_bytes": r.total_bytes, "cross_dc_bytes": r.cross_dc_bytes,
-        });
         if !json_out {
             println!(
                 "{:<6} {targets} targets, {:.1} MiB each: p50 {:.2}s p99 {:.2}s max {:.2}s; bound {bound:.2}s, p99/bound {:.2}; origin sent {:.1} MiB, total {:.1} MiB, cross-dc {:.1} MiB",
-                row["mode"].as_str().unwrap_or_default(), cfg.bytes_needed() as f64 / mib, q(0.5), q(0.99), q(1.0),
+                mode.name(), needed as f64 / mib, q(0.5), q(0.99), q(1.0),
                 q(0.99) / bound, r.origin_egress as f64 / mib, r.total_bytes as f64 / mib, r.cross_dc_bytes as f64 / mib
             );
         }
-        rows.push(row);
+        rows.push(json!({
+            "mode": mode.name(), "targets": targets, "bytes_needed": needed,
+            "p50": q(0.5), "p99": q(0.99), "max": q(1.0), "bound_seconds": bound, "ratio_to_bound": q(0.99) / bound,
+            "origin_egress_bytes": r.origin_egress, "total_bytes": r.total_bytes, "cross_dc_bytes": r.cross_dc_bytes,
+        }));
     }
     if json_out {
         println!("{}", serde_json::Value::Array(rows));
