@@ -119,32 +119,46 @@ impl Default for Compressor {
 impl StoredChunk {
     /// Decompresses and checks that the bytes are the chunk `expected` names.
     pub fn into_verified(self, expected: &ChunkRef) -> Result<Vec<u8>, ChunkError> {
-        let hash = expected.hash;
         let raw = match self.encoding {
             Encoding::Raw => self.bytes,
-            Encoding::Zstd => {
-                // The capacity bounds what a hostile frame can make us allocate.
-                zstd::bulk::decompress(&self.bytes, MAX_CHUNK_SIZE).map_err(|e| {
-                    ChunkError::Decompress {
-                        hash,
-                        reason: e.to_string(),
-                    }
-                })?
-            }
+            Encoding::Zstd => decompress(&self.bytes, expected.hash)?,
         };
-        if raw.len() != expected.len as usize {
-            return Err(ChunkError::Length {
-                hash,
-                expected: expected.len as usize,
-                actual: raw.len(),
-            });
-        }
-        let actual = ChunkHash::of(&raw);
-        if actual != hash {
-            return Err(ChunkError::Hash { hash, actual });
-        }
+        check(&raw, expected)?;
         Ok(raw)
     }
+
+    /// Checks that the bytes are the chunk `expected` names, keeping them
+    /// in their stored form (what a daemon stores and serves on).
+    pub fn verify(&self, expected: &ChunkRef) -> Result<(), ChunkError> {
+        match self.encoding {
+            Encoding::Raw => check(&self.bytes, expected),
+            Encoding::Zstd => check(&decompress(&self.bytes, expected.hash)?, expected),
+        }
+    }
+}
+
+fn decompress(bytes: &[u8], hash: ChunkHash) -> Result<Vec<u8>, ChunkError> {
+    // The capacity bounds what a hostile frame can make us allocate.
+    zstd::bulk::decompress(bytes, MAX_CHUNK_SIZE).map_err(|e| ChunkError::Decompress {
+        hash,
+        reason: e.to_string(),
+    })
+}
+
+fn check(raw: &[u8], expected: &ChunkRef) -> Result<(), ChunkError> {
+    let hash = expected.hash;
+    if raw.len() != expected.len as usize {
+        return Err(ChunkError::Length {
+            hash,
+            expected: expected.len as usize,
+            actual: raw.len(),
+        });
+    }
+    let actual = ChunkHash::of(raw);
+    if actual != hash {
+        return Err(ChunkError::Hash { hash, actual });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

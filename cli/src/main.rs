@@ -2,16 +2,19 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use convoy_chunker::{materialise, pack, Diff, EntryKind, Manifest, ReleaseId};
+use convoy_daemon::protocol::DistributionMode;
 use convoy_daemon::store::{gc, verify, Ingest, RocksStore, Store, StoreSource};
 use indicatif::BinaryBytes;
 use serde_json::json;
 
+mod bench;
 mod progress;
+mod remote;
 
 use progress::Bar;
 
@@ -34,6 +37,20 @@ struct Cli {
     /// Worker threads for chunking, hashing and writing [default: all cores]
     #[arg(long, global = true, env = "CONVOY_THREADS", value_name = "N")]
     threads: Option<usize>,
+
+    /// The coordinator, for publish, stage and fleet: the address
+    /// `convoyd coordinator` prints, ending in /p2p/PEER_ID
+    #[arg(long, global = true, env = "CONVOY_COORDINATOR", value_name = "ADDR")]
+    coordinator: Option<String>,
+
+    /// The fleet key file, for publish, stage and fleet
+    #[arg(
+        long,
+        global = true,
+        env = "CONVOY_FLEET_KEY_FILE",
+        value_name = "FILE"
+    )]
+    fleet_key_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -120,6 +137,109 @@ enum Command {
     ///
     /// Example: convoy list
     List,
+    /// Pack a directory as APP@VERSION and upload it to the coordinator
+    ///
+    /// Chunks locally into the store (as `convoy pack`), asks the
+    /// coordinator which chunks it lacks, uploads only those, then the
+    /// manifest. Prints the release id.
+    ///
+    /// Example: convoy publish ./build web@1.4.2 --coordinator /ip4/10.0.0.1/tcp/7400/p2p/12D3Koo...
+    Publish {
+        /// The build directory to publish
+        dir: PathBuf,
+        /// APP@VERSION
+        release: String,
+    },
+    /// Order targets to stage a published release
+    ///
+    /// Every target whose labels match the selector gets every chunk of the
+    /// release into its store, in the chosen mode. Nothing that serves
+    /// traffic changes. With --wait, shows progress and prints per-target
+    /// completion times, bytes moved and origin egress; exits 1 if any
+    /// target failed.
+    ///
+    /// Example: convoy stage web@1.4.2 --targets dc=eu1 --mode swarm --wait
+    Stage {
+        /// APP@VERSION
+        release: String,
+        /// Label selector: KEY=VALUE[,KEY=VALUE...], all of which must
+        /// match, or `all`
+        #[arg(long, default_value = "all", value_name = "SELECTOR")]
+        targets: String,
+        /// swarm (targets fetch from each other and the origin), push (the
+        /// origin sends each target what it lacks, K at a time) or pull
+        /// (each target fetches from the origin only)
+        #[arg(long, default_value = "swarm")]
+        mode: DistributionMode,
+        /// Wait until every target staged or failed
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (exit 1)
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// Show how far a staging has got (the id `convoy stage` printed)
+    ///
+    /// Example: convoy staging 3 --json
+    Staging {
+        /// The staging's id
+        id: u64,
+    },
+    /// List the targets the coordinator knows: labels, liveness, releases held, bytes
+    ///
+    /// Example: convoy fleet --json
+    Fleet,
+    /// Run a local fleet and compare the distribution modes against the bound
+    ///
+    /// Starts a coordinator and N convoyd targets on loopback in a temporary
+    /// directory, publishes a generated package of incompressible data
+    /// (fresh content per mode), stages it in each mode in turn under the
+    /// same caps, and reports per mode: completion time over the targets
+    /// (p50, p99, max), origin egress, total bytes moved, cross-dc bytes,
+    /// the Kumar-Ross bound and the ratio of p99 to it, targets verified,
+    /// and the fleet's CPU seconds. rsync (when installed) pushes the same
+    /// tree from an rsync daemon on loopback, K at a time, each transfer
+    /// at 1/K of the origin's cap. Sizes and rates take binary suffixes;
+    /// rates are bytes per second. Everything is stopped and removed at
+    /// the end, also on Ctrl-C.
+    ///
+    /// Example: convoy bench --nodes 50 --size 16MiB --uplink 2MiB --modes swarm,push,pull --out results/
+    Bench {
+        /// Targets to start
+        #[arg(long, default_value_t = 10)]
+        nodes: usize,
+        /// Package size
+        #[arg(long, default_value = "16MiB")]
+        size: String,
+        /// Every target's upload cap (bytes per second)
+        #[arg(long, default_value = "2MiB")]
+        uplink: String,
+        /// The origin's upload cap [default: --uplink]
+        #[arg(long)]
+        origin_uplink: Option<String>,
+        /// Every target's download cap [default: none]
+        #[arg(long)]
+        downlink: Option<String>,
+        /// Modes to run, in order: swarm, push, pull, rsync
+        #[arg(long, value_delimiter = ',', default_value = "swarm,push,pull")]
+        modes: Vec<String>,
+        /// Also stage a second version with this percentage of the content
+        /// changed, and report the update
+        #[arg(long, value_name = "PERCENT")]
+        change: Option<f64>,
+        /// Label the targets into this many data centres (dc0 holds the origin)
+        #[arg(long, default_value_t = 1)]
+        dcs: usize,
+        /// Push and rsync: targets served at once (K)
+        #[arg(long, default_value_t = 4)]
+        push_parallel: usize,
+        /// Write results.json, results.md and completion.svg here
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// The convoyd binary [default: next to this program]
+        #[arg(long, value_name = "PATH")]
+        convoyd: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -143,12 +263,68 @@ fn run(cli: Cli) -> Result<ExitCode> {
             .build_global()
             .context("starting worker threads")?;
     }
+    let out = Output { json: cli.json };
+    let remote = remote::Remote {
+        coordinator: cli.coordinator,
+        fleet_key_file: cli.fleet_key_file,
+    };
+    match cli.command {
+        Command::Stage {
+            release,
+            targets,
+            mode,
+            wait,
+            timeout,
+        } => {
+            return remote::stage(
+                &remote,
+                &out,
+                &release,
+                &targets,
+                mode,
+                wait,
+                timeout.map(Duration::from_secs),
+            )
+        }
+        Command::Fleet => return remote::fleet(&remote, &out),
+        Command::Staging { id } => return remote::staging(&remote, &out, id),
+        Command::Bench {
+            nodes,
+            size,
+            uplink,
+            origin_uplink,
+            downlink,
+            modes,
+            change,
+            dcs,
+            push_parallel,
+            out: out_dir,
+            convoyd,
+        } => {
+            return bench::bench(
+                bench::BenchArgs {
+                    nodes,
+                    size,
+                    uplink,
+                    origin_uplink,
+                    downlink,
+                    modes,
+                    change,
+                    dcs,
+                    push_parallel,
+                    out: out_dir,
+                    convoyd,
+                },
+                &out,
+            )
+        }
+        _ => {}
+    }
     let store_dir = match cli.store {
         Some(dir) => dir,
         None => default_store_dir()?,
     };
     let store = RocksStore::open(&store_dir)?;
-    let out = Output { json: cli.json };
     match cli.command {
         Command::Pack {
             dir,
@@ -165,6 +341,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify => cmd_verify(&store, &out),
         Command::Gc { keep } => cmd_gc(&store, &out, keep as usize),
         Command::List => cmd_list(&store, &out),
+        Command::Publish { dir, release } => remote::publish(&remote, &store, &out, &dir, &release),
+        Command::Stage { .. }
+        | Command::Staging { .. }
+        | Command::Fleet
+        | Command::Bench { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 

@@ -34,3 +34,31 @@ impl Progress for Bar {
         self.0.inc(bytes);
     }
 }
+
+/// A bar counting items (targets staged), with a free-form message.
+pub struct CountBar(ProgressBar);
+
+impl Bar {
+    pub fn count(message: &str) -> CountBar {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} {elapsed}")
+                .expect("the template is valid")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(message.to_string());
+        CountBar(bar)
+    }
+}
+
+impl CountBar {
+    pub fn show(&self, pos: u64, len: u64, message: &str) {
+        self.0.set_length(len);
+        self.0.set_position(pos);
+        self.0.set_message(message.to_string());
+    }
+
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}

@@ -16,5 +16,14 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod client;
+pub mod coordinator;
+pub mod fleet_key;
+pub mod net;
+pub mod protocol;
+pub mod rate;
+pub mod serve;
 pub mod store;
+pub mod target;
 pub mod transfer;
+pub mod units;

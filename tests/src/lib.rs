@@ -114,3 +114,220 @@ impl Convoy {
 }
 
 pub use convoy_benches::noise;
+
+/// A running `convoyd`, stopped with SIGTERM (then SIGKILL) when dropped.
+pub struct Daemon {
+    child: std::process::Child,
+    /// Its first address, ending in /p2p/PEER_ID.
+    pub addr: String,
+    /// Its peer id.
+    pub peer_id: String,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `convoyd ARGS...` with stderr to `log` and waits for its ready line.
+    pub fn start(args: &[String], log: &Path) -> Self {
+        use std::io::BufRead;
+        let exe = bin_dir().join("convoyd");
+        let mut child = Command::new(&exe)
+            .args(args)
+            .env_remove("CONVOY_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("convoyd starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("reading the ready line");
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!(
+                "convoyd {args:?} did not start:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+        Self {
+            child,
+            addr: ready["addrs"][0].as_str().expect("an address").to_string(),
+            peer_id: ready["peer_id"].as_str().expect("a peer id").to_string(),
+            log: log.to_path_buf(),
+            args: args.to_vec(),
+        }
+    }
+
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same arguments (and data directory).
+    pub fn restart(&mut self) {
+        self.stop();
+        let again = Self::start(&self.args, &self.log.with_extension("restarted.log"));
+        *self = again;
+    }
+
+    /// Stops it with SIGTERM and waits, bounded; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status.success();
+        }
+        // SAFETY: kill(2) on our own child with a valid signal.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A coordinator and targets on loopback in a temporary directory.
+pub struct TestFleet {
+    /// Its targets, in start order.
+    pub targets: Vec<Daemon>,
+    /// The coordinator.
+    pub coordinator: Daemon,
+    /// The fleet key file.
+    pub key: PathBuf,
+    /// The temporary directory (removed last).
+    pub dir: tempfile::TempDir,
+}
+
+impl TestFleet {
+    /// Starts a coordinator with `extra` arguments on a fixed free port.
+    pub fn new(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = dir.path().join("fleet.key");
+        let status = Command::new(bin_dir().join("convoyd"))
+            .arg("fleet-key")
+            .arg(&key)
+            .status()
+            .expect("convoyd fleet-key runs");
+        assert!(status.success());
+        // A fixed port, so a restarted coordinator is found where it was.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut args = vec![
+            "coordinator".to_string(),
+            "--data-dir".into(),
+            dir.path().join("coordinator").display().to_string(),
+            "--listen".into(),
+            format!("/ip4/127.0.0.1/tcp/{port}"),
+            "--fleet-key-file".into(),
+            key.display().to_string(),
+            "--heartbeat-ms".into(),
+            "200".into(),
+            "--log-level".into(),
+            "info".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let coordinator = Daemon::start(&args, &dir.path().join("coordinator.log"));
+        Self {
+            targets: Vec::new(),
+            coordinator,
+            key,
+            dir,
+        }
+    }
+
+    /// Starts a target with `extra` arguments (labels, caps, ...).
+    pub fn add_target(&mut self, extra: &[&str]) -> usize {
+        let i = self.targets.len();
+        let name = format!("target-{i}");
+        let mut args = vec![
+            "target".to_string(),
+            "--data-dir".into(),
+            self.dir.path().join(&name).display().to_string(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--fleet-key-file".into(),
+            self.key.display().to_string(),
+            "--coordinator".into(),
+            self.coordinator.addr.clone(),
+            "--log-level".into(),
+            "info".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.targets.push(Daemon::start(
+            &args,
+            &self.dir.path().join(format!("{name}.log")),
+        ));
+        i
+    }
+
+    /// The store directory of target `i`.
+    pub fn target_store(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("target-{i}")).join("store")
+    }
+
+    /// A `convoy` with its own store, pointed at this fleet.
+    pub fn convoy(&self, args: &[&str]) -> Run {
+        let cli = Convoy::new(&self.dir.path().join("cli-store"));
+        let mut all = vec![
+            "--coordinator",
+            self.coordinator.addr.as_str(),
+            "--fleet-key-file",
+            self.key.to_str().expect("UTF-8 path"),
+        ];
+        all.extend_from_slice(args);
+        cli.run(&all)
+    }
+
+    /// Waits (bounded) until the coordinator sees `n` live targets.
+    pub fn wait_for_targets(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let run = self.convoy(&["fleet", "--json"]);
+            if run.ok {
+                let alive = run.json()["targets"]
+                    .as_array()
+                    .map_or(0, |t| t.iter().filter(|t| t["alive"] == true).count());
+                if alive >= n {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only some of {n} targets registered in 30 s:\n{}\n{}",
+                run.stdout,
+                run.stderr
+            );
+        }
+    }
+
+    /// Writes a package of `bytes` pseudo-random bytes under the fleet's directory.
+    pub fn package(&self, name: &str, bytes: usize, seed: u64) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(dir.join("bin")).expect("package dir");
+        std::fs::write(dir.join("bin/app"), noise(bytes, seed)).expect("package file");
+        std::fs::write(dir.join("VERSION"), name).expect("package file");
+        dir
+    }
+}

@@ -259,6 +259,33 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         self.endgame(now);
     }
 
+    /// `peer` holds all of `chunks` (a have-set, or a batch of
+    /// announcements); what was known of it before stays known, so
+    /// announcements that overtake each other lose nothing.
+    pub fn handle_haves(
+        &mut self,
+        now: Instant,
+        peer: P,
+        chunks: impl IntoIterator<Item = ChunkIndex>,
+    ) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let locality = p.locality;
+        let new: Vec<ChunkIndex> = chunks
+            .into_iter()
+            .filter(|c| (*c as usize) < p.have.len() && p.have.insert(*c))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        for c in new {
+            self.count_holder(c, locality, 1);
+        }
+        self.fill(now, peer);
+        self.endgame(now);
+    }
+
     /// `peer` answered the request for `chunk`; `valid` says whether the
     /// bytes hashed to the chunk's name (the driver checks, then tells).
     pub fn handle_chunk(&mut self, now: Instant, peer: P, chunk: ChunkIndex, valid: bool) {

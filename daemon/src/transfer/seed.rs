@@ -119,6 +119,11 @@ impl<P: Copy + Ord> Seeder<P> {
         }
     }
 
+    /// Whether `peer` is a target of this seeder.
+    pub fn has_target(&self, peer: P) -> bool {
+        self.targets.contains_key(&peer)
+    }
+
     /// Targets that hold or are receiving `chunk`.
     pub fn copies(&self, chunk: ChunkIndex) -> u32 {
         self.copies[chunk as usize]

@@ -1,0 +1,473 @@
+//! The commands that talk to a coordinator: publish, stage, fleet.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use convoy_chunker::{pack, ChunkRef, Manifest};
+use convoy_daemon::client::Client;
+use convoy_daemon::protocol::{
+    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode, Labels,
+    StageState, StagingReport, WireChunk, MAX_HASHES_PER_QUERY,
+};
+use convoy_daemon::store::{Ingest, RocksStore, Store};
+use indicatif::BinaryBytes;
+use serde_json::json;
+
+use crate::progress::Bar;
+use crate::Output;
+
+/// Uploads in flight at once during publish.
+const UPLOAD_WINDOW: usize = 16;
+
+/// Where the coordinator is and the key to join its fleet.
+pub struct Remote {
+    pub coordinator: Option<String>,
+    pub fleet_key_file: Option<std::path::PathBuf>,
+}
+
+impl Remote {
+    async fn connect(&self) -> Result<Client> {
+        let addr = self.coordinator.as_deref().context(
+            "no coordinator: pass --coordinator ADDR or set CONVOY_COORDINATOR (the address convoyd coordinator prints)",
+        )?;
+        let file = self
+            .fleet_key_file
+            .as_deref()
+            .context("no fleet key: pass --fleet-key-file FILE or set CONVOY_FLEET_KEY_FILE")?;
+        let key = convoy_daemon::fleet_key::read(file)?;
+        Client::connect(addr, key).await.map_err(|e| anyhow!(e))
+    }
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub async fn control(client: &Client, req: ControlRequest) -> Result<ControlResponse> {
+    match client.control(req).await? {
+        ControlResponse::Error(e) => bail!("the coordinator refused: {e}"),
+        ControlResponse::Denied => bail!("the coordinator denied the request: check the fleet key"),
+        other => Ok(other),
+    }
+}
+
+/// `convoy publish DIR APP@VERSION`.
+pub fn publish(
+    remote: &Remote,
+    store: &RocksStore,
+    out: &Output,
+    dir: &Path,
+    name: &str,
+) -> Result<ExitCode> {
+    let (app, version) = name
+        .split_once('@')
+        .ok_or_else(|| anyhow!("{name:?} is not APP@VERSION"))?;
+    let started = Instant::now();
+    let rt = runtime()?;
+    let (id, manifest, uploaded, bytes) = rt.block_on(async {
+        let client = remote.connect().await?;
+        let r = publish_dir(&client, store, dir, app, version).await;
+        client.close().await;
+        r
+    })?;
+    let total = manifest.unique_chunks().len();
+    if !out.json {
+        eprintln!(
+            "published {name}: uploaded {uploaded} of {total} chunks ({}), {:.2}s",
+            BinaryBytes(bytes),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    out.emit(
+        json!({
+            "release_id": id.to_hex(),
+            "app": app,
+            "version": version,
+            "chunks": total,
+            "uploaded_chunks": uploaded,
+            "uploaded_bytes": bytes,
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+        || format!("{id}\n"),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Packs `dir` into the local store, uploads what the coordinator lacks
+/// and publishes the manifest. Returns the id, the manifest, and the
+/// chunks and stored bytes uploaded.
+pub async fn publish_dir(
+    client: &Client,
+    store: &RocksStore,
+    dir: &Path,
+    app: &str,
+    version: &str,
+) -> Result<(convoy_chunker::ReleaseId, Manifest, usize, u64)> {
+    let bar = Bar::bytes(&format!("packing {app}@{version}"));
+    let ingest = Ingest::new(store);
+    let manifest = pack(dir, app, version, &&ingest, &bar)?;
+    bar.finish();
+    store.flush()?;
+    let id = store.put_release(&manifest)?;
+    let (uploaded, bytes) = upload(client, store, &manifest).await?;
+    match control(
+        client,
+        ControlRequest::Publish {
+            manifest: manifest.encode(),
+        },
+    )
+    .await?
+    {
+        ControlResponse::Published(got) if got == id => Ok((id, manifest, uploaded, bytes)),
+        other => Err(anyhow!("unexpected answer to publish: {other:?}")),
+    }
+}
+
+/// Sends the coordinator the chunks of `manifest` it lacks; returns how
+/// many and their stored bytes.
+async fn upload(client: &Client, store: &RocksStore, manifest: &Manifest) -> Result<(usize, u64)> {
+    let unique = manifest.unique_chunks();
+    let mut missing: Vec<ChunkRef> = Vec::new();
+    for part in unique.chunks(MAX_HASHES_PER_QUERY) {
+        let hashes = part.iter().map(|c| c.hash).collect();
+        match control(client, ControlRequest::MissingChunks(hashes)).await? {
+            ControlResponse::Missing(idx) => {
+                for i in idx {
+                    let c = part
+                        .get(i as usize)
+                        .ok_or_else(|| anyhow!("the coordinator named a chunk out of range"))?;
+                    missing.push(*c);
+                }
+            }
+            other => bail!("unexpected answer: {other:?}"),
+        }
+    }
+    let total_bytes: u64 = store
+        .chunk_info(&missing.iter().map(|c| c.hash).collect::<Vec<_>>())?
+        .iter()
+        .map(|i| i.map_or(0, |i| u64::from(i.stored_len)))
+        .sum();
+    let bar = Arc::new(Bar::bytes("uploading"));
+    convoy_chunker::Progress::set_total(&*bar, total_bytes);
+    let mut tasks = futures::stream::iter(missing.iter().copied().map(|c| {
+        let bar = bar.clone();
+        async move {
+            let stored = store
+                .get_chunk(&c.hash)?
+                .ok_or_else(|| anyhow!("chunk {} vanished from the local store", c.hash))?;
+            let n = stored.bytes.len() as u64;
+            let req = ChunkRequest::Upload {
+                hash: c.hash,
+                len: c.len,
+                chunk: WireChunk {
+                    encoding: stored.encoding.flag(),
+                    bytes: stored.bytes,
+                },
+            };
+            match client.chunk(req).await? {
+                ChunkResponse::Stored => {
+                    convoy_chunker::Progress::advance(&*bar, n);
+                    Ok(n)
+                }
+                ChunkResponse::Rejected(why) => {
+                    bail!("the coordinator rejected chunk {}: {why}", c.hash)
+                }
+                ChunkResponse::Denied => {
+                    bail!("the coordinator denied the upload: check the fleet key")
+                }
+                other => bail!("unexpected answer to an upload: {other:?}"),
+            }
+        }
+    }))
+    .buffer_unordered(UPLOAD_WINDOW);
+    use futures::StreamExt;
+    let mut bytes = 0;
+    while let Some(r) = tasks.next().await {
+        bytes += r?;
+    }
+    bar.finish();
+    Ok((missing.len(), bytes))
+}
+
+fn parse_selector(text: &str) -> Result<Labels> {
+    let mut labels = BTreeMap::new();
+    if text == "all" || text.is_empty() {
+        return Ok(labels);
+    }
+    for part in text.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow!("selector part {part:?} is not KEY=VALUE (or use `all`)"))?;
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
+/// `convoy stage RELEASE --targets SELECTOR --mode MODE [--wait]`.
+pub fn stage(
+    remote: &Remote,
+    out: &Output,
+    release: &str,
+    selector: &str,
+    mode: DistributionMode,
+    wait: bool,
+    timeout: Option<Duration>,
+) -> Result<ExitCode> {
+    let selector = parse_selector(selector)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = remote.connect().await?;
+        let started = control(
+            &client,
+            ControlRequest::StartStaging {
+                release: release.to_string(),
+                selector,
+                mode,
+            },
+        )
+        .await?;
+        let ControlResponse::StagingStarted { id, targets, .. } = started else {
+            bail!("unexpected answer: {started:?}");
+        };
+        if !out.json {
+            eprintln!(
+                "staging {id}: {release} to {targets} targets in {} mode",
+                mode.name()
+            );
+        }
+        if !wait {
+            out.emit(json!({"staging": id, "targets": targets}), || {
+                format!("{id}\n")
+            });
+            client.close().await;
+            return Ok(ExitCode::SUCCESS);
+        }
+        let report = follow(&client, id, timeout).await;
+        client.close().await;
+        let report = report?;
+        let (staged, failed) = count(&report);
+        let value = report_json(&report);
+        out.emit(value, || summary(&report));
+        Ok(if staged == report.targets.len() {
+            ExitCode::SUCCESS
+        } else {
+            if !out.json {
+                eprintln!(
+                    "{failed} targets failed, {} did not finish",
+                    report.targets.len() - staged - failed
+                );
+            }
+            ExitCode::FAILURE
+        })
+    })
+}
+
+pub fn count(r: &StagingReport) -> (usize, usize) {
+    let state = |s: &dyn Fn(&StageState) -> bool| {
+        r.targets
+            .iter()
+            .filter(|t| t.progress.as_ref().is_some_and(|p| s(&p.state)))
+            .count()
+    };
+    (
+        state(&|s| *s == StageState::Staged),
+        state(&|s| matches!(s, StageState::Failed(_))),
+    )
+}
+
+/// Polls a staging until every target staged or failed, drawing progress.
+pub async fn follow(client: &Client, id: u64, timeout: Option<Duration>) -> Result<StagingReport> {
+    let bar = Bar::count("staged");
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let ControlResponse::Staging(r) =
+            control(client, ControlRequest::StagingStatus { id }).await?
+        else {
+            bail!("unexpected answer to a status request");
+        };
+        let (staged, failed) = count(&r);
+        let held: u64 = r
+            .targets
+            .iter()
+            .filter_map(|t| t.progress.as_ref())
+            .map(|p| u64::from(p.chunks_held))
+            .sum();
+        let all = u64::from(r.chunks_total) * r.targets.len() as u64;
+        bar.show(
+            staged as u64,
+            r.targets.len() as u64,
+            &format!("{held}/{all} chunks, {failed} failed"),
+        );
+        if staged + failed == r.targets.len() {
+            bar.finish();
+            return Ok(r);
+        }
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            bar.finish();
+            bail!(
+                "staging {id} not finished within the timeout: {staged} of {} staged",
+                r.targets.len()
+            );
+        }
+    }
+}
+
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// Completion seconds of the targets that staged, sorted.
+pub fn completion_seconds(r: &StagingReport) -> Vec<f64> {
+    let mut v: Vec<f64> = r
+        .targets
+        .iter()
+        .filter_map(|t| t.progress.as_ref())
+        .filter(|p| p.state == StageState::Staged)
+        .map(|p| p.elapsed_ms as f64 / 1000.0)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn report_json(r: &StagingReport) -> serde_json::Value {
+    let secs = completion_seconds(r);
+    let (staged, failed) = count(r);
+    json!({
+        "staging": r.id,
+        "release": r.name,
+        "release_id": r.release.to_hex(),
+        "mode": r.mode.name(),
+        "targets": r.targets.len(),
+        "staged": staged,
+        "failed": failed,
+        "release_bytes": r.release_bytes,
+        "origin_egress_bytes": r.origin_bytes_sent,
+        "total_bytes": r.targets.iter().filter_map(|t| t.progress.as_ref()).map(|p| p.bytes_received).sum::<u64>(),
+        "cross_dc_bytes": r.targets.iter().filter_map(|t| t.progress.as_ref()).map(|p| p.bytes_received_cross_dc).sum::<u64>(),
+        "completion_seconds": {
+            "p50": quantile(&secs, 0.5),
+            "p99": quantile(&secs, 0.99),
+            "max": secs.last().copied().unwrap_or(0.0),
+        },
+        "per_target": r.targets.iter().map(|t| json!({
+            "peer_id": t.peer_id,
+            "labels": t.labels,
+            "alive": t.alive,
+            "state": t.progress.as_ref().map(|p| match &p.state {
+                StageState::Running => "running".to_string(),
+                StageState::Staged => "staged".to_string(),
+                StageState::Failed(e) => format!("failed: {e}"),
+            }),
+            "seconds": t.progress.as_ref().map(|p| p.elapsed_ms as f64 / 1000.0),
+            "chunks_held": t.progress.as_ref().map(|p| p.chunks_held),
+            "chunks_total": r.chunks_total,
+            "bytes_received": t.progress.as_ref().map(|p| p.bytes_received),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn summary(r: &StagingReport) -> String {
+    let secs = completion_seconds(r);
+    let (staged, failed) = count(r);
+    let total: u64 = r
+        .targets
+        .iter()
+        .filter_map(|t| t.progress.as_ref())
+        .map(|p| p.bytes_received)
+        .sum();
+    format!(
+        "staging {} of {} ({} mode): {staged}/{} staged, {failed} failed\n\
+         completion p50 {:.2}s p99 {:.2}s max {:.2}s\n\
+         release {}, origin sent {}, targets received {}\n",
+        r.id,
+        r.name,
+        r.mode.name(),
+        r.targets.len(),
+        quantile(&secs, 0.5),
+        quantile(&secs, 0.99),
+        secs.last().copied().unwrap_or(0.0),
+        BinaryBytes(r.release_bytes),
+        BinaryBytes(r.origin_bytes_sent),
+        BinaryBytes(total),
+    )
+}
+
+/// `convoy staging ID`.
+pub fn staging(remote: &Remote, out: &Output, id: u64) -> Result<ExitCode> {
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let client = remote.connect().await?;
+        let r = control(&client, ControlRequest::StagingStatus { id }).await;
+        client.close().await;
+        match r? {
+            ControlResponse::Staging(r) => Ok(r),
+            other => Err(anyhow!("unexpected answer: {other:?}")),
+        }
+    })?;
+    out.emit(report_json(&report), || summary(&report));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `convoy fleet`.
+pub fn fleet(remote: &Remote, out: &Output) -> Result<ExitCode> {
+    let rt = runtime()?;
+    let members = rt.block_on(async {
+        let client = remote.connect().await?;
+        let r = control(&client, ControlRequest::Fleet).await;
+        client.close().await;
+        match r? {
+            ControlResponse::Fleet(m) => Ok(m),
+            other => Err(anyhow!("unexpected answer: {other:?}")),
+        }
+    })?;
+    let value = json!({
+        "targets": members.iter().map(|m| json!({
+            "peer_id": m.peer_id,
+            "alive": m.alive,
+            "last_seen_ms": m.last_seen_ms,
+            "labels": m.report.labels,
+            "addrs": m.report.addrs,
+            "releases": m.report.releases.iter().map(|r| r.to_hex()).collect::<Vec<_>>(),
+            "bytes_sent": m.report.bytes_sent,
+            "bytes_received": m.report.bytes_received,
+        })).collect::<Vec<_>>(),
+    });
+    out.emit(value, || {
+        let mut s = format!(
+            "{:<54} {:<6} {:<24} {:>8} {:>10} {:>10}\n",
+            "TARGET", "ALIVE", "LABELS", "RELEASES", "SENT", "RECEIVED"
+        );
+        for m in &members {
+            let labels: Vec<String> = m
+                .report
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            s += &format!(
+                "{:<54} {:<6} {:<24} {:>8} {:>10} {:>10}\n",
+                m.peer_id,
+                if m.alive { "yes" } else { "no" },
+                labels.join(","),
+                m.report.releases.len(),
+                BinaryBytes(m.report.bytes_sent).to_string(),
+                BinaryBytes(m.report.bytes_received).to_string(),
+            );
+        }
+        s
+    });
+    Ok(ExitCode::SUCCESS)
+}

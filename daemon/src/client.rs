@@ -1,0 +1,87 @@
+//! A short-lived fleet member that talks to the coordinator: what the
+//! `convoy` CLI's publish, stage and fleet commands use.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+use crate::net::{self, NetConfig, NetError, NetEvent, NetHandle, RequestError};
+use crate::protocol::{ChunkRequest, ChunkResponse, ControlRequest, ControlResponse};
+
+/// Splits `/ip4/.../tcp/N/p2p/PEER` into the peer id and the address.
+pub fn parse_peer_addr(text: &str) -> Result<(PeerId, Multiaddr), String> {
+    let mut addr: Multiaddr = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a multiaddr: {e}"))?;
+    match addr.pop() {
+        Some(Protocol::P2p(peer)) => Ok((peer, addr)),
+        _ => Err(format!(
+            "{text:?} does not end in /p2p/PEER_ID; use the address convoyd coordinator prints"
+        )),
+    }
+}
+
+/// A connection to the coordinator.
+pub struct Client {
+    net: NetHandle,
+    coordinator: PeerId,
+}
+
+impl Client {
+    /// Starts a network with a fresh identity that listens nowhere, and
+    /// knows where the coordinator is. Call from within a tokio runtime.
+    pub async fn connect(addr: &str, fleet_key: [u8; 32]) -> Result<Self, String> {
+        let (coordinator, addr) = parse_peer_addr(addr)?;
+        let (net, mut events) = net::start(NetConfig {
+            keypair: Keypair::generate_ed25519(),
+            listen: Vec::new(),
+            fleet_key,
+            request_timeout: Duration::from_secs(120),
+        })
+        .map_err(|e: NetError| e.to_string())?;
+        net.add_addresses(coordinator, vec![addr]).await;
+        // A client serves nobody: deny whatever arrives.
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    NetEvent::Chunk { reply, .. } => reply.send(ChunkResponse::Denied).await,
+                    NetEvent::Control { reply, .. } => reply.send(ControlResponse::Denied).await,
+                    _ => {}
+                }
+            }
+        });
+        Ok(Self { net, coordinator })
+    }
+
+    /// Sends a control request to the coordinator.
+    pub async fn control(&self, req: ControlRequest) -> Result<ControlResponse, RequestError> {
+        self.net.control(self.coordinator, req).await
+    }
+
+    /// Sends a chunk request to the coordinator.
+    pub async fn chunk(&self, req: ChunkRequest) -> Result<ChunkResponse, RequestError> {
+        self.net.chunk(self.coordinator, req).await
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        self.net.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_address_needs_the_peer_id() {
+        let id = Keypair::generate_ed25519().public().to_peer_id();
+        let (p, a) = parse_peer_addr(&format!("/ip4/127.0.0.1/tcp/7400/p2p/{id}")).unwrap();
+        assert_eq!(p, id);
+        assert_eq!(a.to_string(), "/ip4/127.0.0.1/tcp/7400");
+        let e = parse_peer_addr("/ip4/127.0.0.1/tcp/7400").unwrap_err();
+        assert!(e.contains("/p2p/"), "{e}");
+    }
+}

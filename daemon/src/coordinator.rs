@@ -1,0 +1,858 @@
+//! The coordinator role: origin of releases and tracker of the fleet.
+//!
+//! It holds published releases in its store, knows every registered target
+//! (labels, addresses, liveness, what each holds) and runs stagings: it
+//! signs the manifest, orders the chosen targets to stage it, tells each
+//! whom to fetch from (swarm), and serves chunks as the origin — through a
+//! [`Seeder`] in swarm mode, a [`Pusher`] in push mode, plainly in pull
+//! mode. Stagings in progress are recorded in `DATA/stagings.json`, so a
+//! restarted coordinator picks them up as targets report back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use convoy_chunker::{ChunkRef, Manifest, ReleaseId};
+use libp2p::identity::Keypair;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::net::{NetEvent, NetHandle, Reply};
+use crate::protocol::{
+    signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode,
+    FleetMember, Labels, PeerInfo, StageOrder, StageProgress, StageState, StagingReport,
+    TargetReport, TargetStaging, MAX_HASHES_PER_QUERY, MAX_LABELS, MAX_LABEL_BYTES,
+    MAX_PEERS_PER_LIST,
+};
+use crate::serve::{ChunkList, Chunks, ReceiveError};
+use crate::target::write_atomically;
+use crate::transfer::{HaveSet, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
+
+/// Registered targets the coordinator tracks.
+const MAX_MEMBERS: usize = 10_000;
+/// Stagings kept (finished ones are dropped oldest first).
+const MAX_RUNS: usize = 256;
+
+/// How a coordinator is set up.
+pub struct CoordinatorConfig {
+    /// Signs manifests; its public key is in the peer id targets trust.
+    pub keypair: Keypair,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The origin's own labels (its `dc`).
+    pub labels: Labels,
+    /// Push mode: targets served at once (K).
+    pub push_parallel: usize,
+    /// Swarm mode: peers named to each target.
+    pub swarm_degree: usize,
+    /// How often targets report.
+    pub heartbeat: Duration,
+}
+
+struct Member {
+    report: TargetReport,
+    last_seen: Instant,
+    connected: bool,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct RunRecord {
+    id: u64,
+    name: String,
+    release: String,
+    mode: DistributionMode,
+    targets: Vec<String>,
+    started_unix_ms: u64,
+}
+
+struct Run {
+    record: RunRecord,
+    release: ReleaseId,
+    order: StageOrder,
+    chunks: ChunkList,
+    release_bytes: u64,
+    targets: Vec<PeerId>,
+    started: Instant,
+    origin_bytes: Arc<AtomicU64>,
+    seeder: Option<Seeder<PeerId>>,
+    pusher: Option<Pusher<PeerId>>,
+    progress: HashMap<PeerId, StageProgress>,
+}
+
+enum Internal {
+    Pushed {
+        run: u64,
+        peer: PeerId,
+        chunk: u32,
+        ok: bool,
+    },
+    Served {
+        run: u64,
+        peer: PeerId,
+        chunk: u32,
+        sent: bool,
+    },
+    Ordered {
+        run: u64,
+    },
+}
+
+struct Coordinator {
+    config: CoordinatorConfig,
+    net: NetHandle,
+    chunks: Arc<Chunks>,
+    members: HashMap<PeerId, Member>,
+    runs: BTreeMap<u64, Run>,
+    internal: mpsc::Sender<Internal>,
+    dirty: bool,
+}
+
+/// Runs the coordinator until `shutdown` completes.
+pub async fn run(
+    config: CoordinatorConfig,
+    chunks: Arc<Chunks>,
+    net: NetHandle,
+    mut events: mpsc::Receiver<NetEvent>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (tx, mut rx) = mpsc::channel(4096);
+    let mut c = Coordinator {
+        config,
+        net,
+        chunks,
+        members: HashMap::new(),
+        runs: BTreeMap::new(),
+        internal: tx,
+        dirty: false,
+    };
+    c.load_runs();
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(ev) = events.recv() => c.on_net(ev).await,
+            Some(ev) = rx.recv() => c.on_internal(ev),
+            _ = flush.tick() => {
+                if std::mem::take(&mut c.dirty) {
+                    if let Err(e) = c.chunks.flush().await {
+                        warn!("cannot flush the store: {e}");
+                    }
+                }
+            }
+        }
+    }
+    info!("coordinator stopping: flushing the store");
+    c.chunks.flush().await.map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn label<'a>(labels: &'a Labels, key: &str) -> &'a str {
+    labels.get(key).map(String::as_str).unwrap_or("")
+}
+
+impl Coordinator {
+    fn runs_path(&self) -> PathBuf {
+        self.config.data_dir.join("stagings.json")
+    }
+
+    fn save_runs(&self) {
+        let records: Vec<&RunRecord> = self
+            .runs
+            .values()
+            .filter(|r| !self.run_finished(r))
+            .map(|r| &r.record)
+            .collect();
+        let json = serde_json::to_vec_pretty(&records).expect("records serialise");
+        if let Err(e) = write_atomically(&self.runs_path(), &json) {
+            warn!("cannot record stagings: {e}");
+        }
+    }
+
+    fn load_runs(&mut self) {
+        let Ok(bytes) = std::fs::read(self.runs_path()) else {
+            return;
+        };
+        let records: Vec<RunRecord> = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("ignoring an unreadable stagings.json: {e}");
+                return;
+            }
+        };
+        for rec in records {
+            let Some(release) = ReleaseId::from_hex(&rec.release) else {
+                continue;
+            };
+            let targets = rec.targets.iter().filter_map(|t| t.parse().ok()).collect();
+            match self.new_run(rec.clone(), release, targets) {
+                Ok(run) => {
+                    info!(id = rec.id, name = %rec.name, "resuming staging");
+                    self.runs.insert(rec.id, run);
+                }
+                Err(e) => warn!(id = rec.id, "cannot resume staging: {e}"),
+            }
+        }
+    }
+
+    fn new_run(
+        &self,
+        record: RunRecord,
+        release: ReleaseId,
+        targets: Vec<PeerId>,
+    ) -> Result<Run, String> {
+        let manifest = self
+            .chunks
+            .store
+            .get_manifest(&release)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("release {release} is not in the origin's store"))?;
+        let chunks = self.chunks.add_release(&manifest);
+        let hashes: Vec<_> = chunks.iter().map(|c| c.hash).collect();
+        let release_bytes = self
+            .chunks
+            .store
+            .chunk_info(&hashes)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|i| i.map_or(0, |i| u64::from(i.stored_len)))
+            .sum();
+        let signature = self
+            .config
+            .keypair
+            .sign(&signed_bytes(&release))
+            .map_err(|e| e.to_string())?;
+        let order = StageOrder {
+            manifest: manifest.encode(),
+            signature,
+            mode: record.mode,
+            origin_labels: self.config.labels.clone(),
+        };
+        let started = Instant::now()
+            .checked_sub(Duration::from_millis(
+                now_unix_ms().saturating_sub(record.started_unix_ms),
+            ))
+            .unwrap_or_else(Instant::now);
+        Ok(Run {
+            seeder: (record.mode == DistributionMode::Swarm)
+                .then(|| Seeder::new(chunks.len(), 1, 2)),
+            pusher: (record.mode == DistributionMode::Push).then(|| {
+                Pusher::new(PushConfig {
+                    parallel_targets: self.config.push_parallel,
+                    ..PushConfig::default()
+                })
+            }),
+            record,
+            release,
+            order,
+            chunks,
+            release_bytes,
+            targets,
+            started,
+            origin_bytes: Arc::new(AtomicU64::new(0)),
+            progress: HashMap::new(),
+        })
+    }
+
+    fn run_finished(&self, run: &Run) -> bool {
+        run.targets.iter().all(|t| {
+            run.progress
+                .get(t)
+                .is_some_and(|p| p.state != StageState::Running)
+        })
+    }
+
+    fn alive(&self, m: &Member) -> bool {
+        m.connected && m.last_seen.elapsed() < self.config.heartbeat * 5
+    }
+
+    async fn on_net(&mut self, event: NetEvent) {
+        match event {
+            NetEvent::Listening(_) | NetEvent::Admitted(_) => {}
+            NetEvent::Disconnected(peer) => {
+                if let Some(m) = self.members.get_mut(&peer) {
+                    m.connected = false;
+                }
+                for run in self.runs.values_mut() {
+                    if let Some(s) = run.seeder.as_mut() {
+                        s.remove_target(peer);
+                    }
+                    if let Some(p) = run.pusher.as_mut() {
+                        p.remove_target(peer);
+                    }
+                }
+                self.drive_pushes();
+            }
+            NetEvent::Chunk {
+                peer,
+                request,
+                reply,
+            } => self.on_chunk(peer, request, reply).await,
+            NetEvent::Control {
+                peer,
+                request,
+                reply,
+            } => {
+                let response = self.on_control(peer, request).await;
+                reply.send(response).await;
+            }
+        }
+    }
+
+    async fn on_chunk(&mut self, peer: PeerId, request: ChunkRequest, reply: Reply<ChunkResponse>) {
+        match request {
+            ChunkRequest::Get { release, index } => {
+                let Some(list) = self.chunks.list(&release) else {
+                    return reply.send(ChunkResponse::Refused).await;
+                };
+                let Some(chunk) = list.get(index as usize).copied() else {
+                    return reply.send(ChunkResponse::Refused).await;
+                };
+                if self.chunks.busy() {
+                    return reply.send(ChunkResponse::Busy).await;
+                }
+                let idle = self.chunks.upload_idle();
+                let run = self
+                    .runs
+                    .values_mut()
+                    .rev()
+                    .find(|r| r.release == release && r.targets.contains(&peer));
+                let (run_id, counter) = match run {
+                    Some(r) => {
+                        if let Some(seeder) = r.seeder.as_mut() {
+                            if !seeder.has_target(peer) {
+                                seeder.add_target(peer, HaveSet::empty(r.chunks.len()));
+                            }
+                            if seeder.handle_request(peer, index, idle) == ServeDecision::Refuse {
+                                return reply.send(ChunkResponse::Refused).await;
+                            }
+                        }
+                        (Some(r.record.id), Some(r.origin_bytes.clone()))
+                    }
+                    None => (None, None),
+                };
+                let chunks = self.chunks.clone();
+                let tx = self.internal.clone();
+                tokio::spawn(async move {
+                    let sent = chunks.serve(chunk, reply, counter).await;
+                    if let Some(run) = run_id {
+                        let _ = tx
+                            .send(Internal::Served {
+                                run,
+                                peer,
+                                chunk: index,
+                                sent,
+                            })
+                            .await;
+                    }
+                });
+            }
+            ChunkRequest::Upload { hash, len, chunk } => {
+                let chunks = self.chunks.clone();
+                self.dirty = true;
+                tokio::spawn(async move {
+                    let r = chunks.receive(ChunkRef { hash, len }, chunk).await;
+                    reply
+                        .send(match r {
+                            Ok(_) => ChunkResponse::Stored,
+                            Err(ReceiveError::Invalid(e)) => ChunkResponse::Rejected(e),
+                            Err(e) => ChunkResponse::Rejected(format!("origin: {e}")),
+                        })
+                        .await;
+                });
+            }
+            ChunkRequest::Put { .. } => reply.send(ChunkResponse::Denied).await,
+        }
+    }
+
+    async fn on_control(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
+        match request {
+            ControlRequest::Report(report) => self.on_report(peer, report),
+            ControlRequest::Bitfield { release, len, bits } => {
+                for run in self.runs.values_mut() {
+                    if run.release != release || !run.targets.contains(&peer) {
+                        continue;
+                    }
+                    if len as usize != run.chunks.len() || bits.len() != (len as usize).div_ceil(8)
+                    {
+                        return ControlResponse::Error("have-set of the wrong length".into());
+                    }
+                    let have = HaveSet::from_indices(
+                        len as usize,
+                        (0..len).filter(|i| bits[(*i / 8) as usize] & (1 << (i % 8)) != 0),
+                    );
+                    if let Some(s) = run.seeder.as_mut() {
+                        if s.has_target(peer) {
+                            for c in have.iter() {
+                                s.handle_have(peer, c);
+                            }
+                        } else {
+                            s.add_target(peer, have.clone());
+                        }
+                    }
+                    if let Some(p) = run.pusher.as_mut() {
+                        p.remove_target(peer);
+                        p.add_target(peer, &have);
+                    }
+                }
+                self.drive_pushes();
+                ControlResponse::Ok
+            }
+            ControlRequest::Have { release, chunks } => {
+                for run in self.runs.values_mut() {
+                    if run.release == release {
+                        if let Some(s) = run.seeder.as_mut() {
+                            for &c in &chunks {
+                                s.handle_have(peer, c);
+                            }
+                        }
+                    }
+                }
+                ControlResponse::Ok
+            }
+            ControlRequest::MissingChunks(hashes) => {
+                if hashes.len() > MAX_HASHES_PER_QUERY {
+                    return ControlResponse::Error(format!(
+                        "at most {MAX_HASHES_PER_QUERY} hashes per query"
+                    ));
+                }
+                match self.chunks.store.contains_chunks(&hashes) {
+                    Ok(held) => ControlResponse::Missing(
+                        held.iter()
+                            .enumerate()
+                            .filter(|(_, h)| !**h)
+                            .map(|(i, _)| i as u32)
+                            .collect(),
+                    ),
+                    Err(e) => ControlResponse::Error(e.to_string()),
+                }
+            }
+            ControlRequest::Publish { manifest } => self.publish(&manifest).await,
+            ControlRequest::StartStaging {
+                release,
+                selector,
+                mode,
+            } => self.start_staging(&release, &selector, mode),
+            ControlRequest::StagingStatus { id } => match self.runs.get(&id) {
+                Some(run) => ControlResponse::Staging(self.staging_report(run)),
+                None => ControlResponse::Error(format!("no staging {id}")),
+            },
+            ControlRequest::Fleet => {
+                let mut members: Vec<FleetMember> = self
+                    .members
+                    .iter()
+                    .map(|(p, m)| FleetMember {
+                        peer_id: p.to_string(),
+                        alive: self.alive(m),
+                        last_seen_ms: m.last_seen.elapsed().as_millis() as u64,
+                        report: m.report.clone(),
+                    })
+                    .collect();
+                members.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                ControlResponse::Fleet(members)
+            }
+            ControlRequest::Hello { .. } => ControlResponse::Error("already admitted".into()),
+            ControlRequest::Stage(_) | ControlRequest::Peers { .. } => ControlResponse::Denied,
+        }
+    }
+
+    fn on_report(&mut self, peer: PeerId, report: TargetReport) -> ControlResponse {
+        if report.labels.len() > MAX_LABELS
+            || report
+                .labels
+                .iter()
+                .any(|(k, v)| k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES)
+        {
+            return ControlResponse::Error(format!(
+                "at most {MAX_LABELS} labels of {MAX_LABEL_BYTES} bytes"
+            ));
+        }
+        if !self.members.contains_key(&peer) && self.members.len() >= MAX_MEMBERS {
+            return ControlResponse::Error("the fleet is full".into());
+        }
+        let was_alive = self.members.get(&peer).is_some_and(|m| self.alive(m));
+        for p in &report.stagings {
+            for run in self.runs.values_mut() {
+                if run.release == p.release && run.targets.contains(&peer) {
+                    run.progress.insert(peer, p.clone());
+                }
+            }
+        }
+        if !was_alive {
+            info!(%peer, labels = ?report.labels, "target registered");
+        }
+        self.members.insert(
+            peer,
+            Member {
+                report,
+                last_seen: Instant::now(),
+                connected: true,
+            },
+        );
+        if !was_alive {
+            // Back after a restart (its or ours): give it its unfinished orders.
+            let pending: Vec<u64> = self
+                .runs
+                .values()
+                .filter(|r| {
+                    r.targets.contains(&peer)
+                        && r.progress
+                            .get(&peer)
+                            .is_none_or(|p| p.state == StageState::Running)
+                })
+                .map(|r| r.record.id)
+                .collect();
+            for id in pending {
+                self.send_orders(id, vec![peer]);
+            }
+        }
+        let finished: Vec<u64> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| self.run_finished(r))
+            .map(|(id, _)| *id)
+            .collect();
+        if !finished.is_empty() {
+            self.save_runs();
+        }
+        ControlResponse::Registered {
+            heartbeat_ms: self.config.heartbeat.as_millis() as u64,
+        }
+    }
+
+    async fn publish(&mut self, bytes: &[u8]) -> ControlResponse {
+        let manifest = match Manifest::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => return ControlResponse::Error(e.to_string()),
+        };
+        let store = self.chunks.store.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let hashes: Vec<_> = manifest.unique_chunks().iter().map(|c| c.hash).collect();
+            let missing = store
+                .contains_chunks(&hashes)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .filter(|h| !**h)
+                .count();
+            if missing > 0 {
+                return Err(format!(
+                    "{missing} of the release's chunks are not on the origin; upload them first"
+                ));
+            }
+            store.flush().map_err(|e| e.to_string())?;
+            store.put_release(&manifest).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match result {
+            Ok(id) => {
+                info!(release = %id, "published");
+                ControlResponse::Published(id)
+            }
+            Err(e) => ControlResponse::Error(e),
+        }
+    }
+
+    fn start_staging(
+        &mut self,
+        name: &str,
+        selector: &Labels,
+        mode: DistributionMode,
+    ) -> ControlResponse {
+        let Some((app, version)) = name.split_once('@') else {
+            return ControlResponse::Error(format!("{name:?} is not APP@VERSION"));
+        };
+        let release = match self.chunks.store.resolve(app, version) {
+            Ok(Some(id)) => id,
+            Ok(None) => return ControlResponse::Error(format!("{name} is not published")),
+            Err(e) => return ControlResponse::Error(e.to_string()),
+        };
+        let mut targets: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| self.alive(m))
+            .filter(|(_, m)| {
+                selector
+                    .iter()
+                    .all(|(k, v)| m.report.labels.get(k) == Some(v))
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        targets.sort();
+        if targets.is_empty() {
+            return ControlResponse::Error(format!(
+                "no live target matches {}",
+                if selector.is_empty() {
+                    "(all)".to_string()
+                } else {
+                    selector
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }
+            ));
+        }
+        let id = self.runs.keys().next_back().map_or(1, |k| k + 1);
+        let record = RunRecord {
+            id,
+            name: name.to_string(),
+            release: release.to_hex(),
+            mode,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            started_unix_ms: now_unix_ms(),
+        };
+        let run = match self.new_run(record, release, targets.clone()) {
+            Ok(r) => r,
+            Err(e) => return ControlResponse::Error(e),
+        };
+        while self.runs.len() >= MAX_RUNS {
+            let oldest = *self.runs.keys().next().expect("not empty");
+            self.runs.remove(&oldest);
+        }
+        self.runs.insert(id, run);
+        self.save_runs();
+        info!(
+            id,
+            name,
+            mode = mode.name(),
+            targets = targets.len(),
+            "staging started"
+        );
+        self.send_orders(id, targets.clone());
+        ControlResponse::StagingStarted {
+            id,
+            release,
+            targets: targets.len() as u32,
+        }
+    }
+
+    /// Orders `to` to stage run `id`, then (swarm) names their peers.
+    fn send_orders(&self, id: u64, to: Vec<PeerId>) {
+        let Some(run) = self.runs.get(&id) else {
+            return;
+        };
+        let peer_lists: Vec<(PeerId, ControlRequest)> =
+            if run.record.mode == DistributionMode::Swarm {
+                to.iter().map(|t| (*t, self.peers_for(run, *t))).collect()
+            } else {
+                Vec::new()
+            };
+        let net = self.net.clone();
+        let order = run.order.clone();
+        let tx = self.internal.clone();
+        tokio::spawn(async move {
+            let orders = to.iter().map(|t| {
+                let net = net.clone();
+                let order = order.clone();
+                async move {
+                    match net.control(*t, ControlRequest::Stage(order)).await {
+                        Ok(ControlResponse::Ok) => {}
+                        Ok(other) => warn!(target = %t, "target refused the order: {other:?}"),
+                        Err(e) => warn!(target = %t, "order not delivered: {e}"),
+                    }
+                }
+            });
+            futures::future::join_all(orders).await;
+            let lists = peer_lists.into_iter().map(|(t, req)| {
+                let net = net.clone();
+                async move {
+                    if let Err(e) = net.control(t, req).await {
+                        debug!(target = %t, "peer list not delivered: {e}");
+                    }
+                }
+            });
+            futures::future::join_all(lists).await;
+            let _ = tx.send(Internal::Ordered { run: id }).await;
+        });
+    }
+
+    /// The peers a target of a swarm run should fetch from: its data
+    /// centre's first (same zone before other zones), then others, up to
+    /// the configured degree; and its import rank in its data centre.
+    fn peers_for(&self, run: &Run, target: PeerId) -> ControlRequest {
+        let labels_of = |p: &PeerId| {
+            self.members
+                .get(p)
+                .map(|m| m.report.labels.clone())
+                .unwrap_or_default()
+        };
+        let mine = labels_of(&target);
+        let (my_dc, my_zone) = (label(&mine, "dc"), label(&mine, "zone"));
+        let mut others: Vec<(u8, u64, PeerId)> = run
+            .targets
+            .iter()
+            .filter(|p| **p != target)
+            .map(|p| {
+                let l = labels_of(p);
+                let closeness = match (label(&l, "dc") == my_dc, label(&l, "zone") == my_zone) {
+                    (true, true) => 0,
+                    (true, false) => 1,
+                    _ => 2,
+                };
+                // A per-pair pseudo-random order spreads the choices.
+                let mix = blake3::hash(&[target.to_bytes(), p.to_bytes()].concat());
+                let mix = u64::from_le_bytes(mix.as_bytes()[..8].try_into().expect("8"));
+                (closeness, mix, *p)
+            })
+            .collect();
+        others.sort();
+        // Half the places go to the nearest peers, the rest to random ones,
+        // so the swarm graph stays connected across data centres.
+        let degree = self.config.swarm_degree.min(MAX_PEERS_PER_LIST);
+        let near = degree.div_ceil(2);
+        let mut chosen: Vec<PeerId> = others.iter().take(near).map(|o| o.2).collect();
+        let mut rest: Vec<&(u8, u64, PeerId)> = others.iter().skip(near).collect();
+        rest.sort_by_key(|o| o.1);
+        chosen.extend(
+            rest.iter()
+                .take(degree - chosen.len().min(degree))
+                .map(|o| o.2),
+        );
+        let peers = chosen
+            .iter()
+            .map(|p| {
+                let m = self.members.get(p);
+                PeerInfo {
+                    peer_id: p.to_bytes(),
+                    addrs: m.map(|m| m.report.addrs.clone()).unwrap_or_default(),
+                    labels: m.map(|m| m.report.labels.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let dc_mates: Vec<PeerId> = run
+            .targets
+            .iter()
+            .filter(|p| label(&labels_of(p), "dc") == my_dc)
+            .copied()
+            .collect();
+        let rank = dc_mates.iter().position(|p| *p == target).unwrap_or(0) as u32;
+        ControlRequest::Peers {
+            release: run.release,
+            peers,
+            rank,
+            dc_size: dc_mates.len().max(1) as u32,
+        }
+    }
+
+    fn on_internal(&mut self, event: Internal) {
+        match event {
+            Internal::Pushed {
+                run,
+                peer,
+                chunk,
+                ok,
+            } => {
+                if let Some(p) = self.runs.get_mut(&run).and_then(|r| r.pusher.as_mut()) {
+                    if ok {
+                        p.handle_delivered(peer, chunk);
+                    } else {
+                        p.handle_rejected(peer, chunk);
+                    }
+                }
+                self.drive_pushes();
+            }
+            Internal::Served {
+                run,
+                peer,
+                chunk,
+                sent,
+            } => {
+                if !sent {
+                    if let Some(s) = self.runs.get_mut(&run).and_then(|r| r.seeder.as_mut()) {
+                        s.handle_send_failed(peer, chunk);
+                    }
+                }
+            }
+            Internal::Ordered { run } => debug!(run, "orders delivered"),
+        }
+    }
+
+    /// Carries out what each push run's [`Pusher`] decided.
+    fn drive_pushes(&mut self) {
+        for run in self.runs.values_mut() {
+            let Some(pusher) = run.pusher.as_mut() else {
+                continue;
+            };
+            while let Some(action) = pusher.poll_action() {
+                match action {
+                    PushAction::Send { peer, chunk } => {
+                        let cref = run.chunks[chunk as usize];
+                        let net = self.net.clone();
+                        let chunks = self.chunks.clone();
+                        let tx = self.internal.clone();
+                        let counter = run.origin_bytes.clone();
+                        let (id, release) = (run.record.id, run.release);
+                        tokio::spawn(async move {
+                            let ok = match chunks.read(cref).await {
+                                Some(wire) => {
+                                    let n = wire.bytes.len() as u64;
+                                    chunks.upload.acquire(n).await;
+                                    let req = ChunkRequest::Put {
+                                        release,
+                                        index: chunk,
+                                        chunk: wire,
+                                    };
+                                    let r = net.chunk(peer, req).await;
+                                    counter.fetch_add(n, Ordering::Relaxed);
+                                    chunks.bytes_sent.fetch_add(n, Ordering::Relaxed);
+                                    matches!(r, Ok(ChunkResponse::Stored))
+                                }
+                                None => false,
+                            };
+                            let _ = tx
+                                .send(Internal::Pushed {
+                                    run: id,
+                                    peer,
+                                    chunk,
+                                    ok,
+                                })
+                                .await;
+                        });
+                    }
+                    PushAction::Done { peer } => debug!(%peer, "push complete"),
+                    PushAction::Failed { peer } => {
+                        warn!(%peer, "push failed: the target rejected chunks too often")
+                    }
+                }
+            }
+        }
+    }
+
+    fn staging_report(&self, run: &Run) -> StagingReport {
+        StagingReport {
+            id: run.record.id,
+            name: run.record.name.clone(),
+            release: run.release,
+            mode: run.record.mode,
+            chunks_total: run.chunks.len() as u32,
+            release_bytes: run.release_bytes,
+            elapsed_ms: run.started.elapsed().as_millis() as u64,
+            origin_bytes_sent: run.origin_bytes.load(Ordering::Relaxed),
+            targets: run
+                .targets
+                .iter()
+                .map(|t| {
+                    let m = self.members.get(t);
+                    TargetStaging {
+                        peer_id: t.to_string(),
+                        labels: m.map(|m| m.report.labels.clone()).unwrap_or_default(),
+                        progress: run.progress.get(t).cloned(),
+                        alive: m.is_some_and(|m| self.alive(m)),
+                    }
+                })
+                .collect(),
+        }
+    }
+}

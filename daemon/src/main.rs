@@ -1,0 +1,464 @@
+//! `convoyd`: the Convoy daemon, as coordinator or as target.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use convoy_daemon::coordinator::{self, CoordinatorConfig};
+use convoy_daemon::net::{self, NetConfig, NetEvent};
+use convoy_daemon::protocol::{Labels, MAX_LABELS, MAX_LABEL_BYTES};
+use convoy_daemon::serve::Chunks;
+use convoy_daemon::store::RocksStore;
+use convoy_daemon::target::{self, write_atomically, TargetConfig};
+use convoy_daemon::units::parse_bytes;
+use convoy_daemon::{client, fleet_key};
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::info;
+
+/// The Convoy daemon: one coordinator (origin and tracker) and a target on
+/// every server of the fleet.
+///
+/// Settings come from flags, then `CONVOY_*` environment variables, then
+/// the TOML file given by --config (keys as the long flags, with `_` for
+/// `-`; labels as a table), then defaults.
+///
+/// Once listening, convoyd prints one JSON line on stdout:
+/// {"role", "peer_id", "addrs"}, each address ending in /p2p/PEER_ID as
+/// targets and `convoy --coordinator` take it. Logs go to stderr.
+///
+/// Example:
+///   convoyd fleet-key /etc/convoy/fleet.key
+///   convoyd coordinator --data-dir /var/lib/convoy --fleet-key-file /etc/convoy/fleet.key
+///   convoyd target --coordinator /ip4/10.0.0.1/tcp/7400/p2p/12D3Koo... \
+///       --fleet-key-file /etc/convoy/fleet.key --label dc=eu1 --label zone=a
+#[derive(Parser)]
+#[command(name = "convoyd", version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator: holds published releases, tracks the targets,
+    /// orders stagings and serves chunks as the origin
+    Coordinator {
+        #[command(flatten)]
+        common: Common,
+        /// Push mode: how many targets the origin sends to at once (K)
+        #[arg(long, env = "CONVOY_PUSH_PARALLEL", value_name = "K")]
+        push_parallel: Option<usize>,
+        /// Swarm mode: how many peers each target is told about
+        #[arg(long, env = "CONVOY_SWARM_DEGREE", value_name = "N")]
+        swarm_degree: Option<usize>,
+        /// How often targets report, in milliseconds
+        #[arg(long, env = "CONVOY_HEARTBEAT_MS", value_name = "MS")]
+        heartbeat_ms: Option<u64>,
+    },
+    /// Run a target: registers with the coordinator, stages the releases it
+    /// orders and serves chunks to its peers
+    Target {
+        #[command(flatten)]
+        common: Common,
+        /// The coordinator's address, ending in /p2p/PEER_ID (as the
+        /// coordinator prints it); manifests must be signed by that peer's key
+        #[arg(long, env = "CONVOY_COORDINATOR", value_name = "ADDR")]
+        coordinator: Option<String>,
+        /// For testing only: serve every chunk with a byte flipped, to see
+        /// peers detect and ban a faulty target
+        #[arg(long)]
+        fault_corrupt_uploads: bool,
+    },
+    /// Write a new random fleet key (64 hex digits) to FILE, readable by
+    /// its owner only; every member of a fleet needs the same key
+    FleetKey {
+        /// Where to write it; refused if it exists
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// TOML file with settings (flags and environment take precedence)
+    #[arg(short, long, env = "CONVOY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for the store, the identity and unfinished work
+    /// [default: /var/lib/convoy]
+    #[arg(short, long, env = "CONVOY_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on; repeat for several (TCP and QUIC)
+    /// [default: /ip4/0.0.0.0/tcp/7400 and /ip4/0.0.0.0/udp/7400/quic-v1;
+    /// targets 7401]
+    #[arg(
+        long,
+        env = "CONVOY_LISTEN",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    listen: Vec<String>,
+    /// File holding the fleet key (see `convoyd fleet-key`)
+    #[arg(long, env = "CONVOY_FLEET_KEY_FILE", value_name = "FILE")]
+    fleet_key_file: Option<PathBuf>,
+    /// A label of this daemon, KEY=VALUE (dc, zone, rack, slice, ...); repeat
+    #[arg(
+        long = "label",
+        env = "CONVOY_LABELS",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
+    labels: Vec<String>,
+    /// Upload cap in bytes per second (64MiB, 500kB, ...) [default: none]
+    #[arg(long, env = "CONVOY_UPLOAD_RATE", value_name = "RATE")]
+    upload_rate: Option<String>,
+    /// Download cap in bytes per second [default: none]
+    #[arg(long, env = "CONVOY_DOWNLOAD_RATE", value_name = "RATE")]
+    download_rate: Option<String>,
+    /// Log format on stderr [default: human]
+    #[arg(long, env = "CONVOY_LOG_FORMAT", value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Log filter, as RUST_LOG (e.g. `debug`, `info,convoy_daemon=debug`)
+    /// [default: info]
+    #[arg(long, env = "CONVOY_LOG", value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+/// The TOML file's keys.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<Vec<String>>,
+    fleet_key_file: Option<PathBuf>,
+    labels: Option<BTreeMap<String, String>>,
+    upload_rate: Option<String>,
+    download_rate: Option<String>,
+    log_format: Option<LogFormat>,
+    log_level: Option<String>,
+    coordinator: Option<String>,
+    push_parallel: Option<usize>,
+    swarm_degree: Option<usize>,
+    heartbeat_ms: Option<u64>,
+}
+
+/// Settings after flags, environment, file and defaults.
+struct Settings {
+    data_dir: PathBuf,
+    listen: Vec<Multiaddr>,
+    fleet_key: [u8; 32],
+    labels: Labels,
+    upload_rate: Option<u64>,
+    download_rate: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("convoyd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_file(path: Option<&Path>) -> Result<FileConfig> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid convoyd config", path.display()))
+}
+
+fn parse_labels(flags: &[String], file: Option<BTreeMap<String, String>>) -> Result<Labels> {
+    let mut labels = file.unwrap_or_default();
+    for l in flags {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("label {l:?} is not KEY=VALUE");
+        };
+        labels.insert(k.to_string(), v.to_string());
+    }
+    if labels.len() > MAX_LABELS {
+        bail!("at most {MAX_LABELS} labels");
+    }
+    for (k, v) in &labels {
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= MAX_LABEL_BYTES
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !ok(k) || !ok(v) {
+            bail!("label {k}={v}: keys and values are 1-{MAX_LABEL_BYTES} of letters, digits, '-', '_', '.'");
+        }
+    }
+    Ok(labels)
+}
+
+fn settings(common: &Common, file: &FileConfig, default_port: u16) -> Result<Settings> {
+    let data_dir = common
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/convoy"));
+    let listen_text: Vec<String> = if !common.listen.is_empty() {
+        common.listen.clone()
+    } else if let Some(l) = &file.listen {
+        l.clone()
+    } else {
+        vec![
+            format!("/ip4/0.0.0.0/tcp/{default_port}"),
+            format!("/ip4/0.0.0.0/udp/{default_port}/quic-v1"),
+        ]
+    };
+    let listen = listen_text
+        .iter()
+        .map(|a| {
+            a.parse::<Multiaddr>().with_context(|| {
+                format!("--listen {a:?} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/7400)")
+            })
+        })
+        .collect::<Result<_>>()?;
+    let key_file = common
+        .fleet_key_file
+        .clone()
+        .or(file.fleet_key_file.clone())
+        .context(
+            "no fleet key: pass --fleet-key-file FILE (make one with `convoyd fleet-key FILE`)",
+        )?;
+    let fleet_key = fleet_key::read(&key_file)?;
+    let rate = |flag: &Option<String>, file: &Option<String>, what: &str| -> Result<Option<u64>> {
+        match flag.clone().or(file.clone()) {
+            None => Ok(None),
+            Some(t) => {
+                let r = parse_bytes(&t)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("--{what}"))?;
+                if r == 0 {
+                    bail!("--{what} must be more than 0");
+                }
+                Ok(Some(r))
+            }
+        }
+    };
+    Ok(Settings {
+        data_dir,
+        listen,
+        fleet_key,
+        labels: parse_labels(&common.labels, file.labels.clone())?,
+        upload_rate: rate(&common.upload_rate, &file.upload_rate, "upload-rate")?,
+        download_rate: rate(&common.download_rate, &file.download_rate, "download-rate")?,
+    })
+}
+
+fn init_logging(common: &Common, file: &FileConfig) {
+    let filter = common
+        .log_level
+        .clone()
+        .or(file.log_level.clone())
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match common
+        .log_format
+        .or(file.log_format)
+        .unwrap_or(LogFormat::Human)
+    {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Loads this daemon's identity, or makes and keeps a new one.
+fn identity(data_dir: &Path) -> Result<Keypair> {
+    let path = data_dir.join("identity.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
+            .with_context(|| format!("{} is not a convoyd identity", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key.to_protobuf_encoding().expect("ed25519 encodes");
+            write_atomically(&path, &bytes)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            set_private(&path)?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn set_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::FleetKey { file } => {
+            fleet_key::generate(&file)?;
+            eprintln!("wrote a new fleet key to {}", file.display());
+            Ok(())
+        }
+        Command::Coordinator {
+            common,
+            push_parallel,
+            swarm_degree,
+            heartbeat_ms,
+        } => {
+            let file = load_file(common.config.as_deref())?;
+            init_logging(&common, &file);
+            let s = settings(&common, &file, 7400)?;
+            let push_parallel = push_parallel.or(file.push_parallel).unwrap_or(4);
+            let swarm_degree = swarm_degree.or(file.swarm_degree).unwrap_or(8);
+            let heartbeat = heartbeat_ms.or(file.heartbeat_ms).unwrap_or(1000);
+            if push_parallel == 0 || swarm_degree == 0 || heartbeat < 100 {
+                bail!("--push-parallel and --swarm-degree must be at least 1, --heartbeat-ms at least 100");
+            }
+            runtime()?.block_on(async move {
+                let (keypair, chunks, net, events) = start(&s, "coordinator").await?;
+                let config = CoordinatorConfig {
+                    keypair,
+                    data_dir: s.data_dir.clone(),
+                    labels: s.labels.clone(),
+                    push_parallel,
+                    swarm_degree,
+                    heartbeat: Duration::from_millis(heartbeat),
+                };
+                coordinator::run(config, chunks, net, events, shutdown_signal()).await
+            })
+        }
+        Command::Target {
+            common,
+            coordinator,
+            fault_corrupt_uploads,
+        } => {
+            let file = load_file(common.config.as_deref())?;
+            init_logging(&common, &file);
+            let s = settings(&common, &file, 7401)?;
+            let addr = coordinator.or(file.coordinator.clone()).context(
+                "no coordinator: pass --coordinator ADDR (the address convoyd coordinator prints)",
+            )?;
+            let (peer, addr) = client::parse_peer_addr(&addr).map_err(anyhow::Error::msg)?;
+            runtime()?.block_on(async move {
+                let (_, chunks, net, events) = start(&s, "target").await?;
+                chunks
+                    .corrupt_uploads
+                    .store(fault_corrupt_uploads, std::sync::atomic::Ordering::Relaxed);
+                let config = TargetConfig {
+                    coordinator: peer,
+                    coordinator_addrs: vec![addr],
+                    labels: s.labels.clone(),
+                    data_dir: s.data_dir.clone(),
+                };
+                target::run(config, chunks, net, events, shutdown_signal()).await
+            })
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+type Started = (
+    Keypair,
+    Arc<Chunks>,
+    net::NetHandle,
+    mpsc::Receiver<NetEvent>,
+);
+
+/// Opens the store, starts the network, waits until every listener is up
+/// and prints the ready line.
+async fn start(s: &Settings, role: &str) -> Result<Started> {
+    std::fs::create_dir_all(&s.data_dir)
+        .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
+    let keypair = identity(&s.data_dir)?;
+    let store = RocksStore::open(&s.data_dir.join("store"))?;
+    let chunks = Chunks::new(Arc::new(store), s.upload_rate, s.download_rate);
+    let (handle, mut events) = net::start(NetConfig {
+        keypair: keypair.clone(),
+        listen: s.listen.clone(),
+        fleet_key: s.fleet_key,
+        request_timeout: Duration::from_secs(60),
+    })?;
+    let peer_id = handle.peer_id();
+    let mut addrs = Vec::new();
+    let mut early = Vec::new();
+    let mut pending: Vec<Vec<String>> = s.listen.iter().map(stack).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !pending.is_empty() {
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .context("listeners did not come up within 10 s")?
+            .context("the network stopped")?;
+        match ev {
+            NetEvent::Listening(a) => {
+                let st = stack(&a);
+                pending.retain(|p| *p != st);
+                addrs.push(format!("{a}/p2p/{peer_id}"));
+                early.push(NetEvent::Listening(a));
+            }
+            other => early.push(other),
+        }
+    }
+    info!(%peer_id, role, data_dir = %s.data_dir.display(), "convoyd ready");
+    println!(
+        "{}",
+        serde_json::json!({"role": role, "peer_id": peer_id.to_string(), "addrs": addrs})
+    );
+    // Hand the events seen while waiting to the role, then the rest.
+    let (tx, rx) = mpsc::channel(4096);
+    tokio::spawn(async move {
+        for ev in early {
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+        while let Some(ev) = events.recv().await {
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((keypair, chunks, handle, rx))
+}
+
+/// The protocol names of an address, without their values: /ip4/tcp.
+fn stack(a: &Multiaddr) -> Vec<String> {
+    a.iter()
+        .map(|p| p.tag().to_string())
+        .filter(|t| t != "p2p")
+        .collect()
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+}

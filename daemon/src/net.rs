@@ -1,0 +1,1025 @@
+//! The libp2p network: one event loop owns the `Swarm`.
+//!
+//! [`start`] builds the swarm (TCP and QUIC, noise, yamux, the two
+//! protocols of [`protocol`](crate::protocol), a block list for banned
+//! peers) and spawns its loop. The rest of the process talks to it through
+//! a cloneable [`NetHandle`] (bounded command channel, a oneshot per reply)
+//! and receives [`NetEvent`]s on a bounded channel.
+//!
+//! Fleet membership: on every new connection each side sends
+//! [`ControlRequest::Hello`] with a proof of the fleet key bound to both
+//! peer ids ([`fleet_proof`]). A peer is *admitted* once it has proved
+//! itself (in its Hello, or in the Welcome that answers ours). Until then
+//! its requests wait (a few, for a few seconds) and ours to it wait too; a
+//! wrong proof, or none in time, gets every waiting request denied and the
+//! connection closed. Nothing else the loop receives reaches the daemon
+//! from a peer that is not admitted.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{dial_opts::DialOpts, NetworkBehaviour, SwarmEvent};
+use libp2p::{allow_block_list, identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId, Swarm};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::protocol::{
+    fleet_proof, ChunkCodec, ChunkRequest, ChunkResponse, ControlCodec, ControlRequest,
+    ControlResponse, CHUNK_PROTOCOL, CONTROL_PROTOCOL,
+};
+
+/// Requests parked per peer while it has not proved membership.
+const MAX_PARKED_PER_PEER: usize = 256;
+/// How long a connected peer has to prove membership.
+const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Commands and events waiting between the loop and the daemon.
+const CHANNEL_CAPACITY: usize = 4096;
+/// Streams per connection and protocol.
+const MAX_STREAMS: usize = 512;
+
+/// How the network is set up.
+#[derive(Clone)]
+pub struct NetConfig {
+    /// This process's identity.
+    pub keypair: Keypair,
+    /// Addresses to listen on (`/ip4/.../tcp/N`, `/ip4/.../udp/N/quic-v1`).
+    pub listen: Vec<Multiaddr>,
+    /// The fleet key every member holds.
+    pub fleet_key: [u8; 32],
+    /// A request unanswered this long fails.
+    pub request_timeout: Duration,
+}
+
+/// Why a request to a peer failed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The peer could not be reached or the connection closed.
+    #[error("peer {0} unreachable: {1}")]
+    Unreachable(PeerId, String),
+    /// The peer did not prove fleet membership, or refused ours.
+    #[error("peer {0} is not a member of this fleet (wrong or missing fleet key)")]
+    NotAdmitted(PeerId),
+    /// No answer in time.
+    #[error("peer {0} did not answer in time")]
+    Timeout(PeerId),
+    /// The stream failed: a malformed or oversized message, or a reset.
+    #[error("peer {0}: {1}")]
+    Stream(PeerId, String),
+    /// The network loop has stopped.
+    #[error("the network has shut down")]
+    Shutdown,
+}
+
+/// Something the network tells the daemon.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A listen address is ready.
+    Listening(Multiaddr),
+    /// `peer` proved fleet membership; requests to and from it flow.
+    Admitted(PeerId),
+    /// The last connection to `peer` closed.
+    Disconnected(PeerId),
+    /// An admitted peer asks for or sends a chunk.
+    Chunk {
+        /// Who asks.
+        peer: PeerId,
+        /// What.
+        request: ChunkRequest,
+        /// Where the answer goes.
+        reply: Reply<ChunkResponse>,
+    },
+    /// An admitted peer sends a control request.
+    Control {
+        /// Who asks.
+        peer: PeerId,
+        /// What.
+        request: ControlRequest,
+        /// Where the answer goes.
+        reply: Reply<ControlResponse>,
+    },
+}
+
+/// The way back for one inbound request. Dropping it without answering
+/// resets the stream, which the requester sees as a failure.
+#[derive(Debug)]
+pub struct Reply<T> {
+    channel: ResponseChannel<T>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Reply<ChunkResponse> {
+    /// Sends the answer.
+    pub async fn send(self, response: ChunkResponse) {
+        let _ = self
+            .commands
+            .send(Command::RespondChunk(self.channel, response))
+            .await;
+    }
+}
+
+impl Reply<ControlResponse> {
+    /// Sends the answer.
+    pub async fn send(self, response: ControlResponse) {
+        let _ = self
+            .commands
+            .send(Command::RespondControl(self.channel, response))
+            .await;
+    }
+}
+
+type ChunkReply = oneshot::Sender<Result<ChunkResponse, RequestError>>;
+type ControlReply = oneshot::Sender<Result<ControlResponse, RequestError>>;
+
+#[derive(Debug)]
+enum Command {
+    AddAddresses(PeerId, Vec<Multiaddr>),
+    Chunk(PeerId, ChunkRequest, ChunkReply),
+    Control(PeerId, ControlRequest, ControlReply),
+    RespondChunk(ResponseChannel<ChunkResponse>, ChunkResponse),
+    RespondControl(ResponseChannel<ControlResponse>, ControlResponse),
+    Ban(PeerId),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Shutdown,
+}
+
+/// A cloneable handle to the network loop.
+#[derive(Clone, Debug)]
+pub struct NetHandle {
+    commands: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+impl NetHandle {
+    /// This process's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Where `peer` may be dialled; requests to it dial when needed.
+    pub async fn add_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let _ = self.commands.send(Command::AddAddresses(peer, addrs)).await;
+    }
+
+    /// As [`NetHandle::add_addresses`], without waiting: the addresses are
+    /// queued before any request sent after this call.
+    pub fn learn_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self
+            .commands
+            .try_send(Command::AddAddresses(peer, addrs))
+            .is_err()
+        {
+            warn!(%peer, "network command queue full: peer addresses dropped");
+        }
+    }
+
+    /// Sends a chunk request and waits for the answer.
+    pub async fn chunk(
+        &self,
+        peer: PeerId,
+        request: ChunkRequest,
+    ) -> Result<ChunkResponse, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Chunk(peer, request, tx))
+            .await
+            .map_err(|_| RequestError::Shutdown)?;
+        rx.await.map_err(|_| RequestError::Shutdown)?
+    }
+
+    /// Sends a control request and waits for the answer.
+    pub async fn control(
+        &self,
+        peer: PeerId,
+        request: ControlRequest,
+    ) -> Result<ControlResponse, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Control(peer, request, tx))
+            .await
+            .map_err(|_| RequestError::Shutdown)?;
+        rx.await.map_err(|_| RequestError::Shutdown)?
+    }
+
+    /// Disconnects `peer` and refuses it from now on.
+    pub async fn ban(&self, peer: PeerId) {
+        let _ = self.commands.send(Command::Ban(peer)).await;
+    }
+
+    /// The addresses the loop listens on.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::ListenAddrs(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Stops the loop, closing every connection.
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    chunk: request_response::Behaviour<ChunkCodec>,
+    control: request_response::Behaviour<ControlCodec>,
+}
+
+/// Why the network could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// A transport could not be set up.
+    #[error("cannot set up the {0} transport: {1}")]
+    Transport(&'static str, String),
+    /// An address could not be listened on.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Starts the network loop on the current tokio runtime.
+pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+    let rr_config = request_response::Config::default()
+        .with_request_timeout(config.request_timeout)
+        .with_max_concurrent_streams(MAX_STREAMS);
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NetError::Transport("tcp", e.to_string()))?
+        .with_quic()
+        .with_behaviour(|_| Behaviour {
+            blocked: Default::default(),
+            chunk: request_response::Behaviour::new(
+                [(CHUNK_PROTOCOL, ProtocolSupport::Full)],
+                rr_config.clone(),
+            ),
+            control: request_response::Behaviour::new(
+                [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
+                rr_config,
+            ),
+        })
+        .map_err(|e| NetError::Transport("behaviour", e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let peer_id = *swarm.local_peer_id();
+    let event_loop = EventLoop {
+        swarm,
+        fleet_key: config.fleet_key,
+        commands: cmd_rx,
+        commands_tx: cmd_tx.clone(),
+        events: ev_tx,
+        peers: HashMap::new(),
+        addresses: HashMap::new(),
+        chunk_pending: HashMap::new(),
+        control_pending: HashMap::new(),
+        hellos: HashMap::new(),
+    };
+    tokio::spawn(event_loop.run());
+    Ok((
+        NetHandle {
+            commands: cmd_tx,
+            peer_id,
+        },
+        ev_rx,
+    ))
+}
+
+enum Parked {
+    InChunk(ChunkRequest, ResponseChannel<ChunkResponse>),
+    InControl(ControlRequest, ResponseChannel<ControlResponse>),
+    OutChunk(ChunkRequest, ChunkReply),
+    OutControl(ControlRequest, ControlReply),
+}
+
+#[derive(Default)]
+struct PeerState {
+    connections: usize,
+    admitted: bool,
+    /// When it connected (or we started dialling) without being admitted yet.
+    since: Option<Instant>,
+    parked: VecDeque<Parked>,
+    dialing: bool,
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    fleet_key: [u8; 32],
+    commands: mpsc::Receiver<Command>,
+    commands_tx: mpsc::Sender<Command>,
+    events: mpsc::Sender<NetEvent>,
+    peers: HashMap<PeerId, PeerState>,
+    addresses: HashMap<PeerId, Vec<Multiaddr>>,
+    chunk_pending: HashMap<OutboundRequestId, ChunkReply>,
+    control_pending: HashMap<OutboundRequestId, ControlReply>,
+    /// Our Hello requests in flight, by id, to the peer they went to.
+    hellos: HashMap<OutboundRequestId, PeerId>,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown) | None => break,
+                    Some(c) => self.on_command(c),
+                },
+                _ = tick.tick() => self.expire_admissions(),
+            }
+        }
+        debug!("network loop stopped");
+    }
+
+    fn local(&self) -> PeerId {
+        *self.swarm.local_peer_id()
+    }
+
+    fn proof_from(&self, sender: &PeerId, receiver: &PeerId) -> [u8; 32] {
+        fleet_proof(&self.fleet_key, &sender.to_bytes(), &receiver.to_bytes())
+    }
+
+    fn emit(&self, event: NetEvent) {
+        use mpsc::error::TrySendError;
+        match self.events.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(event)) => {
+                warn!("daemon is not keeping up with the network; answering busy");
+                self.refuse(event, false);
+            }
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Answers an inbound request the daemon will not see.
+    fn refuse(&self, event: NetEvent, denied: bool) {
+        let tx = self.commands_tx.clone();
+        match event {
+            NetEvent::Chunk { reply, .. } => {
+                let resp = if denied {
+                    ChunkResponse::Denied
+                } else {
+                    ChunkResponse::Busy
+                };
+                let _ = tx.try_send(Command::RespondChunk(reply.channel, resp));
+            }
+            NetEvent::Control { reply, .. } => {
+                let resp = if denied {
+                    ControlResponse::Denied
+                } else {
+                    ControlResponse::Error("busy; try again".into())
+                };
+                let _ = tx.try_send(Command::RespondControl(reply.channel, resp));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::AddAddresses(peer, addrs) => {
+                let known = self.addresses.entry(peer).or_default();
+                for a in addrs {
+                    if !known.contains(&a) {
+                        known.push(a);
+                    }
+                }
+                known.truncate(16);
+            }
+            Command::Chunk(peer, req, reply) => self.outbound(peer, Parked::OutChunk(req, reply)),
+            Command::Control(peer, req, reply) => {
+                self.outbound(peer, Parked::OutControl(req, reply))
+            }
+            Command::RespondChunk(ch, resp) => {
+                let _ = self.swarm.behaviour_mut().chunk.send_response(ch, resp);
+            }
+            Command::RespondControl(ch, resp) => {
+                let _ = self.swarm.behaviour_mut().control.send_response(ch, resp);
+            }
+            Command::Ban(peer) => {
+                warn!(%peer, "banning peer");
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+                self.fail_parked(peer, |p| RequestError::Unreachable(p, "banned".into()));
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Shutdown => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn outbound(&mut self, peer: PeerId, request: Parked) {
+        if peer == self.local() {
+            fail(
+                request,
+                RequestError::Unreachable(peer, "that is this process".into()),
+            );
+            return;
+        }
+        let state = self.peers.entry(peer).or_default();
+        if state.admitted {
+            self.send_now(peer, request);
+            return;
+        }
+        if state.parked.len() >= MAX_PARKED_PER_PEER {
+            fail(
+                request,
+                RequestError::Unreachable(peer, "too many requests waiting".into()),
+            );
+            return;
+        }
+        state.parked.push_back(request);
+        state.since.get_or_insert_with(Instant::now);
+        if state.connections == 0 && !state.dialing {
+            state.dialing = true;
+            let addrs = self.addresses.get(&peer).cloned().unwrap_or_default();
+            let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                let reason = e.to_string();
+                self.fail_parked(peer, |p| RequestError::Unreachable(p, reason.clone()));
+            }
+        }
+    }
+
+    fn send_now(&mut self, peer: PeerId, request: Parked) {
+        let b = self.swarm.behaviour_mut();
+        match request {
+            Parked::OutChunk(req, reply) => {
+                let id = b.chunk.send_request(&peer, req);
+                self.chunk_pending.insert(id, reply);
+            }
+            Parked::OutControl(req, reply) => {
+                let id = b.control.send_request(&peer, req);
+                self.control_pending.insert(id, reply);
+            }
+            Parked::InChunk(request, channel) => self.emit(NetEvent::Chunk {
+                peer,
+                request,
+                reply: Reply {
+                    channel,
+                    commands: self.commands_tx.clone(),
+                },
+            }),
+            Parked::InControl(request, channel) => self.emit(NetEvent::Control {
+                peer,
+                request,
+                reply: Reply {
+                    channel,
+                    commands: self.commands_tx.clone(),
+                },
+            }),
+        }
+    }
+
+    /// Fails or denies everything waiting on `peer`.
+    fn fail_parked(&mut self, peer: PeerId, why: impl Fn(PeerId) -> RequestError) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        state.dialing = false;
+        state.since = None;
+        let parked: Vec<_> = state.parked.drain(..).collect();
+        for p in parked {
+            match p {
+                Parked::InChunk(_, ch) => {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .chunk
+                        .send_response(ch, ChunkResponse::Denied);
+                }
+                Parked::InControl(_, ch) => {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .control
+                        .send_response(ch, ControlResponse::Denied);
+                }
+                other => fail(other, why(peer)),
+            }
+        }
+    }
+
+    fn admit(&mut self, peer: PeerId) {
+        let state = self.peers.entry(peer).or_default();
+        if state.admitted {
+            return;
+        }
+        state.admitted = true;
+        state.since = None;
+        let parked: Vec<_> = state.parked.drain(..).collect();
+        debug!(%peer, "peer admitted");
+        self.emit(NetEvent::Admitted(peer));
+        for p in parked {
+            self.send_now(peer, p);
+        }
+    }
+
+    fn reject(&mut self, peer: PeerId, why: &str) {
+        warn!(%peer, "refusing peer: {why}");
+        self.fail_parked(peer, RequestError::NotAdmitted);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    fn expire_admissions(&mut self) {
+        let now = Instant::now();
+        let late: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, s)| !s.admitted && s.since.is_some_and(|t| now - t > ADMISSION_TIMEOUT))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in late {
+            self.reject(peer, "no proof of fleet membership in time");
+        }
+        self.peers
+            .retain(|_, s| s.connections > 0 || !s.parked.is_empty() || s.dialing);
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.emit(NetEvent::Listening(address));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                endpoint,
+                ..
+            } => {
+                if let Some(known) = self.addresses.get_mut(&peer_id) {
+                    let addr = endpoint.get_remote_address().clone();
+                    if endpoint.is_dialer() && !known.contains(&addr) {
+                        known.push(addr);
+                    }
+                }
+                let state = self.peers.entry(peer_id).or_default();
+                state.connections = num_established.get() as usize;
+                state.dialing = false;
+                if num_established.get() == 1 {
+                    state.since.get_or_insert_with(Instant::now);
+                    let proof = self.proof_from(&self.local(), &peer_id);
+                    let id = self
+                        .swarm
+                        .behaviour_mut()
+                        .control
+                        .send_request(&peer_id, ControlRequest::Hello { proof });
+                    self.hellos.insert(id, peer_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    if let Some(state) = self.peers.get_mut(&peer_id) {
+                        state.connections = 0;
+                        let was_admitted = std::mem::take(&mut state.admitted);
+                        self.fail_parked(peer_id, |p| {
+                            RequestError::Unreachable(p, "connection closed".into())
+                        });
+                        if was_admitted {
+                            self.emit(NetEvent::Disconnected(peer_id));
+                        }
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                let connected = self.peers.get(&peer).is_some_and(|s| s.connections > 0);
+                if !connected {
+                    let reason = error.to_string();
+                    debug!(%peer, "dial failed: {reason}");
+                    self.fail_parked(peer, |p| RequestError::Unreachable(p, reason.clone()));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Chunk(e)) => self.on_chunk(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Control(e)) => self.on_control(e),
+            _ => {}
+        }
+    }
+
+    fn on_chunk(&mut self, event: request_response::Event<ChunkRequest, ChunkResponse>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => self.inbound(peer, Parked::InChunk(request, channel)),
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.chunk_pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.chunk_pending.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(peer, error)));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, "inbound chunk stream failed: {error}");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_control(&mut self, event: request_response::Event<ControlRequest, ControlResponse>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request: ControlRequest::Hello { proof },
+                        channel,
+                        ..
+                    },
+                ..
+            } => {
+                if proof == self.proof_from(&peer, &self.local()) {
+                    let answer = self.proof_from(&self.local(), &peer);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .control
+                        .send_response(channel, ControlResponse::Welcome { proof: answer });
+                    self.admit(peer);
+                } else {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .control
+                        .send_response(channel, ControlResponse::Denied);
+                    self.reject(peer, "wrong fleet key");
+                }
+            }
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => self.inbound(peer, Parked::InControl(request, channel)),
+            Event::Message {
+                peer,
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if self.hellos.remove(&request_id).is_some() {
+                    match response {
+                        ControlResponse::Welcome { proof }
+                            if proof == self.proof_from(&peer, &self.local()) =>
+                        {
+                            self.admit(peer)
+                        }
+                        _ => self.reject(peer, "it refused our fleet key or proved none"),
+                    }
+                } else if let Some(reply) = self.control_pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if self.hellos.remove(&request_id).is_some() {
+                    debug!(%peer, "hello failed: {error}");
+                } else if let Some(reply) = self.control_pending.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(peer, error)));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, "inbound control stream failed: {error}");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn inbound(&mut self, peer: PeerId, request: Parked) {
+        let state = self.peers.entry(peer).or_default();
+        if state.admitted {
+            self.send_now(peer, request);
+        } else if state.parked.len() < MAX_PARKED_PER_PEER {
+            state.since.get_or_insert_with(Instant::now);
+            state.parked.push_back(request);
+        } else {
+            self.reject(peer, "too many requests before proving membership");
+        }
+    }
+}
+
+fn fail(request: Parked, error: RequestError) {
+    match request {
+        Parked::OutChunk(_, reply) => {
+            let _ = reply.send(Err(error));
+        }
+        Parked::OutControl(_, reply) => {
+            let _ = reply.send(Err(error));
+        }
+        Parked::InChunk(..) | Parked::InControl(..) => {}
+    }
+}
+
+fn outbound_error(peer: PeerId, error: request_response::OutboundFailure) -> RequestError {
+    use request_response::OutboundFailure as F;
+    match error {
+        F::DialFailure => RequestError::Unreachable(peer, "dial failed".into()),
+        F::Timeout => RequestError::Timeout(peer),
+        F::ConnectionClosed => RequestError::Unreachable(peer, "connection closed".into()),
+        F::UnsupportedProtocols => {
+            RequestError::Stream(peer, "does not speak the Convoy protocol".into())
+        }
+        F::Io(e) => RequestError::Stream(peer, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{encode, MAX_CONTROL_FRAME};
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    use libp2p::StreamProtocol;
+
+    /// Writes requests as the raw bytes given: what no correct peer sends.
+    #[derive(Clone, Default)]
+    struct RawCodec;
+
+    impl request_response::Codec for RawCodec {
+        type Protocol = StreamProtocol;
+        type Request = Vec<u8>;
+        type Response = Vec<u8>;
+
+        async fn read_request<T>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+        ) -> std::io::Result<Vec<u8>>
+        where
+            T: futures::AsyncRead + Unpin + Send,
+        {
+            let mut v = Vec::new();
+            io.take(1 << 20).read_to_end(&mut v).await?;
+            Ok(v)
+        }
+
+        async fn read_response<T>(
+            &mut self,
+            p: &StreamProtocol,
+            io: &mut T,
+        ) -> std::io::Result<Vec<u8>>
+        where
+            T: futures::AsyncRead + Unpin + Send,
+        {
+            self.read_request(p, io).await
+        }
+
+        async fn write_request<T>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+            req: Vec<u8>,
+        ) -> std::io::Result<()>
+        where
+            T: futures::AsyncWrite + Unpin + Send,
+        {
+            io.write_all(&req).await?;
+            io.close().await
+        }
+
+        async fn write_response<T>(
+            &mut self,
+            p: &StreamProtocol,
+            io: &mut T,
+            r: Vec<u8>,
+        ) -> std::io::Result<()>
+        where
+            T: futures::AsyncWrite + Unpin + Send,
+        {
+            self.write_request(p, io, r).await
+        }
+    }
+
+    fn framed<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        let body = encode::<_, MAX_CONTROL_FRAME>(v).unwrap();
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        out.extend(body);
+        out
+    }
+
+    /// Sends one raw request and waits for its outcome.
+    async fn exchange(
+        swarm: &mut Swarm<request_response::Behaviour<RawCodec>>,
+        peer: PeerId,
+        bytes: Vec<u8>,
+        welcome: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        use request_response::{Event, Message};
+        let id = swarm.behaviour_mut().send_request(&peer, bytes);
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(Event::Message {
+                    message: Message::Request { channel, .. },
+                    ..
+                }) => {
+                    // The server's own Hello: answer it as a member would.
+                    let _ = swarm
+                        .behaviour_mut()
+                        .send_response(channel, welcome.to_vec());
+                }
+                SwarmEvent::Behaviour(Event::Message {
+                    message:
+                        Message::Response {
+                            request_id,
+                            response,
+                        },
+                    ..
+                }) if request_id == id => return Ok(response),
+                SwarmEvent::Behaviour(Event::OutboundFailure {
+                    request_id, error, ..
+                }) if request_id == id => return Err(error.to_string()),
+                _ => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_messages_fail_their_stream_and_the_peer_is_still_served() {
+        let key = [7u8; 32];
+        let (server, mut events) = start(NetConfig {
+            keypair: Keypair::generate_ed25519(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            fleet_key: key,
+            request_timeout: Duration::from_secs(10),
+        })
+        .unwrap();
+        let addr = loop {
+            if let Some(NetEvent::Listening(a)) = events.recv().await {
+                break a;
+            }
+        };
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let NetEvent::Control { reply, .. } = ev {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    reply.send(ControlResponse::Fleet(Vec::new())).await;
+                }
+            }
+        });
+        let mut client = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| {
+                request_response::Behaviour::<RawCodec>::new(
+                    [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default(),
+                )
+            })
+            .unwrap()
+            .build();
+        let me = *client.local_peer_id();
+        let them = server.peer_id();
+        client.dial(addr).unwrap();
+        let welcome = framed(&ControlResponse::Welcome {
+            proof: fleet_proof(&key, &me.to_bytes(), &them.to_bytes()),
+        });
+        let hello = framed(&ControlRequest::Hello {
+            proof: fleet_proof(&key, &me.to_bytes(), &them.to_bytes()),
+        });
+        let test = async {
+            let answer = exchange(&mut client, them, hello, &welcome).await.unwrap();
+            assert!(!answer.is_empty(), "no welcome");
+            // A length over the limit: the stream fails, nothing is allocated.
+            let oversized =
+                exchange(&mut client, them, u32::MAX.to_le_bytes().to_vec(), &welcome).await;
+            assert!(
+                oversized.is_err() || oversized == Ok(Vec::new()),
+                "{oversized:?}"
+            );
+            // A body that is not a message.
+            let malformed = exchange(
+                &mut client,
+                them,
+                vec![3, 0, 0, 0, 0xff, 0xff, 0xff],
+                &welcome,
+            )
+            .await;
+            assert!(
+                malformed.is_err() || malformed == Ok(Vec::new()),
+                "{malformed:?}"
+            );
+            // The same peer, on the same connection, is still served.
+            let fleet = exchange(&mut client, them, framed(&ControlRequest::Fleet), &welcome)
+                .await
+                .unwrap();
+            assert_eq!(fleet, framed(&ControlResponse::Fleet(Vec::new())));
+        };
+        tokio::time::timeout(Duration::from_secs(30), test)
+            .await
+            .expect("bounded");
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "a bad message reached the daemon"
+        );
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_another_fleet_key_is_refused() {
+        let config = |key| NetConfig {
+            keypair: Keypair::generate_ed25519(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            fleet_key: key,
+            request_timeout: Duration::from_secs(10),
+        };
+        let (server, mut events) = start(config([1; 32])).unwrap();
+        let addr = loop {
+            if let Some(NetEvent::Listening(a)) = events.recv().await {
+                break a;
+            }
+        };
+        let reached = tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(ev) = events.recv().await {
+                if matches!(ev, NetEvent::Control { .. } | NetEvent::Chunk { .. }) {
+                    n += 1;
+                }
+            }
+            n
+        });
+        let (client, _client_events) = start(config([2; 32])).unwrap();
+        client.add_addresses(server.peer_id(), vec![addr]).await;
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            client.control(server.peer_id(), ControlRequest::Fleet),
+        )
+        .await
+        .expect("bounded");
+        assert!(matches!(r, Err(RequestError::NotAdmitted(_))), "{r:?}");
+        server.shutdown().await;
+        assert_eq!(
+            reached.await.unwrap(),
+            0,
+            "a non-member's request reached the daemon"
+        );
+    }
+}

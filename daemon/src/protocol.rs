@@ -1,0 +1,699 @@
+//! Every message that crosses the wire, in one place.
+//!
+//! Two request–response protocols run over each libp2p connection (noise
+//! encrypted, yamux multiplexed, over TCP or QUIC):
+//!
+//! - [`CHUNK_PROTOCOL`] carries chunk bodies: a target asking a peer for a
+//!   chunk ([`ChunkRequest::Get`]), and the origin or an operator sending one
+//!   ([`ChunkRequest::Put`]);
+//! - [`CONTROL_PROTOCOL`] carries everything else: the fleet handshake,
+//!   registration and heartbeats, staging orders, have-sets, and the
+//!   operator's requests to the coordinator.
+//!
+//! A frame is a little-endian `u32` length and a bincode 2 body (standard
+//! configuration). The reader refuses a frame over the protocol's limit
+//! ([`MAX_CHUNK_FRAME`], [`MAX_CONTROL_FRAME`]) before it allocates, and
+//! bincode checks every inner length against the same limit; a refused or
+//! undecodable frame fails that stream only. Requests are enums that leave
+//! room to grow: a new variant is a new protocol version (`/1` → `/2`).
+
+use std::collections::BTreeMap;
+use std::io;
+
+use convoy_chunker::{ChunkHash, ReleaseId, MAX_CHUNK_SIZE};
+use futures::prelude::*;
+use libp2p::StreamProtocol;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Chunk bodies.
+pub const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new("/convoy/chunk/1");
+/// Control messages.
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/convoy/control/1");
+
+/// Largest chunk frame: a chunk body at its largest (compression never
+/// grows a stored chunk past its raw size) plus room for the header.
+pub const MAX_CHUNK_FRAME: usize = MAX_CHUNK_SIZE + 1024;
+/// Largest control frame. Bounds the manifest a release may have when it
+/// is published or staged (about 1.5 million chunks, 100 GiB of package).
+pub const MAX_CONTROL_FRAME: usize = 64 << 20;
+/// Most chunk hashes in one [`ControlRequest::MissingChunks`].
+pub const MAX_HASHES_PER_QUERY: usize = 65_536;
+/// Most chunk indices in one [`ControlRequest::Have`].
+pub const MAX_HAVE_BATCH: usize = 65_536;
+/// Most peers in one [`ControlRequest::Peers`].
+pub const MAX_PEERS_PER_LIST: usize = 4096;
+/// Most labels a target may carry, and the longest key or value.
+pub const MAX_LABELS: usize = 32;
+/// Longest label key or value, in bytes.
+pub const MAX_LABEL_BYTES: usize = 64;
+
+/// How a release is distributed to targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+pub enum DistributionMode {
+    /// Targets fetch from each other and the origin.
+    Swarm,
+    /// The origin sends each target the chunks it lacks, K targets at a time.
+    Push,
+    /// Each target fetches the chunks it lacks from the origin only.
+    Pull,
+}
+
+impl DistributionMode {
+    /// The mode's name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Swarm => "swarm",
+            Self::Push => "push",
+            Self::Pull => "pull",
+        }
+    }
+}
+
+impl std::str::FromStr for DistributionMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "swarm" => Ok(Self::Swarm),
+            "push" => Ok(Self::Push),
+            "pull" => Ok(Self::Pull),
+            other => Err(format!(
+                "unknown mode {other:?}; expected swarm, push or pull"
+            )),
+        }
+    }
+}
+
+/// A chunk as stored and sent: the encoding flag and the stored bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireChunk {
+    /// [`Encoding`](convoy_chunker::Encoding) flag.
+    pub encoding: u8,
+    /// The stored bytes.
+    #[serde(with = "serde_bytes_vec")]
+    pub bytes: Vec<u8>,
+}
+
+/// Requests of [`CHUNK_PROTOCOL`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkRequest {
+    /// Send chunk `index` of `release`'s distinct chunks.
+    Get {
+        /// The release.
+        release: ReleaseId,
+        /// Index in the release's distinct chunks.
+        index: u32,
+    },
+    /// Store this chunk of `release` (push, from the origin).
+    Put {
+        /// The release.
+        release: ReleaseId,
+        /// Index in the release's distinct chunks.
+        index: u32,
+        /// The chunk.
+        chunk: WireChunk,
+    },
+    /// Store this chunk, named by its hash (publish, from an operator).
+    Upload {
+        /// Its name.
+        hash: ChunkHash,
+        /// Its raw length.
+        len: u32,
+        /// The chunk.
+        chunk: WireChunk,
+    },
+}
+
+/// Answers of [`CHUNK_PROTOCOL`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkResponse {
+    /// The chunk asked for.
+    Chunk(WireChunk),
+    /// Not held (or, from the origin in swarm mode, left to the swarm).
+    Refused,
+    /// Too many requests queued; ask again later or elsewhere.
+    Busy,
+    /// A put or upload was verified and stored.
+    Stored,
+    /// A put or upload was refused; the reason says why.
+    Rejected(String),
+    /// The requester has not proved fleet membership.
+    Denied,
+}
+
+/// A target's labels (`dc`, `zone`, ...).
+pub type Labels = BTreeMap<String, String>;
+
+/// A fleet member another one should connect to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Its libp2p peer id, as bytes.
+    pub peer_id: Vec<u8>,
+    /// Where it listens (multiaddrs, as strings).
+    pub addrs: Vec<String>,
+    /// Its labels.
+    pub labels: Labels,
+}
+
+/// A coordinator's order to stage a release.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageOrder {
+    /// The encoded manifest.
+    #[serde(with = "serde_bytes_vec")]
+    pub manifest: Vec<u8>,
+    /// The coordinator's signature over [`signed_bytes`] of its id.
+    #[serde(with = "serde_bytes_vec")]
+    pub signature: Vec<u8>,
+    /// How to get the chunks.
+    pub mode: DistributionMode,
+    /// The origin's labels (its `dc` says which chunks are imports).
+    pub origin_labels: Labels,
+}
+
+/// The bytes a coordinator signs for a release: a domain tag and the id.
+pub fn signed_bytes(release: &ReleaseId) -> Vec<u8> {
+    let mut out = b"convoy manifest v1 ".to_vec();
+    out.extend_from_slice(&release.0);
+    out
+}
+
+/// How far a target has got with one release.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageProgress {
+    /// The release.
+    pub release: ReleaseId,
+    /// Distinct chunks held.
+    pub chunks_held: u32,
+    /// Distinct chunks in the release.
+    pub chunks_total: u32,
+    /// Stored bytes received for this release since the order (this run).
+    pub bytes_received: u64,
+    /// Of those, from peers in another data centre (or a remote origin).
+    pub bytes_received_cross_dc: u64,
+    /// Milliseconds from the order reaching the target to completion.
+    pub elapsed_ms: u64,
+    /// Where it stands.
+    pub state: StageState,
+}
+
+/// Where a staging stands on a target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StageState {
+    /// Fetching or receiving chunks.
+    Running,
+    /// Every chunk verified and durable; the release is named in the store.
+    Staged,
+    /// Gave up; the reason says why.
+    Failed(String),
+}
+
+/// A target's view of itself, sent on registration and every heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetReport {
+    /// Its labels.
+    pub labels: Labels,
+    /// Where it listens.
+    pub addrs: Vec<String>,
+    /// Releases staged in its store.
+    pub releases: Vec<ReleaseId>,
+    /// Stagings in progress or finished since it started.
+    pub stagings: Vec<StageProgress>,
+    /// Bytes of chunk bodies it has sent to peers since it started.
+    pub bytes_sent: u64,
+    /// Bytes of chunk bodies it has received since it started.
+    pub bytes_received: u64,
+    /// Bytes in its store's packs.
+    pub store_bytes: u64,
+}
+
+/// Requests of [`CONTROL_PROTOCOL`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// The first message each side of a connection sends: proof that it
+    /// holds the fleet key ([`fleet_proof`]).
+    Hello {
+        /// The proof.
+        proof: [u8; 32],
+    },
+    /// A target (re)joins the fleet, or keeps its place (heartbeat).
+    Report(TargetReport),
+    /// The coordinator orders a target to stage a release.
+    Stage(StageOrder),
+    /// The coordinator tells a target whom to fetch a release from, and its
+    /// import rank in its data centre (see
+    /// [`FetchConfig::import_rank`](crate::transfer::FetchConfig)).
+    Peers {
+        /// The release.
+        release: ReleaseId,
+        /// The peers.
+        peers: Vec<PeerInfo>,
+        /// This target's rank in its data centre.
+        rank: u32,
+        /// Targets of its data centre staging the release.
+        dc_size: u32,
+    },
+    /// Every chunk of `release` the sender holds, as a bitmap of indices.
+    Bitfield {
+        /// The release.
+        release: ReleaseId,
+        /// Number of distinct chunks.
+        len: u32,
+        /// Bit `i` (LSB first) set when chunk `i` is held.
+        #[serde(with = "serde_bytes_vec")]
+        bits: Vec<u8>,
+    },
+    /// Chunks of `release` the sender has newly stored.
+    Have {
+        /// The release.
+        release: ReleaseId,
+        /// Their indices.
+        chunks: Vec<u32>,
+    },
+    /// Operator: which of these chunks does the origin lack?
+    MissingChunks(Vec<ChunkHash>),
+    /// Operator: store this manifest and name it; its chunks must be held.
+    Publish {
+        /// The encoded manifest.
+        #[serde(with = "serde_bytes_vec")]
+        manifest: Vec<u8>,
+    },
+    /// Operator: stage `app@version` onto the targets matching `selector`.
+    StartStaging {
+        /// `app@version`.
+        release: String,
+        /// `key=value` pairs all of which a target's labels must match;
+        /// empty for every target.
+        selector: Labels,
+        /// How.
+        mode: DistributionMode,
+    },
+    /// Operator: how far has staging `id` got?
+    StagingStatus {
+        /// The staging.
+        id: u64,
+    },
+    /// Operator: the fleet as the coordinator sees it.
+    Fleet,
+}
+
+/// Answers of [`CONTROL_PROTOCOL`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlResponse {
+    /// Done.
+    Ok,
+    /// The answer to [`ControlRequest::Hello`]: the other side's proof.
+    Welcome {
+        /// The proof.
+        proof: [u8; 32],
+    },
+    /// Registration accepted; heartbeat this often.
+    Registered {
+        /// Milliseconds between heartbeats.
+        heartbeat_ms: u64,
+    },
+    /// The indices (into the query) of the chunks the origin lacks.
+    Missing(Vec<u32>),
+    /// Published: the release id.
+    Published(ReleaseId),
+    /// Staging started.
+    StagingStarted {
+        /// Its id.
+        id: u64,
+        /// The release.
+        release: ReleaseId,
+        /// The targets it goes to.
+        targets: u32,
+    },
+    /// A staging's progress.
+    Staging(StagingReport),
+    /// The fleet.
+    Fleet(Vec<FleetMember>),
+    /// The request was understood and refused; the reason says why.
+    Error(String),
+    /// The requester has not proved fleet membership, or is not the
+    /// coordinator and gave an order.
+    Denied,
+}
+
+/// A staging as the coordinator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagingReport {
+    /// Its id.
+    pub id: u64,
+    /// `app@version`.
+    pub name: String,
+    /// The release.
+    pub release: ReleaseId,
+    /// How.
+    pub mode: DistributionMode,
+    /// Distinct chunks in the release.
+    pub chunks_total: u32,
+    /// Stored bytes of the release's distinct chunks.
+    pub release_bytes: u64,
+    /// Milliseconds since it started.
+    pub elapsed_ms: u64,
+    /// Bytes of chunk bodies the origin has sent for it.
+    pub origin_bytes_sent: u64,
+    /// One entry per target.
+    pub targets: Vec<TargetStaging>,
+}
+
+/// One target's part in a staging.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetStaging {
+    /// Its peer id, as text.
+    pub peer_id: String,
+    /// Its labels.
+    pub labels: Labels,
+    /// What it last reported; `None` before its first report.
+    pub progress: Option<StageProgress>,
+    /// Whether it is connected and heartbeating.
+    pub alive: bool,
+}
+
+/// A target as the coordinator sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetMember {
+    /// Its peer id, as text.
+    pub peer_id: String,
+    /// Whether it is connected and heartbeating.
+    pub alive: bool,
+    /// Milliseconds since its last report.
+    pub last_seen_ms: u64,
+    /// Its last report.
+    pub report: TargetReport,
+}
+
+/// Proof that the sender of a [`ControlRequest::Hello`] holds the fleet
+/// key: a keyed BLAKE3 hash of a domain tag and both peer ids (which noise
+/// has authenticated), so it cannot be replayed on another connection.
+pub fn fleet_proof(fleet_key: &[u8; 32], sender: &[u8], receiver: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(fleet_key);
+    h.update(b"convoy fleet hello v1");
+    h.update(&(sender.len() as u32).to_le_bytes());
+    h.update(sender);
+    h.update(&(receiver.len() as u32).to_le_bytes());
+    h.update(receiver);
+    *h.finalize().as_bytes()
+}
+
+/// Why a frame could not be read.
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn config<const LIMIT: usize>() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<LIMIT>()
+}
+
+/// Encodes one message as a frame body (no length prefix).
+pub fn encode<T: Serialize, const LIMIT: usize>(value: &T) -> io::Result<Vec<u8>> {
+    let body = bincode::serde::encode_to_vec(value, config::<LIMIT>())
+        .map_err(|e| invalid(format!("cannot encode message: {e}")))?;
+    if body.len() > LIMIT {
+        return Err(invalid(format!(
+            "message of {} bytes exceeds the limit of {LIMIT}",
+            body.len()
+        )));
+    }
+    Ok(body)
+}
+
+/// Decodes one frame body, refusing trailing bytes.
+pub fn decode<T: DeserializeOwned, const LIMIT: usize>(body: &[u8]) -> io::Result<T> {
+    let (value, read) = bincode::serde::decode_from_slice(body, config::<LIMIT>())
+        .map_err(|e| invalid(format!("malformed message: {e}")))?;
+    if read != body.len() {
+        return Err(invalid(format!(
+            "malformed message: {} trailing bytes",
+            body.len() - read
+        )));
+    }
+    Ok(value)
+}
+
+/// Reads one length-prefixed frame of at most `LIMIT` bytes.
+pub async fn read_frame<T, R, const LIMIT: usize>(io: &mut R) -> io::Result<T>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin + Send,
+{
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > LIMIT {
+        return Err(invalid(format!(
+            "message of {len} bytes exceeds the limit of {LIMIT}"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    io.read_exact(&mut body).await?;
+    decode::<T, LIMIT>(&body)
+}
+
+/// Writes one length-prefixed frame.
+pub async fn write_frame<T, W, const LIMIT: usize>(io: &mut W, value: &T) -> io::Result<()>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin + Send,
+{
+    let body = encode::<T, LIMIT>(value)?;
+    io.write_all(&(body.len() as u32).to_le_bytes()).await?;
+    io.write_all(&body).await?;
+    io.close().await
+}
+
+/// The libp2p codec of both protocols: frames bounded per protocol.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChunkCodec;
+
+/// The libp2p codec of [`CONTROL_PROTOCOL`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ControlCodec;
+
+macro_rules! codec {
+    ($codec:ty, $req:ty, $resp:ty, $limit:expr) => {
+        impl libp2p::request_response::Codec for $codec {
+            type Protocol = StreamProtocol;
+            type Request = $req;
+            type Response = $resp;
+
+            async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<$req>
+            where
+                T: AsyncRead + Unpin + Send,
+            {
+                read_frame::<$req, T, { $limit }>(io).await
+            }
+
+            async fn read_response<T>(
+                &mut self,
+                _: &StreamProtocol,
+                io: &mut T,
+            ) -> io::Result<$resp>
+            where
+                T: AsyncRead + Unpin + Send,
+            {
+                read_frame::<$resp, T, { $limit }>(io).await
+            }
+
+            async fn write_request<T>(
+                &mut self,
+                _: &StreamProtocol,
+                io: &mut T,
+                req: $req,
+            ) -> io::Result<()>
+            where
+                T: AsyncWrite + Unpin + Send,
+            {
+                write_frame::<$req, T, { $limit }>(io, &req).await
+            }
+
+            async fn write_response<T>(
+                &mut self,
+                _: &StreamProtocol,
+                io: &mut T,
+                resp: $resp,
+            ) -> io::Result<()>
+            where
+                T: AsyncWrite + Unpin + Send,
+            {
+                write_frame::<$resp, T, { $limit }>(io, &resp).await
+            }
+        }
+    };
+}
+
+codec!(ChunkCodec, ChunkRequest, ChunkResponse, MAX_CHUNK_FRAME);
+codec!(
+    ControlCodec,
+    ControlRequest,
+    ControlResponse,
+    MAX_CONTROL_FRAME
+);
+
+/// Byte vectors as one bincode length and the raw bytes (serde's default
+/// for `Vec<u8>` is a sequence, which bincode also writes compactly; this
+/// keeps the intent visible and the encoding pinned).
+mod serde_bytes_vec {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame<T: Serialize, const LIMIT: usize>(v: &T) -> Vec<u8> {
+        let body = encode::<T, LIMIT>(v).unwrap();
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        out.extend(body);
+        out
+    }
+
+    /// Pins the encoding of a chunk request: a change here is a protocol
+    /// version change.
+    #[test]
+    fn golden_get_request() {
+        let req = ChunkRequest::Get {
+            release: ReleaseId([7; 32]),
+            index: 300,
+        };
+        let bytes = frame::<_, MAX_CHUNK_FRAME>(&req);
+        let mut expected = vec![35, 0, 0, 0, 0];
+        expected.extend([7; 32]);
+        expected.extend([251, 44, 1]);
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn golden_chunk_response() {
+        let resp = ChunkResponse::Chunk(WireChunk {
+            encoding: 1,
+            bytes: vec![1, 2, 3],
+        });
+        assert_eq!(
+            frame::<_, MAX_CHUNK_FRAME>(&resp),
+            vec![6, 0, 0, 0, 0, 1, 3, 1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn golden_hello() {
+        let req = ControlRequest::Hello { proof: [9; 32] };
+        let bytes = frame::<_, MAX_CONTROL_FRAME>(&req);
+        assert_eq!(&bytes[..5], &[33, 0, 0, 0, 0]);
+        assert_eq!(&bytes[5..], &[9; 32]);
+    }
+
+    #[test]
+    fn every_control_message_round_trips() {
+        let order = StageOrder {
+            manifest: vec![1, 2, 3],
+            signature: vec![4; 64],
+            mode: DistributionMode::Swarm,
+            origin_labels: Labels::new(),
+        };
+        let progress = StageProgress {
+            release: ReleaseId([1; 32]),
+            chunks_held: 3,
+            chunks_total: 9,
+            bytes_received: 1 << 40,
+            bytes_received_cross_dc: 5,
+            elapsed_ms: 12,
+            state: StageState::Failed("disk full".into()),
+        };
+        let report = TargetReport {
+            labels: [("dc".to_string(), "eu1".to_string())].into(),
+            addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            releases: vec![ReleaseId([2; 32])],
+            stagings: vec![progress],
+            bytes_sent: 1,
+            bytes_received: 2,
+            store_bytes: 3,
+        };
+        let reqs = vec![
+            ControlRequest::Report(report),
+            ControlRequest::Stage(order),
+            ControlRequest::Bitfield {
+                release: ReleaseId([3; 32]),
+                len: 9,
+                bits: vec![0xff, 1],
+            },
+            ControlRequest::Have {
+                release: ReleaseId([3; 32]),
+                chunks: vec![0, 8],
+            },
+            ControlRequest::StartStaging {
+                release: "web@1".into(),
+                selector: Labels::new(),
+                mode: DistributionMode::Pull,
+            },
+        ];
+        for r in reqs {
+            let body = encode::<_, MAX_CONTROL_FRAME>(&r).unwrap();
+            let back: ControlRequest = decode::<_, MAX_CONTROL_FRAME>(&body).unwrap();
+            assert_eq!(back, r);
+        }
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_reading_the_body() {
+        let mut bytes = ((MAX_CHUNK_FRAME + 1) as u32).to_le_bytes().to_vec();
+        bytes.extend([0u8; 16]);
+        let mut io = futures::io::Cursor::new(bytes);
+        let err =
+            futures::executor::block_on(read_frame::<ChunkRequest, _, MAX_CHUNK_FRAME>(&mut io))
+                .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    }
+
+    #[test]
+    fn a_length_inside_the_body_over_the_limit_is_refused() {
+        // A Put whose chunk claims 2^31 bytes in a small frame.
+        let mut body = vec![1u8];
+        body.extend([0; 32]);
+        body.push(0);
+        body.push(0);
+        body.push(252);
+        body.extend(0x8000_0000u32.to_le_bytes());
+        assert!(decode::<ChunkRequest, MAX_CHUNK_FRAME>(&body).is_err());
+    }
+
+    #[test]
+    fn malformed_and_trailing_bytes_are_refused() {
+        assert!(decode::<ChunkRequest, MAX_CHUNK_FRAME>(&[9, 9, 9]).is_err());
+        let mut body = encode::<_, MAX_CHUNK_FRAME>(&ChunkResponse::Busy).unwrap();
+        body.push(0);
+        let err = decode::<ChunkResponse, MAX_CHUNK_FRAME>(&body).unwrap_err();
+        assert!(err.to_string().contains("trailing"), "{err}");
+    }
+
+    #[test]
+    fn fleet_proof_depends_on_key_and_direction() {
+        let k = [1; 32];
+        let a = fleet_proof(&k, b"alice", b"bob");
+        assert_ne!(a, fleet_proof(&k, b"bob", b"alice"));
+        assert_ne!(a, fleet_proof(&[2; 32], b"alice", b"bob"));
+        assert_eq!(a, fleet_proof(&k, b"alice", b"bob"));
+    }
+}

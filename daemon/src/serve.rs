@@ -1,0 +1,185 @@
+//! Serving and receiving chunk bodies: what both roles do with the store.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use convoy_chunker::{ChunkRef, Encoding, Manifest, ReleaseId, StoredChunk};
+
+use crate::net::Reply;
+use crate::protocol::{ChunkResponse, WireChunk};
+use crate::rate::Pacer;
+use crate::store::Store;
+
+/// Serves queued beyond this (at the upload cap) are answered busy.
+const MAX_UPLOAD_BACKLOG: Duration = Duration::from_millis(500);
+/// Serves reading or waiting at once, whatever the cap.
+const MAX_SERVES: usize = 128;
+/// Releases whose chunk lists are kept in memory.
+const MAX_RELEASES: usize = 64;
+
+/// A release's distinct chunks, in index order.
+pub type ChunkList = Arc<Vec<ChunkRef>>;
+
+/// The store, the caps and the counters a daemon shares between tasks.
+pub struct Chunks {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Upload cap.
+    pub upload: Pacer,
+    /// Download cap.
+    pub download: Pacer,
+    lists: Mutex<HashMap<ReleaseId, ChunkList>>,
+    serving: AtomicUsize,
+    /// Chunk body bytes sent.
+    pub bytes_sent: AtomicU64,
+    /// Chunk body bytes received and stored.
+    pub bytes_received: AtomicU64,
+    /// Fault injection for tests: serve every chunk with a byte flipped.
+    pub corrupt_uploads: std::sync::atomic::AtomicBool,
+}
+
+/// Why a received chunk was not stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// The bytes are not the chunk (the sender is faulty or hostile).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed (a full disk, say); the sender is not at fault.
+    #[error("{0}")]
+    Store(String),
+}
+
+impl Chunks {
+    /// Shares `store` under the given caps (bytes per second).
+    pub fn new(store: Arc<dyn Store>, upload: Option<u64>, download: Option<u64>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            upload: Pacer::new(upload),
+            download: Pacer::new(download),
+            lists: Mutex::new(HashMap::new()),
+            serving: AtomicUsize::new(0),
+            bytes_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            corrupt_uploads: Default::default(),
+        })
+    }
+
+    /// Remembers a release's chunk list, so its chunks can be named by index.
+    pub fn add_release(&self, manifest: &Manifest) -> ChunkList {
+        let id = manifest.release_id();
+        let mut lists = self.lists.lock().expect("lists lock");
+        if let Some(l) = lists.get(&id) {
+            return l.clone();
+        }
+        if lists.len() >= MAX_RELEASES {
+            lists.clear();
+        }
+        let list = Arc::new(manifest.unique_chunks());
+        lists.insert(id, list.clone());
+        list
+    }
+
+    /// The chunk list of a release this process knows, loading its
+    /// manifest from the store if need be.
+    pub fn list(&self, release: &ReleaseId) -> Option<ChunkList> {
+        if let Some(l) = self.lists.lock().expect("lists lock").get(release) {
+            return Some(l.clone());
+        }
+        let manifest = self.store.get_manifest(release).ok()??;
+        Some(self.add_release(&manifest))
+    }
+
+    /// Whether the upload queue is full: a request now would wait too long.
+    pub fn busy(&self) -> bool {
+        self.serving.load(Ordering::Relaxed) >= MAX_SERVES
+            || self.upload.backlog(Instant::now()) > MAX_UPLOAD_BACKLOG
+    }
+
+    /// Whether nothing is queued for upload.
+    pub fn upload_idle(&self) -> bool {
+        self.serving.load(Ordering::Relaxed) == 0
+    }
+
+    /// Answers a request for `chunk` from the store, at the upload cap,
+    /// adding the bytes sent to `counter` too; says whether it went out.
+    /// Runs as its own task.
+    pub async fn serve(
+        self: Arc<Self>,
+        chunk: ChunkRef,
+        reply: Reply<ChunkResponse>,
+        counter: Option<Arc<AtomicU64>>,
+    ) -> bool {
+        self.serving.fetch_add(1, Ordering::Relaxed);
+        let response = match self.read(chunk).await {
+            Some(mut wire) => {
+                if self.corrupt_uploads.load(Ordering::Relaxed) {
+                    tracing::warn!(chunk = %chunk.hash, "corrupting an upload (--fault-corrupt-uploads)");
+                    let last = wire.bytes.len() - 1;
+                    wire.bytes[last] ^= 0x55;
+                }
+                let n = wire.bytes.len() as u64;
+                self.upload.acquire(n).await;
+                self.bytes_sent.fetch_add(n, Ordering::Relaxed);
+                if let Some(c) = counter {
+                    c.fetch_add(n, Ordering::Relaxed);
+                }
+                ChunkResponse::Chunk(wire)
+            }
+            None => ChunkResponse::Refused,
+        };
+        let sent = matches!(response, ChunkResponse::Chunk(_));
+        reply.send(response).await;
+        self.serving.fetch_sub(1, Ordering::Relaxed);
+        sent
+    }
+
+    /// A chunk in its wire form, if held.
+    pub async fn read(&self, chunk: ChunkRef) -> Option<WireChunk> {
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || store.get_chunk(&chunk.hash))
+            .await
+            .ok()?
+            .ok()??;
+        Some(WireChunk {
+            encoding: stored.encoding.flag(),
+            bytes: stored.bytes,
+        })
+    }
+
+    /// Verifies a received chunk against its name and stores it. Returns
+    /// its stored size.
+    pub async fn receive(&self, chunk: ChunkRef, wire: WireChunk) -> Result<u64, ReceiveError> {
+        let encoding = Encoding::from_flag(wire.encoding).ok_or_else(|| {
+            ReceiveError::Invalid(format!("unknown chunk encoding {}", wire.encoding))
+        })?;
+        let stored = StoredChunk {
+            encoding,
+            bytes: wire.bytes,
+        };
+        let len = stored.bytes.len() as u64;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            stored
+                .verify(&chunk)
+                .map_err(|e| ReceiveError::Invalid(e.to_string()))?;
+            store
+                .put_chunks(&[(chunk, stored)])
+                .map_err(|e| ReceiveError::Store(e.to_string()))
+        })
+        .await
+        .map_err(|e| ReceiveError::Store(e.to_string()))??;
+        self.bytes_received.fetch_add(len, Ordering::Relaxed);
+        Ok(len)
+    }
+
+    /// Makes the chunks received so far durable.
+    pub async fn flush(&self) -> Result<(), String> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.flush().map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+}

@@ -1,0 +1,931 @@
+//! The target role: register with the coordinator, stage what it orders.
+//!
+//! One task ([`run`]) owns the state of every staging and drives the
+//! [`Fetcher`] of each (swarm, pull) or takes the chunks the origin pushes.
+//! Requests to peers run as their own tasks and report back on a channel,
+//! so the loop never waits on the network. Orders are kept under
+//! `DATA/staging/` until the release is staged, so a restarted target
+//! resumes them, fetching only what its store lacks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use convoy_chunker::{Manifest, ReleaseId};
+use libp2p::identity::PublicKey;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::net::{NetEvent, NetHandle, RequestError};
+use crate::protocol::{
+    self, signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
+    DistributionMode, Labels, StageOrder, StageProgress, StageState, TargetReport,
+    MAX_CONTROL_FRAME,
+};
+use crate::serve::{ChunkList, Chunks, ReceiveError};
+use crate::transfer::{FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode};
+
+/// How often newly held chunks are announced to peers.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
+/// How often received chunks are made durable.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Heartbeat until the coordinator says otherwise.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Stagings a target runs at once.
+const MAX_STAGINGS: usize = 16;
+
+/// How a target is set up.
+pub struct TargetConfig {
+    /// The coordinator's peer id (its public key: manifests must be signed by it).
+    pub coordinator: PeerId,
+    /// Where to reach it.
+    pub coordinator_addrs: Vec<Multiaddr>,
+    /// This target's labels.
+    pub labels: Labels,
+    /// The data directory (orders in progress live under `staging/`).
+    pub data_dir: PathBuf,
+}
+
+/// The coordinator's public key, taken from its peer id (ed25519 ids embed it).
+pub fn public_key_of(peer: &PeerId) -> Option<PublicKey> {
+    let mh: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    if mh.code() != 0 {
+        return None;
+    }
+    PublicKey::try_decode_protobuf(mh.digest()).ok()
+}
+
+enum Internal {
+    Fetched {
+        release: ReleaseId,
+        peer: PeerId,
+        index: u32,
+        outcome: Outcome,
+    },
+    Pushed {
+        release: ReleaseId,
+        index: u32,
+        bytes: u64,
+    },
+    Staged {
+        release: ReleaseId,
+        result: Result<(), String>,
+    },
+    Registered(Result<ControlResponse, RequestError>),
+}
+
+enum Outcome {
+    Stored(u64),
+    Invalid(String),
+    Refused,
+    Busy,
+    Failed(RequestError),
+    StoreFailed(String),
+}
+
+struct Staging {
+    order: StageOrder,
+    manifest: Arc<Manifest>,
+    chunks: ChunkList,
+    have: HaveSet,
+    fetcher: Option<Fetcher<PeerId>>,
+    /// Peers of this staging and how close each is.
+    peers: BTreeMap<PeerId, Locality>,
+    announce: Vec<u32>,
+    started: Instant,
+    elapsed: Option<Duration>,
+    bytes_received: u64,
+    bytes_cross_dc: u64,
+    state: StageState,
+    origin_in_my_dc: bool,
+    finishing: bool,
+}
+
+impl Staging {
+    fn progress(&self, release: ReleaseId) -> StageProgress {
+        StageProgress {
+            release,
+            chunks_held: self.have.count() as u32,
+            chunks_total: self.have.len() as u32,
+            bytes_received: self.bytes_received,
+            bytes_received_cross_dc: self.bytes_cross_dc,
+            elapsed_ms: self.elapsed.unwrap_or(self.started.elapsed()).as_millis() as u64,
+            state: self.state.clone(),
+        }
+    }
+}
+
+struct Target {
+    config: TargetConfig,
+    coordinator_key: PublicKey,
+    net: NetHandle,
+    chunks: Arc<Chunks>,
+    stagings: HashMap<ReleaseId, Staging>,
+    labels_of: HashMap<PeerId, Labels>,
+    internal: mpsc::Sender<Internal>,
+    heartbeat: Duration,
+    registered: bool,
+    registering: bool,
+    dirty: bool,
+    listen: Vec<Multiaddr>,
+}
+
+/// Runs the target until `shutdown` completes.
+pub async fn run(
+    config: TargetConfig,
+    chunks: Arc<Chunks>,
+    net: NetHandle,
+    mut events: mpsc::Receiver<NetEvent>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let coordinator_key = public_key_of(&config.coordinator).ok_or_else(|| {
+        anyhow::anyhow!(
+            "coordinator peer id {} does not embed a public key; use the id convoyd coordinator prints",
+            config.coordinator
+        )
+    })?;
+    std::fs::create_dir_all(config.data_dir.join("staging"))?;
+    net.add_addresses(config.coordinator, config.coordinator_addrs.clone())
+        .await;
+    let (tx, mut rx) = mpsc::channel(4096);
+    let mut t = Target {
+        config,
+        coordinator_key,
+        net,
+        chunks,
+        stagings: HashMap::new(),
+        labels_of: HashMap::new(),
+        internal: tx,
+        heartbeat: DEFAULT_HEARTBEAT,
+        registered: false,
+        registering: false,
+        dirty: false,
+        listen: Vec::new(),
+    };
+    t.resume_orders();
+    t.register();
+    let mut announce = tokio::time::interval(ANNOUNCE_EVERY);
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
+    let mut heartbeat = tokio::time::interval(t.heartbeat);
+    tokio::pin!(shutdown);
+    loop {
+        let wake = t.next_timeout();
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(ev) = events.recv() => t.on_net(ev).await,
+            Some(ev) = rx.recv() => t.on_internal(ev).await,
+            _ = announce.tick() => t.announce(),
+            _ = flush.tick() => t.flush_if_dirty().await,
+            _ = heartbeat.tick() => t.register(),
+            _ = sleep_until(wake) => t.on_timeout(),
+        }
+    }
+    info!("target stopping: flushing the store");
+    t.flush_if_dirty().await;
+    Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn order_path(dir: &Path, release: &ReleaseId) -> PathBuf {
+    dir.join("staging")
+        .join(format!("{}.order", release.to_hex()))
+}
+
+fn label<'a>(labels: &'a Labels, key: &str) -> &'a str {
+    labels.get(key).map(String::as_str).unwrap_or("")
+}
+
+impl Target {
+    fn my_place(&self) -> (&str, &str) {
+        (
+            label(&self.config.labels, "dc"),
+            label(&self.config.labels, "zone"),
+        )
+    }
+
+    fn locality_of(&self, peer: &PeerId) -> Locality {
+        if *peer == self.config.coordinator {
+            return Locality::Origin;
+        }
+        match self.labels_of.get(peer) {
+            Some(l) => Locality::between(self.my_place(), (label(l, "dc"), label(l, "zone"))),
+            None => Locality::OtherDc,
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
+        self.stagings
+            .values()
+            .filter_map(|s| s.fetcher.as_ref()?.poll_timeout())
+            .min()
+    }
+
+    fn on_timeout(&mut self) {
+        let now = Instant::now();
+        let due: Vec<ReleaseId> = self
+            .stagings
+            .iter()
+            .filter(|(_, s)| {
+                s.fetcher
+                    .as_ref()
+                    .and_then(|f| f.poll_timeout())
+                    .is_some_and(|t| t <= now)
+            })
+            .map(|(r, _)| *r)
+            .collect();
+        for r in due {
+            if let Some(f) = self.stagings.get_mut(&r).and_then(|s| s.fetcher.as_mut()) {
+                f.handle_timeout(now);
+            }
+            self.drive(r);
+        }
+    }
+
+    /// Picks up the orders a previous run left unfinished.
+    fn resume_orders(&mut self) {
+        let dir = self.config.data_dir.join("staging");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("order") {
+                continue;
+            }
+            let order = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    protocol::decode::<StageOrder, MAX_CONTROL_FRAME>(&b).map_err(|e| e.to_string())
+                });
+            match order.and_then(|o| self.accept(o, false)) {
+                Ok(id) => info!(release = %id, "resuming staging"),
+                Err(e) => {
+                    warn!(path = %path.display(), "dropping an unreadable order: {e}");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+
+    /// Sends a report: registration at first, then heartbeats.
+    fn register(&mut self) {
+        if self.registering {
+            return;
+        }
+        self.registering = true;
+        let report = self.report();
+        let net = self.net.clone();
+        let coordinator = self.config.coordinator;
+        let tx = self.internal.clone();
+        tokio::spawn(async move {
+            let r = net
+                .control(coordinator, ControlRequest::Report(report))
+                .await;
+            let _ = tx.send(Internal::Registered(r)).await;
+        });
+    }
+
+    fn report(&self) -> TargetReport {
+        let releases = self
+            .chunks
+            .store
+            .releases()
+            .map(|rs| rs.into_iter().map(|r| r.id).collect())
+            .unwrap_or_default();
+        TargetReport {
+            labels: self.config.labels.clone(),
+            addrs: self.listen.iter().map(|a| a.to_string()).collect(),
+            releases,
+            stagings: self.stagings.iter().map(|(r, s)| s.progress(*r)).collect(),
+            bytes_sent: self.chunks.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: self.chunks.bytes_received.load(Ordering::Relaxed),
+            store_bytes: 0,
+        }
+    }
+
+    async fn on_net(&mut self, event: NetEvent) {
+        match event {
+            NetEvent::Listening(addr) => self.listen.push(addr),
+            NetEvent::Admitted(peer) => {
+                if peer == self.config.coordinator {
+                    // A coordinator back after a restart: it serves again.
+                    let now = Instant::now();
+                    let ids: Vec<ReleaseId> = self.stagings.keys().copied().collect();
+                    for r in ids {
+                        let s = self.stagings.get_mut(&r).expect("listed");
+                        if let Some(f) = s.fetcher.as_mut() {
+                            s.peers.insert(peer, Locality::Origin);
+                            f.add_peer(now, peer, Locality::Origin, HaveSet::full(s.have.len()));
+                        }
+                        self.drive(r);
+                    }
+                }
+            }
+            NetEvent::Disconnected(peer) => {
+                let now = Instant::now();
+                let ids: Vec<ReleaseId> = self.stagings.keys().copied().collect();
+                for r in ids {
+                    if let Some(f) = self.stagings.get_mut(&r).and_then(|s| s.fetcher.as_mut()) {
+                        f.remove_peer(now, peer);
+                    }
+                    self.drive(r);
+                }
+                if peer == self.config.coordinator {
+                    self.registered = false;
+                }
+            }
+            NetEvent::Chunk {
+                peer,
+                request,
+                reply,
+            } => match request {
+                ChunkRequest::Get { release, index } => {
+                    let chunk = self
+                        .chunks
+                        .list(&release)
+                        .and_then(|l| l.get(index as usize).copied());
+                    match chunk {
+                        None => reply.send(ChunkResponse::Refused).await,
+                        Some(_) if self.chunks.busy() => reply.send(ChunkResponse::Busy).await,
+                        Some(c) => {
+                            tokio::spawn(self.chunks.clone().serve(c, reply, None));
+                        }
+                    }
+                }
+                ChunkRequest::Put {
+                    release,
+                    index,
+                    chunk,
+                } => {
+                    if peer != self.config.coordinator {
+                        reply.send(ChunkResponse::Denied).await;
+                        return;
+                    }
+                    let Some(s) = self.stagings.get(&release) else {
+                        reply
+                            .send(ChunkResponse::Rejected("no such staging".into()))
+                            .await;
+                        return;
+                    };
+                    let Some(cref) = s.chunks.get(index as usize).copied() else {
+                        reply
+                            .send(ChunkResponse::Rejected("chunk index out of range".into()))
+                            .await;
+                        return;
+                    };
+                    let chunks = self.chunks.clone();
+                    let tx = self.internal.clone();
+                    tokio::spawn(async move {
+                        chunks.download.acquire(chunk.bytes.len() as u64).await;
+                        match chunks.receive(cref, chunk).await {
+                            Ok(bytes) => {
+                                reply.send(ChunkResponse::Stored).await;
+                                let _ = tx
+                                    .send(Internal::Pushed {
+                                        release,
+                                        index,
+                                        bytes,
+                                    })
+                                    .await;
+                            }
+                            Err(e) => reply.send(ChunkResponse::Rejected(e.to_string())).await,
+                        }
+                    });
+                }
+                ChunkRequest::Upload { .. } => reply.send(ChunkResponse::Denied).await,
+            },
+            NetEvent::Control {
+                peer,
+                request,
+                reply,
+            } => {
+                let response = self.on_control(peer, request);
+                reply.send(response).await;
+            }
+        }
+    }
+
+    fn on_control(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
+        let from_coordinator = peer == self.config.coordinator;
+        match request {
+            ControlRequest::Stage(order) if from_coordinator => match self.accept(order, true) {
+                Ok(_) => ControlResponse::Ok,
+                Err(e) => ControlResponse::Error(e),
+            },
+            ControlRequest::Peers {
+                release,
+                peers,
+                rank,
+                dc_size,
+            } if from_coordinator => {
+                self.on_peers(release, peers, rank, dc_size);
+                ControlResponse::Ok
+            }
+            ControlRequest::Stage(_) | ControlRequest::Peers { .. } => {
+                warn!(%peer, "refusing an order from a peer that is not the coordinator");
+                ControlResponse::Denied
+            }
+            ControlRequest::Bitfield { release, len, bits } => {
+                self.on_bitfield(peer, release, len, &bits);
+                ControlResponse::Ok
+            }
+            ControlRequest::Have { release, chunks } => {
+                let now = Instant::now();
+                let locality = self.locality_of(&peer);
+                if let Some(s) = self.stagings.get_mut(&release) {
+                    if let Some(f) = s.fetcher.as_mut() {
+                        // A peer may announce before its have-set arrives.
+                        if s.order.mode == DistributionMode::Swarm
+                            && s.peers.insert(peer, locality).is_none()
+                        {
+                            f.add_peer(now, peer, locality, HaveSet::empty(s.have.len()));
+                        }
+                        f.handle_haves(now, peer, chunks);
+                    }
+                }
+                self.drive(release);
+                ControlResponse::Ok
+            }
+            _ => ControlResponse::Error("a target does not answer that request".into()),
+        }
+    }
+
+    /// Checks an order (the coordinator's signature) and starts or resumes it.
+    fn accept(&mut self, order: StageOrder, persist: bool) -> Result<ReleaseId, String> {
+        let manifest = Manifest::decode(&order.manifest).map_err(|e| e.to_string())?;
+        let id = manifest.release_id();
+        if !self
+            .coordinator_key
+            .verify(&signed_bytes(&id), &order.signature)
+        {
+            return Err(format!(
+                "release {id}: the manifest is not signed by the coordinator this target trusts"
+            ));
+        }
+        if self.stagings.contains_key(&id) {
+            return Ok(id);
+        }
+        if self.stagings.len() >= MAX_STAGINGS {
+            self.stagings.retain(|_, s| s.state == StageState::Running);
+            if self.stagings.len() >= MAX_STAGINGS {
+                return Err(format!("already staging {MAX_STAGINGS} releases"));
+            }
+        }
+        let store = &self.chunks.store;
+        let already = store
+            .resolve(manifest.app(), manifest.version())
+            .map_err(|e| e.to_string())?;
+        let chunks = self.chunks.add_release(&manifest);
+        let hashes: Vec<_> = chunks.iter().map(|c| c.hash).collect();
+        let held = store.contains_chunks(&hashes).map_err(|e| e.to_string())?;
+        let have = HaveSet::from_indices(
+            chunks.len(),
+            held.iter()
+                .enumerate()
+                .filter(|(_, h)| **h)
+                .map(|(i, _)| i as u32),
+        );
+        if persist && already != Some(id) {
+            write_atomically(&order_path(&self.config.data_dir, &id), &{
+                protocol::encode::<_, MAX_CONTROL_FRAME>(&order).map_err(|e| e.to_string())?
+            })
+            .map_err(|e| format!("cannot record the order: {e}"))?;
+        }
+        let origin_in_my_dc = label(&order.origin_labels, "dc") == self.my_place().0;
+        let fetcher = match order.mode {
+            DistributionMode::Push => None,
+            mode => {
+                let mut config = FetchConfig {
+                    mode: if mode == DistributionMode::Pull {
+                        Mode::Pull
+                    } else {
+                        Mode::Swarm
+                    },
+                    origin_in_my_dc,
+                    seed: seed_of(&self.net.peer_id()),
+                    ..FetchConfig::default()
+                };
+                config.request_timeout = Duration::from_secs(30);
+                let mut f = Fetcher::new(have.clone(), config);
+                f.add_peer(
+                    Instant::now(),
+                    self.config.coordinator,
+                    Locality::Origin,
+                    HaveSet::full(chunks.len()),
+                );
+                Some(f)
+            }
+        };
+        info!(release = %id, name = %format!("{}@{}", manifest.app(), manifest.version()),
+              mode = order.mode.name(), held = have.count(), total = have.len(), "staging");
+        let mut peers = BTreeMap::new();
+        peers.insert(self.config.coordinator, Locality::Origin);
+        let staged = already == Some(id);
+        self.stagings.insert(
+            id,
+            Staging {
+                order,
+                manifest: Arc::new(manifest),
+                chunks,
+                have,
+                fetcher,
+                peers,
+                announce: Vec::new(),
+                started: Instant::now(),
+                elapsed: staged.then_some(Duration::ZERO),
+                bytes_received: 0,
+                bytes_cross_dc: 0,
+                state: if staged {
+                    StageState::Staged
+                } else {
+                    StageState::Running
+                },
+                origin_in_my_dc,
+                finishing: false,
+            },
+        );
+        self.send_bitfield(id, self.config.coordinator);
+        if staged {
+            self.register();
+        } else {
+            self.drive(id);
+            self.check_complete(id);
+        }
+        Ok(id)
+    }
+
+    fn on_peers(
+        &mut self,
+        release: ReleaseId,
+        peers: Vec<protocol::PeerInfo>,
+        rank: u32,
+        size: u32,
+    ) {
+        let me = self.net.peer_id();
+        let mut new = Vec::new();
+        for p in peers {
+            let Ok(id) = PeerId::from_bytes(&p.peer_id) else {
+                continue;
+            };
+            if id == me || id == self.config.coordinator {
+                continue;
+            }
+            let addrs: Vec<Multiaddr> = p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            self.net.learn_addresses(id, addrs);
+            self.labels_of.insert(id, p.labels);
+            new.push(id);
+        }
+        let now = Instant::now();
+        let localities: Vec<(PeerId, Locality)> =
+            new.iter().map(|p| (*p, self.locality_of(p))).collect();
+        let Some(s) = self.stagings.get_mut(&release) else {
+            return;
+        };
+        let Some(f) = s.fetcher.as_mut() else {
+            return;
+        };
+        if size > 0 && rank < size {
+            f.set_import_rank(now, rank, size);
+        }
+        if s.order.mode != DistributionMode::Swarm {
+            return;
+        }
+        let mut fresh = Vec::new();
+        for (p, loc) in localities {
+            if s.peers.insert(p, loc).is_none() {
+                f.add_peer(now, p, loc, HaveSet::empty(s.have.len()));
+                fresh.push(p);
+            }
+        }
+        for p in fresh {
+            self.send_bitfield(release, p);
+        }
+        self.drive(release);
+    }
+
+    fn on_bitfield(&mut self, peer: PeerId, release: ReleaseId, len: u32, bits: &[u8]) {
+        let locality = self.locality_of(&peer);
+        let Some(s) = self.stagings.get_mut(&release) else {
+            return;
+        };
+        if len as usize != s.have.len() || bits.len() != (len as usize).div_ceil(8) {
+            warn!(%peer, "ignoring a have-set of the wrong length");
+            return;
+        }
+        if s.order.mode != DistributionMode::Swarm || peer == self.config.coordinator {
+            return;
+        }
+        let have = HaveSet::from_indices(
+            len as usize,
+            (0..len).filter(|i| bits[(*i / 8) as usize] & (1 << (i % 8)) != 0),
+        );
+        let new = s.peers.insert(peer, locality).is_none();
+        if let Some(f) = s.fetcher.as_mut() {
+            let now = Instant::now();
+            if new {
+                f.add_peer(now, peer, locality, have);
+            } else {
+                // Merge: announcements may have overtaken this have-set.
+                f.handle_haves(now, peer, have.iter());
+            }
+        }
+        if new {
+            self.send_bitfield(release, peer);
+        }
+        self.drive(release);
+    }
+
+    fn send_bitfield(&self, release: ReleaseId, to: PeerId) {
+        let Some(s) = self.stagings.get(&release) else {
+            return;
+        };
+        let len = s.have.len();
+        let mut bits = vec![0u8; len.div_ceil(8)];
+        for i in s.have.iter() {
+            bits[(i / 8) as usize] |= 1 << (i % 8);
+        }
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            let req = ControlRequest::Bitfield {
+                release,
+                len: len as u32,
+                bits,
+            };
+            if let Err(e) = net.control(to, req).await {
+                debug!(peer = %to, "have-set not delivered: {e}");
+            }
+        });
+    }
+
+    /// Sends the chunks held since the last announcement to every peer.
+    fn announce(&mut self) {
+        for (release, s) in self.stagings.iter_mut() {
+            if s.announce.is_empty() {
+                continue;
+            }
+            let chunks = std::mem::take(&mut s.announce);
+            for chunks in chunks.chunks(protocol::MAX_HAVE_BATCH) {
+                for peer in s.peers.keys() {
+                    let net = self.net.clone();
+                    let req = ControlRequest::Have {
+                        release: *release,
+                        chunks: chunks.to_vec(),
+                    };
+                    let peer = *peer;
+                    tokio::spawn(async move {
+                        let _ = net.control(peer, req).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Carries out what a staging's fetcher decided.
+    fn drive(&mut self, release: ReleaseId) {
+        let Some(s) = self.stagings.get_mut(&release) else {
+            return;
+        };
+        let Some(f) = s.fetcher.as_mut() else {
+            return;
+        };
+        let mut complete = false;
+        while let Some(action) = f.poll_action() {
+            match action {
+                FetchAction::Request { peer, chunk } => {
+                    let cref = s.chunks[chunk as usize];
+                    let net = self.net.clone();
+                    let chunks = self.chunks.clone();
+                    let tx = self.internal.clone();
+                    tokio::spawn(async move {
+                        chunks.download.acquire(u64::from(cref.len)).await;
+                        let outcome = match net
+                            .chunk(
+                                peer,
+                                ChunkRequest::Get {
+                                    release,
+                                    index: chunk,
+                                },
+                            )
+                            .await
+                        {
+                            Ok(ChunkResponse::Chunk(wire)) => {
+                                match chunks.receive(cref, wire).await {
+                                    Ok(n) => Outcome::Stored(n),
+                                    Err(ReceiveError::Invalid(e)) => Outcome::Invalid(e),
+                                    Err(ReceiveError::Store(e)) => Outcome::StoreFailed(e),
+                                }
+                            }
+                            Ok(ChunkResponse::Refused) => Outcome::Refused,
+                            Ok(ChunkResponse::Busy) => Outcome::Busy,
+                            Ok(other) => Outcome::Invalid(format!("unexpected answer {other:?}")),
+                            Err(e) => Outcome::Failed(e),
+                        };
+                        let _ = tx
+                            .send(Internal::Fetched {
+                                release,
+                                peer,
+                                index: chunk,
+                                outcome,
+                            })
+                            .await;
+                    });
+                }
+                // A request in flight cannot be withdrawn; its answer is ignored.
+                FetchAction::Cancel { .. } => {}
+                FetchAction::Announce { chunk } => {
+                    if s.order.mode == DistributionMode::Swarm {
+                        s.announce.push(chunk);
+                    }
+                }
+                FetchAction::Ban { peer } => {
+                    warn!(%peer, release = %release, "peer sent a corrupt chunk: banning it");
+                    s.peers.remove(&peer);
+                    let net = self.net.clone();
+                    tokio::spawn(async move { net.ban(peer).await });
+                }
+                FetchAction::GaveUp { chunk } => {
+                    warn!(release = %release, chunk, "chunk failed too often; waiting for new peers");
+                }
+                FetchAction::Complete => complete = true,
+            }
+        }
+        if complete {
+            self.check_complete(release);
+        }
+    }
+
+    async fn on_internal(&mut self, event: Internal) {
+        match event {
+            Internal::Fetched {
+                release,
+                peer,
+                index,
+                outcome,
+            } => {
+                let now = Instant::now();
+                let Some(s) = self.stagings.get_mut(&release) else {
+                    return;
+                };
+                let Some(f) = s.fetcher.as_mut() else {
+                    return;
+                };
+                match outcome {
+                    Outcome::Stored(bytes) => {
+                        self.dirty = true;
+                        // Every byte that arrived counts, endgame duplicates too.
+                        s.have.insert(index);
+                        s.bytes_received += bytes;
+                        let cross = match s.peers.get(&peer) {
+                            Some(Locality::OtherDc) => true,
+                            Some(Locality::Origin) => !s.origin_in_my_dc,
+                            _ => false,
+                        };
+                        if cross {
+                            s.bytes_cross_dc += bytes;
+                        }
+                        f.handle_chunk(now, peer, index, true);
+                    }
+                    Outcome::Invalid(why) => {
+                        warn!(%peer, index, "invalid chunk: {why}");
+                        f.handle_chunk(now, peer, index, false);
+                    }
+                    Outcome::Refused => f.handle_refused(now, peer, index),
+                    Outcome::Busy => f.handle_busy(now, peer, index),
+                    Outcome::StoreFailed(e) => {
+                        warn!(release = %release, "cannot store a chunk: {e}");
+                        s.state = StageState::Failed(format!("store: {e}"));
+                        f.handle_refused(now, peer, index);
+                    }
+                    Outcome::Failed(e) => {
+                        debug!(%peer, index, "request failed: {e}");
+                        match e {
+                            RequestError::Timeout(_) | RequestError::Stream(..) => {
+                                f.handle_refused(now, peer, index)
+                            }
+                            _ => {
+                                f.remove_peer(now, peer);
+                                if peer != self.config.coordinator {
+                                    s.peers.remove(&peer);
+                                }
+                            }
+                        }
+                    }
+                }
+                self.drive(release);
+            }
+            Internal::Pushed {
+                release,
+                index,
+                bytes,
+            } => {
+                self.dirty = true;
+                if let Some(s) = self.stagings.get_mut(&release) {
+                    s.have.insert(index);
+                    s.bytes_received += bytes;
+                    if !s.origin_in_my_dc {
+                        s.bytes_cross_dc += bytes;
+                    }
+                }
+                self.check_complete(release);
+            }
+            Internal::Staged { release, result } => {
+                if let Some(s) = self.stagings.get_mut(&release) {
+                    s.finishing = false;
+                    s.elapsed = Some(s.started.elapsed());
+                    match result {
+                        Ok(()) => {
+                            info!(release = %release, seconds = s.started.elapsed().as_secs_f64(), "staged");
+                            s.state = StageState::Staged;
+                            let _ =
+                                std::fs::remove_file(order_path(&self.config.data_dir, &release));
+                        }
+                        Err(e) => {
+                            warn!(release = %release, "staging failed: {e}");
+                            s.state = StageState::Failed(e);
+                        }
+                    }
+                }
+                self.announce();
+                self.register();
+            }
+            Internal::Registered(result) => {
+                self.registering = false;
+                match result {
+                    Ok(ControlResponse::Registered { heartbeat_ms }) => {
+                        if !self.registered {
+                            info!(coordinator = %self.config.coordinator, "registered");
+                        }
+                        self.registered = true;
+                        self.heartbeat = Duration::from_millis(heartbeat_ms.clamp(100, 60_000));
+                    }
+                    Ok(other) => warn!("coordinator refused registration: {other:?}"),
+                    Err(e) => {
+                        if self.registered {
+                            warn!("lost the coordinator: {e}");
+                        } else {
+                            debug!("coordinator not reachable yet: {e}");
+                        }
+                        self.registered = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Once every chunk is held: make them durable, then name the release.
+    fn check_complete(&mut self, release: ReleaseId) {
+        let Some(s) = self.stagings.get_mut(&release) else {
+            return;
+        };
+        if !s.have.is_full() || s.finishing || s.state != StageState::Running {
+            return;
+        }
+        s.finishing = true;
+        let store = self.chunks.store.clone();
+        let manifest = s.manifest.clone();
+        let tx = self.internal.clone();
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || {
+                store.flush().map_err(|e| e.to_string())?;
+                store.put_release(&manifest).map_err(|e| e.to_string())?;
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let _ = tx.send(Internal::Staged { release, result }).await;
+        });
+    }
+
+    async fn flush_if_dirty(&mut self) {
+        if std::mem::take(&mut self.dirty) {
+            if let Err(e) = self.chunks.flush().await {
+                warn!("cannot flush the store: {e}");
+            }
+        }
+    }
+}
+
+fn seed_of(peer: &PeerId) -> u64 {
+    let b = blake3::hash(&peer.to_bytes());
+    u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// Writes a file so that a crash leaves the old content or the new, never half.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("a file in a directory");
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}

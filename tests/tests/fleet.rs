@@ -1,0 +1,276 @@
+//! A real fleet on loopback: a coordinator and convoyd targets as
+//! processes, driven through the `convoy` CLI.
+
+use std::time::{Duration, Instant};
+
+use convoy_tests::{Convoy, TestFleet};
+
+/// Publishes `dir` as `release` and returns the release id.
+fn publish(fleet: &TestFleet, dir: &std::path::Path, release: &str) -> String {
+    let run = fleet.convoy(&["publish", dir.to_str().unwrap(), release, "--json"]);
+    let json = run.success().json();
+    json["release_id"].as_str().unwrap().to_string()
+}
+
+fn stage_and_wait(
+    fleet: &TestFleet,
+    release: &str,
+    mode: &str,
+    selector: &str,
+) -> serde_json::Value {
+    let run = fleet.convoy(&[
+        "stage",
+        release,
+        "--mode",
+        mode,
+        "--targets",
+        selector,
+        "--wait",
+        "--timeout",
+        "120",
+        "--json",
+    ]);
+    run.success().json()
+}
+
+/// Polls a staging's status through the CLI until `done` says so (bounded).
+fn wait_staging(
+    fleet: &TestFleet,
+    id: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let run = fleet.convoy(&["staging", id, "--json"]);
+        if run.ok && done(&run.json()) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen in 60 s: {}{}",
+            run.stdout,
+            run.stderr
+        );
+    }
+}
+
+fn verify_store(fleet: &TestFleet, i: usize) {
+    let run = Convoy::new(&fleet.target_store(i)).run(&["verify", "--json"]);
+    let json = run.success().json();
+    assert_eq!(json["ok"], true, "target {i}: {json}");
+}
+
+#[test]
+fn a_swarm_of_ten_targets_stages_and_every_store_verifies() {
+    let mut fleet = TestFleet::new(&[]);
+    for i in 0..10 {
+        fleet.add_target(&["--label", &format!("dc=dc{}", i % 2)]);
+    }
+    fleet.wait_for_targets(10);
+    let pkg = fleet.package("v1", 6 << 20, 1);
+    let id = publish(&fleet, &pkg, "web@1");
+    let report = stage_and_wait(&fleet, "web@1", "swarm", "all");
+    assert_eq!(report["staged"], 10, "{report}");
+    assert_eq!(report["release_id"], id.as_str());
+    // Peers served each other: the origin sent less than ten copies.
+    let origin = report["origin_egress_bytes"].as_u64().unwrap();
+    let release = report["release_bytes"].as_u64().unwrap();
+    assert!(origin < 10 * release, "origin sent {origin} for {release}");
+    for i in 0..10 {
+        fleet.targets[i].stop();
+        verify_store(&fleet, i);
+        let list = Convoy::new(&fleet.target_store(i))
+            .ok(&["list", "--json"])
+            .json();
+        assert!(
+            list.to_string().contains(&id),
+            "target {i} lacks the release: {list}"
+        );
+    }
+}
+
+#[test]
+fn push_and_pull_stage_exactly_the_missing_chunks() {
+    let mut fleet = TestFleet::new(&["--push-parallel", "2"]);
+    for _ in 0..3 {
+        fleet.add_target(&[]);
+    }
+    fleet.wait_for_targets(3);
+    let v1 = fleet.package("v1", 4 << 20, 2);
+    publish(&fleet, &v1, "api@1");
+    let first = stage_and_wait(&fleet, "api@1", "push", "all");
+    assert_eq!(first["staged"], 3, "{first}");
+    // v2 appends to the file: only the last chunks change.
+    let v2 = fleet.package("v2", 4 << 20, 2);
+    let mut bytes = std::fs::read(v2.join("bin/app")).unwrap();
+    bytes.extend(convoy_tests::noise(100_000, 9));
+    std::fs::write(v2.join("bin/app"), bytes).unwrap();
+    publish(&fleet, &v2, "api@2");
+    let second = stage_and_wait(&fleet, "api@2", "pull", "all");
+    assert_eq!(second["staged"], 3, "{second}");
+    let total = second["total_bytes"].as_u64().unwrap();
+    assert!(
+        total < 3 * (1 << 20),
+        "an append moved {total} bytes to three targets"
+    );
+}
+
+#[test]
+fn a_target_killed_mid_transfer_resumes_without_refetching() {
+    // A slow origin (2 MiB/s) makes the 8 MiB transfer last about 4 s.
+    let mut fleet = TestFleet::new(&["--upload-rate", "2MiB"]);
+    fleet.add_target(&[]);
+    fleet.wait_for_targets(1);
+    let pkg = fleet.package("v1", 8 << 20, 3);
+    publish(&fleet, &pkg, "web@1");
+    let started = fleet
+        .convoy(&["stage", "web@1", "--mode", "pull", "--json"])
+        .success()
+        .json();
+    let id = started["staging"].to_string();
+    // Wait until the target reports a third of the chunks, then kill it.
+    wait_staging(&fleet, &id, "a third of the chunks", |s| {
+        s["per_target"][0]["chunks_held"].as_u64().unwrap_or(0) * 3
+            >= s["per_target"][0]["chunks_total"]
+                .as_u64()
+                .unwrap_or(u64::MAX)
+    });
+    fleet.targets[0].kill();
+    fleet.targets[0].restart();
+    wait_staging(&fleet, &id, "staging to finish", |s| s["staged"] == 1);
+    let status = fleet.convoy(&["staging", &id, "--json"]).success().json();
+    let after_restart = status["per_target"][0]["bytes_received"].as_u64().unwrap();
+    let release = status["release_bytes"].as_u64().unwrap();
+    assert!(
+        after_restart < release * 4 / 5,
+        "the restarted target fetched {after_restart} of {release} bytes again"
+    );
+    fleet.targets[0].stop();
+    verify_store(&fleet, 0);
+}
+
+#[test]
+fn a_peer_serving_corrupt_chunks_is_banned_and_the_release_still_completes() {
+    let mut fleet = TestFleet::new(&["--upload-rate", "4MiB"]);
+    let liar = fleet.add_target(&["--label", "role=liar", "--fault-corrupt-uploads"]);
+    fleet.wait_for_targets(1);
+    let pkg = fleet.package("v1", 4 << 20, 4);
+    publish(&fleet, &pkg, "web@1");
+    // The liar gets the release first, so the others find it holding everything.
+    stage_and_wait(&fleet, "web@1", "pull", "role=liar");
+    for _ in 0..4 {
+        fleet.add_target(&["--label", "role=honest"]);
+    }
+    fleet.wait_for_targets(5);
+    let report = stage_and_wait(&fleet, "web@1", "swarm", "role=honest");
+    assert_eq!(report["staged"], 4, "{report}");
+    let bans = fleet.targets[1..]
+        .iter()
+        .filter(|t| t.log_text().contains("corrupt chunk: banning"))
+        .count();
+    assert!(bans >= 1, "no honest target banned the liar");
+    assert!(fleet.targets[liar].log_text().contains("corrupting"));
+    for i in 1..5 {
+        fleet.targets[i].stop();
+        verify_store(&fleet, i);
+    }
+}
+
+#[test]
+fn without_the_fleet_key_nothing_can_be_fetched_or_ordered() {
+    let mut fleet = TestFleet::new(&[]);
+    fleet.add_target(&[]);
+    fleet.wait_for_targets(1);
+    let pkg = fleet.package("v1", 1 << 20, 5);
+    publish(&fleet, &pkg, "web@1");
+    let other = fleet.dir.path().join("other.key");
+    assert!(
+        std::process::Command::new(convoy_tests::bin_dir().join("convoyd"))
+            .arg("fleet-key")
+            .arg(&other)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let cli = Convoy::new(&fleet.dir.path().join("intruder-store"));
+    let addr = fleet.coordinator.addr.clone();
+    let with_other_key = |args: &[&str]| {
+        let mut all = vec![
+            "--coordinator",
+            addr.as_str(),
+            "--fleet-key-file",
+            other.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        cli.run(&all)
+    };
+    let fleet_list = with_other_key(&["fleet"]);
+    assert!(!fleet_list.ok);
+    assert!(
+        fleet_list.stderr.contains("not a member of this fleet"),
+        "{}",
+        fleet_list.stderr
+    );
+    let order = with_other_key(&["stage", "web@1", "--mode", "pull"]);
+    assert!(!order.ok);
+    let upload = with_other_key(&["publish", pkg.to_str().unwrap(), "evil@1"]);
+    assert!(!upload.ok);
+    // A daemon with the wrong key never joins.
+    let mut intruder = fleet.key.clone();
+    intruder.set_file_name("other.key");
+    let args: Vec<String> = [
+        "target",
+        "--data-dir",
+        fleet.dir.path().join("intruder").to_str().unwrap(),
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--fleet-key-file",
+        other.to_str().unwrap(),
+        "--coordinator",
+        &addr,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let intruder = convoy_tests::Daemon::start(&args, &fleet.dir.path().join("intruder.log"));
+    let staged = stage_and_wait(&fleet, "web@1", "pull", "all");
+    assert_eq!(staged["targets"], 1, "the intruder was counted: {staged}");
+    let members = fleet.convoy(&["fleet", "--json"]).success().json();
+    assert!(!members.to_string().contains(&intruder.peer_id));
+    // The coordinator's releases are untouched: evil@1 was never published.
+    let list = fleet.convoy(&["stage", "evil@1", "--mode", "pull"]);
+    assert!(
+        !list.ok && list.stderr.contains("not published"),
+        "{}",
+        list.stderr
+    );
+}
+
+#[test]
+fn a_coordinator_restarted_mid_staging_lets_the_targets_finish() {
+    let mut fleet = TestFleet::new(&["--upload-rate", "2MiB"]);
+    for _ in 0..3 {
+        fleet.add_target(&[]);
+    }
+    fleet.wait_for_targets(3);
+    let pkg = fleet.package("v1", 8 << 20, 6);
+    publish(&fleet, &pkg, "web@1");
+    let started = fleet
+        .convoy(&["stage", "web@1", "--mode", "swarm", "--json"])
+        .success()
+        .json();
+    let id = started["staging"].to_string();
+    wait_staging(&fleet, &id, "some progress", |s| {
+        s["per_target"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["chunks_held"].as_u64().unwrap_or(0) > 8))
+    });
+    fleet.coordinator.kill();
+    fleet.coordinator.restart();
+    wait_staging(&fleet, &id, "every target staged", |s| s["staged"] == 3);
+    for i in 0..3 {
+        fleet.targets[i].stop();
+        verify_store(&fleet, i);
+    }
+}
