@@ -690,9 +690,20 @@ impl Coordinator {
         };
         let mine = labels_of(&target);
         let (my_dc, my_zone) = (label(&mine, "dc"), label(&mine, "zone"));
+        // The run's targets, and live members that already hold the release.
+        let seeds = self
+            .members
+            .iter()
+            .filter(|(p, m)| {
+                self.alive(m)
+                    && m.report.releases.contains(&run.release)
+                    && !run.targets.contains(p)
+            })
+            .map(|(p, _)| p);
         let mut others: Vec<(u8, u64, PeerId)> = run
             .targets
             .iter()
+            .chain(seeds)
             .filter(|p| **p != target)
             .map(|p| {
                 let l = labels_of(p);

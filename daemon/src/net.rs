@@ -596,17 +596,26 @@ impl EventLoop {
                 peer_id,
                 num_established,
                 ..
-            } => {
-                if num_established == 0 {
-                    if let Some(state) = self.peers.get_mut(&peer_id) {
-                        state.connections = 0;
-                        let was_admitted = std::mem::take(&mut state.admitted);
-                        self.fail_parked(peer_id, |p| {
-                            RequestError::Unreachable(p, "connection closed".into())
-                        });
+            } if num_established > 0 => {
+                if let Some(state) = self.peers.get_mut(&peer_id) {
+                    state.connections = num_established as usize;
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, .. } => {
+                if let Some(state) = self.peers.get_mut(&peer_id) {
+                    state.connections = 0;
+                    let was_admitted = std::mem::take(&mut state.admitted);
+                    // A member proves itself as soon as it connects: a
+                    // connection that closes first is a refusal.
+                    self.fail_parked(peer_id, |p| {
                         if was_admitted {
-                            self.emit(NetEvent::Disconnected(peer_id));
+                            RequestError::Unreachable(p, "connection closed".into())
+                        } else {
+                            RequestError::NotAdmitted(p)
                         }
+                    });
+                    if was_admitted {
+                        self.emit(NetEvent::Disconnected(peer_id));
                     }
                 }
             }
@@ -938,6 +947,11 @@ mod tests {
         let me = *client.local_peer_id();
         let them = server.peer_id();
         client.dial(addr).unwrap();
+        loop {
+            if let SwarmEvent::ConnectionEstablished { .. } = client.select_next_some().await {
+                break;
+            }
+        }
         let welcome = framed(&ControlResponse::Welcome {
             proof: fleet_proof(&key, &me.to_bytes(), &them.to_bytes()),
         });

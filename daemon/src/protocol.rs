@@ -578,7 +578,7 @@ mod tests {
             index: 300,
         };
         let bytes = frame::<_, MAX_CHUNK_FRAME>(&req);
-        let mut expected = vec![35, 0, 0, 0, 0];
+        let mut expected = vec![36, 0, 0, 0, 0];
         expected.extend([7; 32]);
         expected.extend([251, 44, 1]);
         assert_eq!(bytes, expected);

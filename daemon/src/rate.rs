@@ -82,11 +82,13 @@ mod tests {
         let a = p.reserve(now, 1 << 20);
         let b = p.reserve(now, 1 << 19);
         let c = p.reserve(now, 1);
-        // The first may start within the burst allowance, the others queue.
-        assert!(a <= now);
-        assert_eq!(b - a, Duration::from_secs(1));
+        // The first starts at once, drawing on the 50 ms burst allowance;
+        // the others queue behind it.
+        assert_eq!(a, now);
+        assert_eq!(b - a, Duration::from_millis(950));
         assert_eq!(c - b, Duration::from_millis(500));
         assert!(p.backlog(now) > Duration::from_millis(1400));
+        assert!(p.backlog(now) < Duration::from_millis(1500));
     }
 
     #[test]

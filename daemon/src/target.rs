@@ -621,15 +621,21 @@ impl Target {
             warn!(%peer, "ignoring a have-set of the wrong length");
             return;
         }
-        if s.order.mode != DistributionMode::Swarm || peer == self.config.coordinator {
+        if peer == self.config.coordinator {
             return;
         }
+        // Whatever the mode this target staged in, it serves what it holds
+        // to the swarm of a later staging of the same release.
         let have = HaveSet::from_indices(
             len as usize,
             (0..len).filter(|i| bits[(*i / 8) as usize] & (1 << (i % 8)) != 0),
         );
         let new = s.peers.insert(peer, locality).is_none();
-        if let Some(f) = s.fetcher.as_mut() {
+        if let Some(f) = s
+            .fetcher
+            .as_mut()
+            .filter(|_| s.order.mode == DistributionMode::Swarm)
+        {
             let now = Instant::now();
             if new {
                 f.add_peer(now, peer, locality, have);

@@ -214,8 +214,18 @@ pub struct TestFleet {
     pub coordinator: Daemon,
     /// The fleet key file.
     pub key: PathBuf,
-    /// The temporary directory (removed last).
-    pub dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for TestFleet {
+    fn drop(&mut self) {
+        // A failed test keeps the fleet's logs and stores for a post-mortem.
+        if std::thread::panicking() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("fleet kept in {}", dir.keep().display());
+            }
+        }
+    }
 }
 
 impl TestFleet {
@@ -253,8 +263,13 @@ impl TestFleet {
             targets: Vec::new(),
             coordinator,
             key,
-            dir,
+            dir: Some(dir),
         }
+    }
+
+    /// The fleet's temporary directory.
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("present until dropped").path()
     }
 
     /// Starts a target with `extra` arguments (labels, caps, ...).
@@ -264,7 +279,7 @@ impl TestFleet {
         let mut args = vec![
             "target".to_string(),
             "--data-dir".into(),
-            self.dir.path().join(&name).display().to_string(),
+            self.path().join(&name).display().to_string(),
             "--listen".into(),
             "/ip4/127.0.0.1/tcp/0".into(),
             "--fleet-key-file".into(),
@@ -277,19 +292,19 @@ impl TestFleet {
         args.extend(extra.iter().map(|s| s.to_string()));
         self.targets.push(Daemon::start(
             &args,
-            &self.dir.path().join(format!("{name}.log")),
+            &self.path().join(format!("{name}.log")),
         ));
         i
     }
 
     /// The store directory of target `i`.
     pub fn target_store(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("target-{i}")).join("store")
+        self.path().join(format!("target-{i}")).join("store")
     }
 
     /// A `convoy` with its own store, pointed at this fleet.
     pub fn convoy(&self, args: &[&str]) -> Run {
-        let cli = Convoy::new(&self.dir.path().join("cli-store"));
+        let cli = Convoy::new(&self.path().join("cli-store"));
         let mut all = vec![
             "--coordinator",
             self.coordinator.addr.as_str(),
@@ -324,7 +339,7 @@ impl TestFleet {
 
     /// Writes a package of `bytes` pseudo-random bytes under the fleet's directory.
     pub fn package(&self, name: &str, bytes: usize, seed: u64) -> PathBuf {
-        let dir = self.dir.path().join(name);
+        let dir = self.path().join(name);
         std::fs::create_dir_all(dir.join("bin")).expect("package dir");
         std::fs::write(dir.join("bin/app"), noise(bytes, seed)).expect("package file");
         std::fs::write(dir.join("VERSION"), name).expect("package file");

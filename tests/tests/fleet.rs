@@ -184,7 +184,7 @@ fn without_the_fleet_key_nothing_can_be_fetched_or_ordered() {
     fleet.wait_for_targets(1);
     let pkg = fleet.package("v1", 1 << 20, 5);
     publish(&fleet, &pkg, "web@1");
-    let other = fleet.dir.path().join("other.key");
+    let other = fleet.path().join("other.key");
     assert!(
         std::process::Command::new(convoy_tests::bin_dir().join("convoyd"))
             .arg("fleet-key")
@@ -193,7 +193,7 @@ fn without_the_fleet_key_nothing_can_be_fetched_or_ordered() {
             .unwrap()
             .success()
     );
-    let cli = Convoy::new(&fleet.dir.path().join("intruder-store"));
+    let cli = Convoy::new(&fleet.path().join("intruder-store"));
     let addr = fleet.coordinator.addr.clone();
     let with_other_key = |args: &[&str]| {
         let mut all = vec![
@@ -222,7 +222,7 @@ fn without_the_fleet_key_nothing_can_be_fetched_or_ordered() {
     let args: Vec<String> = [
         "target",
         "--data-dir",
-        fleet.dir.path().join("intruder").to_str().unwrap(),
+        fleet.path().join("intruder").to_str().unwrap(),
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
         "--fleet-key-file",
@@ -233,7 +233,7 @@ fn without_the_fleet_key_nothing_can_be_fetched_or_ordered() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let intruder = convoy_tests::Daemon::start(&args, &fleet.dir.path().join("intruder.log"));
+    let intruder = convoy_tests::Daemon::start(&args, &fleet.path().join("intruder.log"));
     let staged = stage_and_wait(&fleet, "web@1", "pull", "all");
     assert_eq!(staged["targets"], 1, "the intruder was counted: {staged}");
     let members = fleet.convoy(&["fleet", "--json"]).success().json();

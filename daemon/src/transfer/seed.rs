@@ -26,7 +26,17 @@ pub struct Seeder<P> {
     sending: BTreeSet<(P, ChunkIndex)>,
     min_copies: u32,
     idle_copies: u32,
+    /// Refusals per (target, chunk), to serve a chunk a target keeps asking for.
+    refused: BTreeMap<(P, ChunkIndex), u32>,
 }
+
+/// A target asks the origin for a chunk only when no peer it knows holds
+/// it; after this many refusals the origin serves it anyway, so a lost
+/// announcement or a banned holder cannot stall a target.
+pub const SERVE_AFTER_REFUSALS: u32 = 4;
+
+/// (target, chunk) refusals remembered; beyond, the oldest are forgotten.
+const MAX_REFUSALS: usize = 1 << 16;
 
 impl<P: Copy + Ord> Seeder<P> {
     /// A seeder for a release of `chunks` chunks.
@@ -41,6 +51,7 @@ impl<P: Copy + Ord> Seeder<P> {
             sending: BTreeSet::new(),
             min_copies,
             idle_copies,
+            refused: BTreeMap::new(),
         }
     }
 
@@ -55,6 +66,7 @@ impl<P: Copy + Ord> Seeder<P> {
 
     /// A target left: its copies, and the sends to it, no longer count.
     pub fn remove_target(&mut self, peer: P) {
+        self.refused.retain(|(p, _), _| *p != peer);
         if let Some(have) = self.targets.remove(&peer) {
             for c in have.iter() {
                 self.copies[c as usize] -= 1;
@@ -101,12 +113,18 @@ impl<P: Copy + Ord> Seeder<P> {
         } else {
             self.min_copies
         };
-        if copies >= limit
-            || !self.targets.contains_key(&peer)
-            || self.sending.contains(&(peer, chunk))
-        {
+        if !self.targets.contains_key(&peer) || self.sending.contains(&(peer, chunk)) {
             return ServeDecision::Refuse;
         }
+        let asked = self.refused.get(&(peer, chunk)).copied().unwrap_or(0);
+        if copies >= limit && asked < SERVE_AFTER_REFUSALS {
+            if self.refused.len() >= MAX_REFUSALS {
+                self.refused.pop_first();
+            }
+            self.refused.insert((peer, chunk), asked + 1);
+            return ServeDecision::Refuse;
+        }
+        self.refused.remove(&(peer, chunk));
         self.sending.insert((peer, chunk));
         self.copies[chunk as usize] += 1;
         ServeDecision::Serve
@@ -146,6 +164,17 @@ mod tests {
         assert_eq!(s.handle_request(2, 0, true), ServeDecision::Serve);
         s.add_target(3u32, HaveSet::empty(2));
         assert_eq!(s.handle_request(3, 0, true), ServeDecision::Refuse);
+    }
+
+    #[test]
+    fn a_chunk_asked_for_again_and_again_is_served() {
+        let mut s = Seeder::new(1, 1, 1);
+        s.add_target(1u32, HaveSet::empty(1));
+        s.add_target(2u32, HaveSet::full(1));
+        for _ in 0..SERVE_AFTER_REFUSALS {
+            assert_eq!(s.handle_request(1, 0, false), ServeDecision::Refuse);
+        }
+        assert_eq!(s.handle_request(1, 0, false), ServeDecision::Serve);
     }
 
     #[test]
