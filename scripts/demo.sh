@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The quick-start demo. Until the daemon and the fleet exist, it shows the
-# package format: it generates a sample web-app build, packs v1, patches it
-# into v2, shows what an upgrade moves, unpacks v2 and verifies the store.
-# Everything happens in a temporary directory that is removed at the end.
+# The quick-start demo. First the package format: it generates a sample
+# web-app build, packs v1, patches it into v2, shows what an upgrade moves,
+# unpacks v2 and verifies the store. Then a local fleet: `convoy bench`
+# starts a coordinator and six convoyd targets on loopback and stages a
+# package in swarm, push and pull mode under the same upload caps.
+# Everything happens in temporary directories that are removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/build-deps.sh
 ensure_build_deps
-cargo build --quiet -p convoy-cli
+# The same build the integration tests use, so the two share artifacts.
+cargo build --quiet --workspace --bins
 convoy="${CARGO_TARGET_DIR:-target}/debug/convoy"
 
 work=$(mktemp -d -t convoy-demo.XXXXXX)
@@ -55,3 +58,6 @@ diff -r "$work/v2" "$work/deployed" && echo "unpacked tree is identical to the s
 
 step "convoy verify"
 "$convoy" verify
+
+step "convoy bench --nodes 6 --size 8MiB --uplink 4MiB  (a local fleet: swarm vs push vs pull)"
+"$convoy" bench --nodes 6 --size 8MiB --uplink 4MiB --modes swarm,push,pull
