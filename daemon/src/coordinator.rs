@@ -273,8 +273,11 @@ impl Coordinator {
         })
     }
 
+    /// Connected, and reported within five heartbeats (3 s at least, so a
+    /// loaded machine's late heartbeat does not count as a departure).
     fn alive(&self, m: &Member) -> bool {
-        m.connected && m.last_seen.elapsed() < self.config.heartbeat * 5
+        m.connected
+            && m.last_seen.elapsed() < (self.config.heartbeat * 5).max(Duration::from_secs(3))
     }
 
     async fn on_net(&mut self, event: NetEvent) {
