@@ -34,6 +34,9 @@ const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Heartbeat until the coordinator says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+/// Flush ticks (seconds) without a new chunk before a staging stops
+/// waiting for its data centre's importer.
+const STALL_TICKS: u32 = 3;
 /// Stagings a target runs at once.
 const MAX_STAGINGS: usize = 16;
 
@@ -102,6 +105,8 @@ struct Staging {
     state: StageState,
     origin_in_my_dc: bool,
     finishing: bool,
+    /// Chunks held at the last watchdog tick, and ticks without progress.
+    watch: (usize, u32),
 }
 
 impl Staging {
@@ -178,7 +183,10 @@ pub async fn run(
             Some(ev) = events.recv() => t.on_net(ev).await,
             Some(ev) = rx.recv() => t.on_internal(ev).await,
             _ = announce.tick() => t.announce(),
-            _ = flush.tick() => t.flush_if_dirty().await,
+            _ = flush.tick() => {
+                t.flush_if_dirty().await;
+                t.watchdog();
+            }
             _ = heartbeat.tick() => t.register(),
             _ = sleep_until(wake) => t.on_timeout(),
         }
@@ -315,26 +323,44 @@ impl Target {
     async fn on_net(&mut self, event: NetEvent) {
         match event {
             NetEvent::Listening(addr) => self.listen.push(addr),
-            NetEvent::Admitted(peer) => {
-                if peer == self.config.coordinator {
-                    // A coordinator back after a restart: it serves again.
-                    let now = Instant::now();
-                    let ids: Vec<ReleaseId> = self.stagings.keys().copied().collect();
-                    for r in ids {
-                        let s = self.stagings.get_mut(&r).expect("listed");
-                        if let Some(f) = s.fetcher.as_mut() {
-                            s.peers.insert(peer, Locality::Origin);
-                            f.add_peer(now, peer, Locality::Origin, HaveSet::full(s.have.len()));
-                        }
-                        self.drive(r);
+            NetEvent::Admitted(peer) if peer != self.config.coordinator => {
+                // A swarm peer back after a disconnection: exchange have-sets again.
+                if self.labels_of.contains_key(&peer) {
+                    let running: Vec<ReleaseId> = self
+                        .stagings
+                        .iter()
+                        .filter(|(_, s)| {
+                            s.order.mode == DistributionMode::Swarm && !s.peers.contains_key(&peer)
+                        })
+                        .map(|(r, _)| *r)
+                        .collect();
+                    for r in running {
+                        self.send_bitfield(r, peer);
                     }
+                }
+            }
+            NetEvent::Admitted(peer) => {
+                // The coordinator back after a restart: it serves again.
+                let now = Instant::now();
+                let ids: Vec<ReleaseId> = self.stagings.keys().copied().collect();
+                for r in ids {
+                    let s = self.stagings.get_mut(&r).expect("listed");
+                    if let Some(f) = s.fetcher.as_mut() {
+                        s.peers.insert(peer, Locality::Origin);
+                        f.add_peer(now, peer, Locality::Origin, HaveSet::full(s.have.len()));
+                    }
+                    self.drive(r);
                 }
             }
             NetEvent::Disconnected(peer) => {
                 let now = Instant::now();
                 let ids: Vec<ReleaseId> = self.stagings.keys().copied().collect();
                 for r in ids {
-                    if let Some(f) = self.stagings.get_mut(&r).and_then(|s| s.fetcher.as_mut()) {
+                    let s = self.stagings.get_mut(&r).expect("listed");
+                    if peer != self.config.coordinator {
+                        s.peers.remove(&peer);
+                    }
+                    if let Some(f) = s.fetcher.as_mut() {
                         f.remove_peer(now, peer);
                     }
                     self.drive(r);
@@ -551,6 +577,7 @@ impl Target {
                 },
                 origin_in_my_dc,
                 finishing: false,
+                watch: (0, 0),
             },
         );
         self.send_bitfield(id, self.config.coordinator);
@@ -812,18 +839,11 @@ impl Target {
                         f.handle_refused(now, peer, index);
                     }
                     Outcome::Failed(e) => {
+                        // Asked elsewhere after a back-off. A peer is dropped
+                        // only when its connection goes (NetEvent::Disconnected),
+                        // so a failure under load loses no knowledge of it.
                         debug!(%peer, index, "request failed: {e}");
-                        match e {
-                            RequestError::Timeout(_) | RequestError::Stream(..) => {
-                                f.handle_refused(now, peer, index)
-                            }
-                            _ => {
-                                f.remove_peer(now, peer);
-                                if peer != self.config.coordinator {
-                                    s.peers.remove(&peer);
-                                }
-                            }
-                        }
+                        f.handle_refused(now, peer, index);
                     }
                 }
                 self.drive(release);
@@ -909,6 +929,33 @@ impl Target {
             .unwrap_or_else(|e| Err(e.to_string()));
             let _ = tx.send(Internal::Staged { release, result }).await;
         });
+    }
+
+    /// A staging that made no progress for [`STALL_TICKS`] seconds stops
+    /// waiting for its data centre's importer and fetches from any peer:
+    /// the import rank saves cross-dc bytes, it must never stall a target.
+    fn watchdog(&mut self) {
+        let now = Instant::now();
+        let mut stalled = Vec::new();
+        for (r, s) in self.stagings.iter_mut() {
+            let held = s.have.count();
+            let Some(f) = s.fetcher.as_mut() else {
+                continue;
+            };
+            if s.state != StageState::Running || held != s.watch.0 {
+                s.watch = (held, 0);
+                continue;
+            }
+            s.watch.1 += 1;
+            if s.watch.1 == STALL_TICKS {
+                info!(release = %r, held, "no progress: fetching from any data centre");
+                f.set_import_rank(now, 0, 1);
+                stalled.push(*r);
+            }
+        }
+        for r in stalled {
+            self.drive(r);
+        }
     }
 
     async fn flush_if_dirty(&mut self) {
