@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use convoy_chunker::{materialise, pack, Diff, EntryKind, Manifest, ReleaseId};
 use convoy_daemon::protocol::DistributionMode;
-use convoy_daemon::store::{gc, verify, Ingest, RocksStore, Store, StoreSource};
+use convoy_daemon::store::{gc, verify, Ingest, IngestStats, RocksStore, Store, StoreSource};
 use indicatif::BinaryBytes;
 use serde_json::json;
 
@@ -414,6 +414,23 @@ fn find(store: &dyn Store, spec: &str) -> Result<(ReleaseId, Manifest)> {
     Ok((id, manifest))
 }
 
+/// Packs `dir` into `store` as `app@version`, with a progress bar: chunks
+/// first, durably; only then the manifest that names them.
+fn pack_release(
+    store: &RocksStore,
+    dir: &Path,
+    app: &str,
+    version: &str,
+) -> Result<(Manifest, ReleaseId, IngestStats)> {
+    let bar = Bar::bytes(&format!("packing {app}@{version}"));
+    let ingest = Ingest::new(store);
+    let manifest = pack(dir, app, version, &&ingest, &bar)?;
+    bar.finish();
+    store.flush()?;
+    let id = store.put_release(&manifest)?;
+    Ok((manifest, id, ingest.stats()))
+}
+
 fn cmd_pack(
     store: &RocksStore,
     out: &Output,
@@ -422,15 +439,8 @@ fn cmd_pack(
     version: &str,
 ) -> Result<ExitCode> {
     let started = Instant::now();
-    let bar = Bar::bytes(&format!("packing {app}@{version}"));
-    let ingest = Ingest::new(store);
-    let manifest = pack(dir, app, version, &&ingest, &bar)?;
-    bar.finish();
-    // Chunks first, durably; only then the manifest that names them.
-    store.flush()?;
-    let id = store.put_release(&manifest)?;
+    let (manifest, id, stats) = pack_release(store, dir, app, version)?;
     let seconds = started.elapsed().as_secs_f64();
-    let stats = ingest.stats();
     let (files, bytes) = manifest.file_totals();
     let unique = manifest.unique_chunks();
     let hashes: Vec<_> = unique.iter().map(|c| c.hash).collect();

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use convoy_chunker::{pack, ChunkRef, Manifest};
+use convoy_chunker::{ChunkRef, Manifest};
 use convoy_daemon::client::Client;
 use convoy_daemon::protocol::{
     ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode, Labels,
     StageState, StagingReport, WireChunk, MAX_HASHES_PER_QUERY,
 };
-use convoy_daemon::store::{Ingest, RocksStore, Store};
+use convoy_daemon::store::{RocksStore, Store};
 use indicatif::BinaryBytes;
 use serde_json::json;
 
@@ -110,12 +110,7 @@ pub async fn publish_dir(
     app: &str,
     version: &str,
 ) -> Result<(convoy_chunker::ReleaseId, Manifest, usize, u64)> {
-    let bar = Bar::bytes(&format!("packing {app}@{version}"));
-    let ingest = Ingest::new(store);
-    let manifest = pack(dir, app, version, &&ingest, &bar)?;
-    bar.finish();
-    store.flush()?;
-    let id = store.put_release(&manifest)?;
+    let (manifest, id, _) = crate::pack_release(store, dir, app, version)?;
     let (uploaded, bytes) = upload(client, store, &manifest).await?;
     match control(
         client,
