@@ -36,6 +36,8 @@ const MAX_PARKED_PER_PEER: usize = 256;
 const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Commands and events waiting between the loop and the daemon.
 const CHANNEL_CAPACITY: usize = 4096;
+/// Peers whose addresses the loop remembers.
+const MAX_ADDRESS_BOOK: usize = 8192;
 /// Streams per connection and protocol.
 const MAX_STREAMS: usize = 512;
 
@@ -141,7 +143,6 @@ enum Command {
     RespondChunk(ResponseChannel<ChunkResponse>, ChunkResponse),
     RespondControl(ResponseChannel<ControlResponse>, ControlResponse),
     Ban(PeerId),
-    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Shutdown,
 }
 
@@ -206,15 +207,6 @@ impl NetHandle {
     /// Disconnects `peer` and refuses it from now on.
     pub async fn ban(&self, peer: PeerId) {
         let _ = self.commands.send(Command::Ban(peer)).await;
-    }
-
-    /// The addresses the loop listens on.
-    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
-        let (tx, rx) = oneshot::channel();
-        if self.commands.send(Command::ListenAddrs(tx)).await.is_err() {
-            return Vec::new();
-        }
-        rx.await.unwrap_or_default()
     }
 
     /// Stops the loop, closing every connection.
@@ -402,6 +394,10 @@ impl EventLoop {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::AddAddresses(peer, addrs) => {
+                if self.addresses.len() >= MAX_ADDRESS_BOOK && !self.addresses.contains_key(&peer) {
+                    warn!(%peer, "address book full: not remembering this peer's addresses");
+                    return;
+                }
                 let known = self.addresses.entry(peer).or_default();
                 for a in addrs {
                     if !known.contains(&a) {
@@ -424,9 +420,6 @@ impl EventLoop {
                 warn!(%peer, "banning peer");
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 self.fail_parked(peer, |p| RequestError::Unreachable(p, "banned".into()));
-            }
-            Command::ListenAddrs(reply) => {
-                let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
             Command::Shutdown => unreachable!("handled by the loop"),
         }

@@ -221,8 +221,6 @@ pub struct TargetReport {
     pub bytes_sent: u64,
     /// Bytes of chunk bodies it has received since it started.
     pub bytes_received: u64,
-    /// Bytes in its store's packs.
-    pub store_bytes: u64,
 }
 
 /// Requests of [`CONTROL_PROTOCOL`].
@@ -628,7 +626,6 @@ mod tests {
             stagings: vec![progress],
             bytes_sent: 1,
             bytes_received: 2,
-            store_bytes: 3,
         };
         let reqs = vec![
             ControlRequest::Report(report),

@@ -37,6 +37,8 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Flush ticks (seconds) without a new chunk before a staging stops
 /// waiting for its data centre's importer.
 const STALL_TICKS: u32 = 3;
+/// Peers whose labels a target remembers.
+const MAX_KNOWN_PEERS: usize = 4096;
 /// Stagings a target runs at once.
 const MAX_STAGINGS: usize = 16;
 
@@ -316,7 +318,6 @@ impl Target {
             stagings: self.stagings.iter().map(|(r, s)| s.progress(*r)).collect(),
             bytes_sent: self.chunks.bytes_sent.load(Ordering::Relaxed),
             bytes_received: self.chunks.bytes_received.load(Ordering::Relaxed),
-            store_bytes: 0,
         }
     }
 
@@ -608,6 +609,9 @@ impl Target {
             }
             let addrs: Vec<Multiaddr> = p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
             self.net.learn_addresses(id, addrs);
+            if self.labels_of.len() >= MAX_KNOWN_PEERS && !self.labels_of.contains_key(&id) {
+                continue;
+            }
             self.labels_of.insert(id, p.labels);
             new.push(id);
         }
