@@ -28,17 +28,48 @@ use crate::remote::{completion_seconds, control, count, follow, publish_dir, qua
 use crate::Output;
 
 /// What `convoy bench` was asked to do.
+#[derive(clap::Args)]
 pub struct BenchArgs {
+    /// Targets to start
+    #[arg(long, default_value_t = 10)]
     pub nodes: usize,
+    /// Package size
+    #[arg(long, default_value = "16MiB")]
     pub size: String,
+    /// Every target's upload cap (bytes per second)
+    #[arg(long, default_value = "2MiB")]
     pub uplink: String,
+    /// The origin's upload cap [default: --uplink]
+    #[arg(long)]
     pub origin_uplink: Option<String>,
+    /// Every target's download cap [default: none]
+    #[arg(long)]
     pub downlink: Option<String>,
+    /// Modes to run, in order: swarm, push, pull, rsync
+    #[arg(long, value_delimiter = ',', default_value = "swarm,push,pull")]
     pub modes: Vec<String>,
+    /// Also stage a second version with this percentage of the content
+    /// changed, and report the update
+    #[arg(long, value_name = "PERCENT")]
     pub change: Option<f64>,
+    /// Label the targets into this many data centres (dc0 holds the origin)
+    #[arg(long, default_value_t = 1)]
     pub dcs: usize,
+    /// Push and rsync: targets served at once (K)
+    #[arg(long, default_value_t = 4)]
     pub push_parallel: usize,
+    /// Write results.json, results.md and completion.svg here
+    #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// Keep every daemon's log here (NAME.log) [default: in the temporary
+    /// directory, removed at the end]
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+    /// The daemons' log level (error, warn, info, debug, trace)
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    pub daemon_log_level: String,
+    /// The convoyd binary [default: next to this program]
+    #[arg(long, value_name = "PATH")]
     pub convoyd: Option<PathBuf>,
 }
 
@@ -129,6 +160,7 @@ struct Fleet {
     coordinator: Option<Proc>,
     coordinator_addr: String,
     key_file: PathBuf,
+    logs: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -156,7 +188,7 @@ impl Fleet {
     }
 
     fn log(&self, name: &str) -> PathBuf {
-        self.dir.path().join("logs").join(format!("{name}.log"))
+        self.logs.join(format!("{name}.log"))
     }
 
     fn tail(&self, name: &str) -> String {
@@ -411,7 +443,8 @@ async fn run_all(
 
 async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path) -> Result<Fleet> {
     let dir = tempfile::Builder::new().prefix("convoy-bench-").tempdir()?;
-    std::fs::create_dir_all(dir.path().join("logs"))?;
+    let logs = args.logs.clone().unwrap_or_else(|| dir.path().join("logs"));
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let key_file = dir.path().join("fleet.key");
     convoy_daemon::fleet_key::generate(&key_file)?;
     let mut fleet = Fleet {
@@ -419,6 +452,7 @@ async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path) -> Result<
         coordinator: None,
         coordinator_addr: String::new(),
         key_file,
+        logs,
         dir,
     };
     let common = |name: &str, up: u64| -> Vec<String> {
@@ -432,7 +466,7 @@ async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path) -> Result<
             "--upload-rate".into(),
             up.to_string(),
             "--log-level".into(),
-            "warn".into(),
+            args.daemon_log_level.clone(),
         ];
         if let Some(d) = rates.downlink {
             a.extend(["--download-rate".into(), d.to_string()]);

@@ -204,42 +204,7 @@ enum Command {
     /// the end, also on Ctrl-C.
     ///
     /// Example: convoy bench --nodes 50 --size 16MiB --uplink 2MiB --modes swarm,push,pull --out results/
-    Bench {
-        /// Targets to start
-        #[arg(long, default_value_t = 10)]
-        nodes: usize,
-        /// Package size
-        #[arg(long, default_value = "16MiB")]
-        size: String,
-        /// Every target's upload cap (bytes per second)
-        #[arg(long, default_value = "2MiB")]
-        uplink: String,
-        /// The origin's upload cap [default: --uplink]
-        #[arg(long)]
-        origin_uplink: Option<String>,
-        /// Every target's download cap [default: none]
-        #[arg(long)]
-        downlink: Option<String>,
-        /// Modes to run, in order: swarm, push, pull, rsync
-        #[arg(long, value_delimiter = ',', default_value = "swarm,push,pull")]
-        modes: Vec<String>,
-        /// Also stage a second version with this percentage of the content
-        /// changed, and report the update
-        #[arg(long, value_name = "PERCENT")]
-        change: Option<f64>,
-        /// Label the targets into this many data centres (dc0 holds the origin)
-        #[arg(long, default_value_t = 1)]
-        dcs: usize,
-        /// Push and rsync: targets served at once (K)
-        #[arg(long, default_value_t = 4)]
-        push_parallel: usize,
-        /// Write results.json, results.md and completion.svg here
-        #[arg(long, value_name = "DIR")]
-        out: Option<PathBuf>,
-        /// The convoyd binary [default: next to this program]
-        #[arg(long, value_name = "PATH")]
-        convoyd: Option<PathBuf>,
-    },
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -288,36 +253,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Fleet => return remote::fleet(&remote, &out),
         Command::Staging { id } => return remote::staging(&remote, &out, id),
-        Command::Bench {
-            nodes,
-            size,
-            uplink,
-            origin_uplink,
-            downlink,
-            modes,
-            change,
-            dcs,
-            push_parallel,
-            out: out_dir,
-            convoyd,
-        } => {
-            return bench::bench(
-                bench::BenchArgs {
-                    nodes,
-                    size,
-                    uplink,
-                    origin_uplink,
-                    downlink,
-                    modes,
-                    change,
-                    dcs,
-                    push_parallel,
-                    out: out_dir,
-                    convoyd,
-                },
-                &out,
-            )
-        }
+        Command::Bench(args) => return bench::bench(args, &out),
         _ => {}
     }
     let store_dir = match cli.store {
@@ -342,10 +278,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Gc { keep } => cmd_gc(&store, &out, keep as usize),
         Command::List => cmd_list(&store, &out),
         Command::Publish { dir, release } => remote::publish(&remote, &store, &out, &dir, &release),
-        Command::Stage { .. }
-        | Command::Staging { .. }
-        | Command::Fleet
-        | Command::Bench { .. } => {
+        Command::Stage { .. } | Command::Staging { .. } | Command::Fleet | Command::Bench(_) => {
             unreachable!("handled above")
         }
     }

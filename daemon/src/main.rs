@@ -334,7 +334,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--push-parallel and --swarm-degree must be at least 1, --heartbeat-ms at least 100");
             }
             runtime()?.block_on(async move {
-                let (keypair, chunks, net, events) = start(&s, "coordinator").await?;
+                let (keypair, chunks, net, events, _) = start(&s, "coordinator").await?;
                 let config = CoordinatorConfig {
                     keypair,
                     data_dir: s.data_dir.clone(),
@@ -359,13 +359,14 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             let (peer, addr) = client::parse_peer_addr(&addr).map_err(anyhow::Error::msg)?;
             runtime()?.block_on(async move {
-                let (_, chunks, net, events) = start(&s, "target").await?;
+                let (_, chunks, net, events, listening) = start(&s, "target").await?;
                 chunks
                     .corrupt_uploads
                     .store(fault_corrupt_uploads, std::sync::atomic::Ordering::Relaxed);
                 let config = TargetConfig {
                     coordinator: peer,
                     coordinator_addrs: vec![addr],
+                    listening,
                     labels: s.labels.clone(),
                     data_dir: s.data_dir.clone(),
                 };
@@ -387,6 +388,7 @@ type Started = (
     Arc<Chunks>,
     net::NetHandle,
     mpsc::Receiver<NetEvent>,
+    Vec<Multiaddr>,
 );
 
 /// Opens the store, starts the network, waits until every listener is up
@@ -404,7 +406,7 @@ async fn start(s: &Settings, role: &str) -> Result<Started> {
         request_timeout: Duration::from_secs(60),
     })?;
     let peer_id = handle.peer_id();
-    let mut addrs = Vec::new();
+    let mut listening = Vec::new();
     let mut early = Vec::new();
     let mut pending: Vec<Vec<String>> = s.listen.iter().map(stack).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -417,12 +419,15 @@ async fn start(s: &Settings, role: &str) -> Result<Started> {
             NetEvent::Listening(a) => {
                 let st = stack(&a);
                 pending.retain(|p| *p != st);
-                addrs.push(format!("{a}/p2p/{peer_id}"));
-                early.push(NetEvent::Listening(a));
+                listening.push(a);
             }
             other => early.push(other),
         }
     }
+    let addrs: Vec<String> = listening
+        .iter()
+        .map(|a| format!("{a}/p2p/{peer_id}"))
+        .collect();
     info!(%peer_id, role, data_dir = %s.data_dir.display(), "convoyd ready");
     println!(
         "{}",
@@ -442,7 +447,7 @@ async fn start(s: &Settings, role: &str) -> Result<Started> {
             }
         }
     });
-    Ok((keypair, chunks, handle, rx))
+    Ok((keypair, chunks, handle, rx, listening))
 }
 
 /// The protocol names of an address, without their values: /ip4/tcp.

@@ -48,6 +48,9 @@ pub struct TargetConfig {
     pub coordinator: PeerId,
     /// Where to reach it.
     pub coordinator_addrs: Vec<Multiaddr>,
+    /// Where this target listens: its first report already tells peers
+    /// how to reach it (a staging can start right after registration).
+    pub listening: Vec<Multiaddr>,
     /// This target's labels.
     pub labels: Labels,
     /// The data directory (orders in progress live under `staging/`).
@@ -159,7 +162,6 @@ pub async fn run(
         .await;
     let (tx, mut rx) = mpsc::channel(4096);
     let mut t = Target {
-        config,
         coordinator_key,
         net,
         chunks,
@@ -170,7 +172,8 @@ pub async fn run(
         registered: false,
         registering: false,
         dirty: false,
-        listen: Vec::new(),
+        listen: config.listening.clone(),
+        config,
     };
     t.resume_orders();
     t.register();
@@ -323,7 +326,11 @@ impl Target {
 
     async fn on_net(&mut self, event: NetEvent) {
         match event {
-            NetEvent::Listening(addr) => self.listen.push(addr),
+            NetEvent::Listening(addr) => {
+                if !self.listen.contains(&addr) {
+                    self.listen.push(addr);
+                }
+            }
             NetEvent::Admitted(peer) if peer != self.config.coordinator => {
                 // A swarm peer back after a disconnection: exchange have-sets again.
                 if self.labels_of.contains_key(&peer) {

@@ -73,10 +73,11 @@ fn a_swarm_of_ten_targets_stages_and_every_store_verifies() {
     let report = stage_and_wait(&fleet, "web@1", "swarm", "all");
     assert_eq!(report["staged"], 10, "{report}");
     assert_eq!(report["release_id"], id.as_str());
-    // Peers served each other: the origin sent less than ten copies.
+    // Peers served each other: the origin sent a few copies, not ten (a
+    // target that cannot reach its peers falls back to the origin alone).
     let origin = report["origin_egress_bytes"].as_u64().unwrap();
     let release = report["release_bytes"].as_u64().unwrap();
-    assert!(origin < 10 * release, "origin sent {origin} for {release}");
+    assert!(origin <= 4 * release, "origin sent {origin} for {release}");
     for i in 0..10 {
         fleet.targets[i].stop();
         verify_store(&fleet, i);
