@@ -1,0 +1,425 @@
+//! The baselines `convoy bench` puts beside the convoy modes: `rsync`, the
+//! staging-diff push teams run today, and `tcp`, plain sockets that show
+//! what the machine itself can move.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::fleet::{cpu_seconds, Fleet, Proc};
+use super::{BenchArgs, Cpu, Measured, Rates, RunResult};
+
+/// The staging-diff push of today: rsync from a daemon on loopback into a
+/// directory per target, K at a time, each at 1/K of the origin's cap.
+pub(super) fn rsync_runs(
+    fleet: &Fleet,
+    args: &BenchArgs,
+    rates: &Rates,
+    v1: &Path,
+    v2: Option<&Path>,
+) -> Result<Vec<RunResult>> {
+    let root = fleet.dir.path().join("rsync");
+    std::fs::create_dir_all(&root)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let conf = root.join("rsyncd.conf");
+    let mut text = format!(
+        "use chroot = no\nread only = yes\n[v1]\npath = {}\n",
+        v1.display()
+    );
+    if let Some(v2) = v2 {
+        text += &format!("[v2]\npath = {}\n", v2.display());
+    }
+    std::fs::write(&conf, text)?;
+    let daemon = Proc {
+        child: Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--config={}", conf.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(fleet.log("rsyncd"))?)
+            .spawn()
+            .context("cannot start the rsync daemon")?,
+        name: "rsyncd".into(),
+    };
+    // rsync gives no readiness signal: poll its port, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not listen within 10 s:\n{}",
+                daemon.name,
+                fleet.tail("rsyncd")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut runs = vec![rsync_once(
+        &root,
+        v1,
+        port,
+        daemon.child.id(),
+        "v1",
+        args,
+        rates,
+        dir_bytes(v1)?,
+        false,
+    )?];
+    if let Some(v2) = v2 {
+        let changed = changed_bytes(v1, v2)?;
+        runs.push(rsync_once(
+            &root,
+            v2,
+            port,
+            daemon.child.id(),
+            "v2",
+            args,
+            rates,
+            changed,
+            true,
+        )?);
+    }
+    drop(daemon);
+    Ok(runs)
+}
+
+pub(super) fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        n += e?.metadata()?.len();
+    }
+    Ok(n)
+}
+
+/// Whether every file of `a` is in `b` with the same bytes.
+fn same_files(a: &Path, b: &Path) -> Result<bool> {
+    for p in sorted_files(a)? {
+        let theirs = b.join(p.file_name().expect("a file"));
+        if std::fs::read(&p)? != std::fs::read(&theirs).unwrap_or_default() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Bytes that differ between two trees of the same files (64 KiB runs).
+pub(super) fn changed_bytes(a: &Path, b: &Path) -> Result<u64> {
+    Ok(changed_runs(a, b)?.iter().map(|r| r.len).sum())
+}
+
+/// The 64 KiB runs of `b` that differ from the same runs of `a`.
+fn changed_runs(a: &Path, b: &Path) -> Result<Vec<Range>> {
+    const RUN: usize = 64 << 10;
+    let mut out = Vec::new();
+    for p in sorted_files(a)? {
+        let x = std::fs::read(&p)?;
+        let file = b.join(p.file_name().expect("a file"));
+        let y = std::fs::read(&file)?;
+        for (i, (x, y)) in x.chunks(RUN).zip(y.chunks(RUN)).enumerate() {
+            if x != y {
+                out.push(Range {
+                    file: file.clone(),
+                    offset: (i * RUN) as u64,
+                    len: y.len() as u64,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One rsync pass over every target, K at a time.
+#[allow(clippy::too_many_arguments)]
+fn rsync_once(
+    root: &Path,
+    source: &Path,
+    port: u16,
+    daemon_pid: u32,
+    module: &str,
+    args: &BenchArgs,
+    rates: &Rates,
+    package_bytes: u64,
+    update: bool,
+) -> Result<RunResult> {
+    let k = args.push_parallel;
+    let bwlimit = rates
+        .origin
+        .map(|r| format!("--bwlimit={}", (r / k as u64 / 1024).max(1)));
+    let started = Instant::now();
+    let cpu0 = reaped_children_cpu() + cpu_seconds(daemon_pid);
+    let (done, received) = k_at_a_time(args.nodes, k, |i| {
+        let dest = root.join(format!("target-{i:03}"));
+        std::fs::create_dir_all(&dest)?;
+        let output = Command::new("rsync")
+            // -I: also when size and mtime match (a new build can keep both).
+            .args(["-a", "-I", "--stats", "--inplace"])
+            .args(bwlimit.iter())
+            .arg(format!("rsync://127.0.0.1:{port}/{module}/"))
+            .arg(format!("{}/", dest.display()))
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run rsync")?;
+        if !output.status.success() {
+            bail!(
+                "rsync to target {i} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        if !same_files(source, &dest)? {
+            bail!("rsync to target {i} finished but its tree differs from the package");
+        }
+        Ok(parse_rsync_received(&String::from_utf8_lossy(
+            &output.stdout,
+        )))
+    })?;
+    let cpu = reaped_children_cpu() + cpu_seconds(daemon_pid) - cpu0;
+    Ok(RunResult::new(
+        args,
+        rates,
+        Measured {
+            mode: "rsync",
+            package_bytes,
+            update,
+            verified_nodes: done.len(),
+            done,
+            origin_egress_bytes: received,
+            total_bytes: received,
+            cross_dc_bytes: 0,
+            max_target_bytes: 0,
+            // The daemon's forks and the clients, not split by side.
+            cpu: Cpu {
+                fleet: cpu,
+                origin: 0.0,
+            },
+            wall_seconds: started.elapsed().as_secs_f64(),
+            peak_rss: None,
+        },
+    ))
+}
+
+/// Runs `transfer(i)` for every target `i`, at most `k` at once, each on
+/// its own thread; returns the completion times (seconds since the start)
+/// and the bytes the transfers reported.
+fn k_at_a_time(
+    nodes: usize,
+    k: usize,
+    transfer: impl Fn(usize) -> Result<u64> + Sync,
+) -> Result<(Vec<f64>, u64)> {
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let mut next = 0;
+        let mut running = 0;
+        let mut done = Vec::with_capacity(nodes);
+        let mut bytes = 0;
+        let mut failure = None;
+        while (next < nodes && failure.is_none()) || running > 0 {
+            while running < k && next < nodes && failure.is_none() {
+                let (tx, transfer, i) = (tx.clone(), &transfer, next);
+                scope.spawn(move || {
+                    let r = transfer(i);
+                    let _ = tx.send((r, started.elapsed().as_secs_f64()));
+                });
+                running += 1;
+                next += 1;
+            }
+            let (r, at) = rx.recv().expect("a transfer thread reports");
+            running -= 1;
+            match r {
+                Ok(n) => {
+                    done.push(at);
+                    bytes += n;
+                }
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((done, bytes)),
+        }
+    })
+}
+
+/// The ceiling: the same bytes over plain TCP sockets on loopback, from
+/// the package's files into one file per target, K at a time, each at 1/K
+/// of the origin's cap. An update sends only the 64 KiB runs that changed.
+pub(super) fn tcp_runs(
+    fleet: &Fleet,
+    args: &BenchArgs,
+    rates: &Rates,
+    v1: &Path,
+    v2: Option<&Path>,
+) -> Result<Vec<RunResult>> {
+    let root = fleet.dir.path().join("tcp");
+    let mut runs = vec![tcp_once(&root, args, rates, &whole_files(v1)?, false)?];
+    if let Some(v2) = v2 {
+        runs.push(tcp_once(&root, args, rates, &changed_runs(v1, v2)?, true)?);
+    }
+    Ok(runs)
+}
+
+/// A byte range of a file to send.
+struct Range {
+    file: PathBuf,
+    offset: u64,
+    len: u64,
+}
+
+fn whole_files(dir: &Path) -> Result<Vec<Range>> {
+    let mut out = Vec::new();
+    for e in sorted_files(dir)? {
+        let len = std::fs::metadata(&e)?.len();
+        out.push(Range {
+            file: e,
+            offset: 0,
+            len,
+        });
+    }
+    Ok(out)
+}
+
+fn sorted_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    Ok(files)
+}
+
+fn tcp_once(
+    root: &Path,
+    args: &BenchArgs,
+    rates: &Rates,
+    ranges: &[Range],
+    update: bool,
+) -> Result<RunResult> {
+    let package_bytes: u64 = ranges.iter().map(|r| r.len).sum();
+    let per_transfer = rates.origin.map(|r| (r / args.push_parallel as u64).max(1));
+    std::fs::create_dir_all(root)?;
+    let sender_cpu = std::sync::Mutex::new(0.0f64);
+    let receiver_cpu = std::sync::Mutex::new(0.0f64);
+    let started = Instant::now();
+    let (done, received) = k_at_a_time(args.nodes, args.push_parallel, |i| {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let dest = root.join(format!("target-{i:03}.bin"));
+        std::thread::scope(|scope| {
+            let receiver = scope.spawn(|| -> Result<u64> {
+                let (mut conn, _) = listener.accept()?;
+                let mut file = std::fs::File::create(&dest)?;
+                let n = std::io::copy(&mut conn, &mut file)?;
+                *receiver_cpu.lock().expect("not poisoned") += thread_cpu_seconds();
+                Ok(n)
+            });
+            let sent = send_ranges(addr, ranges, per_transfer);
+            *sender_cpu.lock().expect("not poisoned") += thread_cpu_seconds();
+            let received = receiver.join().expect("the receiver does not panic")?;
+            let sent = sent?;
+            if received != sent {
+                bail!("target {i} received {received} of {sent} bytes");
+            }
+            Ok(received)
+        })
+    })?;
+    let origin = *sender_cpu.lock().expect("not poisoned");
+    let targets = *receiver_cpu.lock().expect("not poisoned");
+    Ok(RunResult::new(
+        args,
+        rates,
+        Measured {
+            mode: "tcp",
+            package_bytes,
+            update,
+            verified_nodes: done.len(),
+            done,
+            origin_egress_bytes: received,
+            total_bytes: received,
+            cross_dc_bytes: 0,
+            max_target_bytes: package_bytes,
+            cpu: Cpu {
+                fleet: origin + targets,
+                origin,
+            },
+            wall_seconds: started.elapsed().as_secs_f64(),
+            peak_rss: None,
+        },
+    ))
+}
+
+/// Sends the ranges over one connection, paced at `rate` bytes per second.
+fn send_ranges(addr: std::net::SocketAddr, ranges: &[Range], rate: Option<u64>) -> Result<u64> {
+    let mut conn = TcpStream::connect(addr)?;
+    let mut buf = vec![0u8; 256 << 10];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    for r in ranges {
+        let mut file = std::fs::File::open(&r.file)?;
+        file.seek(SeekFrom::Start(r.offset))?;
+        let mut left = r.len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            file.read_exact(&mut buf[..n])?;
+            if let Some(rate) = rate {
+                // Pacing: this write is due when the bytes before it have
+                // had their time at the cap.
+                let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+            conn.write_all(&buf[..n])?;
+            sent += n as u64;
+            left -= n as u64;
+        }
+    }
+    conn.shutdown(std::net::Shutdown::Write)?;
+    Ok(sent)
+}
+
+/// CPU seconds the calling thread has used.
+fn thread_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut u);
+        u
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// CPU seconds of this process's children that have been waited for.
+fn reaped_children_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        u
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+fn parse_rsync_received(stats: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Total bytes received: "))
+        .map(|v| v.replace(',', "").trim().parse().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsync_stats_parse() {
+        let s = "Number of files: 3\nTotal bytes sent: 1,024\nTotal bytes received: 16,777,216\n";
+        assert_eq!(parse_rsync_received(s), 16_777_216);
+        assert_eq!(parse_rsync_received("nothing"), 0);
+    }
+}

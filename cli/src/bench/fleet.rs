@@ -1,0 +1,293 @@
+//! The bench's fleet: real `convoyd` processes in a temporary directory,
+//! and what /proc says about them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use convoy_daemon::client::Client;
+use convoy_daemon::protocol::{ControlRequest, ControlResponse};
+
+use super::{BenchArgs, Cpu, IdleRss, Rates};
+use crate::remote::control;
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
+pub(super) struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+fn stop(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: kill(2) with a pid we own and a valid signal.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub(super) struct Fleet {
+    // Declared before `dir`: processes stop before their directory goes.
+    targets: Vec<Proc>,
+    coordinator: Option<Proc>,
+    pub coordinator_addr: String,
+    pub key_file: PathBuf,
+    logs: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // SIGTERM all at once, then wait: stopping one by one takes N times longer.
+        for p in self.targets.iter().chain(self.coordinator.iter()) {
+            // SAFETY: as in `stop`.
+            unsafe {
+                libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        self.targets.clear();
+        self.coordinator = None;
+    }
+}
+
+impl Fleet {
+    /// Memory of the fleet at rest.
+    pub fn idle_rss(&self) -> IdleRss {
+        IdleRss {
+            origin_bytes: self.coordinator.as_ref().map_or(0, |p| rss(p.child.id()).0),
+            target_max_bytes: self
+                .targets
+                .iter()
+                .map(|p| rss(p.child.id()).0)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
+    }
+
+    pub fn tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.log(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+
+    /// Starts a convoyd and waits for its ready line.
+    fn spawn(&self, convoyd: &Path, name: &str, args: &[String]) -> Result<(Proc, String)> {
+        let log = std::fs::File::create(self.log(name))?;
+        let mut child = Command::new(convoyd)
+            .args(args)
+            .env_remove("CONVOY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", convoyd.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let proc = Proc {
+            child,
+            name: name.to_string(),
+        };
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|_| anyhow!("{} did not start:\n{}", proc.name, self.tail(name)))?;
+        let addr = ready["addrs"][0]
+            .as_str()
+            .ok_or_else(|| anyhow!("{name} printed no address"))?
+            .to_string();
+        Ok((proc, addr))
+    }
+}
+
+pub(super) fn convoyd_path(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let p = exe.with_file_name("convoyd");
+    if !p.exists() {
+        bail!(
+            "convoyd is not next to {}; pass --convoyd PATH",
+            exe.display()
+        );
+    }
+    Ok(p)
+}
+
+/// The processes a run measures: the origin's side and the targets'.
+pub(super) struct ProcStats {
+    origin: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+impl ProcStats {
+    pub fn of_fleet(fleet: &Fleet) -> Self {
+        Self {
+            origin: fleet.coordinator.iter().map(|p| p.child.id()).collect(),
+            targets: fleet.targets.iter().map(|p| p.child.id()).collect(),
+        }
+    }
+
+    pub fn cpu(&self) -> Cpu {
+        let origin: f64 = self.origin.iter().map(|p| cpu_seconds(*p)).sum();
+        let targets: f64 = self.targets.iter().map(|p| cpu_seconds(*p)).sum();
+        Cpu {
+            fleet: origin + targets,
+            origin,
+        }
+    }
+
+    /// Starts a new peak-memory window (`/proc/PID/clear_refs`, Linux ≥ 4.0).
+    pub fn reset_peak_rss(&self) {
+        for pid in self.origin.iter().chain(&self.targets) {
+            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        }
+    }
+
+    /// Peak resident bytes since the last reset: the origin's, the largest target's.
+    pub fn peak_rss(&self) -> (u64, u64) {
+        let peak = |pids: &[u32]| pids.iter().map(|p| rss(*p).1).max().unwrap_or(0);
+        (peak(&self.origin), peak(&self.targets))
+    }
+}
+
+/// CPU seconds (user + system) a process and its reaped children used, from /proc.
+pub(super) fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, and the same of its reaped children (the rsync
+    // daemon forks one per transfer).
+    let ticks: f64 = (11..=14)
+        .filter_map(|i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// Resident bytes of a process now and at its peak (VmRSS, VmHWM).
+fn rss(pid: u32) -> (u64, u64) {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib << 10)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+pub(super) async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path) -> Result<Fleet> {
+    let dir = tempfile::Builder::new().prefix("convoy-bench-").tempdir()?;
+    let logs = args.logs.clone().unwrap_or_else(|| dir.path().join("logs"));
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let key_file = dir.path().join("fleet.key");
+    convoy_daemon::fleet_key::generate(&key_file)?;
+    let mut fleet = Fleet {
+        targets: Vec::new(),
+        coordinator: None,
+        coordinator_addr: String::new(),
+        key_file,
+        logs,
+        dir,
+    };
+    let common = |name: &str, up: Option<u64>| -> Vec<String> {
+        let mut a = vec![
+            "--data-dir".into(),
+            fleet.dir.path().join(name).display().to_string(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--fleet-key-file".into(),
+            fleet.key_file.display().to_string(),
+            "--log-level".into(),
+            args.daemon_log_level.clone(),
+        ];
+        if let Some(u) = up {
+            a.extend(["--upload-rate".into(), u.to_string()]);
+        }
+        if let Some(d) = rates.downlink {
+            a.extend(["--download-rate".into(), d.to_string()]);
+        }
+        a
+    };
+    eprintln!(
+        "starting a coordinator and {} targets in {}",
+        args.nodes,
+        fleet.dir.path().display()
+    );
+    let mut cargs = vec!["coordinator".to_string()];
+    cargs.extend(common("coordinator", rates.origin));
+    cargs.extend([
+        "--label".into(),
+        "dc=dc0".into(),
+        "--push-parallel".into(),
+        args.push_parallel.to_string(),
+    ]);
+    let (proc, addr) = fleet.spawn(convoyd, "coordinator", &cargs)?;
+    fleet.coordinator = Some(proc);
+    fleet.coordinator_addr = addr;
+    for i in 0..args.nodes {
+        let name = format!("target-{i:03}");
+        let mut targs = vec!["target".to_string()];
+        targs.extend(common(&name, rates.uplink));
+        targs.extend([
+            "--coordinator".into(),
+            fleet.coordinator_addr.clone(),
+            "--label".into(),
+            format!("dc=dc{}", i % args.dcs),
+            "--label".into(),
+            format!("zone=z{}", (i / args.dcs) % 2),
+        ]);
+        let (proc, _) = fleet.spawn(convoyd, &name, &targs)?;
+        fleet.targets.push(proc);
+    }
+    Ok(fleet)
+}
+
+pub(super) async fn wait_for_targets(client: &Client, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        if let ControlResponse::Fleet(m) = control(client, ControlRequest::Fleet).await? {
+            let alive = m.iter().filter(|m| m.alive).count();
+            if alive >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("only {alive} of {n} targets registered within 60 s");
+            }
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! `convoy bench`: a local fleet, every mode, figures against the bound.
+//!
+//! Starts a coordinator and N targets as real `convoyd` processes on
+//! loopback in a temporary directory, publishes a generated package (fresh
+//! content per mode, so no mode profits from an earlier one), stages it in
+//! each mode with the same caps, and reports completion times over the
+//! targets, bytes moved and the Kumar–Ross bound. `rsync` stands for the
+//! staging-diff push teams run today: an rsync daemon on loopback serves
+//! the unpacked tree to each target directory, K at a time; `tcp` is the
+//! ceiling: the same bytes copied over plain TCP sockets, K at a time.
+
+mod baseline;
+mod fleet;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use convoy_daemon::client::Client;
+use convoy_daemon::protocol::{ControlRequest, ControlResponse, DistributionMode, StageState};
+use convoy_daemon::store::{RocksStore, Store};
+use convoy_daemon::transfer::kumar_ross_bound;
+use convoy_daemon::units::parse_bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
+use serde::Serialize;
+
+use crate::remote::{completion_seconds, control, count, follow, publish_dir, quantile, runtime};
+use crate::Output;
+use fleet::{convoyd_path, start_fleet, wait_for_targets, Fleet, ProcStats};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Targets to start
+    #[arg(long, default_value_t = 10)]
+    pub nodes: usize,
+    /// Package size
+    #[arg(long, default_value = "16MiB")]
+    pub size: String,
+    /// Every target's upload cap (bytes per second, or "unlimited")
+    #[arg(long, default_value = "2MiB")]
+    pub uplink: String,
+    /// The origin's upload cap [default: --uplink]
+    #[arg(long)]
+    pub origin_uplink: Option<String>,
+    /// Every target's download cap [default: unlimited]
+    #[arg(long)]
+    pub downlink: Option<String>,
+    /// Modes to run, in order: swarm, push, pull, rsync (the staging-diff
+    /// push of today), tcp (the same bytes over plain TCP: the ceiling)
+    #[arg(long, value_delimiter = ',', default_value = "swarm,push,pull")]
+    pub modes: Vec<String>,
+    /// Also stage a second version with this percentage of the content
+    /// changed, and report the update
+    #[arg(long, value_name = "PERCENT")]
+    pub change: Option<f64>,
+    /// Label the targets into this many data centres (dc0 holds the origin)
+    #[arg(long, default_value_t = 1)]
+    pub dcs: usize,
+    /// Push, rsync and tcp: targets served at once (K)
+    #[arg(long, default_value_t = 4)]
+    pub push_parallel: usize,
+    /// Write results.json, results.md and completion.svg here
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Keep every daemon's log here (NAME.log) [default: in the temporary
+    /// directory, removed at the end]
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+    /// The daemons' log level (error, warn, info, debug, trace)
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    pub daemon_log_level: String,
+    /// The convoyd binary [default: next to this program]
+    #[arg(long, value_name = "PATH")]
+    pub convoyd: Option<PathBuf>,
+}
+
+/// One mode's figures.
+#[derive(Serialize, Clone)]
+pub struct RunResult {
+    pub mode: String,
+    pub nodes: usize,
+    /// Bytes each target had to receive: the release, or for an update the
+    /// chunks the new version adds.
+    pub package_bytes: u64,
+    pub update: bool,
+    /// Caps in bytes per second; null is unlimited.
+    pub uplink_bytes_per_sec: Option<u64>,
+    pub origin_uplink_bytes_per_sec: Option<u64>,
+    pub downlink_bytes_per_sec: Option<u64>,
+    pub completion_seconds: Quantiles,
+    pub origin_egress_bytes: u64,
+    pub total_bytes: u64,
+    pub cross_dc_bytes: u64,
+    /// The most any target received, over `package_bytes`.
+    pub max_target_bytes_ratio: f64,
+    /// The Kumar-Ross bound; null when the caps leave it unbounded.
+    pub bound_seconds: Option<f64>,
+    pub ratio_to_bound: Option<f64>,
+    pub verified_nodes: usize,
+    /// CPU seconds of the whole fleet (every process taking part), and of
+    /// the origin's side alone.
+    pub cpu_seconds: f64,
+    pub origin_cpu_seconds: f64,
+    pub wall_seconds: f64,
+    /// Peak resident memory during the run (convoy modes).
+    pub origin_peak_rss_bytes: Option<u64>,
+    pub target_peak_rss_bytes: Option<u64>,
+    /// Completion time of each target, sorted.
+    pub per_target_seconds: Vec<f64>,
+}
+
+/// What one run measured; [`RunResult::new`] adds the setting and the bound.
+struct Measured {
+    mode: &'static str,
+    package_bytes: u64,
+    update: bool,
+    /// Completion time of each target that finished.
+    done: Vec<f64>,
+    origin_egress_bytes: u64,
+    total_bytes: u64,
+    cross_dc_bytes: u64,
+    max_target_bytes: u64,
+    verified_nodes: usize,
+    cpu: Cpu,
+    wall_seconds: f64,
+    peak_rss: Option<(u64, u64)>,
+}
+
+/// CPU seconds: the whole fleet, and the origin's part.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    fleet: f64,
+    origin: f64,
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, o: Cpu) -> Cpu {
+        Cpu {
+            fleet: self.fleet - o.fleet,
+            origin: self.origin - o.origin,
+        }
+    }
+}
+
+impl RunResult {
+    fn new(args: &BenchArgs, rates: &Rates, mut m: Measured) -> Self {
+        m.done.sort_by(f64::total_cmp);
+        let q = Quantiles::of(&m.done);
+        let bound = bound(rates, args.nodes, m.package_bytes);
+        Self {
+            mode: m.mode.into(),
+            nodes: args.nodes,
+            package_bytes: m.package_bytes,
+            update: m.update,
+            uplink_bytes_per_sec: rates.uplink,
+            origin_uplink_bytes_per_sec: rates.origin,
+            downlink_bytes_per_sec: rates.downlink,
+            completion_seconds: q,
+            origin_egress_bytes: m.origin_egress_bytes,
+            total_bytes: m.total_bytes,
+            cross_dc_bytes: m.cross_dc_bytes,
+            max_target_bytes_ratio: m.max_target_bytes as f64 / m.package_bytes.max(1) as f64,
+            bound_seconds: bound,
+            ratio_to_bound: bound.map(|b| q.p99 / b),
+            verified_nodes: m.verified_nodes,
+            cpu_seconds: m.cpu.fleet,
+            origin_cpu_seconds: m.cpu.origin,
+            wall_seconds: m.wall_seconds,
+            origin_peak_rss_bytes: m.peak_rss.map(|r| r.0),
+            target_peak_rss_bytes: m.peak_rss.map(|r| r.1),
+            per_target_seconds: m.done,
+        }
+    }
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub struct Quantiles {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Quantiles {
+    fn of(sorted: &[f64]) -> Self {
+        Self {
+            p50: quantile(sorted, 0.5),
+            p99: quantile(sorted, 0.99),
+            max: sorted.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// The caps of a run in bytes per second; `None` is unlimited.
+struct Rates {
+    uplink: Option<u64>,
+    origin: Option<u64>,
+    downlink: Option<u64>,
+}
+
+impl Rates {
+    /// Seconds the slowest mode (the origin sending N copies) would take,
+    /// at the origin's cap or, uncapped, at a loopback-ish 20 MiB/s.
+    fn slowest_seconds(&self, nodes: usize, bytes: u64) -> f64 {
+        nodes as f64 * bytes as f64 / self.origin.unwrap_or(20 << 20) as f64
+    }
+}
+
+/// The modes `convoy bench` runs.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    Convoy(DistributionMode),
+    Rsync,
+    Tcp,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Convoy(m) => m.name(),
+            Mode::Rsync => "rsync",
+            Mode::Tcp => "tcp",
+        }
+    }
+}
+
+/// A rate flag: a size per second, or `unlimited`.
+fn parse_rate(text: &str, flag: &str) -> Result<Option<u64>> {
+    if text == "unlimited" {
+        return Ok(None);
+    }
+    match parse_bytes(text).map_err(|e| anyhow!("--{flag}: {e}"))? {
+        0 => bail!("--{flag} must be more than 0 (or \"unlimited\")"),
+        r => Ok(Some(r)),
+    }
+}
+
+/// Writes a package of `size` incompressible bytes in files of at most 4 MiB.
+fn write_package(dir: &Path, size: u64, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut left = size;
+    let mut i = 0;
+    while left > 0 {
+        let n = left.min(4 << 20);
+        let mut buf = vec![0u8; n as usize];
+        rng.fill_bytes(&mut buf);
+        std::fs::write(dir.join(format!("part-{i:04}.bin")), &buf)?;
+        left -= n;
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` and overwrites `percent` of its bytes in 64 KiB
+/// runs at random places.
+fn write_changed(from: &Path, to: &Path, percent: f64, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(from)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    let mut contents: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    let total: u64 = contents.iter().map(|c| c.len() as u64).sum();
+    let mut to_change = (total as f64 * percent / 100.0).round() as u64;
+    const RUN: u64 = 64 << 10;
+    while to_change > 0 {
+        let f = rng.random_range(0..contents.len());
+        let len = contents[f].len() as u64;
+        let n = to_change.min(RUN).min(len);
+        if n == 0 {
+            continue;
+        }
+        let at = rng.random_range(0..=len - n) as usize;
+        rng.fill_bytes(&mut contents[f][at..at + n as usize]);
+        to_change -= n;
+    }
+    for (p, c) in files.iter().zip(contents) {
+        std::fs::write(to.join(p.file_name().expect("a file")), c)?;
+    }
+    Ok(())
+}
+
+/// Runs the benchmark; prints and writes the results.
+pub fn bench(args: BenchArgs, out: &Output) -> Result<ExitCode> {
+    if args.nodes == 0 || args.dcs == 0 || args.push_parallel == 0 {
+        bail!("--nodes, --dcs and --push-parallel must be at least 1");
+    }
+    let size = parse_bytes(&args.size).map_err(|e| anyhow!("--size: {e}"))?;
+    let uplink = parse_rate(&args.uplink, "uplink")?;
+    let rates = Rates {
+        uplink,
+        origin: match &args.origin_uplink {
+            Some(t) => parse_rate(t, "origin-uplink")?,
+            None => uplink,
+        },
+        downlink: match &args.downlink {
+            Some(t) => parse_rate(t, "downlink")?,
+            None => None,
+        },
+    };
+    if size == 0 {
+        bail!("--size must be more than 0");
+    }
+    if let Some(c) = args.change {
+        if !(c > 0.0 && c <= 100.0) {
+            bail!("--change is a percentage in (0, 100]");
+        }
+    }
+    let mut modes = Vec::new();
+    for m in &args.modes {
+        match m.as_str() {
+            "rsync" if which("rsync").is_none() => {
+                eprintln!("convoy bench: rsync is not installed; skipping the rsync mode");
+            }
+            "rsync" => modes.push(Mode::Rsync),
+            "tcp" => modes.push(Mode::Tcp),
+            other => modes.push(Mode::Convoy(
+                other
+                    .parse::<DistributionMode>()
+                    .map_err(|e| anyhow!("--modes: {e}; or rsync, tcp"))?,
+            )),
+        }
+    }
+    let convoyd = convoyd_path(args.convoyd.as_deref())?;
+    let rt = runtime()?;
+    let (idle, results) = rt.block_on(async {
+        tokio::select! {
+            r = run_all(&args, &rates, size, &modes, &convoyd) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted; the fleet is stopped and its directory removed")),
+        }
+    })?;
+    report::report(&idle, &results, &args, out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// Resident memory of the idle fleet, just after every target registered.
+#[derive(Serialize)]
+pub struct IdleRss {
+    pub origin_bytes: u64,
+    pub target_max_bytes: u64,
+}
+
+async fn run_all(
+    args: &BenchArgs,
+    rates: &Rates,
+    size: u64,
+    modes: &[Mode],
+    convoyd: &Path,
+) -> Result<(IdleRss, Vec<RunResult>)> {
+    let fleet = start_fleet(args, rates, convoyd).await?;
+    let key = convoy_daemon::fleet_key::read(&fleet.key_file)?;
+    let client = Client::connect(&fleet.coordinator_addr, key)
+        .await
+        .map_err(|e| anyhow!(e))?;
+    wait_for_targets(&client, args.nodes).await?;
+    let idle = fleet.idle_rss();
+    let store = RocksStore::open(&fleet.dir.path().join("cli-store"))?;
+    let mut results = Vec::new();
+    for (i, &mode) in modes.iter().enumerate() {
+        let name = mode.name();
+        let v1 = fleet.dir.path().join(format!("pkg-{name}-1"));
+        write_package(&v1, size, 1000 + i as u64)?;
+        let v2 = fleet.dir.path().join(format!("pkg-{name}-2"));
+        if let Some(pct) = args.change {
+            write_changed(&v1, &v2, pct, 2000 + i as u64)?;
+        }
+        let v2 = args.change.map(|_| v2.as_path());
+        let runs = match mode {
+            Mode::Convoy(m) => {
+                let mut runs = vec![
+                    stage_once(&client, &store, &fleet, args, rates, m, &v1, "1", None).await?,
+                ];
+                if let Some(v2) = v2 {
+                    let base = store
+                        .resolve("bench", &format!("{name}-1"))?
+                        .and_then(|id| store.get_manifest(&id).ok().flatten());
+                    runs.push(
+                        stage_once(&client, &store, &fleet, args, rates, m, v2, "2", base).await?,
+                    );
+                }
+                runs
+            }
+            Mode::Rsync => baseline::rsync_runs(&fleet, args, rates, &v1, v2)?,
+            Mode::Tcp => baseline::tcp_runs(&fleet, args, rates, &v1, v2)?,
+        };
+        for r in &runs {
+            eprintln!("{}", report::summary_line(r));
+        }
+        results.extend(runs);
+    }
+    client.close().await;
+    drop(fleet);
+    Ok((idle, results))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stage_once(
+    client: &Client,
+    store: &RocksStore,
+    fleet: &Fleet,
+    args: &BenchArgs,
+    rates: &Rates,
+    mode: DistributionMode,
+    dir: &Path,
+    version: &str,
+    base: Option<convoy_chunker::Manifest>,
+) -> Result<RunResult> {
+    let version = format!("{}-{version}", mode.name());
+    let (_, manifest, _, _) = publish_dir(client, store, dir, "bench", &version).await?;
+    // What each target must receive: the chunks its current release lacks.
+    let unique = manifest.unique_chunks();
+    let needed: Vec<_> = match &base {
+        Some(b) => {
+            let held: std::collections::HashSet<_> = b.chunk_refs().map(|c| c.hash).collect();
+            unique
+                .iter()
+                .filter(|c| !held.contains(&c.hash))
+                .copied()
+                .collect()
+        }
+        None => unique.clone(),
+    };
+    let package_bytes: u64 = store
+        .chunk_info(&needed.iter().map(|c| c.hash).collect::<Vec<_>>())?
+        .iter()
+        .map(|i| i.map_or(0, |i| u64::from(i.stored_len)))
+        .sum();
+    let stats = ProcStats::of_fleet(fleet);
+    stats.reset_peak_rss();
+    let cpu0 = stats.cpu();
+    let started = Instant::now();
+    let ControlResponse::StagingStarted { id: staging, .. } = control(
+        client,
+        ControlRequest::StartStaging {
+            release: format!("bench@{version}"),
+            selector: Default::default(),
+            mode,
+        },
+    )
+    .await?
+    else {
+        bail!("unexpected answer to a staging request");
+    };
+    let slowest = rates.slowest_seconds(args.nodes, package_bytes);
+    let timeout = Duration::from_secs_f64(3.0 * slowest + 120.0);
+    let report = follow(client, staging, Some(timeout)).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = stats.cpu() - cpu0;
+    let (staged, _) = count(&report);
+    let progress: Vec<_> = report
+        .targets
+        .iter()
+        .filter_map(|t| t.progress.as_ref())
+        .collect();
+    Ok(RunResult::new(
+        args,
+        rates,
+        Measured {
+            mode: mode.name(),
+            package_bytes,
+            update: base.is_some(),
+            done: completion_seconds(&report),
+            origin_egress_bytes: report.origin_bytes_sent,
+            total_bytes: progress.iter().map(|p| p.bytes_received).sum(),
+            cross_dc_bytes: progress.iter().map(|p| p.bytes_received_cross_dc).sum(),
+            max_target_bytes: progress.iter().map(|p| p.bytes_received).max().unwrap_or(0),
+            verified_nodes: progress
+                .iter()
+                .filter(|p| p.state == StageState::Staged)
+                .count()
+                .min(staged),
+            cpu,
+            wall_seconds: wall,
+            peak_rss: Some(stats.peak_rss()),
+        },
+    ))
+}
+
+/// The Kumar-Ross bound for these caps, or `None` when they leave it at 0.
+fn bound(rates: &Rates, nodes: usize, bytes: u64) -> Option<f64> {
+    let cap = |r: Option<u64>| r.map_or(f64::INFINITY, |r| r as f64);
+    let ups = vec![cap(rates.uplink); nodes];
+    let downs = vec![cap(rates.downlink); nodes];
+    let b = kumar_ross_bound(bytes, cap(rates.origin), &ups, &downs);
+    (b.is_finite() && b > 0.0).then_some(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_package_differs_by_the_share_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        write_package(&a, 8 << 20, 1).unwrap();
+        write_changed(&a, &b, 1.0, 2).unwrap();
+        let changed = baseline::changed_bytes(&a, &b).unwrap();
+        // 1% of 8 MiB, counted in 64 KiB runs that may straddle two.
+        assert!(
+            ((80 << 10)..=4 * (84 << 10)).contains(&changed),
+            "{changed}"
+        );
+        assert_eq!(baseline::dir_bytes(&b).unwrap(), 8 << 20);
+    }
+}

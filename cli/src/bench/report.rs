@@ -1,0 +1,171 @@
+//! What `convoy bench` prints and writes: a table, JSON and a plot.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use convoy_daemon::units::format_bytes;
+use serde_json::json;
+
+use super::{BenchArgs, IdleRss, RunResult};
+use crate::Output;
+
+/// Prints the results (table or `--json`) and writes them to `--out`.
+pub(super) fn report(
+    idle: &IdleRss,
+    results: &[RunResult],
+    args: &BenchArgs,
+    out: &Output,
+) -> Result<()> {
+    let table = markdown(idle, results, args);
+    let data = json!({ "runs": results, "idle_rss": idle });
+    out.emit(data.clone(), || table.clone());
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&data)?)?;
+        std::fs::write(dir.join("results.md"), &table)?;
+        plot(results, &dir.join("completion.svg"))?;
+        eprintln!(
+            "wrote results.json, results.md and completion.svg to {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// One run in a line, for stderr while the bench goes on.
+pub(super) fn summary_line(r: &RunResult) -> String {
+    format!(
+        "{}{}: p50 {:.2}s p99 {:.2}s max {:.2}s, bound {} ({}), origin sent {}, cpu {:.1}s",
+        r.mode,
+        if r.update { " (update)" } else { "" },
+        r.completion_seconds.p50,
+        r.completion_seconds.p99,
+        r.completion_seconds.max,
+        seconds(r.bound_seconds),
+        ratio(r.ratio_to_bound),
+        format_bytes(r.origin_egress_bytes),
+        r.cpu_seconds,
+    )
+}
+
+fn seconds(s: Option<f64>) -> String {
+    s.map_or("-".into(), |s| format!("{s:.2}s"))
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or("-".into(), |r| format!("{r:.2}x"))
+}
+
+fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
+    let flag = |name: &str, v: &Option<String>| {
+        v.as_ref()
+            .map(|v| format!(" --{name} {v}"))
+            .unwrap_or_default()
+    };
+    let mut s = format!(
+        "convoy bench --nodes {} --size {} --uplink {}{}{}{} --dcs {} --push-parallel {}\n\n",
+        args.nodes,
+        args.size,
+        args.uplink,
+        flag("origin-uplink", &args.origin_uplink),
+        flag("downlink", &args.downlink),
+        flag("change", &args.change.map(|c| c.to_string())),
+        args.dcs,
+        args.push_parallel,
+    );
+    s += "| mode | update | bytes/target | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | verified | fleet CPU s | origin CPU s | peak RSS target / origin |\n";
+    s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    for r in results {
+        let rss = match (r.target_peak_rss_bytes, r.origin_peak_rss_bytes) {
+            (Some(t), Some(o)) => format!("{} / {}", format_bytes(t), format_bytes(o)),
+            _ => "-".into(),
+        };
+        s += &format!(
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {}/{} | {:.1} | {:.1} | {} |\n",
+            r.mode,
+            if r.update { "yes" } else { "no" },
+            format_bytes(r.package_bytes),
+            r.completion_seconds.p50,
+            r.completion_seconds.p99,
+            r.completion_seconds.max,
+            r.bound_seconds.map_or("-".into(), |b| format!("{b:.2}")),
+            r.ratio_to_bound.map_or("-".into(), |b| format!("{b:.2}")),
+            format_bytes(r.origin_egress_bytes),
+            format_bytes(r.total_bytes),
+            format_bytes(r.cross_dc_bytes),
+            r.verified_nodes,
+            r.nodes,
+            r.cpu_seconds,
+            r.origin_cpu_seconds,
+            rss,
+        );
+    }
+    s += &format!(
+        "\nidle RSS: origin {}, largest target {}\n",
+        format_bytes(idle.origin_bytes),
+        format_bytes(idle.target_max_bytes)
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    for r in results.iter().filter(|r| r.target_peak_rss_bytes.is_some()) {
+        let busy = r.cpu_seconds / (r.wall_seconds * cores);
+        if busy > 0.8 {
+            s += &format!(
+                "\nwarning: {}{} used {:.0}% of the machine's {} cores: the caps are too high for this machine to encrypt and verify the fleet's traffic, so times measure the CPU, not the network\n",
+                r.mode,
+                if r.update { " (update)" } else { "" },
+                busy * 100.0,
+                cores
+            );
+        }
+    }
+    s
+}
+
+/// Completion-time distributions: the share of targets done against time.
+pub(super) fn plot(results: &[RunResult], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let max_t = results
+        .iter()
+        .map(|r| r.completion_seconds.max)
+        .fold(0.0f64, f64::max)
+        .max(0.001)
+        * 1.05;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("targets done over time", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..max_t, 0.0..1.0)
+        .map_err(|e| anyhow!("plot: {e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since the staging started")
+        .y_desc("share of targets staged")
+        .draw()
+        .map_err(|e| anyhow!("plot: {e}"))?;
+    for (i, r) in results.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let n = r.per_target_seconds.len().max(1) as f64;
+        let mut points = vec![(0.0, 0.0)];
+        for (k, t) in r.per_target_seconds.iter().enumerate() {
+            points.push((*t, k as f64 / n));
+            points.push((*t, (k + 1) as f64 / n));
+        }
+        let label = format!("{}{}", r.mode, if r.update { " (update)" } else { "" });
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(|e| anyhow!("plot: {e}"))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| anyhow!("plot: {e}"))?;
+    root.present().map_err(|e| anyhow!("plot: {e}"))?;
+    Ok(())
+}
