@@ -223,7 +223,11 @@ fn k_at_a_time(
             while running < k && next < nodes && failure.is_none() {
                 let (tx, transfer, i) = (tx.clone(), &transfer, next);
                 scope.spawn(move || {
-                    let r = transfer(i);
+                    // A panic is reported too: the loop waits for every thread.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| transfer(i)))
+                        .unwrap_or_else(|_| {
+                            Err(anyhow::anyhow!("the transfer to target {i} panicked"))
+                        });
                     let _ = tx.send((r, started.elapsed().as_secs_f64()));
                 });
                 running += 1;
@@ -309,6 +313,9 @@ fn tcp_once(
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let dest = root.join(format!("target-{i:03}.bin"));
+        // Connected before the receiver waits, so a failed connect cannot
+        // leave it blocked in accept (the listener's backlog holds it).
+        let conn = TcpStream::connect(addr)?;
         std::thread::scope(|scope| {
             let receiver = scope.spawn(|| -> Result<u64> {
                 let (mut conn, _) = listener.accept()?;
@@ -317,7 +324,7 @@ fn tcp_once(
                 *receiver_cpu.lock().expect("not poisoned") += thread_cpu_seconds();
                 Ok(n)
             });
-            let sent = send_ranges(addr, ranges, per_transfer);
+            let sent = send_ranges(conn, ranges, per_transfer);
             *sender_cpu.lock().expect("not poisoned") += thread_cpu_seconds();
             let received = receiver.join().expect("the receiver does not panic")?;
             let sent = sent?;
@@ -353,8 +360,7 @@ fn tcp_once(
 }
 
 /// Sends the ranges over one connection, paced at `rate` bytes per second.
-fn send_ranges(addr: std::net::SocketAddr, ranges: &[Range], rate: Option<u64>) -> Result<u64> {
-    let mut conn = TcpStream::connect(addr)?;
+fn send_ranges(mut conn: TcpStream, ranges: &[Range], rate: Option<u64>) -> Result<u64> {
     let mut buf = vec![0u8; 256 << 10];
     let started = Instant::now();
     let mut sent = 0u64;
