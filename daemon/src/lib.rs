@@ -22,6 +22,7 @@ pub mod fleet_key;
 pub mod net;
 pub mod protocol;
 pub mod rate;
+pub mod rollout;
 pub mod serve;
 pub mod store;
 pub mod target;
