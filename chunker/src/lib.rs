@@ -49,7 +49,7 @@ pub use diff::Diff;
 pub use manifest::{
     limits, validate_name, Entry, EntryKind, Manifest, ManifestError, ReleaseId, MODE_MASK,
 };
-pub use materialise::{materialise, ChunkSource, MaterialiseError};
+pub use materialise::{materialise, materialise_reusing, ChunkSource, MaterialiseError, Reuse};
 pub use pack::{pack, ChunkSink, ChunkWriter, PackError, Progress};
 pub use stored::{ChunkError, Compressor, Encoding, StoredChunk, COMPRESSION_LEVEL};
 

@@ -19,6 +19,22 @@ pub trait ChunkSource: Sync {
     fn stored_chunk(&self, chunk: &ChunkRef) -> Result<StoredChunk, BoxError>;
 }
 
+/// Files a new tree may share with one already written: a hard link
+/// instead of a copy. Whoever implements it answers only for files that
+/// nobody has changed since they were written.
+pub trait Reuse: Sync {
+    /// A file holding exactly `chunks` with permission bits `mode`, to be
+    /// hard-linked at `path`; `None` to write it.
+    fn existing(&self, path: &str, mode: u32, chunks: &[ChunkRef]) -> Option<PathBuf>;
+}
+
+/// Shares nothing.
+impl Reuse for () {
+    fn existing(&self, _: &str, _: u32, _: &[ChunkRef]) -> Option<PathBuf> {
+        None
+    }
+}
+
 /// Why a tree could not be written. Nothing is left under the destination.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -73,6 +89,19 @@ pub fn materialise(
     force: bool,
     progress: &dyn Progress,
 ) -> Result<(), MaterialiseError> {
+    materialise_reusing(manifest, source, &(), dest, force, progress)
+}
+
+/// [`materialise`], hard-linking the files `reuse` offers instead of
+/// writing them (a link that fails is written instead).
+pub fn materialise_reusing(
+    manifest: &Manifest,
+    source: &dyn ChunkSource,
+    reuse: &dyn Reuse,
+    dest: &Path,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<(), MaterialiseError> {
     let occupied = match fs::symlink_metadata(dest) {
         Ok(meta) if meta.is_dir() => fs::read_dir(dest).map_err(io_at(dest))?.next().is_some(),
         Ok(_) => true,
@@ -97,7 +126,7 @@ pub fn materialise(
     let root = staging.path();
     fs::set_permissions(root, fs::Permissions::from_mode(0o755)).map_err(io_at(root))?;
     progress.set_total(manifest.file_totals().1);
-    write_tree(manifest, source, root, progress)?;
+    write_tree(manifest, source, reuse, root, progress)?;
     if occupied {
         // Move the old tree aside first: rename cannot replace a non-empty directory.
         let trash = tempfile::Builder::new()
@@ -119,6 +148,7 @@ pub fn materialise(
 fn write_tree(
     manifest: &Manifest,
     source: &dyn ChunkSource,
+    reuse: &dyn Reuse,
     root: &Path,
     progress: &dyn Progress,
 ) -> Result<(), MaterialiseError> {
@@ -138,6 +168,13 @@ fn write_tree(
             _ => None,
         })
         .try_for_each(|(path, mode, chunks)| {
+            let full = root.join(path);
+            if let Some(existing) = reuse.existing(path, mode, chunks) {
+                if fs::hard_link(&existing, &full).is_ok() {
+                    progress.advance(chunks.iter().map(|c| u64::from(c.len)).sum());
+                    return Ok(());
+                }
+            }
             write_file(root, path, mode, chunks, source, progress)
         })?;
     for e in entries {

@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod coordinator;
+pub mod deliver;
 pub mod fleet_key;
 pub mod net;
 pub mod protocol;
