@@ -19,6 +19,7 @@ struct Inner {
     manifests: HashMap<ReleaseId, Vec<u8>>,
     names: BTreeMap<(String, String), (ReleaseId, u64)>,
     next_seq: u64,
+    logs: BTreeMap<String, Vec<Vec<u8>>>,
 }
 
 impl MemoryStore {
@@ -37,6 +38,27 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn append_record(&self, log: &str, record: &[u8]) -> Result<u64, StoreError> {
+        let mut inner = self.write();
+        let l = inner.logs.entry(log.to_string()).or_default();
+        l.push(record.to_vec());
+        Ok(l.len() as u64 - 1)
+    }
+
+    fn records(&self, log: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self.read().logs.get(log).cloned().unwrap_or_default())
+    }
+
+    fn logs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .read()
+            .logs
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+
     fn put_chunks(&self, chunks: &[(ChunkRef, StoredChunk)]) -> Result<(), StoreError> {
         let mut inner = self.write();
         for (chunk, stored) in chunks {

@@ -127,6 +127,13 @@ pub trait Store: Send + Sync {
     fn delete_release(&self, app: &str, version: &str) -> Result<(), StoreError>;
     /// Gives the space of deleted chunks back to the file system.
     fn compact(&self) -> Result<(), StoreError>;
+    /// Appends `record` to the log named `log`, durably; returns its
+    /// sequence number (0 for a log's first record).
+    fn append_record(&self, log: &str, record: &[u8]) -> Result<u64, StoreError>;
+    /// Every record of `log`, in the order appended.
+    fn records(&self, log: &str) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// The names of the logs that start with `prefix`, sorted.
+    fn logs(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
 
     /// Whether the store holds a chunk.
     fn contains_chunk(&self, hash: &ChunkHash) -> Result<bool, StoreError> {

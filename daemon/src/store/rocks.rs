@@ -29,6 +29,8 @@ const PACKS_DIR: &str = "packs";
 const CF_MANIFESTS: &str = "manifests";
 /// `app@version` -> release id (32 bytes) + arrival sequence (u64 BE).
 const CF_NAMES: &str = "names";
+/// Record logs: `log name, 0, sequence (u64 big-endian)` → record.
+const CF_LOGS: &str = "logs";
 
 /// Memtable size of the index: about 80 bytes a chunk, so one memtable
 /// holds the index of ~50 GiB of new chunks and RocksDB seldom flushes it
@@ -53,6 +55,7 @@ pub struct RocksStore {
     next_seq: AtomicU64,
     /// Serialises name writes so a name check and its write are one step.
     names_lock: Mutex<()>,
+    logs_lock: Mutex<()>,
 }
 
 impl RocksStore {
@@ -80,7 +83,8 @@ impl RocksStore {
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_CHUNK_INFO, index),
             ColumnFamilyDescriptor::new(CF_MANIFESTS, small.clone()),
-            ColumnFamilyDescriptor::new(CF_NAMES, small),
+            ColumnFamilyDescriptor::new(CF_NAMES, small.clone()),
+            ColumnFamilyDescriptor::new(CF_LOGS, small),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             let reason = e.into_string();
@@ -105,6 +109,7 @@ impl RocksStore {
             path: path.to_path_buf(),
             next_seq: AtomicU64::new(0),
             names_lock: Mutex::new(()),
+            logs_lock: Mutex::new(()),
         };
         let newest = store.releases()?.iter().map(|r| r.seq).max();
         store
@@ -164,6 +169,14 @@ impl RocksStore {
             seq,
         })
     }
+}
+
+fn log_key(log: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(log.len() + 9);
+    k.extend_from_slice(log.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn name_key(app: &str, version: &str) -> Vec<u8> {
@@ -234,6 +247,70 @@ impl RocksStore {
 }
 
 impl Store for RocksStore {
+    fn append_record(&self, log: &str, record: &[u8]) -> Result<u64, StoreError> {
+        let _one_writer = self.logs_lock.lock().expect("logs lock poisoned");
+        // The log's last key, if any: seek back from its highest possible key.
+        let cf = self.cf(CF_LOGS);
+        let mut prefix = log.as_bytes().to_vec();
+        prefix.push(0);
+        let last = log_key(log, u64::MAX);
+        let mut it = self
+            .db
+            .iterator_cf(cf, IteratorMode::From(&last, rocksdb::Direction::Reverse));
+        let seq = match it.next().transpose().map_err(self.db_err())? {
+            Some((k, _)) if k.len() == prefix.len() + 8 && k.starts_with(&prefix) => {
+                let n: [u8; 8] = k[prefix.len()..].try_into().expect("8 bytes");
+                u64::from_be_bytes(n) + 1
+            }
+            _ => 0,
+        };
+        self.db
+            .put_cf_opt(cf, log_key(log, seq), record, &Self::synced())
+            .map_err(self.db_err())?;
+        Ok(seq)
+    }
+
+    fn records(&self, log: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut prefix = log.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(
+            self.cf(CF_LOGS),
+            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(self.db_err())?;
+            if !(k.len() == prefix.len() + 8 && k.starts_with(&prefix)) {
+                break;
+            }
+            out.push(v.to_vec());
+        }
+        Ok(out)
+    }
+
+    fn logs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = Vec::new();
+        let it = self.db.iterator_cf(
+            self.cf(CF_LOGS),
+            IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward),
+        );
+        for item in it {
+            let (k, _) = item.map_err(self.db_err())?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            let name = k
+                .len()
+                .checked_sub(9)
+                .and_then(|n| std::str::from_utf8(&k[..n]).ok())
+                .ok_or_else(|| self.corrupt("record log key"))?;
+            if out.last().map(String::as_str) != Some(name) {
+                out.push(name.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     fn put_chunks(&self, chunks: &[(ChunkRef, StoredChunk)]) -> Result<(), StoreError> {
         if chunks.is_empty() {
             return Ok(());
@@ -453,7 +530,7 @@ impl Store for RocksStore {
                 .remove(id)
                 .map_err(self.io_err("removing a pack"))?;
         }
-        for cf in [CF_CHUNK_INFO, CF_MANIFESTS, CF_NAMES] {
+        for cf in [CF_CHUNK_INFO, CF_MANIFESTS, CF_NAMES, CF_LOGS] {
             self.db
                 .compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
         }

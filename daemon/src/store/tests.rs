@@ -172,6 +172,23 @@ fn deleting_a_release_keeps_a_manifest_another_name_uses(store: &dyn Store) {
     assert_eq!(store.releases().unwrap(), vec![]);
 }
 
+fn record_logs_append_in_order_and_list_by_prefix(store: &dyn Store) {
+    assert_eq!(store.records("rollout/1").unwrap(), Vec::<Vec<u8>>::new());
+    assert_eq!(store.append_record("rollout/1", b"a").unwrap(), 0);
+    assert_eq!(store.append_record("rollout/10", b"x").unwrap(), 0);
+    assert_eq!(store.append_record("rollout/1", b"b").unwrap(), 1);
+    assert_eq!(store.append_record("history/web", b"h").unwrap(), 0);
+    assert_eq!(
+        store.records("rollout/1").unwrap(),
+        vec![b"a".to_vec(), b"b".to_vec()]
+    );
+    assert_eq!(store.records("rollout/10").unwrap(), vec![b"x".to_vec()]);
+    assert_eq!(
+        store.logs("rollout/").unwrap(),
+        vec!["rollout/1".to_string(), "rollout/10".to_string()]
+    );
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -193,7 +210,20 @@ store_tests!(
     gc_keeps_newest_releases_per_app_and_their_chunks,
     ingest_counts_new_chunks_once,
     deleting_a_release_keeps_a_manifest_another_name_uses,
+    record_logs_append_in_order_and_list_by_prefix,
 );
+
+#[test]
+fn record_logs_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = RocksStore::open(dir.path()).unwrap();
+        store.append_record("rollout/1", b"started").unwrap();
+    }
+    let store = RocksStore::open(dir.path()).unwrap();
+    assert_eq!(store.append_record("rollout/1", b"next").unwrap(), 1);
+    assert_eq!(store.records("rollout/1").unwrap().len(), 2);
+}
 
 #[test]
 fn rocks_store_survives_reopen() {
