@@ -1,6 +1,5 @@
 //! The commands that talk to a coordinator: publish, stage, fleet.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,8 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use convoy_chunker::{ChunkRef, Manifest};
 use convoy_daemon::client::Client;
 use convoy_daemon::protocol::{
-    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode, Labels,
-    StageState, StagingReport, WireChunk, MAX_HASHES_PER_QUERY,
+    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode, StageState,
+    StagingReport, WireChunk, MAX_HASHES_PER_QUERY,
 };
 use convoy_daemon::store::{RocksStore, Store};
 use indicatif::BinaryBytes;
@@ -191,20 +190,6 @@ async fn upload(client: &Client, store: &RocksStore, manifest: &Manifest) -> Res
     Ok((missing.len(), bytes))
 }
 
-fn parse_selector(text: &str) -> Result<Labels> {
-    let mut labels = BTreeMap::new();
-    if text == "all" || text.is_empty() {
-        return Ok(labels);
-    }
-    for part in text.split(',') {
-        let (k, v) = part
-            .split_once('=')
-            .ok_or_else(|| anyhow!("selector part {part:?} is not KEY=VALUE (or use `all`)"))?;
-        labels.insert(k.trim().to_string(), v.trim().to_string());
-    }
-    Ok(labels)
-}
-
 /// `convoy stage RELEASE --targets SELECTOR --mode MODE [--wait]`.
 pub fn stage(
     remote: &Remote,
@@ -215,7 +200,7 @@ pub fn stage(
     wait: bool,
     timeout: Option<Duration>,
 ) -> Result<ExitCode> {
-    let selector = parse_selector(selector)?;
+    let selector = convoy_daemon::pipeline::parse_selector(selector).map_err(|e| anyhow!(e))?;
     let rt = runtime()?;
     rt.block_on(async {
         let client = remote.connect().await?;

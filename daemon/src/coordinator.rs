@@ -585,11 +585,7 @@ impl Coordinator {
             .members
             .iter()
             .filter(|(_, m)| self.alive(m))
-            .filter(|(_, m)| {
-                selector
-                    .iter()
-                    .all(|(k, v)| m.report.labels.get(k) == Some(v))
-            })
+            .filter(|(_, m)| crate::pipeline::selects(selector, &m.report.labels))
             .map(|(p, _)| *p)
             .collect();
         targets.sort();

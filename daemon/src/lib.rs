@@ -21,6 +21,7 @@ pub mod coordinator;
 pub mod deliver;
 pub mod fleet_key;
 pub mod net;
+pub mod pipeline;
 pub mod protocol;
 pub mod rate;
 pub mod rollout;

@@ -1,0 +1,328 @@
+//! Apps, their pipelines of environments, and the rules of promotion.
+//!
+//! The coordinator loads them from a TOML file:
+//!
+//! ```toml
+//! [environments.staging]
+//! selector = "env=staging"
+//!
+//! [environments.production]
+//! selector = "env=production"
+//! blue_green = true          # its targets carry slice=blue or slice=green
+//!
+//! [apps.web]
+//! pipeline = ["staging", "production"]
+//!
+//! [apps.web.rollout]         # defaults for deployments of this app
+//! strategy = "rolling"
+//! waves = "1,10%,50%,100%"
+//! mode = "swarm"
+//! max_failures = "10%"
+//! drain_seconds = 1.0
+//! progress_deadline_seconds = 120
+//! ```
+//!
+//! A release may be promoted to an app's first environment at any time,
+//! and to each later one only after a roll-out of it succeeded in the
+//! environment before (`force` overrides, and is recorded).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{DistributionMode, Labels};
+use crate::rollout::{parse_waves, Amount, Strategy};
+
+/// A set of targets, by labels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    /// `KEY=VALUE[,KEY=VALUE...]`: every label must match.
+    pub selector: String,
+    /// Its targets are split in `slice=blue` and `slice=green`.
+    #[serde(default)]
+    pub blue_green: bool,
+}
+
+/// How an app's deployments run unless the deploy says otherwise.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutDefaults {
+    /// live, rolling or blue-green.
+    pub strategy: String,
+    /// Cumulative waves, e.g. `1,10%,50%,100%`.
+    pub waves: String,
+    /// swarm, push or pull.
+    pub mode: String,
+    /// Failures tolerated over the roll-out: a count or a percentage.
+    pub max_failures: String,
+    /// Seconds a rolling target stays drained before it switches.
+    pub drain_seconds: f64,
+    /// A target without progress this long is slow; twice this, failed.
+    pub progress_deadline_seconds: f64,
+}
+
+impl Default for RolloutDefaults {
+    fn default() -> Self {
+        Self {
+            strategy: "rolling".into(),
+            waves: "1,10%,50%,100%".into(),
+            mode: "swarm".into(),
+            max_failures: "0".into(),
+            drain_seconds: 1.0,
+            progress_deadline_seconds: 120.0,
+        }
+    }
+}
+
+/// One app.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    /// The environments a release goes through, in order.
+    pub pipeline: Vec<String>,
+    /// Deployment defaults.
+    #[serde(default)]
+    pub rollout: RolloutDefaults,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipelines {
+    /// Environments by name.
+    #[serde(default)]
+    pub environments: BTreeMap<String, Environment>,
+    /// Apps by name.
+    #[serde(default)]
+    pub apps: BTreeMap<String, App>,
+}
+
+/// A deployment's settings, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// How it goes live.
+    pub strategy: Strategy,
+    /// Waves.
+    pub waves: Vec<Amount>,
+    /// Distribution mode.
+    pub mode: DistributionMode,
+    /// Failures tolerated.
+    pub max_failures: Amount,
+    /// Drain period, milliseconds.
+    pub drain_ms: u64,
+    /// Progress deadline, milliseconds.
+    pub progress_deadline_ms: u64,
+}
+
+impl Pipelines {
+    /// Parses and checks a pipelines file.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let p: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        p.check()?;
+        Ok(p)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for (name, env) in &self.environments {
+            parse_selector(&env.selector).map_err(|e| format!("environment {name}: {e}"))?;
+        }
+        for (name, app) in &self.apps {
+            convoy_chunker::validate_name("app", name).map_err(|e| e.to_string())?;
+            if app.pipeline.is_empty() {
+                return Err(format!("app {name}: the pipeline is empty"));
+            }
+            for (i, env) in app.pipeline.iter().enumerate() {
+                if !self.environments.contains_key(env) {
+                    return Err(format!("app {name}: environment {env:?} is not defined"));
+                }
+                if app.pipeline[..i].contains(env) {
+                    return Err(format!("app {name}: {env} appears twice in the pipeline"));
+                }
+            }
+            let d = &app.rollout;
+            self.settings(name, &app.pipeline[0], d)
+                .map_err(|e| format!("app {name}: rollout: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The settings of a deployment of `app` to `env`: the app's defaults
+    /// with `overrides` applied; checked against the environment.
+    pub fn settings(
+        &self,
+        app: &str,
+        env: &str,
+        overrides: &RolloutDefaults,
+    ) -> Result<Settings, String> {
+        let e = self
+            .environments
+            .get(env)
+            .ok_or_else(|| format!("no environment {env:?}"))?;
+        let strategy: Strategy = overrides.strategy.parse()?;
+        if strategy == Strategy::BlueGreen && !e.blue_green {
+            return Err(format!(
+                "environment {env} has no blue and green slices (blue_green = true in the pipelines file)"
+            ));
+        }
+        let seconds = |what: &str, s: f64| -> Result<u64, String> {
+            if s.is_finite() && s >= 0.0 {
+                Ok((s * 1000.0).round() as u64)
+            } else {
+                Err(format!("{what} must be a number of seconds, not {s}"))
+            }
+        };
+        let deadline = seconds(
+            "progress_deadline_seconds",
+            overrides.progress_deadline_seconds,
+        )?;
+        if deadline == 0 {
+            return Err("progress_deadline_seconds must be more than 0".into());
+        }
+        self.app(app)?;
+        Ok(Settings {
+            strategy,
+            waves: parse_waves(&overrides.waves)?,
+            mode: overrides.mode.parse()?,
+            max_failures: Amount::parse(&overrides.max_failures)?,
+            drain_ms: seconds("drain_seconds", overrides.drain_seconds)?,
+            progress_deadline_ms: deadline,
+        })
+    }
+
+    /// The app, or an error naming the ones there are.
+    pub fn app(&self, name: &str) -> Result<&App, String> {
+        self.apps.get(name).ok_or_else(|| {
+            format!(
+                "no app {name:?} in the pipelines file (apps: {})",
+                self.apps.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// Whether `version` of `app` may be promoted to `env`, given the
+    /// environments where a roll-out of it succeeded. `Err` says why not.
+    pub fn may_promote(&self, app: &str, env: &str, succeeded_in: &[String]) -> Result<(), String> {
+        let a = self.app(app)?;
+        let Some(i) = a.pipeline.iter().position(|e| e == env) else {
+            return Err(format!(
+                "{env} is not in {app}'s pipeline ({})",
+                a.pipeline.join(" → ")
+            ));
+        };
+        match i.checked_sub(1).map(|p| &a.pipeline[p]) {
+            Some(before) if !succeeded_in.contains(before) => Err(format!(
+                "{app} must succeed in {before} before it is promoted to {env} (--force overrides)"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Parses `KEY=VALUE[,KEY=VALUE...]`; `all` or nothing selects everyone.
+pub fn parse_selector(text: &str) -> Result<Labels, String> {
+    let mut labels = Labels::new();
+    let text = text.trim();
+    if text == "all" || text.is_empty() {
+        return Ok(labels);
+    }
+    for part in text.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| format!("selector part {part:?} is not KEY=VALUE (or use `all`)"))?;
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
+/// Whether `labels` have every label of `selector`.
+pub fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[environments.staging]
+selector = "env=staging"
+
+[environments.production]
+selector = "env=production"
+blue_green = true
+
+[apps.web]
+pipeline = ["staging", "production"]
+
+[apps.web.rollout]
+strategy = "rolling"
+waves = "1,50%,100%"
+max_failures = "10%"
+drain_seconds = 0.5
+"#;
+
+    #[test]
+    fn a_pipelines_file_parses_with_defaults() {
+        let p = Pipelines::parse(FILE).unwrap();
+        let s = p
+            .settings("web", "staging", &p.apps["web"].rollout)
+            .unwrap();
+        assert_eq!(s.strategy, Strategy::Rolling);
+        assert_eq!(s.mode, DistributionMode::Swarm);
+        assert_eq!(s.drain_ms, 500);
+        assert_eq!(s.max_failures, Amount::Percent(10.0));
+        assert_eq!(s.progress_deadline_ms, 120_000);
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_what_is_wrong() {
+        let bad = |text: &str, says: &str| {
+            let e = Pipelines::parse(text).unwrap_err();
+            assert!(e.contains(says), "{e:?} should say {says:?}");
+        };
+        bad(
+            "[apps.web]\npipeline = [\"prod\"]\n",
+            "environment \"prod\" is not defined",
+        );
+        bad("[environments.a]\nselector = \"x\"\n", "is not KEY=VALUE");
+        bad(
+            "[environments.a]\nselector = \"env=a\"\n[apps.web]\npipeline = []\n",
+            "pipeline is empty",
+        );
+        bad(
+            "[environments.a]\nselector = \"env=a\"\n[apps.web]\npipeline = [\"a\"]\n[apps.web.rollout]\nstrategy = \"blue-green\"\n",
+            "no blue and green slices",
+        );
+        bad(
+            "[environments.a]\nselector = \"env=a\"\ncolour = 1\n",
+            "unknown field",
+        );
+    }
+
+    #[test]
+    fn promotion_follows_the_pipeline() {
+        let p = Pipelines::parse(FILE).unwrap();
+        assert!(p.may_promote("web", "staging", &[]).is_ok());
+        let e = p.may_promote("web", "production", &[]).unwrap_err();
+        assert!(e.contains("must succeed in staging"), "{e}");
+        assert!(p
+            .may_promote("web", "production", &["staging".into()])
+            .is_ok());
+        assert!(p.may_promote("web", "qa", &[]).is_err());
+        assert!(p.may_promote("api", "staging", &[]).is_err());
+    }
+
+    #[test]
+    fn selectors_parse_and_match() {
+        let s = parse_selector("env=production, slice=blue").unwrap();
+        let mut labels = Labels::new();
+        labels.insert("env".into(), "production".into());
+        assert!(!selects(&s, &labels));
+        labels.insert("slice".into(), "blue".into());
+        assert!(selects(&s, &labels));
+        assert!(parse_selector("all").unwrap().is_empty());
+        assert!(parse_selector("=x").is_err());
+    }
+}
