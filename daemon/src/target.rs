@@ -29,7 +29,9 @@ use crate::serve::{ChunkList, Chunks, ReceiveError};
 use crate::transfer::{FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode};
 
 /// How often newly held chunks are announced to peers.
-const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(250);
+/// Requests in flight to the origin in pull mode (64 KiB chunks: 2 MiB).
+const PULL_WINDOW: usize = 32;
 /// How often received chunks are made durable.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Heartbeat until the coordinator says otherwise.
@@ -549,6 +551,11 @@ impl Target {
                     ..FetchConfig::default()
                 };
                 config.request_timeout = Duration::from_secs(30);
+                if mode == DistributionMode::Pull {
+                    // One source: its requests must cover the whole
+                    // bandwidth-delay product of the link on their own.
+                    config.window = PULL_WINDOW;
+                }
                 let mut f = Fetcher::new(have.clone(), config);
                 f.add_peer(
                     Instant::now(),

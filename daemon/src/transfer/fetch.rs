@@ -137,6 +137,9 @@ const ENDGAME_MIN_AGE: Duration = Duration::from_millis(20);
 const MAX_PEERS: usize = 1024;
 const MAX_WINDOW: usize = 256;
 
+/// Candidates a pick weighs: the rarest of this many wins.
+const PICK_SAMPLE: usize = 256;
+
 /// The target side of swarm and pull: decides which chunk to request from
 /// which peer. Feed it peers, their have-announcements and the outcome of
 /// each request; drain [`Fetcher::poll_action`] after every input.
@@ -544,7 +547,16 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         };
         let mut best: Option<(u32, ChunkIndex)> = None;
         let mut ties = 0u32;
-        for c in self.have.missing() {
+        let mut seen = 0usize;
+        // Rarest of a sample: the scan starts at a random chunk and stops
+        // after PICK_SAMPLE candidates, so a pick costs O(sample), not
+        // O(chunks) — a 1 GiB release has 16k chunks. With one holder (pull,
+        // or the origin) every candidate is as rare: the first one wins.
+        let start = self.rng.random_range(0..self.have.len().max(1) as ChunkIndex);
+        for c in self.have.missing_from(start) {
+            if seen >= PICK_SAMPLE || best.is_some_and(|(r, _)| r <= 1) {
+                break;
+            }
             let i = c as usize;
             if !p.have.contains(c)
                 || p.refused.contains_key(&c)
@@ -566,6 +578,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                     continue; // another target of this data centre imports it
                 }
             }
+            seen += 1;
             let rarity = self.holders[i];
             match best {
                 Some((r, _)) if rarity > r => {}

@@ -69,4 +69,61 @@ impl HaveSet {
     pub fn missing(&self) -> impl Iterator<Item = ChunkIndex> + '_ {
         self.0.zeroes().map(|i| i as ChunkIndex)
     }
+
+    /// The chunks not held, ascending from `start`, then from 0 up to it:
+    /// a scan that begins anywhere without walking the bits before it.
+    pub fn missing_from(&self, start: ChunkIndex) -> impl Iterator<Item = ChunkIndex> + '_ {
+        let len = self.len() as u64;
+        let start = if len == 0 { 0 } else { u64::from(start) % len };
+        self.missing_in(start, len).chain(self.missing_in(0, start))
+    }
+
+    /// The chunks in `from..to` not held, ascending.
+    fn missing_in(&self, from: u64, to: u64) -> impl Iterator<Item = ChunkIndex> + '_ {
+        const BITS: u64 = usize::BITS as u64;
+        let blocks = self.0.as_slice();
+        let first = (from / BITS) as usize;
+        let last = to.div_ceil(BITS) as usize;
+        (first..last.min(blocks.len())).flat_map(move |b| {
+            let base = b as u64 * BITS;
+            let mut zeroes = !blocks[b];
+            if b == first {
+                zeroes &= usize::MAX << (from % BITS);
+            }
+            std::iter::from_fn(move || {
+                if zeroes == 0 {
+                    return None;
+                }
+                let i = base + u64::from(zeroes.trailing_zeros());
+                zeroes &= zeroes - 1;
+                Some(i)
+            })
+            .take_while(move |i| *i < to)
+            .map(|i| i as ChunkIndex)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_from_wraps_and_matches_missing() {
+        for len in [0usize, 1, 63, 64, 65, 200] {
+            let h = HaveSet::from_indices(len, (0..len as u32).filter(|i| i % 3 == 0));
+            let all: Vec<_> = h.missing().collect();
+            for start in [0u32, 1, 62, 63, 64, 130, 199] {
+                let got: Vec<_> = h.missing_from(start).collect();
+                let mut sorted = got.clone();
+                sorted.sort();
+                assert_eq!(sorted, all, "len {len} start {start}");
+                if let Some(&f) = got.first() {
+                    let s = if len == 0 { 0 } else { start % len as u32 };
+                    let expect = all.iter().copied().find(|c| *c >= s).unwrap_or(all[0]);
+                    assert_eq!(f, expect, "len {len} start {start}");
+                }
+            }
+        }
+    }
 }
