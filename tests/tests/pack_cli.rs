@@ -189,7 +189,7 @@ fn hostile_manifest_in_the_store_is_refused_naming_the_path() {
     let store = work.path().join("store");
     let convoy = Convoy::new(&store);
     let id = convoy.pack(&src, "web@1", &[]).success().stdout;
-    let cfs = ["chunk_info", "manifests", "names"];
+    let cfs = ["chunk_info", "manifests", "names", "logs"];
     {
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).unwrap();
         let manifests = db.cf_handle("manifests").unwrap();
@@ -341,7 +341,7 @@ fn verify_reports_a_name_without_its_manifest() {
     let convoy = Convoy::new(&store);
     convoy.pack(&src, "web@1", &[]).success();
     {
-        let cfs = ["chunk_info", "manifests", "names"];
+        let cfs = ["chunk_info", "manifests", "names", "logs"];
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).unwrap();
         let mut value = [7u8; 32].to_vec();
         value.extend_from_slice(&5u64.to_be_bytes());

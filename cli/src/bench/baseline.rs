@@ -388,22 +388,20 @@ fn send_ranges(mut conn: TcpStream, ranges: &[Range], rate: Option<u64>) -> Resu
 
 /// CPU seconds the calling thread has used.
 fn thread_cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let usage = unsafe {
-        let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut u);
-        u
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
+    rusage_seconds(libc::RUSAGE_THREAD)
 }
 
 /// CPU seconds of this process's children that have been waited for.
 fn reaped_children_cpu() -> f64 {
+    rusage_seconds(libc::RUSAGE_CHILDREN)
+}
+
+/// User and system seconds of getrusage(2) for `who`.
+fn rusage_seconds(who: libc::c_int) -> f64 {
     // SAFETY: getrusage fills the struct it is given.
     let usage = unsafe {
         let mut u: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        libc::getrusage(who, &mut u);
         u
     };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;

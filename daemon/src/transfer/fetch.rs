@@ -119,6 +119,10 @@ struct Peer {
     refused: BTreeMap<ChunkIndex, Instant>,
     /// The peer said it is busy: ask it nothing before this.
     busy_until: Option<Instant>,
+    /// Busy answers in a row: from the origin each doubles the back-off (a
+    /// lone busy origin in pull mode must not be asked by every target
+    /// every 20 ms).
+    busy_streak: u32,
 }
 
 struct Outstanding<P> {
@@ -136,6 +140,9 @@ const ENDGAME_MIN_AGE: Duration = Duration::from_millis(20);
 /// Bounds on what a fetcher keeps (TigerBeetle style: every map has a limit).
 const MAX_PEERS: usize = 1024;
 const MAX_WINDOW: usize = 256;
+
+/// The longest a busy peer is left alone.
+const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(640);
 
 /// Candidates a pick weighs: the rarest of this many wins.
 const PICK_SAMPLE: usize = 256;
@@ -236,6 +243,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                 in_flight: 0,
                 refused: BTreeMap::new(),
                 busy_until: None,
+                busy_streak: 0,
             },
         );
         self.schedule(now);
@@ -320,6 +328,9 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             self.check_complete();
         }
         if valid {
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.busy_streak = 0;
+            }
             // A freed slot at this peer; nothing became newly eligible elsewhere.
             self.fill(now, peer);
             self.endgame(now);
@@ -344,9 +355,18 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// asked nothing for a short while.
     pub fn handle_busy(&mut self, now: Instant, peer: P, chunk: ChunkIndex) {
         if self.settle(chunk, peer) {
-            let until = now + self.config.busy_backoff;
             if let Some(p) = self.peers.get_mut(&peer) {
-                p.busy_until = Some(until);
+                // Swarm peers free up fast and others can be asked meanwhile;
+                // the origin is the one every target falls back to.
+                let streak = if p.locality == Locality::Origin {
+                    p.busy_streak.min(6)
+                } else {
+                    0
+                };
+                let backoff = (self.config.busy_backoff * 2u32.pow(streak))
+                    .min(MAX_BUSY_BACKOFF.max(self.config.busy_backoff));
+                p.busy_streak += 1;
+                p.busy_until = Some(now + backoff);
             }
         }
         self.schedule(now);
@@ -552,7 +572,9 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         // after PICK_SAMPLE candidates, so a pick costs O(sample), not
         // O(chunks) — a 1 GiB release has 16k chunks. With one holder (pull,
         // or the origin) every candidate is as rare: the first one wins.
-        let start = self.rng.random_range(0..self.have.len().max(1) as ChunkIndex);
+        let start = self
+            .rng
+            .random_range(0..self.have.len().max(1) as ChunkIndex);
         for c in self.have.missing_from(start) {
             if seen >= PICK_SAMPLE || best.is_some_and(|(r, _)| r <= 1) {
                 break;
@@ -766,17 +788,29 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_peer_is_left_alone_for_the_back_off() {
+    fn a_busy_origin_is_left_alone_longer_each_time() {
         let now = Instant::now();
         let mut f = Fetcher::new(HaveSet::empty(4), config(2));
-        f.add_peer(now, 1, Locality::SameZone, HaveSet::full(4));
+        f.add_peer(now, 1, Locality::Origin, HaveSet::full(4));
         let asked = requests(&drain(&mut f));
         f.handle_busy(now, 1, asked[0].1);
         assert!(requests(&drain(&mut f)).is_empty());
         let due = f.poll_timeout().unwrap();
         assert_eq!(due, now + FetchConfig::default().busy_backoff);
         f.handle_timeout(due);
-        assert_eq!(requests(&drain(&mut f)).len(), 1);
+        let again = requests(&drain(&mut f));
+        assert_eq!(again.len(), 1);
+        // Busy again: twice as long. A chunk served resets the back-off.
+        let base = FetchConfig::default().busy_backoff;
+        f.handle_busy(due, 1, again[0].1);
+        let due2 = f.poll_timeout().unwrap();
+        assert_eq!(due2, due + 2 * base);
+        f.handle_timeout(due2);
+        let third = requests(&drain(&mut f));
+        f.handle_chunk(due2, 1, third[0].1, true);
+        let next = requests(&drain(&mut f));
+        f.handle_busy(due2, 1, next[0].1);
+        assert_eq!(f.poll_timeout().unwrap(), due2 + base);
     }
 
     #[test]
