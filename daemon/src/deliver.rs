@@ -506,13 +506,9 @@ impl Releases {
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
         let run = async {
-            let mut out = Vec::new();
-            let mut err = Vec::new();
-            let (_, _, status) = tokio::join!(
-                stdout.read_to_end(&mut out),
-                stderr.read_to_end(&mut err),
-                child.wait()
-            );
+            let (out, err, status) =
+                tokio::join!(read_tail(&mut stdout), read_tail(&mut stderr), child.wait());
+            let mut out = out;
             out.extend(err);
             (status, out)
         };
@@ -540,6 +536,24 @@ impl Releases {
                     hook: hook.name(),
                     secs: self.hook_timeout.as_secs(),
                 })
+            }
+        }
+    }
+}
+
+/// Reads a hook's output to its end, keeping only the last
+/// [`MAX_HOOK_OUTPUT`] bytes: a chatty hook costs no memory.
+async fn read_tail(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    let mut tail = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return tail,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * MAX_HOOK_OUTPUT {
+                    tail.drain(..tail.len() - MAX_HOOK_OUTPUT);
+                }
             }
         }
     }
@@ -760,6 +774,29 @@ mod tests {
         let v2 = f.build("2", &[("a", "2")], &[("before_activate", "exit 1")]);
         f.deliver(&v2).await.unwrap_err();
         assert_eq!(f.releases.active("web").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_chatty_failing_hook_reports_only_the_end_of_its_output() {
+        let f = fixture();
+        let v1 = f.build(
+            "1",
+            &[("a", "1")],
+            &[(
+                "validate",
+                "head -c 5000000 /dev/zero | tr '\\0' x; echo; echo last words; exit 1",
+            )],
+        );
+        let e = f.deliver(&v1).await.unwrap_err();
+        let DeliverError::HookFailed { output, .. } = e else {
+            panic!("{e}");
+        };
+        assert!(output.len() <= 2 * MAX_HOOK_OUTPUT, "{}", output.len());
+        assert!(
+            output.ends_with("last words"),
+            "{}",
+            &output[output.len() - 20..]
+        );
     }
 
     #[tokio::test]
