@@ -220,7 +220,12 @@ impl Releases {
     pub fn history(&self, app: &str) -> Result<Vec<String>, DeliverError> {
         let path = self.root.join(app).join(META).join("history.json");
         match std::fs::read(&path) {
-            Ok(b) => Ok(serde_json::from_slice(&b).unwrap_or_default()),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                io_at(&path)(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("not a list of versions ({e}); restore or remove it"),
+                ))
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(io_at(&path)(e)),
         }
@@ -336,16 +341,22 @@ impl Releases {
     /// Points `current` at `version` with one rename, and records it last
     /// in the history (dropping `forget`, a release that failed).
     fn switch(&self, app: &str, version: &str, forget: Option<&str>) -> Result<(), DeliverError> {
+        self.relink(app, version)?;
+        let mut history = self.history(app)?;
+        history.retain(|h| h != version && Some(h.as_str()) != forget);
+        history.push(version.to_string());
+        self.write_history(app, &history)
+    }
+
+    /// Points `current` at `version`: a new link renamed over the old one,
+    /// so a crash leaves one or the other.
+    fn relink(&self, app: &str, version: &str) -> Result<(), DeliverError> {
         let dir = self.root.join(app);
         let tmp = dir.join(format!(".current.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(version, &tmp).map_err(io_at(&tmp))?;
         std::fs::rename(&tmp, dir.join(CURRENT)).map_err(io_at(&dir))?;
-        sync_dir(&dir)?;
-        let mut history = self.history(app)?;
-        history.retain(|h| h != version && Some(h.as_str()) != forget);
-        history.push(version.to_string());
-        self.write_history(app, &history)
+        sync_dir(&dir)
     }
 
     /// Removes `current` (the app's first release failed).
@@ -426,12 +437,7 @@ impl Releases {
         let Some(previous) = self.previous(app)? else {
             return Err(DeliverError::NoPrevious { app: app.into() });
         };
-        let dir = self.root.join(app);
-        let tmp = dir.join(format!(".current.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&previous, &tmp).map_err(io_at(&tmp))?;
-        std::fs::rename(&tmp, dir.join(CURRENT)).map_err(io_at(&dir))?;
-        sync_dir(&dir)?;
+        self.relink(app, &previous)?;
         // The release rolled back from leaves the history: the one before
         // `previous` becomes the next rollback's target.
         history.pop();
