@@ -16,10 +16,13 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod client;
 pub mod coordinator;
 pub mod deliver;
+pub mod deployments;
 pub mod fleet_key;
+pub mod health;
 pub mod net;
 pub mod pipeline;
 pub mod protocol;

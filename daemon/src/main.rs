@@ -9,13 +9,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use convoy_daemon::coordinator::{self, CoordinatorConfig};
+use convoy_daemon::deliver::Releases;
+use convoy_daemon::health::{self, Load};
 use convoy_daemon::net::{self, NetConfig, NetEvent};
+use convoy_daemon::pipeline::Pipelines;
 use convoy_daemon::protocol::{Labels, MAX_LABELS, MAX_LABEL_BYTES};
 use convoy_daemon::serve::Chunks;
 use convoy_daemon::store::RocksStore;
 use convoy_daemon::target::{self, write_atomically, TargetConfig};
 use convoy_daemon::units::parse_bytes;
-use convoy_daemon::{client, fleet_key};
+use convoy_daemon::{api, client, fleet_key};
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 use serde::Deserialize;
@@ -61,6 +64,19 @@ enum Command {
         /// How often targets report, in milliseconds
         #[arg(long, env = "CONVOY_HEARTBEAT_MS", value_name = "MS")]
         heartbeat_ms: Option<u64>,
+        /// Where the operator API (HTTP, JSON, /metrics) listens
+        /// [default: 127.0.0.1:7410]
+        #[arg(long, env = "CONVOY_API_LISTEN", value_name = "HOST:PORT")]
+        api_listen: Option<String>,
+        /// File holding the API's bearer token; created with a random token
+        /// (mode 0600) if missing [default: DATA_DIR/api-token]
+        #[arg(long, env = "CONVOY_API_TOKEN_FILE", value_name = "FILE")]
+        api_token_file: Option<PathBuf>,
+        /// TOML file defining environments and apps with their pipelines
+        /// and roll-out defaults (see the README) [default: none: nothing
+        /// can be deployed]
+        #[arg(long, env = "CONVOY_PIPELINES", value_name = "FILE")]
+        pipelines: Option<PathBuf>,
     },
     /// Run a target: registers with the coordinator, stages the releases it
     /// orders and serves chunks to its peers
@@ -71,6 +87,18 @@ enum Command {
         /// coordinator prints it); manifests must be signed by that peer's key
         #[arg(long, env = "CONVOY_COORDINATOR", value_name = "ADDR")]
         coordinator: Option<String>,
+        /// Where the health endpoint for load balancers listens
+        /// (`GET /health`: 200 in load, 503 drained) [default: 0.0.0.0:7480]
+        #[arg(long, env = "CONVOY_HEALTH_LISTEN", value_name = "HOST:PORT")]
+        health_listen: Option<String>,
+        /// Releases kept per app; the active and the previous one are
+        /// never removed [default: 5]
+        #[arg(long, env = "CONVOY_RETAIN", value_name = "N")]
+        retain: Option<usize>,
+        /// How long a hook may run before it is killed (30s, 2m, ...)
+        /// [default: 60s]
+        #[arg(long, env = "CONVOY_HOOK_TIMEOUT", value_name = "DURATION")]
+        hook_timeout: Option<String>,
         /// For testing only: serve every chunk with a byte flipped, to see
         /// peers detect and ban a faulty target
         #[arg(long)]
@@ -152,6 +180,12 @@ struct FileConfig {
     push_parallel: Option<usize>,
     swarm_degree: Option<usize>,
     heartbeat_ms: Option<u64>,
+    health_listen: Option<String>,
+    api_listen: Option<String>,
+    api_token_file: Option<PathBuf>,
+    pipelines: Option<PathBuf>,
+    retain: Option<usize>,
+    hook_timeout: Option<String>,
 }
 
 /// Settings after flags, environment, file and defaults.
@@ -323,6 +357,9 @@ fn run(cli: Cli) -> Result<()> {
             push_parallel,
             swarm_degree,
             heartbeat_ms,
+            api_listen,
+            api_token_file,
+            pipelines,
         } => {
             let file = load_file(common.config.as_deref())?;
             init_logging(&common, &file);
@@ -333,8 +370,38 @@ fn run(cli: Cli) -> Result<()> {
             if push_parallel == 0 || swarm_degree == 0 || heartbeat < 100 {
                 bail!("--push-parallel and --swarm-degree must be at least 1, --heartbeat-ms at least 100");
             }
+            let pipelines = match pipelines.or(file.pipelines.clone()) {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    Pipelines::parse(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                }
+                None => Pipelines::default(),
+            };
+            let api_listen = api_listen
+                .or(file.api_listen.clone())
+                .unwrap_or_else(|| "127.0.0.1:7410".into());
+            let token_file = api_token_file
+                .or(file.api_token_file.clone())
+                .unwrap_or_else(|| s.data_dir.join("api-token"));
+            std::fs::create_dir_all(&s.data_dir)
+                .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
+            let token = api::load_or_create_token(&token_file)
+                .with_context(|| format!("cannot read or create {}", token_file.display()))?;
             runtime()?.block_on(async move {
-                let (keypair, chunks, net, events, _) = start(&s, "coordinator").await?;
+                let listener = tokio::net::TcpListener::bind(&api_listen)
+                    .await
+                    .with_context(|| format!("cannot listen for the API on {api_listen}"))?;
+                let api_addr = listener.local_addr()?.to_string();
+                info!(addr = %api_addr, token_file = %token_file.display(), "operator API listening");
+                let (calls_tx, calls) = mpsc::channel(256);
+                tokio::spawn(api::serve(listener, calls_tx, token));
+                let ready = serde_json::json!({
+                    "api": format!("http://{api_addr}"),
+                    "api_token_file": token_file,
+                });
+                let (keypair, chunks, net, events, _) = start(&s, "coordinator", ready).await?;
                 let config = CoordinatorConfig {
                     keypair,
                     data_dir: s.data_dir.clone(),
@@ -342,13 +409,17 @@ fn run(cli: Cli) -> Result<()> {
                     push_parallel,
                     swarm_degree,
                     heartbeat: Duration::from_millis(heartbeat),
+                    pipelines,
                 };
-                coordinator::run(config, chunks, net, events, shutdown_signal()).await
+                coordinator::run(config, chunks, net, events, calls, shutdown_signal()).await
             })
         }
         Command::Target {
             common,
             coordinator,
+            health_listen,
+            retain,
+            hook_timeout,
             fault_corrupt_uploads,
         } => {
             let file = load_file(common.config.as_deref())?;
@@ -358,8 +429,41 @@ fn run(cli: Cli) -> Result<()> {
                 "no coordinator: pass --coordinator ADDR (the address convoyd coordinator prints)",
             )?;
             let (peer, addr) = client::parse_peer_addr(&addr).map_err(anyhow::Error::msg)?;
+            let health_listen = health_listen
+                .or(file.health_listen.clone())
+                .unwrap_or_else(|| "0.0.0.0:7480".into());
+            let retain = retain.or(file.retain).unwrap_or(5);
+            if retain < 2 {
+                bail!("--retain must be at least 2: the active and the previous release are kept");
+            }
+            let hook_timeout = hook_timeout
+                .or(file.hook_timeout.clone())
+                .map(|t| parse_duration("--hook-timeout", &t))
+                .transpose()?
+                .unwrap_or(Duration::from_secs(60));
+            let releases = Arc::new(
+                Releases::open(&s.data_dir.join("releases"), retain, hook_timeout)
+                    .context("cannot open the releases directory")?,
+            );
+            let load = Arc::new(
+                Load::open(&s.data_dir.join("load")).context("cannot read the load state")?,
+            );
             runtime()?.block_on(async move {
-                let (_, chunks, net, events, listening) = start(&s, "target").await?;
+                let health = tokio::net::TcpListener::bind(&health_listen)
+                    .await
+                    .with_context(|| {
+                        format!("cannot listen for health checks on {health_listen}")
+                    })?;
+                let health_addr = health.local_addr()?.to_string();
+                info!(addr = %health_addr, "health endpoint listening");
+                tokio::spawn(health::serve(
+                    health,
+                    load.clone(),
+                    releases.clone(),
+                    std::future::pending(),
+                ));
+                let ready = serde_json::json!({"health": health_addr});
+                let (_, chunks, net, events, listening) = start(&s, "target", ready).await?;
                 chunks
                     .corrupt_uploads
                     .store(fault_corrupt_uploads, std::sync::atomic::Ordering::Relaxed);
@@ -369,6 +473,9 @@ fn run(cli: Cli) -> Result<()> {
                     listening,
                     labels: s.labels.clone(),
                     data_dir: s.data_dir.clone(),
+                    releases,
+                    load,
+                    health_addr: Some(health_addr),
                 };
                 target::run(config, chunks, net, events, shutdown_signal()).await
             })
@@ -393,7 +500,7 @@ type Started = (
 
 /// Opens the store, starts the network, waits until every listener is up
 /// and prints the ready line.
-async fn start(s: &Settings, role: &str) -> Result<Started> {
+async fn start(s: &Settings, role: &str, extra: serde_json::Value) -> Result<Started> {
     std::fs::create_dir_all(&s.data_dir)
         .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
     let keypair = identity(&s.data_dir)?;
@@ -429,10 +536,12 @@ async fn start(s: &Settings, role: &str) -> Result<Started> {
         .map(|a| format!("{a}/p2p/{peer_id}"))
         .collect();
     info!(%peer_id, role, data_dir = %s.data_dir.display(), "convoyd ready");
-    println!(
-        "{}",
-        serde_json::json!({"role": role, "peer_id": peer_id.to_string(), "addrs": addrs})
-    );
+    let mut ready =
+        serde_json::json!({"role": role, "peer_id": peer_id.to_string(), "addrs": addrs});
+    if let (Some(r), serde_json::Value::Object(extra)) = (ready.as_object_mut(), extra) {
+        r.extend(extra);
+    }
+    println!("{ready}");
     // Hand the events seen while waiting to the role, then the rest.
     let (tx, rx) = mpsc::channel(4096);
     tokio::spawn(async move {
@@ -448,6 +557,13 @@ async fn start(s: &Settings, role: &str) -> Result<Started> {
         }
     });
     Ok((keypair, chunks, handle, rx, listening))
+}
+
+/// Parses `30s`, `2m`, `1500ms`.
+fn parse_duration(flag: &str, text: &str) -> Result<Duration> {
+    humantime::parse_duration(text).with_context(|| {
+        format!("{flag}: {text:?} is not a duration (write it like 30s, 2m or 1500ms)")
+    })
 }
 
 /// The protocol names of an address, without their values: /ip4/tcp.

@@ -221,6 +221,26 @@ pub struct TargetReport {
     pub bytes_sent: u64,
     /// Bytes of chunk bodies it has received since it started.
     pub bytes_received: u64,
+    /// The release each app's `current` link names (app → version).
+    pub active: BTreeMap<String, String>,
+    /// Whether its health endpoint says it is in load (200) or drained (503).
+    pub in_load: bool,
+    /// Where its health endpoint listens (`host:port`), if it serves one.
+    pub health: Option<String>,
+}
+
+/// What a target did with a [`ControlRequest::Deliver`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryReport {
+    /// The release.
+    pub release: ReleaseId,
+    /// The version now active, or why the delivery failed (the target is
+    /// then back on the release it ran before).
+    pub result: Result<String, String>,
+    /// Microseconds the switch of `current` took (0 when it failed first).
+    pub switch_us: u64,
+    /// Milliseconds from the order to the end (drain, hooks included).
+    pub total_ms: u64,
 }
 
 /// Requests of [`CONTROL_PROTOCOL`].
@@ -291,6 +311,29 @@ pub enum ControlRequest {
     },
     /// Operator: the fleet as the coordinator sees it.
     Fleet,
+    /// The coordinator orders a target to activate a staged release;
+    /// with `drain_ms` it first takes itself out of load and waits that
+    /// long, and goes back into load afterwards. Answered at once; the
+    /// outcome follows as [`ControlRequest::Delivered`].
+    Deliver {
+        /// The release (staged on the target).
+        release: ReleaseId,
+        /// Drain for this many milliseconds before, undrain after.
+        drain_ms: Option<u64>,
+    },
+    /// The coordinator orders a target to make an app's previous release
+    /// active again.
+    Rollback {
+        /// The app.
+        app: String,
+    },
+    /// The coordinator puts a target into load or drains it.
+    SetLoad {
+        /// In load (health 200) or drained (503).
+        in_load: bool,
+    },
+    /// A target tells the coordinator how a delivery ended.
+    Delivered(DeliveryReport),
 }
 
 /// Answers of [`CONTROL_PROTOCOL`].
@@ -626,6 +669,9 @@ mod tests {
             stagings: vec![progress],
             bytes_sent: 1,
             bytes_received: 2,
+            active: [("web".to_string(), "1.2".to_string())].into(),
+            in_load: false,
+            health: Some("127.0.0.1:7480".into()),
         };
         let reqs = vec![
             ControlRequest::Report(report),
@@ -644,6 +690,18 @@ mod tests {
                 selector: Labels::new(),
                 mode: DistributionMode::Pull,
             },
+            ControlRequest::Deliver {
+                release: ReleaseId([4; 32]),
+                drain_ms: Some(1500),
+            },
+            ControlRequest::Rollback { app: "web".into() },
+            ControlRequest::SetLoad { in_load: false },
+            ControlRequest::Delivered(DeliveryReport {
+                release: ReleaseId([5; 32]),
+                result: Err("validate failed".into()),
+                switch_us: 0,
+                total_ms: 7,
+            }),
         ];
         for r in reqs {
             let body = encode::<_, MAX_CONTROL_FRAME>(&r).unwrap();

@@ -331,11 +331,14 @@ pub enum Notice {
 pub enum Outcome {
     /// Every target that staged runs the release.
     Succeeded,
-    /// It halted past the failure threshold and every delivered target is
-    /// back on its previous release.
+    /// It halted past the failure threshold after a target activated the
+    /// release or reported that activating it failed, and every target is
+    /// back on its previous release (those whose activation failed
+    /// switched back themselves).
     RolledBack,
-    /// It halted before any target was delivered (nothing to roll back),
-    /// or a rollback itself failed.
+    /// It halted before any target activated or reported a failed
+    /// activation (distribution failed, or deliveries timed out), or a
+    /// rollback itself failed.
     Failed,
     /// An operator aborted it; every delivered target is back on its
     /// previous release.
@@ -415,6 +418,9 @@ pub struct TargetRecord {
     pub counted: bool,
     /// Blue-green: waiting for its load change.
     pub load_pending: bool,
+    /// It reported a failed delivery, so it is back on its previous release.
+    #[serde(default)]
+    pub switched_back: bool,
 }
 
 /// One roll-out.
@@ -470,6 +476,7 @@ impl Rollout {
                         deliver_sent: false,
                         counted: false,
                         load_pending: false,
+                        switched_back: false,
                     },
                 )
             })
@@ -643,7 +650,12 @@ impl Rollout {
                     self.set_state(&id, at, TargetState::Delivered);
                 }
             }
-            Err(e) if !late => self.fail(&id, at, format!("delivery failed: {e}"), out),
+            Err(e) if !late => {
+                if let Some(t) = self.targets.get_mut(&id) {
+                    t.switched_back = true;
+                }
+                self.fail(&id, at, format!("delivery failed: {e}"), out)
+            }
             Err(_) => {}
         }
     }
@@ -849,10 +861,16 @@ impl Rollout {
                             .targets
                             .values()
                             .any(|t| t.activated && t.state != TargetState::RolledBack);
-                        let delivered_any = self.targets.values().any(|t| t.activated);
+                        // A target whose delivery failed went back on its
+                        // own (the switch-back of a failed hook): a halt
+                        // after any delivery attempt is a rollback.
+                        let attempted_any = self
+                            .targets
+                            .values()
+                            .any(|t| t.activated || t.switched_back);
                         let outcome = if self.aborted {
                             Outcome::Aborted
-                        } else if rollback_failed || !delivered_any {
+                        } else if rollback_failed || !attempted_any {
                             Outcome::Failed
                         } else {
                             Outcome::RolledBack
@@ -1360,6 +1378,18 @@ mod tests {
                 median_ms: 100
             }]
         );
+    }
+
+    #[test]
+    fn a_first_target_whose_validation_fails_halts_as_a_rollback() {
+        let mut run = Run::new(spec(4, Strategy::Rolling, "1,100%", "0"));
+        run.stage_all();
+        let d = run.delivering();
+        assert_eq!(d.len(), 1);
+        // The target switched itself back when `validate` failed.
+        let out = run.ev(Event::Delivered(d[0].clone(), Err("validate".into())));
+        assert!(!out.iter().any(|c| matches!(c, Command::Rollback(_))));
+        assert_eq!(run.outcome(), Some(Outcome::RolledBack));
     }
 
     #[test]

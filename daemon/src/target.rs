@@ -6,8 +6,12 @@
 //! so the loop never waits on the network. Orders are kept under
 //! `DATA/staging/` until the release is staged, so a restarted target
 //! resumes them, fetching only what its store lacks.
+//!
+//! Delivery (the coordinator's `Deliver`) runs as a task of its own, one at
+//! a time per target: drain, materialise under `DATA/releases`, hooks,
+//! switch, undrain; its outcome goes to the coordinator as `Delivered`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,13 +23,16 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::deliver::Releases;
+use crate::health::Load;
 use crate::net::{NetEvent, NetHandle, RequestError};
 use crate::protocol::{
     self, signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
-    DistributionMode, Labels, StageOrder, StageProgress, StageState, TargetReport,
+    DeliveryReport, DistributionMode, Labels, StageOrder, StageProgress, StageState, TargetReport,
     MAX_CONTROL_FRAME,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
+use crate::store::StoreSource;
 use crate::transfer::{FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode};
 
 /// How often newly held chunks are announced to peers.
@@ -57,6 +64,12 @@ pub struct TargetConfig {
     pub labels: Labels,
     /// The data directory (orders in progress live under `staging/`).
     pub data_dir: PathBuf,
+    /// The releases delivered here.
+    pub releases: Arc<Releases>,
+    /// Whether the target is in load.
+    pub load: Arc<Load>,
+    /// Where the health endpoint listens, reported to the coordinator.
+    pub health_addr: Option<String>,
 }
 
 /// The coordinator's public key, taken from its peer id (ed25519 ids embed it).
@@ -143,6 +156,10 @@ struct Target {
     registering: bool,
     dirty: bool,
     listen: Vec<Multiaddr>,
+    /// Releases being delivered (a repeated order is answered, not rerun).
+    delivering: Arc<std::sync::Mutex<HashSet<ReleaseId>>>,
+    /// Held by the delivery or rollback that runs.
+    delivery_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Runs the target until `shutdown` completes.
@@ -175,6 +192,8 @@ pub async fn run(
         registering: false,
         dirty: false,
         listen: config.listening.clone(),
+        delivering: Arc::default(),
+        delivery_lock: Arc::default(),
         config,
     };
     t.resume_orders();
@@ -323,6 +342,9 @@ impl Target {
             stagings: self.stagings.iter().map(|(r, s)| s.progress(*r)).collect(),
             bytes_sent: self.chunks.bytes_sent.load(Ordering::Relaxed),
             bytes_received: self.chunks.bytes_received.load(Ordering::Relaxed),
+            active: crate::health::health(&self.config.load, &self.config.releases).active,
+            in_load: self.config.load.in_load(),
+            health: self.config.health_addr.clone(),
         }
     }
 
@@ -466,7 +488,24 @@ impl Target {
                 self.on_peers(release, peers, rank, dc_size);
                 ControlResponse::Ok
             }
-            ControlRequest::Stage(_) | ControlRequest::Peers { .. } => {
+            ControlRequest::Deliver { release, drain_ms } if from_coordinator => {
+                self.deliver(release, drain_ms.map(Duration::from_millis))
+            }
+            ControlRequest::Rollback { app } if from_coordinator => self.rollback(&app),
+            ControlRequest::SetLoad { in_load } if from_coordinator => {
+                match self.config.load.set(in_load) {
+                    Ok(()) => {
+                        info!(in_load, "load changed");
+                        ControlResponse::Ok
+                    }
+                    Err(e) => ControlResponse::Error(format!("cannot record the load state: {e}")),
+                }
+            }
+            ControlRequest::Stage(_)
+            | ControlRequest::Peers { .. }
+            | ControlRequest::Deliver { .. }
+            | ControlRequest::Rollback { .. }
+            | ControlRequest::SetLoad { .. } => {
                 warn!(%peer, "refusing an order from a peer that is not the coordinator");
                 ControlResponse::Denied
             }
@@ -492,6 +531,74 @@ impl Target {
                 ControlResponse::Ok
             }
             _ => ControlResponse::Error("a target does not answer that request".into()),
+        }
+    }
+
+    /// Starts delivering a staged release, unless it is being delivered.
+    fn deliver(&mut self, release: ReleaseId, drain: Option<Duration>) -> ControlResponse {
+        if self
+            .stagings
+            .get(&release)
+            .is_some_and(|s| s.state != StageState::Staged)
+        {
+            return ControlResponse::Error(format!("{release} is still being staged here"));
+        }
+        let manifest = match self.chunks.store.get_manifest(&release) {
+            Ok(Some(m)) => m,
+            Ok(None) => return ControlResponse::Error(format!("{release} is not staged here")),
+            Err(e) => return ControlResponse::Error(e.to_string()),
+        };
+        if !self
+            .delivering
+            .lock()
+            .expect("not poisoned")
+            .insert(release)
+        {
+            return ControlResponse::Ok;
+        }
+        let task = DeliveryTask {
+            manifest,
+            drain,
+            releases: self.config.releases.clone(),
+            load: self.config.load.clone(),
+            store: self.chunks.store.clone(),
+            lock: self.delivery_lock.clone(),
+        };
+        let delivering = self.delivering.clone();
+        let net = self.net.clone();
+        let coordinator = self.config.coordinator;
+        tokio::spawn(async move {
+            let report = task.run().await;
+            delivering.lock().expect("not poisoned").remove(&release);
+            // The coordinator may be restarting: it then orders again, and
+            // a delivered release answers at once.
+            for attempt in 0..3u32 {
+                match net
+                    .control(coordinator, ControlRequest::Delivered(report.clone()))
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(e) => {
+                        debug!(attempt, "cannot report the delivery: {e}");
+                        tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                    }
+                }
+            }
+        });
+        ControlResponse::Ok
+    }
+
+    /// Makes an app's previous release active again.
+    fn rollback(&mut self, app: &str) -> ControlResponse {
+        let Ok(_guard) = self.delivery_lock.try_lock() else {
+            return ControlResponse::Error("a delivery is running; try again".into());
+        };
+        match self.config.releases.rollback(app) {
+            Ok(version) => {
+                info!(app, version, "rolled back");
+                ControlResponse::Ok
+            }
+            Err(e) => ControlResponse::Error(e.to_string()),
         }
     }
 
@@ -981,6 +1088,81 @@ impl Target {
             if let Err(e) = self.chunks.flush().await {
                 warn!("cannot flush the store: {e}");
             }
+        }
+    }
+}
+
+/// One delivery: drain, materialise, activate (hooks, switch), undrain.
+struct DeliveryTask {
+    manifest: Manifest,
+    /// Drain this long first (the load balancer stops sending requests).
+    drain: Option<Duration>,
+    releases: Arc<Releases>,
+    load: Arc<Load>,
+    store: Arc<dyn crate::store::Store>,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl DeliveryTask {
+    async fn run(self) -> DeliveryReport {
+        let started = Instant::now();
+        let release = self.manifest.release_id();
+        let _guard = self.lock.lock().await;
+        // A drained target stays drained: only what this delivery drained
+        // goes back into load.
+        let drained = self.drain.filter(|_| self.load.in_load());
+        let mut result = Ok(());
+        if let Some(period) = drained {
+            result = self
+                .load
+                .set(false)
+                .map_err(|e| format!("cannot drain: {e}"));
+            if result.is_ok() {
+                info!(?period, "drained");
+                tokio::time::sleep(period).await;
+            }
+        }
+        let mut switch_us = 0;
+        let result = match result {
+            Err(e) => Err(e),
+            Ok(()) => {
+                let manifest = Arc::new(self.manifest);
+                let (m, releases, store) =
+                    (manifest.clone(), self.releases.clone(), self.store.clone());
+                let linked = tokio::task::spawn_blocking(move || {
+                    releases.materialise(&m, &StoreSource(&*store))
+                })
+                .await
+                .map_err(|e| format!("materialising panicked: {e}"))
+                .and_then(|r| r.map_err(|e| e.to_string()));
+                match linked {
+                    Err(e) => Err(e),
+                    Ok(linked) => match self.releases.activate(&manifest, linked).await {
+                        Ok(a) => {
+                            switch_us = (a.switch_ms * 1000.0) as u64;
+                            Ok(a.version)
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                }
+            }
+        };
+        if drained.is_some() {
+            if let Err(e) = self.load.set(true) {
+                warn!("cannot put the target back into load: {e}");
+            } else {
+                info!("back in load");
+            }
+        }
+        match &result {
+            Ok(v) => info!(release = %release, version = %v, "delivered"),
+            Err(e) => warn!(release = %release, "delivery failed: {e}"),
+        }
+        DeliveryReport {
+            release,
+            result,
+            switch_us,
+            total_ms: started.elapsed().as_millis() as u64,
         }
     }
 }

@@ -7,6 +7,10 @@
 //! [`Seeder`] in swarm mode, a [`Pusher`] in push mode, plainly in pull
 //! mode. Stagings in progress are recorded in `DATA/stagings.json`, so a
 //! restarted coordinator picks them up as targets report back.
+//!
+//! It also runs roll-outs and answers the operator API: see [`operate`].
+
+mod operate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -51,6 +55,8 @@ pub struct CoordinatorConfig {
     pub swarm_degree: usize,
     /// How often targets report.
     pub heartbeat: Duration,
+    /// Apps, environments and their pipelines.
+    pub pipelines: crate::pipeline::Pipelines,
 }
 
 struct Member {
@@ -99,6 +105,11 @@ enum Internal {
     Ordered {
         run: u64,
     },
+    /// Something happened to a roll-out.
+    Rollout {
+        id: u64,
+        event: crate::rollout::Event,
+    },
 }
 
 struct Coordinator {
@@ -109,6 +120,14 @@ struct Coordinator {
     runs: BTreeMap<u64, Run>,
     internal: mpsc::Sender<Internal>,
     dirty: bool,
+    deployments: crate::deployments::Deployments,
+    /// Roll-out events waiting for the engine (see [`Coordinator::rollout_event`]).
+    queue: std::collections::VecDeque<(u64, crate::rollout::Event)>,
+    /// After a restart: when to send again what roll-outs had in flight
+    /// (targets have re-registered by then).
+    resend_at: Option<Instant>,
+    /// Chunk bytes targets received, by distribution mode.
+    bytes_by_mode: BTreeMap<&'static str, u64>,
 }
 
 /// Runs the coordinator until `shutdown` completes.
@@ -117,9 +136,14 @@ pub async fn run(
     chunks: Arc<Chunks>,
     net: NetHandle,
     mut events: mpsc::Receiver<NetEvent>,
+    mut calls: mpsc::Receiver<crate::api::Call>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel(4096);
+    let deployments =
+        crate::deployments::Deployments::load(chunks.store.clone()).map_err(anyhow::Error::msg)?;
+    let unfinished = deployments.all.values().any(|d| !d.rollout.is_done());
+    let grace = (config.heartbeat * 3).max(Duration::from_secs(3));
     let mut c = Coordinator {
         config,
         net,
@@ -128,15 +152,22 @@ pub async fn run(
         runs: BTreeMap::new(),
         internal: tx,
         dirty: false,
+        deployments,
+        queue: Default::default(),
+        resend_at: unfinished.then(|| Instant::now() + grace),
+        bytes_by_mode: BTreeMap::new(),
     };
     c.load_runs();
     let mut flush = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(operate::TICK);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             Some(ev) = events.recv() => c.on_net(ev).await,
             Some(ev) = rx.recv() => c.on_internal(ev),
+            Some(call) = calls.recv() => c.on_api(call),
+            _ = tick.tick() => c.tick_rollouts(),
             _ = flush.tick() => {
                 if std::mem::take(&mut c.dirty) {
                     if let Err(e) = c.chunks.flush().await {
@@ -465,8 +496,16 @@ impl Coordinator {
                 members.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
                 ControlResponse::Fleet(members)
             }
+            ControlRequest::Delivered(report) => {
+                self.on_delivered(peer, report);
+                ControlResponse::Ok
+            }
             ControlRequest::Hello { .. } => ControlResponse::Error("already admitted".into()),
-            ControlRequest::Stage(_) | ControlRequest::Peers { .. } => ControlResponse::Denied,
+            ControlRequest::Stage(_)
+            | ControlRequest::Peers { .. }
+            | ControlRequest::Deliver { .. }
+            | ControlRequest::Rollback { .. }
+            | ControlRequest::SetLoad { .. } => ControlResponse::Denied,
         }
     }
 
@@ -488,6 +527,11 @@ impl Coordinator {
         for p in &report.stagings {
             for run in self.runs.values_mut() {
                 if run.release == p.release && run.targets.contains(&peer) {
+                    let before = run.progress.get(&peer).map_or(0, |o| o.bytes_received);
+                    *self
+                        .bytes_by_mode
+                        .entry(run.record.mode.name())
+                        .or_default() += p.bytes_received.saturating_sub(before);
                     run.progress.insert(peer, p.clone());
                 }
             }
@@ -529,6 +573,7 @@ impl Coordinator {
         if !finished.is_empty() {
             self.save_runs();
         }
+        self.rollout_progress(peer);
         ControlResponse::Registered {
             heartbeat_ms: self.config.heartbeat.as_millis() as u64,
         }
@@ -603,6 +648,24 @@ impl Coordinator {
                 }
             ));
         }
+        match self.begin_run(name, release, targets.clone(), mode) {
+            Ok(id) => ControlResponse::StagingStarted {
+                id,
+                release,
+                targets: targets.len() as u32,
+            },
+            Err(e) => ControlResponse::Error(e),
+        }
+    }
+
+    /// Orders `targets` to stage `release` in `mode`; returns the run's id.
+    fn begin_run(
+        &mut self,
+        name: &str,
+        release: ReleaseId,
+        targets: Vec<PeerId>,
+        mode: DistributionMode,
+    ) -> Result<u64, String> {
         let id = self.runs.keys().next_back().map_or(1, |k| k + 1);
         let record = RunRecord {
             id,
@@ -612,10 +675,7 @@ impl Coordinator {
             targets: targets.iter().map(|t| t.to_string()).collect(),
             started_unix_ms: now_unix_ms(),
         };
-        let run = match self.new_run(record, release, targets.clone()) {
-            Ok(r) => r,
-            Err(e) => return ControlResponse::Error(e),
-        };
+        let run = self.new_run(record, release, targets.clone())?;
         while self.runs.len() >= MAX_RUNS {
             let oldest = *self.runs.keys().next().expect("not empty");
             self.runs.remove(&oldest);
@@ -629,12 +689,8 @@ impl Coordinator {
             targets = targets.len(),
             "staging started"
         );
-        self.send_orders(id, targets.clone());
-        ControlResponse::StagingStarted {
-            id,
-            release,
-            targets: targets.len() as u32,
-        }
+        self.send_orders(id, targets);
+        Ok(id)
     }
 
     /// Orders `to` to stage run `id`, then (swarm) names their peers.
@@ -786,6 +842,7 @@ impl Coordinator {
                 }
             }
             Internal::Ordered { run } => debug!(run, "orders delivered"),
+            Internal::Rollout { id, event } => self.rollout_event(id, event),
         }
     }
 

@@ -1,0 +1,746 @@
+//! Roll-outs and the operator API, on the coordinator's event loop.
+//!
+//! The [`Rollout`](crate::rollout::Rollout) engines live in
+//! [`Deployments`](crate::deployments::Deployments); this part feeds them
+//! what happens (target reports, delivery reports, answers to orders, the
+//! clock, operators) and carries out their commands over the network.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use libp2p::PeerId;
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{label, now_unix_ms, Coordinator, Internal};
+use crate::api::{
+    Answer, ApiError, Call, DeployRequest, Op, PromoteRequest, RollbackRequest, Steer,
+};
+use crate::deployments::HistoryEntry;
+use crate::pipeline::{parse_selector, selects};
+use crate::protocol::{ControlRequest, ControlResponse, DeliveryReport, FleetMember, StageState};
+use crate::rollout::{Command, Event, Member, Notice, Phase, Slice, Spec, TargetState};
+
+/// How often roll-outs check deadlines and stragglers.
+pub const TICK: Duration = Duration::from_millis(250);
+
+fn split_release(name: &str) -> Result<(&str, &str), ApiError> {
+    name.split_once('@')
+        .filter(|(a, v)| !a.is_empty() && !v.is_empty())
+        .ok_or_else(|| ApiError::bad(format!("{name:?} is not APP@VERSION")))
+}
+
+fn json_ok(v: serde_json::Value) -> Result<Answer, ApiError> {
+    Ok(Answer::Json(StatusCode::OK, v))
+}
+
+impl Coordinator {
+    fn history(&self, app: &str, action: &str, by: &str, detail: String) -> HistoryEntry {
+        let _ = self;
+        HistoryEntry {
+            at_ms: now_unix_ms(),
+            action: action.into(),
+            version: None,
+            env: None,
+            deployment: None,
+            by: by.into(),
+            detail: if detail.is_empty() {
+                app.to_string()
+            } else {
+                detail
+            },
+        }
+    }
+
+    /// Answers one API call.
+    pub(super) fn on_api(&mut self, call: Call) {
+        let Call { op, by, reply } = call;
+        let answer = match op {
+            Op::Rollback(r) => {
+                // Answered when every target has: from a task.
+                if let Err(e) = self.rollback_env(r, by, reply) {
+                    warn!("rollback refused: {}", e.message);
+                }
+                return;
+            }
+            op => self.api(op, &by),
+        };
+        let _ = reply.send(answer);
+    }
+
+    fn api(&mut self, op: Op, by: &str) -> Result<Answer, ApiError> {
+        match op {
+            Op::Pipelines => json_ok(json!(self.config.pipelines)),
+            Op::Promote(r) => self.promote(r, by),
+            Op::Deploy(r) => self.deploy(r, by),
+            Op::List => json_ok(json!({
+                "deployments": self.deployments.all.values().map(|d| d.summary()).collect::<Vec<_>>()
+            })),
+            Op::Status(id) => match self.deployments.all.get(&id) {
+                Some(d) => json_ok(d.detail()),
+                None => Err(ApiError::not_found(format!("no deployment {id}"))),
+            },
+            Op::Steer(id, steer) => self.steer(id, steer, by),
+            Op::History(app) => {
+                let entries = self.deployments.history(&app).map_err(ApiError::internal)?;
+                json_ok(json!({
+                    "app": app,
+                    "promotions": self.deployments.promotions(&app),
+                    "history": entries,
+                }))
+            }
+            Op::Fleet => {
+                let mut members: Vec<FleetMember> = self
+                    .members
+                    .iter()
+                    .map(|(p, m)| FleetMember {
+                        peer_id: p.to_string(),
+                        alive: self.alive(m),
+                        last_seen_ms: m.last_seen.elapsed().as_millis() as u64,
+                        report: m.report.clone(),
+                    })
+                    .collect();
+                members.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                json_ok(json!({ "targets": members }))
+            }
+            Op::Metrics => Ok(Answer::Text(self.metrics())),
+            Op::Rollback(_) => unreachable!("answered by on_api"),
+        }
+    }
+
+    fn resolve(&self, name: &str) -> Result<(String, String, convoy_chunker::ReleaseId), ApiError> {
+        let (app, version) = split_release(name)?;
+        match self.chunks.store.resolve(app, version) {
+            Ok(Some(id)) => Ok((app.into(), version.into(), id)),
+            Ok(None) => Err(ApiError::not_found(format!("{name} is not published"))),
+            Err(e) => Err(ApiError::internal(e.to_string())),
+        }
+    }
+
+    fn promote(&mut self, r: PromoteRequest, by: &str) -> Result<Answer, ApiError> {
+        let (app, version, _) = self.resolve(&r.release)?;
+        let p = self
+            .deployments
+            .promote(
+                &self.config.pipelines,
+                now_unix_ms(),
+                &app,
+                &version,
+                &r.env,
+                r.force,
+            )
+            .map_err(ApiError::bad)?;
+        let mut h = self.history(
+            &app,
+            "promote",
+            by,
+            if p.forced {
+                "forced past the pipeline's order".into()
+            } else {
+                "promoted".into()
+            },
+        );
+        h.version = Some(version.clone());
+        h.env = Some(r.env.clone());
+        self.deployments.record(&app, &h);
+        info!(app, version, env = r.env, forced = p.forced, "promoted");
+        json_ok(json!(p))
+    }
+
+    /// The live targets of an environment, sorted.
+    fn env_targets(&self, env: &str) -> Result<(Vec<PeerId>, bool), ApiError> {
+        let e = self.config.pipelines.environments.get(env).ok_or_else(|| {
+            ApiError::bad(format!("no environment {env:?} in the pipelines file"))
+        })?;
+        let selector = parse_selector(&e.selector).map_err(ApiError::bad)?;
+        let mut targets: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| self.alive(m) && selects(&selector, &m.report.labels))
+            .map(|(p, _)| *p)
+            .collect();
+        targets.sort();
+        if targets.is_empty() {
+            return Err(ApiError::bad(format!(
+                "no live target in {env} ({})",
+                e.selector
+            )));
+        }
+        Ok((targets, e.blue_green))
+    }
+
+    fn slice_of(&self, peer: &PeerId) -> Option<Slice> {
+        match label(&self.members.get(peer)?.report.labels, "slice") {
+            "blue" => Some(Slice::Blue),
+            "green" => Some(Slice::Green),
+            _ => None,
+        }
+    }
+
+    /// The slice in load: green if only green targets are, else blue.
+    fn live_slice(&self, targets: &[PeerId]) -> Slice {
+        let in_load = |s: Slice| {
+            targets.iter().any(|p| {
+                self.slice_of(p) == Some(s) && self.members.get(p).is_some_and(|m| m.report.in_load)
+            })
+        };
+        if in_load(Slice::Green) && !in_load(Slice::Blue) {
+            Slice::Green
+        } else {
+            Slice::Blue
+        }
+    }
+
+    fn deploy(&mut self, r: DeployRequest, by: &str) -> Result<Answer, ApiError> {
+        let (app, version, release) = self.resolve(&r.release)?;
+        if let Some(d) = self.deployments.running(&app, &r.env) {
+            return Err(ApiError::conflict(format!(
+                "deployment {} ({}@{} to {}) is running; wait for it or abort it",
+                d.id, app, d.rollout.spec.version, r.env
+            )));
+        }
+        let pipelines = &self.config.pipelines;
+        self.deployments
+            .deployable(pipelines, &app, &version, &r.env)
+            .map_err(ApiError::bad)?;
+        let mut o = pipelines.app(&app).map_err(ApiError::bad)?.rollout.clone();
+        if let Some(v) = r.strategy {
+            o.strategy = v;
+        }
+        if let Some(v) = r.waves {
+            o.waves = v;
+        }
+        if let Some(v) = r.mode {
+            o.mode = v;
+        }
+        if let Some(v) = r.max_failures {
+            o.max_failures = v;
+        }
+        if let Some(v) = r.drain_seconds {
+            o.drain_seconds = v;
+        }
+        if let Some(v) = r.progress_deadline_seconds {
+            o.progress_deadline_seconds = v;
+        }
+        let settings = pipelines
+            .settings(&app, &r.env, &o)
+            .map_err(ApiError::bad)?;
+        let (targets, blue_green) = self.env_targets(&r.env)?;
+        let mut members = Vec::new();
+        for p in &targets {
+            let slice = self.slice_of(p);
+            if blue_green && slice.is_none() {
+                return Err(ApiError::bad(format!(
+                    "target {p} of blue-green environment {} has no slice=blue or slice=green label",
+                    r.env
+                )));
+            }
+            members.push(Member {
+                id: p.to_string(),
+                slice: if blue_green { slice } else { None },
+            });
+        }
+        let spec = Spec {
+            app: app.clone(),
+            version: version.clone(),
+            env: r.env.clone(),
+            strategy: settings.strategy,
+            waves: settings.waves,
+            mode: settings.mode,
+            max_failures: settings.max_failures,
+            progress_deadline_ms: settings.progress_deadline_ms,
+            targets: members,
+            live_slice: blue_green.then(|| self.live_slice(&targets)),
+        };
+        let summary = format!(
+            "{} in {} mode to {} targets",
+            spec.strategy.name(),
+            spec.mode.name(),
+            targets.len()
+        );
+        let (id, cmds) = self
+            .deployments
+            .create(now_unix_ms(), spec, release, settings.drain_ms)
+            .map_err(ApiError::internal)?;
+        let mut h = self.history(&app, "deploy", by, summary);
+        h.version = Some(version.clone());
+        h.env = Some(r.env.clone());
+        h.deployment = Some(id);
+        self.deployments.record(&app, &h);
+        info!(id, app, version, env = r.env, "roll-out started");
+        self.execute(id, cmds);
+        self.drain_queue();
+        Ok(Answer::Json(
+            StatusCode::CREATED,
+            self.deployments.all[&id].summary(),
+        ))
+    }
+
+    fn steer(&mut self, id: u64, steer: Steer, by: &str) -> Result<Answer, ApiError> {
+        let Some(d) = self.deployments.all.get(&id) else {
+            return Err(ApiError::not_found(format!("no deployment {id}")));
+        };
+        if d.rollout.is_done() {
+            return Err(ApiError::conflict(format!(
+                "deployment {id} has ended ({})",
+                d.summary()["outcome"].as_str().unwrap_or("done")
+            )));
+        }
+        let (app, version, env) = (
+            d.rollout.spec.app.clone(),
+            d.rollout.spec.version.clone(),
+            d.rollout.spec.env.clone(),
+        );
+        let (event, action) = match steer {
+            Steer::Pause => (Event::Pause, "pause"),
+            Steer::Resume => (Event::Resume, "resume"),
+            Steer::Abort => (Event::Abort, "abort"),
+        };
+        let mut h = self.history(&app, action, by, format!("deployment {id}"));
+        h.version = Some(version);
+        h.env = Some(env);
+        h.deployment = Some(id);
+        self.deployments.record(&app, &h);
+        info!(id, action, "operator steers a roll-out");
+        self.rollout_event(id, event);
+        json_ok(self.deployments.all[&id].detail())
+    }
+
+    /// An environment back to its previous release: blue-green swaps the
+    /// slices back (the idle one kept it); others roll every target back.
+    fn rollback_env(
+        &mut self,
+        r: RollbackRequest,
+        by: String,
+        reply: tokio::sync::oneshot::Sender<Result<Answer, ApiError>>,
+    ) -> Result<(), ApiError> {
+        let refuse = |reply: tokio::sync::oneshot::Sender<Result<Answer, ApiError>>,
+                      e: ApiError| {
+            let msg = e.message.clone();
+            let _ = reply.send(Err(e));
+            ApiError::bad(msg)
+        };
+        if let Some(d) = self.deployments.running(&r.app, &r.env) {
+            let e = ApiError::conflict(format!(
+                "deployment {} of {} to {} is running: abort it (it rolls back)",
+                d.id, r.app, r.env
+            ));
+            return Err(refuse(reply, e));
+        }
+        let (targets, blue_green) = match self.env_targets(&r.env) {
+            Ok(t) => t,
+            Err(e) => return Err(refuse(reply, e)),
+        };
+        let orders: Vec<(PeerId, ControlRequest)> = if blue_green {
+            let live = self.live_slice(&targets);
+            targets
+                .iter()
+                .filter_map(|p| {
+                    let s = self.slice_of(p)?;
+                    Some((*p, ControlRequest::SetLoad { in_load: s != live }))
+                })
+                .collect()
+        } else {
+            targets
+                .iter()
+                .filter(|p| {
+                    self.members
+                        .get(p)
+                        .is_some_and(|m| m.report.active.contains_key(&r.app))
+                })
+                .map(|p| (*p, ControlRequest::Rollback { app: r.app.clone() }))
+                .collect()
+        };
+        let what = if blue_green {
+            format!("slices swapped back in {}", r.env)
+        } else {
+            format!("{} targets of {} rolled back", orders.len(), r.env)
+        };
+        let mut h = self.history(&r.app, "rollback", &by, what.clone());
+        h.env = Some(r.env.clone());
+        self.deployments.record(&r.app, &h);
+        info!(app = r.app, env = r.env, "{what}");
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            let results = futures::future::join_all(orders.into_iter().map(|(p, req)| {
+                let net = net.clone();
+                async move {
+                    let r = match net.control(p, req).await {
+                        Ok(ControlResponse::Ok) => Ok(()),
+                        Ok(ControlResponse::Error(e)) => Err(e),
+                        Ok(other) => Err(format!("unexpected answer {other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    (p.to_string(), r)
+                }
+            }))
+            .await;
+            let failed: BTreeMap<String, String> = results
+                .iter()
+                .filter_map(|(p, r)| r.clone().err().map(|e| (p.clone(), e)))
+                .collect();
+            let _ = reply.send(Ok(Answer::Json(
+                StatusCode::OK,
+                json!({
+                    "app": r.app,
+                    "env": r.env,
+                    "what": what,
+                    "targets": results.len(),
+                    "failed": failed,
+                }),
+            )));
+        });
+        Ok(())
+    }
+
+    /// Feeds an event to roll-out `id` and carries out what follows.
+    pub(super) fn rollout_event(&mut self, id: u64, event: Event) {
+        self.queue.push_back((id, event));
+        self.drain_queue();
+    }
+
+    fn drain_queue(&mut self) {
+        while let Some((id, event)) = self.queue.pop_front() {
+            let cmds = self.deployments.handle(id, now_unix_ms(), event);
+            self.execute(id, cmds);
+        }
+    }
+
+    fn execute(&mut self, id: u64, cmds: Vec<Command>) {
+        let Some(d) = self.deployments.all.get(&id) else {
+            return;
+        };
+        let (release, app, drain_ms, mode) = (
+            d.release,
+            d.rollout.spec.app.clone(),
+            d.drain_ms,
+            d.rollout.spec.mode,
+        );
+        let name = format!("{}@{}", app, d.rollout.spec.version);
+        for c in cmds {
+            let order = match c {
+                Command::Stage(targets) => {
+                    self.stage_for(id, &name, release, mode, targets);
+                    continue;
+                }
+                Command::Notice(n) => {
+                    self.on_notice(id, n);
+                    continue;
+                }
+                Command::Deliver { target, drain } => (
+                    target,
+                    ControlRequest::Deliver {
+                        release,
+                        drain_ms: drain.then_some(drain_ms),
+                    },
+                ),
+                Command::SetLoad { target, in_load } => {
+                    (target, ControlRequest::SetLoad { in_load })
+                }
+                Command::Rollback(target) => {
+                    (target, ControlRequest::Rollback { app: app.clone() })
+                }
+            };
+            self.send_order(id, order.0, order.1);
+        }
+    }
+
+    /// Sends an order; its answer (or its failure) comes back as an event.
+    fn send_order(&self, id: u64, target: String, req: ControlRequest) {
+        let answer_event = |target: String, req: &ControlRequest, r: Result<(), String>| match req {
+            ControlRequest::Deliver { .. } => r.err().map(|e| Event::Delivered(target, Err(e))),
+            ControlRequest::SetLoad { .. } => Some(Event::LoadSet(target, r)),
+            _ => Some(Event::RolledBack(target, r)),
+        };
+        let Ok(peer) = target.parse::<PeerId>() else {
+            let ev = answer_event(
+                target.clone(),
+                &req,
+                Err(format!("{target:?} is not a peer id")),
+            );
+            if let Some(ev) = ev {
+                let _ = self.internal.try_send(Internal::Rollout { id, event: ev });
+            }
+            return;
+        };
+        let net = self.net.clone();
+        let tx = self.internal.clone();
+        tokio::spawn(async move {
+            let r = match net.control(peer, req.clone()).await {
+                Ok(ControlResponse::Ok) => Ok(()),
+                Ok(ControlResponse::Error(e)) => Err(e),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Some(event) = answer_event(target, &req, r) {
+                let _ = tx.send(Internal::Rollout { id, event }).await;
+            }
+        });
+    }
+
+    /// Distribution for a roll-out: targets that hold the release already
+    /// are staged; the others get a staging run.
+    fn stage_for(
+        &mut self,
+        id: u64,
+        name: &str,
+        release: convoy_chunker::ReleaseId,
+        mode: crate::protocol::DistributionMode,
+        targets: Vec<String>,
+    ) {
+        let mut run_targets = Vec::new();
+        for t in targets {
+            let peer = t.parse::<PeerId>().ok();
+            let held = peer
+                .and_then(|p| self.members.get(&p))
+                .is_some_and(|m| m.report.releases.contains(&release));
+            match peer {
+                _ if held => self.queue.push_back((id, Event::Staged(t, Ok(())))),
+                Some(p) => run_targets.push(p),
+                None => self
+                    .queue
+                    .push_back((id, Event::Staged(t, Err("not a peer id".into())))),
+            }
+        }
+        // A run restored after a restart may already cover them.
+        let covered = self.runs.values().any(|r| {
+            r.release == release
+                && !self.run_finished(r)
+                && run_targets.iter().all(|t| r.targets.contains(t))
+        });
+        if run_targets.is_empty() || covered {
+            return;
+        }
+        if let Err(e) = self.begin_run(name, release, run_targets.clone(), mode) {
+            for p in run_targets {
+                self.queue
+                    .push_back((id, Event::Staged(p.to_string(), Err(e.clone()))));
+            }
+        }
+    }
+
+    fn on_notice(&mut self, id: u64, n: Notice) {
+        let Some(d) = self.deployments.all.get(&id) else {
+            return;
+        };
+        let spec = &d.rollout.spec;
+        match &n {
+            Notice::Failed { target, reason } => {
+                warn!(id, target, "roll-out target failed: {reason}")
+            }
+            Notice::Halted(why) => warn!(id, "roll-out halts: {why}"),
+            other => info!(id, notice = ?other, "roll-out"),
+        }
+        if let Notice::Finished(outcome) = n {
+            let detail = format!(
+                "deployment {id} {}: {} targets, {} failed",
+                outcome.name(),
+                d.rollout.targets.len(),
+                d.rollout.failures
+            );
+            let mut h = self.history(&spec.app, "finished", "coordinator", detail);
+            h.version = Some(spec.version.clone());
+            h.env = Some(spec.env.clone());
+            h.deployment = Some(id);
+            let app = spec.app.clone();
+            self.deployments.record(&app, &h);
+        }
+    }
+
+    /// Staging progress from a target's report, for the roll-outs it is in.
+    pub(super) fn rollout_progress(&mut self, peer: PeerId) {
+        let Some(m) = self.members.get(&peer) else {
+            return;
+        };
+        let tid = peer.to_string();
+        let mut events = Vec::new();
+        for d in self.deployments.all.values_mut() {
+            let Some(t) = d.rollout.targets.get(&tid) else {
+                continue;
+            };
+            let staging = t.state == TargetState::Staging && !d.rollout.is_done();
+            if let Some(p) = m.report.stagings.iter().find(|p| p.release == d.release) {
+                let seen = d.stage_seen.entry(tid.clone()).or_default();
+                d.bytes_moved += p.bytes_received.saturating_sub(seen.1);
+                let gained = p.chunks_held > seen.0;
+                *seen = (p.chunks_held.max(seen.0), p.bytes_received.max(seen.1));
+                if staging {
+                    match &p.state {
+                        StageState::Staged => {
+                            events.push((d.id, Event::Staged(tid.clone(), Ok(()))))
+                        }
+                        StageState::Failed(e) => {
+                            events.push((d.id, Event::Staged(tid.clone(), Err(e.clone()))))
+                        }
+                        StageState::Running if gained => {
+                            events.push((d.id, Event::StageProgress(tid.clone())))
+                        }
+                        StageState::Running => {}
+                    }
+                    continue;
+                }
+            }
+            if staging && m.report.releases.contains(&d.release) {
+                events.push((d.id, Event::Staged(tid.clone(), Ok(()))));
+            }
+        }
+        self.queue.extend(events);
+        self.drain_queue();
+    }
+
+    /// A target's report of how a delivery ended.
+    pub(super) fn on_delivered(&mut self, peer: PeerId, report: DeliveryReport) {
+        let tid = peer.to_string();
+        let ids: Vec<u64> = self
+            .deployments
+            .all
+            .values_mut()
+            .filter(|d| d.release == report.release && d.rollout.targets.contains_key(&tid))
+            .map(|d| {
+                if report.result.is_ok() {
+                    d.activations
+                        .insert(tid.clone(), (report.switch_us, report.total_ms));
+                }
+                d.id
+            })
+            .collect();
+        for id in ids {
+            let r = report.result.clone().map(|_| ());
+            self.queue.push_back((id, Event::Delivered(tid.clone(), r)));
+        }
+        self.drain_queue();
+    }
+
+    /// The clock: deadlines, stragglers, and after a restart the orders
+    /// that were in flight.
+    pub(super) fn tick_rollouts(&mut self) {
+        if let Some(at) = self.resend_at {
+            if Instant::now() < at {
+                return;
+            }
+            self.resend_at = None;
+            let running: Vec<u64> = self
+                .deployments
+                .all
+                .values()
+                .filter(|d| !d.rollout.is_done())
+                .map(|d| d.id)
+                .collect();
+            for id in running {
+                let d = &self.deployments.all[&id];
+                info!(id, "resuming a roll-out after a restart");
+                // Deadlines count from now: the coordinator was away.
+                let targets: Vec<String> = d.rollout.targets.keys().cloned().collect();
+                let resend = d.rollout.resend();
+                for t in targets {
+                    self.queue.push_back((id, Event::StageProgress(t)));
+                }
+                self.drain_queue();
+                self.execute(id, resend);
+            }
+        }
+        let running: Vec<u64> = self
+            .deployments
+            .all
+            .values()
+            .filter(|d| !d.rollout.is_done() && !matches!(d.rollout.phase, Phase::Paused(_)))
+            .map(|d| d.id)
+            .collect();
+        for id in running {
+            self.queue.push_back((id, Event::Tick));
+        }
+        self.drain_queue();
+    }
+
+    /// Prometheus text: targets by state, bytes by mode, roll-outs and
+    /// their wave durations.
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        let (mut alive, mut down, mut drained) = (0, 0, 0);
+        for m in self.members.values() {
+            if !self.alive(m) {
+                down += 1;
+            } else if !m.report.in_load {
+                drained += 1;
+            } else {
+                alive += 1;
+            }
+        }
+        out.push_str(
+            "# HELP convoy_targets Registered targets by state.\n# TYPE convoy_targets gauge\n",
+        );
+        for (s, n) in [("in_load", alive), ("drained", drained), ("down", down)] {
+            let _ = writeln!(out, "convoy_targets{{state=\"{s}\"}} {n}");
+        }
+        out.push_str("# HELP convoy_bytes_moved_total Chunk bytes targets received, by distribution mode.\n# TYPE convoy_bytes_moved_total counter\n");
+        for mode in ["swarm", "push", "pull"] {
+            let n = self.bytes_by_mode.get(mode).copied().unwrap_or(0);
+            let _ = writeln!(out, "convoy_bytes_moved_total{{mode=\"{mode}\"}} {n}");
+        }
+        out.push_str("# HELP convoy_origin_bytes_sent_total Chunk bytes the origin sent.\n# TYPE convoy_origin_bytes_sent_total counter\n");
+        let _ = writeln!(
+            out,
+            "convoy_origin_bytes_sent_total {}",
+            self.chunks
+                .bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
+        for d in self.deployments.all.values() {
+            let s = d.summary()["outcome"].as_str().map(str::to_string);
+            let key = match s.as_deref() {
+                Some("succeeded") => "succeeded",
+                Some("rolled_back") => "rolled_back",
+                Some("failed") => "failed",
+                Some("aborted") => "aborted",
+                _ => "running",
+            };
+            *by_state.entry(key).or_default() += 1;
+        }
+        out.push_str("# HELP convoy_rollouts Roll-outs by state.\n# TYPE convoy_rollouts gauge\n");
+        for s in ["running", "succeeded", "rolled_back", "failed", "aborted"] {
+            let _ = writeln!(
+                out,
+                "convoy_rollouts{{state=\"{s}\"}} {}",
+                by_state.get(s).unwrap_or(&0)
+            );
+        }
+        out.push_str("# HELP convoy_rollout_duration_seconds Distribution and delivery time of recent roll-outs.\n# TYPE convoy_rollout_duration_seconds gauge\n");
+        let mut waves = String::from("# HELP convoy_wave_duration_seconds Duration of each wave of recent roll-outs.\n# TYPE convoy_wave_duration_seconds gauge\n");
+        for d in self.deployments.all.values().rev().take(20) {
+            let s = &d.rollout.spec;
+            let labels = format!(
+                "id=\"{}\",app=\"{}\",env=\"{}\",strategy=\"{}\"",
+                d.id,
+                s.app,
+                s.env,
+                s.strategy.name()
+            );
+            for (phase, ms) in [
+                ("distribution", d.rollout.distribution_ms),
+                ("delivery", d.rollout.delivery_ms),
+            ] {
+                if let Some(ms) = ms {
+                    let _ = writeln!(
+                        out,
+                        "convoy_rollout_duration_seconds{{{labels},phase=\"{phase}\"}} {}",
+                        ms as f64 / 1000.0
+                    );
+                }
+            }
+            for (_, n) in &d.notices {
+                if let Notice::WaveDone { wave, ms } = n {
+                    let _ = writeln!(
+                        waves,
+                        "convoy_wave_duration_seconds{{{labels},wave=\"{wave}\"}} {}",
+                        *ms as f64 / 1000.0
+                    );
+                }
+            }
+        }
+        out.push_str(&waves);
+        out
+    }
+}

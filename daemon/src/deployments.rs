@@ -1,0 +1,529 @@
+//! The coordinator's book of roll-outs, promotions and history, kept in
+//! its store's record logs so a restarted coordinator picks up where it was.
+//!
+//! - `deploy/<id>`: the events of one roll-out, in order, as JSON
+//!   `[millis, event]`; replaying them rebuilds the [`Rollout`] (and the
+//!   notices an operator saw).
+//! - `promote/<app>`: the promotions of an app's releases.
+//! - `history/<app>`: every action on the app, with its time and origin.
+//!
+//! An event is written before the engine sees it, so nothing the engine
+//! did is forgotten. Ticks that change nothing are not written.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use convoy_chunker::ReleaseId;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::pipeline::Pipelines;
+use crate::rollout::{Command, Event, Millis, Notice, Outcome, Rollout, Spec, TargetId};
+use crate::store::Store;
+
+/// Roll-outs kept in memory (older finished ones stay in the store).
+const MAX_KEPT: usize = 1000;
+
+/// One roll-out as the coordinator keeps it.
+#[derive(Debug, Serialize)]
+pub struct Deployment {
+    /// Its number.
+    pub id: u64,
+    /// The release.
+    pub release: ReleaseId,
+    /// The engine.
+    pub rollout: Rollout,
+    /// What an operator was told, with times.
+    pub notices: Vec<(Millis, Notice)>,
+    /// How long rolling targets drain, milliseconds.
+    pub drain_ms: u64,
+    /// Chunk bytes the targets received to stage it (this coordinator run).
+    pub bytes_moved: u64,
+    /// Per target, the chunks it held and the bytes it had received at
+    /// its last report.
+    #[serde(skip)]
+    pub stage_seen: HashMap<TargetId, (u32, u64)>,
+    /// Per target, how its activation went: microseconds the switch of
+    /// `current` took, milliseconds the whole delivery took.
+    pub activations: BTreeMap<TargetId, (u64, u64)>,
+}
+
+impl Deployment {
+    /// The roll-out in brief.
+    pub fn summary(&self) -> serde_json::Value {
+        let r = &self.rollout;
+        let outcome = match r.phase {
+            crate::rollout::Phase::Done(o) => Some(o.name()),
+            _ => None,
+        };
+        serde_json::json!({
+            "id": self.id,
+            "app": r.spec.app,
+            "version": r.spec.version,
+            "env": r.spec.env,
+            "strategy": r.spec.strategy.name(),
+            "mode": r.spec.mode.name(),
+            "phase": r.phase,
+            "outcome": outcome,
+            "targets": r.targets.len(),
+            "failures": r.failures,
+            "started_ms": r.started,
+            "ended_ms": r.ended,
+            "distribution_seconds": r.distribution_ms.map(|m| m as f64 / 1000.0),
+            "delivery_seconds": r.delivery_ms.map(|m| m as f64 / 1000.0),
+            "bytes_moved": self.bytes_moved,
+        })
+    }
+
+    /// The roll-out in full: the summary, every target, waves, notices.
+    pub fn detail(&self) -> serde_json::Value {
+        let mut v = self.summary();
+        let o = v.as_object_mut().expect("an object");
+        o.insert("release".into(), self.release.to_hex().into());
+        o.insert(
+            "spec".into(),
+            serde_json::to_value(&self.rollout.spec).expect("encodes"),
+        );
+        o.insert(
+            "waves".into(),
+            serde_json::to_value(&self.rollout.waves).expect("encodes"),
+        );
+        o.insert(
+            "target_states".into(),
+            serde_json::to_value(&self.rollout.targets).expect("encodes"),
+        );
+        o.insert(
+            "live_slice".into(),
+            serde_json::to_value(self.rollout.live_slice).expect("encodes"),
+        );
+        o.insert("paused".into(), self.rollout.pause_requested.into());
+        o.insert(
+            "notices".into(),
+            self.notices
+                .iter()
+                .map(|(at, n)| serde_json::json!({"at_ms": at, "notice": n}))
+                .collect(),
+        );
+        o.insert(
+            "activations".into(),
+            self.activations
+                .iter()
+                .map(|(t, (us, ms))| {
+                    (
+                        t.clone(),
+                        serde_json::json!({"switch_us": us, "total_ms": ms}),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        );
+        v
+    }
+}
+
+/// The first record of a roll-out's log: what the engine's `Started`
+/// does not say.
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    release: String,
+    drain_ms: u64,
+}
+
+/// A record of a roll-out's log.
+#[derive(Debug, Serialize, Deserialize)]
+enum Record {
+    Header(Header),
+    Event(Millis, Event),
+}
+
+/// A promotion.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// When.
+    pub at_ms: Millis,
+    /// The version.
+    pub version: String,
+    /// To which environment.
+    pub env: String,
+    /// Whether `--force` skipped the pipeline's order.
+    pub forced: bool,
+}
+
+/// One line of an app's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When.
+    pub at_ms: Millis,
+    /// `publish`, `promote`, `deploy`, `pause`, `resume`, `abort`,
+    /// `finished`, `rollback`.
+    pub action: String,
+    /// The version concerned.
+    pub version: Option<String>,
+    /// The environment concerned.
+    pub env: Option<String>,
+    /// The roll-out concerned.
+    pub deployment: Option<u64>,
+    /// Who: `api <address>` for an operator, `coordinator` for itself.
+    pub by: String,
+    /// Details.
+    pub detail: String,
+}
+
+/// Every roll-out, promotion and history line.
+pub struct Deployments {
+    store: Arc<dyn Store>,
+    /// Roll-outs by id.
+    pub all: BTreeMap<u64, Deployment>,
+    promotions: HashMap<String, Vec<Promotion>>,
+}
+
+fn log_name(id: u64) -> String {
+    format!("deploy/{id:012}")
+}
+
+impl Deployments {
+    /// Loads everything from the store, replaying each roll-out.
+    pub fn load(store: Arc<dyn Store>) -> Result<Self, String> {
+        let mut d = Self {
+            store,
+            all: BTreeMap::new(),
+            promotions: HashMap::new(),
+        };
+        for log in d.store.logs("promote/").map_err(|e| e.to_string())? {
+            let app = log["promote/".len()..].to_string();
+            let list = d
+                .store
+                .records(&log)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .filter_map(|r| serde_json::from_slice(r).ok())
+                .collect();
+            d.promotions.insert(app, list);
+        }
+        let logs = d.store.logs("deploy/").map_err(|e| e.to_string())?;
+        let skip = logs.len().saturating_sub(MAX_KEPT);
+        for log in logs.into_iter().skip(skip) {
+            let Some(id) = log["deploy/".len()..].parse().ok() else {
+                continue;
+            };
+            match d.replay(id, &log) {
+                Ok(dep) => {
+                    d.all.insert(id, dep);
+                }
+                Err(e) => warn!(log, "cannot replay a roll-out: {e}"),
+            }
+        }
+        Ok(d)
+    }
+
+    fn replay(&self, id: u64, log: &str) -> Result<Deployment, String> {
+        let records = self.store.records(log).map_err(|e| e.to_string())?;
+        let mut records = records.iter().map(|r| {
+            serde_json::from_slice::<Record>(r).map_err(|e| format!("record unreadable: {e}"))
+        });
+        let Some(Ok(Record::Header(h))) = records.next() else {
+            return Err("no header".into());
+        };
+        let release = ReleaseId::from_hex(&h.release).ok_or("bad release id")?;
+        let Some(Ok(Record::Event(at, Event::Started(spec)))) = records.next() else {
+            return Err("no start".into());
+        };
+        let (rollout, cmds) = Rollout::start(at, spec);
+        let mut dep = Deployment {
+            id,
+            release,
+            rollout,
+            notices: Vec::new(),
+            drain_ms: h.drain_ms,
+            bytes_moved: 0,
+            stage_seen: HashMap::new(),
+            activations: BTreeMap::new(),
+        };
+        note(&mut dep, at, &cmds);
+        for r in records {
+            if let Record::Event(at, e) = r? {
+                let cmds = dep.rollout.handle(at, e);
+                note(&mut dep, at, &cmds);
+            }
+        }
+        Ok(dep)
+    }
+
+    /// Starts a roll-out, written to the store first.
+    pub fn create(
+        &mut self,
+        at: Millis,
+        spec: Spec,
+        release: ReleaseId,
+        drain_ms: u64,
+    ) -> Result<(u64, Vec<Command>), String> {
+        let id = self.store.logs("deploy/").map_err(|e| e.to_string())?.len() as u64 + 1;
+        let id = id.max(self.all.keys().next_back().map_or(1, |k| k + 1));
+        let log = log_name(id);
+        let header = Record::Header(Header {
+            release: release.to_hex(),
+            drain_ms,
+        });
+        for r in [&header, &Record::Event(at, Event::Started(spec.clone()))] {
+            self.store
+                .append_record(&log, &serde_json::to_vec(r).expect("records encode"))
+                .map_err(|e| format!("cannot record the roll-out: {e}"))?;
+        }
+        let (rollout, cmds) = Rollout::start(at, spec);
+        let mut dep = Deployment {
+            id,
+            release,
+            rollout,
+            notices: Vec::new(),
+            drain_ms,
+            bytes_moved: 0,
+            stage_seen: HashMap::new(),
+            activations: BTreeMap::new(),
+        };
+        note(&mut dep, at, &cmds);
+        self.all.insert(id, dep);
+        while self.all.len() > MAX_KEPT {
+            let oldest = *self.all.keys().next().expect("not empty");
+            self.all.remove(&oldest);
+        }
+        Ok((id, cmds))
+    }
+
+    /// Feeds an event to roll-out `id`, written to the store first.
+    pub fn handle(&mut self, id: u64, at: Millis, event: Event) -> Vec<Command> {
+        let Some(dep) = self.all.get_mut(&id) else {
+            return Vec::new();
+        };
+        let tick = event == Event::Tick;
+        let record = serde_json::to_vec(&Record::Event(at, event.clone())).expect("encodes");
+        if !tick {
+            if let Err(e) = self.store.append_record(&log_name(id), &record) {
+                warn!(id, "cannot record a roll-out event: {e}");
+            }
+        }
+        let cmds = dep.rollout.handle(at, event);
+        if tick && !cmds.is_empty() {
+            if let Err(e) = self.store.append_record(&log_name(id), &record) {
+                warn!(id, "cannot record a roll-out event: {e}");
+            }
+        }
+        note(dep, at, &cmds);
+        cmds
+    }
+
+    /// The roll-out running for `app` in `env`, if any.
+    pub fn running(&self, app: &str, env: &str) -> Option<&Deployment> {
+        self.all.values().find(|d| {
+            !d.rollout.is_done() && d.rollout.spec.app == app && d.rollout.spec.env == env
+        })
+    }
+
+    /// The environments where a roll-out of `app` `version` succeeded.
+    pub fn succeeded_in(&self, app: &str, version: &str) -> Vec<String> {
+        self.all
+            .values()
+            .filter(|d| {
+                d.rollout.spec.app == app
+                    && d.rollout.spec.version == version
+                    && d.rollout.phase == crate::rollout::Phase::Done(Outcome::Succeeded)
+            })
+            .map(|d| d.rollout.spec.env.clone())
+            .collect()
+    }
+
+    /// Whether `version` of `app` may be deployed to `env`: the pipeline's
+    /// first environment always, the others once promoted there.
+    pub fn deployable(
+        &self,
+        pipelines: &Pipelines,
+        app: &str,
+        version: &str,
+        env: &str,
+    ) -> Result<(), String> {
+        let a = pipelines.app(app)?;
+        if !a.pipeline.iter().any(|e| e == env) {
+            return Err(format!(
+                "{env} is not in {app}'s pipeline ({})",
+                a.pipeline.join(" → ")
+            ));
+        }
+        let promoted = self
+            .promotions
+            .get(app)
+            .is_some_and(|ps| ps.iter().any(|p| p.version == version && p.env == env));
+        if a.pipeline[0] == env || promoted {
+            Ok(())
+        } else {
+            Err(format!(
+                "{app}@{version} is not promoted to {env}: run `convoy promote {app}@{version} --to {env}`"
+            ))
+        }
+    }
+
+    /// Promotes `version` of `app` to `env`, if the pipeline allows it or
+    /// `force` says so; recorded either way.
+    pub fn promote(
+        &mut self,
+        pipelines: &Pipelines,
+        at: Millis,
+        app: &str,
+        version: &str,
+        env: &str,
+        force: bool,
+    ) -> Result<Promotion, String> {
+        let allowed = pipelines.may_promote(app, env, &self.succeeded_in(app, version));
+        match allowed {
+            Err(e) if !force || !pipelines.app(app)?.pipeline.iter().any(|x| x == env) => {
+                return Err(e)
+            }
+            _ => {}
+        }
+        let p = Promotion {
+            at_ms: at,
+            version: version.into(),
+            env: env.into(),
+            forced: force && allowed.is_err(),
+        };
+        self.store
+            .append_record(
+                &format!("promote/{app}"),
+                &serde_json::to_vec(&p).expect("encodes"),
+            )
+            .map_err(|e| format!("cannot record the promotion: {e}"))?;
+        self.promotions
+            .entry(app.into())
+            .or_default()
+            .push(p.clone());
+        Ok(p)
+    }
+
+    /// The promotions of `app`.
+    pub fn promotions(&self, app: &str) -> &[Promotion] {
+        self.promotions.get(app).map_or(&[], Vec::as_slice)
+    }
+
+    /// Appends a line to an app's history.
+    pub fn record(&self, app: &str, entry: &HistoryEntry) {
+        let bytes = serde_json::to_vec(entry).expect("encodes");
+        if let Err(e) = self.store.append_record(&format!("history/{app}"), &bytes) {
+            warn!(app, "cannot record history: {e}");
+        }
+    }
+
+    /// An app's history, oldest first.
+    pub fn history(&self, app: &str) -> Result<Vec<HistoryEntry>, String> {
+        Ok(self
+            .store
+            .records(&format!("history/{app}"))
+            .map_err(|e| e.to_string())?
+            .iter()
+            .filter_map(|r| serde_json::from_slice(r).ok())
+            .collect())
+    }
+}
+
+fn note(dep: &mut Deployment, at: Millis, cmds: &[Command]) {
+    for c in cmds {
+        if let Command::Notice(n) = c {
+            dep.notices.push((at, n.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::DistributionMode;
+    use crate::rollout::{Amount, Member, Strategy};
+    use crate::store::MemoryStore;
+
+    fn spec(targets: &[&str]) -> Spec {
+        Spec {
+            app: "web".into(),
+            version: "2".into(),
+            env: "production".into(),
+            strategy: Strategy::Rolling,
+            waves: vec![Amount::Count(1), Amount::Percent(100.0)],
+            mode: DistributionMode::Push,
+            max_failures: Amount::Count(0),
+            progress_deadline_ms: 10_000,
+            targets: targets
+                .iter()
+                .map(|t| Member {
+                    id: t.to_string(),
+                    slice: None,
+                })
+                .collect(),
+            live_slice: None,
+        }
+    }
+
+    #[test]
+    fn a_reloaded_book_resumes_the_roll_out_where_it_was() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let mut d = Deployments::load(store.clone()).unwrap();
+        let (id, _) = d
+            .create(1000, spec(&["a", "b"]), ReleaseId([1; 32]), 0)
+            .unwrap();
+        d.handle(id, 1100, Event::Staged("a".into(), Ok(())));
+        let cmds = d.handle(id, 1200, Event::Staged("b".into(), Ok(())));
+        assert!(cmds
+            .iter()
+            .any(|c| matches!(c, Command::Deliver { target, .. } if target == "a")));
+        // A tick that changes nothing is not written.
+        assert!(d.handle(id, 1300, Event::Tick).is_empty());
+        let before = serde_json::to_value(&d.all[&id].rollout).unwrap();
+
+        let again = Deployments::load(store).unwrap();
+        let dep = &again.all[&id];
+        assert_eq!(serde_json::to_value(&dep.rollout).unwrap(), before);
+        assert_eq!(dep.notices, d.all[&id].notices);
+        assert_eq!(
+            dep.rollout.resend(),
+            vec![Command::Deliver {
+                target: "a".into(),
+                drain: true
+            }]
+        );
+        assert!(again.running("web", "production").is_some());
+    }
+
+    #[test]
+    fn promotion_follows_the_pipeline_unless_forced_and_is_remembered() {
+        let pipelines = Pipelines::parse(
+            r#"
+            [environments.staging]
+            selector = "env=staging"
+            [environments.production]
+            selector = "env=production"
+            [apps.web]
+            pipeline = ["staging", "production"]
+            "#,
+        )
+        .unwrap();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let mut d = Deployments::load(store.clone()).unwrap();
+        assert!(d.deployable(&pipelines, "web", "2", "staging").is_ok());
+        let err = d
+            .deployable(&pipelines, "web", "2", "production")
+            .unwrap_err();
+        assert!(err.contains("not promoted"), "{err}");
+        let err = d
+            .promote(&pipelines, 5, "web", "2", "production", false)
+            .unwrap_err();
+        assert!(err.contains("must succeed in staging"), "{err}");
+        let p = d
+            .promote(&pipelines, 6, "web", "2", "production", true)
+            .unwrap();
+        assert!(p.forced);
+        assert!(d
+            .promote(&pipelines, 7, "web", "2", "qa", true)
+            .unwrap_err()
+            .contains("not in web's pipeline"));
+        let again = Deployments::load(store).unwrap();
+        assert!(again
+            .deployable(&pipelines, "web", "2", "production")
+            .is_ok());
+        assert_eq!(again.promotions("web"), &[p]);
+    }
+}

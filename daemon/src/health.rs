@@ -1,0 +1,143 @@
+//! Whether a target is in load, and the HTTP endpoint load balancers poll.
+//!
+//! `GET /health` answers 200 while the target is in load and 503 while it
+//! is drained; the JSON body names the active release of every app:
+//! `{"in_load": true, "active": {"web": "1.4.2"}}`. The state is kept in
+//! `DATA/load` so a drained target that restarts stays drained.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::deliver::Releases;
+use crate::target::write_atomically;
+
+const IN_LOAD: &str = "in load\n";
+const DRAINED: &str = "drained\n";
+
+/// The in-load flag, persisted.
+pub struct Load {
+    path: PathBuf,
+    in_load: AtomicBool,
+}
+
+impl Load {
+    /// Reads the state kept at `path`; a target that never drained is in load.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let in_load = match std::fs::read_to_string(path) {
+            Ok(s) if s == IN_LOAD => true,
+            Ok(s) if s == DRAINED => false,
+            Ok(s) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: expected {IN_LOAD:?} or {DRAINED:?}, found {s:?}",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            in_load: AtomicBool::new(in_load),
+        })
+    }
+
+    /// Whether the target is in load.
+    pub fn in_load(&self) -> bool {
+        self.in_load.load(Ordering::SeqCst)
+    }
+
+    /// Puts the target into load or drains it, durably first.
+    pub fn set(&self, in_load: bool) -> io::Result<()> {
+        write_atomically(
+            &self.path,
+            if in_load { IN_LOAD } else { DRAINED }.as_bytes(),
+        )?;
+        self.in_load.store(in_load, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The body of `GET /health`.
+#[derive(Debug, Serialize)]
+pub struct Health {
+    /// In load (200) or drained (503).
+    pub in_load: bool,
+    /// The version each app's `current` link names.
+    pub active: std::collections::BTreeMap<String, String>,
+}
+
+/// The health state a target reports.
+pub fn health(load: &Load, releases: &Releases) -> Health {
+    let mut active = std::collections::BTreeMap::new();
+    for app in releases.apps().unwrap_or_default() {
+        if let Ok(Some(v)) = releases.active(&app) {
+            active.insert(app, v);
+        }
+    }
+    Health {
+        in_load: load.in_load(),
+        active,
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    load: Arc<Load>,
+    releases: Arc<Releases>,
+}
+
+async fn get_health(State(s): State<Shared>) -> (StatusCode, Json<Health>) {
+    let h = health(&s.load, &s.releases);
+    let status = if h.in_load {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(h))
+}
+
+/// Serves `GET /health` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    load: Arc<Load>,
+    releases: Arc<Releases>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let app = Router::new()
+        .route("/health", get(get_health))
+        .with_state(Shared { load, releases });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drained_state_survives_a_reopen_and_garbage_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("load");
+        let load = Load::open(&path).unwrap();
+        assert!(load.in_load(), "a fresh target is in load");
+        load.set(false).unwrap();
+        assert!(!Load::open(&path).unwrap().in_load());
+        Load::open(&path).unwrap().set(true).unwrap();
+        assert!(Load::open(&path).unwrap().in_load());
+        std::fs::write(&path, "maybe").unwrap();
+        let err = Load::open(&path).err().expect("garbage refused");
+        assert!(err.to_string().contains("expected"), "{err}");
+    }
+}
