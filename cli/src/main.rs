@@ -13,6 +13,8 @@ use indicatif::BinaryBytes;
 use serde_json::json;
 
 mod bench;
+mod demo;
+mod operate;
 mod progress;
 mod remote;
 
@@ -51,6 +53,21 @@ struct Cli {
         value_name = "FILE"
     )]
     fleet_key_file: Option<PathBuf>,
+
+    /// The coordinator's operator API, for promote, deploy, status, pause,
+    /// resume, abort, rollback and history [default: http://127.0.0.1:7410]
+    #[arg(long, global = true, env = "CONVOY_API", value_name = "URL")]
+    api: Option<String>,
+
+    /// File holding the API's bearer token (the coordinator writes
+    /// DATA_DIR/api-token); CONVOY_API_TOKEN, if set, is used instead
+    #[arg(
+        long,
+        global = true,
+        env = "CONVOY_API_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    api_token_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -205,6 +222,102 @@ enum Command {
     ///
     /// Example: convoy bench --nodes 50 --size 16MiB --uplink 2MiB --modes swarm,push,pull --out results/
     Bench(bench::BenchArgs),
+    /// Run the whole product on a local fleet: distribution and three roll-outs
+    ///
+    /// Starts a coordinator and a fleet (12 targets in 3 data centres, half
+    /// in the blue slice, half in the green) on loopback in a temporary
+    /// directory; publishes a generated web app v1.0 and deploys it rolling
+    /// in swarm mode; publishes v1.1, a small patch, and deploys it
+    /// blue-green in push mode; publishes v1.2, whose validate hook fails,
+    /// and shows the halt and the automatic rollback. Prints per
+    /// deployment: strategy, mode, distribution and delivery time, bytes
+    /// moved and result. Stops everything and removes the directory at the
+    /// end (also on Ctrl-C) unless --keep. Exits 1 if a roll-out did not
+    /// end as it should.
+    ///
+    /// Example: convoy demo --nodes 12 --json
+    Demo(demo::DemoArgs),
+    /// Make a release deployable to the next environment of its app's pipeline
+    ///
+    /// Allowed once a roll-out of the release succeeded in the environment
+    /// before; the first environment of a pipeline needs no promotion.
+    /// --force skips the order and is recorded in the app's history.
+    ///
+    /// Example: convoy promote web@1.4.2 --to production
+    Promote {
+        /// APP@VERSION, published
+        release: String,
+        /// The environment
+        #[arg(long = "to", value_name = "ENV")]
+        env: String,
+        /// Promote even though the release has not succeeded in the
+        /// environment before (recorded)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Roll a release out to an environment: distribute, then deliver in waves
+    ///
+    /// Every target of the environment stages the release first (in the
+    /// chosen mode); then waves activate it: live keeps targets in load,
+    /// rolling drains each for the drain period, activates, validates and
+    /// puts it back; blue-green activates the idle slice and swaps the
+    /// slices at once. More failures than --max-failures halt the roll-out
+    /// and roll back every target it delivered to. One roll-out runs per
+    /// app and environment at a time.
+    ///
+    /// Example: convoy deploy web@1.4.2 --env production --strategy rolling --waves 1,10%,50%,100% --mode swarm --follow
+    Deploy(operate::DeployArgs),
+    /// Show one roll-out in full (targets, waves, notices), or list them all
+    ///
+    /// Example: convoy status 3
+    Status {
+        /// The deployment's id; all of them without it
+        deployment: Option<u64>,
+    },
+    /// Pause a roll-out before its next wave (the running wave finishes)
+    ///
+    /// Example: convoy pause 3
+    Pause {
+        /// The deployment's id
+        deployment: u64,
+    },
+    /// Resume a paused roll-out
+    ///
+    /// Example: convoy resume 3
+    Resume {
+        /// The deployment's id
+        deployment: u64,
+    },
+    /// Abort a roll-out: every target it delivered to goes back to the
+    /// release it ran before (blue-green: the slices swap back)
+    ///
+    /// Example: convoy abort 3
+    Abort {
+        /// The deployment's id
+        deployment: u64,
+    },
+    /// Put an environment back on its previous release
+    ///
+    /// Each target activates the release it ran before (no hooks: they ran
+    /// when it was active); a blue-green environment swaps its slices back,
+    /// since the idle slice kept the previous release. Refused while a
+    /// roll-out of the app runs there (abort it instead).
+    ///
+    /// Example: convoy rollback web --env production
+    Rollback {
+        /// The app
+        app: String,
+        /// The environment
+        #[arg(long)]
+        env: String,
+    },
+    /// Show every promotion, roll-out and rollback of an app, with who and when
+    ///
+    /// Example: convoy history web --json
+    History {
+        /// The app
+        app: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -254,6 +367,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fleet => return remote::fleet(&remote, &out),
         Command::Staging { id } => return remote::staging(&remote, &out, id),
         Command::Bench(args) => return bench::bench(args, &out),
+        Command::Demo(args) => return demo::demo(args, &out),
+        _ => {}
+    }
+    let api = operate::Api::new(cli.api, cli.api_token_file);
+    match cli.command {
+        Command::Promote {
+            release,
+            env,
+            force,
+        } => return operate::promote(&api, &out, &release, &env, force),
+        Command::Deploy(args) => return operate::deploy(&api, &out, args),
+        Command::Status { deployment } => return operate::status(&api, &out, deployment),
+        Command::Pause { deployment } => return operate::steer(&api, &out, deployment, "pause"),
+        Command::Resume { deployment } => return operate::steer(&api, &out, deployment, "resume"),
+        Command::Abort { deployment } => return operate::steer(&api, &out, deployment, "abort"),
+        Command::Rollback { app, env } => return operate::rollback(&api, &out, &app, &env),
+        Command::History { app } => return operate::history(&api, &out, &app),
         _ => {}
     }
     let store_dir = match cli.store {
@@ -278,9 +408,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Gc { keep } => cmd_gc(&store, &out, keep as usize),
         Command::List => cmd_list(&store, &out),
         Command::Publish { dir, release } => remote::publish(&remote, &store, &out, &dir, &release),
-        Command::Stage { .. } | Command::Staging { .. } | Command::Fleet | Command::Bench(_) => {
-            unreachable!("handled above")
-        }
+        _ => unreachable!("handled above"),
     }
 }
 

@@ -342,6 +342,16 @@ impl Releases {
     /// in the history (dropping `forget`, a release that failed).
     fn switch(&self, app: &str, version: &str, forget: Option<&str>) -> Result<(), DeliverError> {
         self.relink(app, version)?;
+        self.record_active(app, version, forget)
+    }
+
+    /// Records `version` last in the history, dropping `forget`.
+    fn record_active(
+        &self,
+        app: &str,
+        version: &str,
+        forget: Option<&str>,
+    ) -> Result<(), DeliverError> {
         let mut history = self.history(app)?;
         history.retain(|h| h != version && Some(h.as_str()) != forget);
         history.push(version.to_string());
@@ -405,9 +415,12 @@ impl Releases {
             });
         }
         self.run_hook(Hook::BeforeActivate, &env).await?;
+        // The switch itself: one rename, made durable. The history that
+        // records it is bookkeeping (`open` reconciles it with the link).
         let t = std::time::Instant::now();
-        self.switch(app, version, None)?;
+        self.relink(app, version)?;
         let switch_ms = t.elapsed().as_secs_f64() * 1000.0;
+        self.record_active(app, version, None)?;
         info!(app, version, previous = ?previous, switch_ms, "activated");
         for hook in [Hook::AfterActivate, Hook::Validate] {
             if let Err(e) = self.run_hook(hook, &env).await {

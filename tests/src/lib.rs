@@ -40,6 +40,8 @@ pub struct Convoy {
 pub struct Run {
     /// Exit status was 0.
     pub ok: bool,
+    /// The exit code (`None` if a signal ended it).
+    pub code: Option<i32>,
     /// Standard output.
     pub stdout: String,
     /// Standard error.
@@ -86,6 +88,7 @@ impl Convoy {
             .expect("convoy runs");
         Run {
             ok: out.status.success(),
+            code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
@@ -124,6 +127,8 @@ pub struct Daemon {
     pub peer_id: String,
     /// Where its stderr goes.
     pub log: PathBuf,
+    /// Its ready line (a target's health address, a coordinator's API).
+    pub ready: serde_json::Value,
     args: Vec<String>,
 }
 
@@ -156,6 +161,7 @@ impl Daemon {
             addr: ready["addrs"][0].as_str().expect("an address").to_string(),
             peer_id: ready["peer_id"].as_str().expect("a peer id").to_string(),
             log: log.to_path_buf(),
+            ready,
             args: args.to_vec(),
         }
     }
@@ -239,11 +245,14 @@ impl TestFleet {
             .status()
             .expect("convoyd fleet-key runs");
         assert!(status.success());
-        // A fixed port, so a restarted coordinator is found where it was.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        // Fixed ports, so a restarted coordinator is found where it was.
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let (port, api_port) = (free_port(), free_port());
         let mut args = vec![
             "coordinator".to_string(),
             "--data-dir".into(),
@@ -256,6 +265,8 @@ impl TestFleet {
             "200".into(),
             "--log-level".into(),
             "info".into(),
+            "--api-listen".into(),
+            format!("127.0.0.1:{api_port}"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let coordinator = Daemon::start(&args, &dir.path().join("coordinator.log"));
@@ -288,6 +299,8 @@ impl TestFleet {
             self.coordinator.addr.clone(),
             "--log-level".into(),
             "info".into(),
+            "--health-listen".into(),
+            "127.0.0.1:0".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         self.targets.push(Daemon::start(
@@ -295,6 +308,20 @@ impl TestFleet {
             &self.path().join(format!("{name}.log")),
         ));
         i
+    }
+
+    /// `convoy` run against the coordinator's operator API.
+    pub fn operator(&self, args: &[&str]) -> Run {
+        let cli = Convoy::new(&self.path().join("cli-store"));
+        let api = self.coordinator.ready["api"]
+            .as_str()
+            .expect("an API address");
+        let token = self.coordinator.ready["api_token_file"]
+            .as_str()
+            .expect("a token file");
+        let mut all = vec!["--api", api, "--api-token-file", token];
+        all.extend_from_slice(args);
+        cli.run(&all)
     }
 
     /// The store directory of target `i`.

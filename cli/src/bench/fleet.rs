@@ -14,7 +14,7 @@ use super::{BenchArgs, Cpu, IdleRss, Rates};
 use crate::remote::control;
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
-pub(super) struct Proc {
+pub(crate) struct Proc {
     pub child: Child,
     pub name: String,
 }
@@ -44,11 +44,13 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-pub(super) struct Fleet {
+pub(crate) struct Fleet {
     // Declared before `dir`: processes stop before their directory goes.
     targets: Vec<Proc>,
     coordinator: Option<Proc>,
     pub coordinator_addr: String,
+    /// The coordinator's ready line (its API address, token file...).
+    pub coordinator_ready: serde_json::Value,
     pub key_file: PathBuf,
     logs: PathBuf,
     pub dir: tempfile::TempDir,
@@ -92,8 +94,110 @@ impl Fleet {
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
 
+    /// A fleet directory with a fresh fleet key, logs under `logs` (or in
+    /// the directory), nothing running yet.
+    pub fn new(prefix: &str, logs: Option<PathBuf>) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        let logs = logs.unwrap_or_else(|| dir.path().join("logs"));
+        std::fs::create_dir_all(&logs)
+            .with_context(|| format!("cannot create {}", logs.display()))?;
+        let key_file = dir.path().join("fleet.key");
+        convoy_daemon::fleet_key::generate(&key_file)?;
+        Ok(Fleet {
+            targets: Vec::new(),
+            coordinator: None,
+            coordinator_addr: String::new(),
+            coordinator_ready: serde_json::Value::Null,
+            key_file,
+            logs,
+            dir,
+        })
+    }
+
+    /// Leaves the daemons running and the directory in place (`--keep`);
+    /// returns their process ids.
+    pub fn detach(&mut self) -> Vec<u32> {
+        self.dir.disable_cleanup(true);
+        let procs: Vec<Proc> = self
+            .coordinator
+            .take()
+            .into_iter()
+            .chain(self.targets.drain(..))
+            .collect();
+        procs
+            .into_iter()
+            .map(|p| {
+                let id = p.child.id();
+                // Not dropped: dropping stops it.
+                std::mem::forget(p);
+                id
+            })
+            .collect()
+    }
+
+    /// Arguments every daemon of the fleet takes: its data directory, a
+    /// loopback address, the fleet key.
+    pub fn common_args(&self, name: &str, log_level: &str) -> Vec<String> {
+        vec![
+            "--data-dir".into(),
+            self.dir.path().join(name).display().to_string(),
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--fleet-key-file".into(),
+            self.key_file.display().to_string(),
+            "--log-level".into(),
+            log_level.into(),
+        ]
+    }
+
+    /// Starts the coordinator (`args` after `coordinator`), its API on a
+    /// free loopback port.
+    pub fn start_coordinator(&mut self, convoyd: &Path, args: &[String]) -> Result<()> {
+        let mut a = vec![
+            "coordinator".to_string(),
+            "--api-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        a.extend_from_slice(args);
+        let (proc, ready) = self.spawn(convoyd, "coordinator", &a)?;
+        self.coordinator_addr = ready["addrs"][0]
+            .as_str()
+            .ok_or_else(|| anyhow!("the coordinator printed no address"))?
+            .to_string();
+        self.coordinator = Some(proc);
+        self.coordinator_ready = ready;
+        Ok(())
+    }
+
+    /// Starts a target (`args` after `target`), pointed at the
+    /// coordinator, its health endpoint on a free loopback port; returns
+    /// its ready line.
+    pub fn start_target(
+        &mut self,
+        convoyd: &Path,
+        name: &str,
+        args: &[String],
+    ) -> Result<serde_json::Value> {
+        let mut a = vec![
+            "target".to_string(),
+            "--coordinator".into(),
+            self.coordinator_addr.clone(),
+            "--health-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        a.extend_from_slice(args);
+        let (proc, ready) = self.spawn(convoyd, name, &a)?;
+        self.targets.push(proc);
+        Ok(ready)
+    }
+
     /// Starts a convoyd and waits for its ready line.
-    fn spawn(&self, convoyd: &Path, name: &str, args: &[String]) -> Result<(Proc, String)> {
+    fn spawn(
+        &self,
+        convoyd: &Path,
+        name: &str,
+        args: &[String],
+    ) -> Result<(Proc, serde_json::Value)> {
         let log = std::fs::File::create(self.log(name))?;
         let mut child = Command::new(convoyd)
             .args(args)
@@ -112,15 +216,11 @@ impl Fleet {
         BufReader::new(stdout).read_line(&mut line)?;
         let ready: serde_json::Value = serde_json::from_str(&line)
             .map_err(|_| anyhow!("{} did not start:\n{}", proc.name, self.tail(name)))?;
-        let addr = ready["addrs"][0]
-            .as_str()
-            .ok_or_else(|| anyhow!("{name} printed no address"))?
-            .to_string();
-        Ok((proc, addr))
+        Ok((proc, ready))
     }
 }
 
-pub(super) fn convoyd_path(given: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn convoyd_path(given: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p.to_path_buf());
     }
@@ -209,30 +309,9 @@ fn rss(pid: u32) -> (u64, u64) {
 }
 
 pub(super) async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path) -> Result<Fleet> {
-    let dir = tempfile::Builder::new().prefix("convoy-bench-").tempdir()?;
-    let logs = args.logs.clone().unwrap_or_else(|| dir.path().join("logs"));
-    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    let key_file = dir.path().join("fleet.key");
-    convoy_daemon::fleet_key::generate(&key_file)?;
-    let mut fleet = Fleet {
-        targets: Vec::new(),
-        coordinator: None,
-        coordinator_addr: String::new(),
-        key_file,
-        logs,
-        dir,
-    };
-    let common = |name: &str, up: Option<u64>| -> Vec<String> {
-        let mut a = vec![
-            "--data-dir".into(),
-            fleet.dir.path().join(name).display().to_string(),
-            "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
-            "--fleet-key-file".into(),
-            fleet.key_file.display().to_string(),
-            "--log-level".into(),
-            args.daemon_log_level.clone(),
-        ];
+    let mut fleet = Fleet::new("convoy-bench-", args.logs.clone())?;
+    let common = |fleet: &Fleet, name: &str, up: Option<u64>| -> Vec<String> {
+        let mut a = fleet.common_args(name, &args.daemon_log_level);
         if let Some(u) = up {
             a.extend(["--upload-rate".into(), u.to_string()]);
         }
@@ -246,36 +325,29 @@ pub(super) async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path)
         args.nodes,
         fleet.dir.path().display()
     );
-    let mut cargs = vec!["coordinator".to_string()];
-    cargs.extend(common("coordinator", rates.origin));
+    let mut cargs = common(&fleet, "coordinator", rates.origin);
     cargs.extend([
         "--label".into(),
         "dc=dc0".into(),
         "--push-parallel".into(),
         args.push_parallel.to_string(),
     ]);
-    let (proc, addr) = fleet.spawn(convoyd, "coordinator", &cargs)?;
-    fleet.coordinator = Some(proc);
-    fleet.coordinator_addr = addr;
+    fleet.start_coordinator(convoyd, &cargs)?;
     for i in 0..args.nodes {
         let name = format!("target-{i:03}");
-        let mut targs = vec!["target".to_string()];
-        targs.extend(common(&name, rates.uplink));
+        let mut targs = common(&fleet, &name, rates.uplink);
         targs.extend([
-            "--coordinator".into(),
-            fleet.coordinator_addr.clone(),
             "--label".into(),
             format!("dc=dc{}", i % args.dcs),
             "--label".into(),
             format!("zone=z{}", (i / args.dcs) % 2),
         ]);
-        let (proc, _) = fleet.spawn(convoyd, &name, &targs)?;
-        fleet.targets.push(proc);
+        fleet.start_target(convoyd, &name, &targs)?;
     }
     Ok(fleet)
 }
 
-pub(super) async fn wait_for_targets(client: &Client, n: usize) -> Result<()> {
+pub(crate) async fn wait_for_targets(client: &Client, n: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {

@@ -10,7 +10,7 @@
 //! ceiling: the same bytes copied over plain TCP sockets, K at a time.
 
 mod baseline;
-mod fleet;
+pub(crate) mod fleet;
 mod report;
 
 use std::path::{Path, PathBuf};
