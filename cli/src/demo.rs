@@ -197,11 +197,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
     for i in 0..args.nodes {
         let name = format!("target-{i:03}");
         let mut t = fleet.common_args(&name, "warn");
-        let slice = if (i / DCS).is_multiple_of(2) {
-            "blue"
-        } else {
-            "green"
-        };
+        let slice = if i.is_multiple_of(2) { "blue" } else { "green" };
         for l in [
             "env=production".to_string(),
             format!("dc=dc{}", i % DCS),

@@ -6,6 +6,8 @@
 //!   notices an operator saw).
 //! - `promote/<app>`: the promotions of an app's releases.
 //! - `history/<app>`: every action on the app, with its time and origin.
+//! - `slices/<env>`: which slice of a blue-green environment is in load,
+//!   each time it changes (target reports lag a heartbeat behind).
 //!
 //! An event is written before the engine sees it, so nothing the engine
 //! did is forgotten. Ticks that change nothing are not written.
@@ -175,6 +177,7 @@ pub struct Deployments {
     /// Roll-outs by id.
     pub all: BTreeMap<u64, Deployment>,
     promotions: HashMap<String, Vec<Promotion>>,
+    live_slices: HashMap<String, crate::rollout::Slice>,
 }
 
 fn log_name(id: u64) -> String {
@@ -188,7 +191,15 @@ impl Deployments {
             store,
             all: BTreeMap::new(),
             promotions: HashMap::new(),
+            live_slices: HashMap::new(),
         };
+        for log in d.store.logs("slices/").map_err(|e| e.to_string())? {
+            let last = d.store.records(&log).map_err(|e| e.to_string())?.pop();
+            if let Some(slice) = last.and_then(|r| serde_json::from_slice(&r).ok()) {
+                d.live_slices
+                    .insert(log["slices/".len()..].to_string(), slice);
+            }
+        }
         for log in d.store.logs("promote/").map_err(|e| e.to_string())? {
             let app = log["promote/".len()..].to_string();
             let list = d
@@ -395,6 +406,23 @@ impl Deployments {
             .or_default()
             .push(p.clone());
         Ok(p)
+    }
+
+    /// The slice of blue-green environment `env` last put in load, if known.
+    pub fn live_slice(&self, env: &str) -> Option<crate::rollout::Slice> {
+        self.live_slices.get(env).copied()
+    }
+
+    /// Records which slice of `env` is in load.
+    pub fn set_live_slice(&mut self, env: &str, slice: crate::rollout::Slice) {
+        if self.live_slices.get(env) == Some(&slice) {
+            return;
+        }
+        let bytes = serde_json::to_vec(&slice).expect("encodes");
+        if let Err(e) = self.store.append_record(&format!("slices/{env}"), &bytes) {
+            warn!(env, "cannot record the live slice: {e}");
+        }
+        self.live_slices.insert(env.into(), slice);
     }
 
     /// The promotions of `app`.

@@ -118,6 +118,33 @@ impl Convoy {
 
 pub use convoy_benches::noise;
 
+/// One HTTP/1.1 request over a fresh connection (bounded: 10 s); returns
+/// the status code and the body.
+pub fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Length: 0\r\n\r\n"
+    )
+    .expect("writing the request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("reading the answer");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
 /// A running `convoyd`, stopped with SIGTERM (then SIGKILL) when dropped.
 pub struct Daemon {
     child: std::process::Child,
@@ -237,7 +264,20 @@ impl Drop for TestFleet {
 impl TestFleet {
     /// Starts a coordinator with `extra` arguments on a fixed free port.
     pub fn new(extra: &[&str]) -> Self {
+        Self::start(tempfile::tempdir().expect("temp dir"), extra)
+    }
+
+    /// Starts a coordinator that loads `pipelines` (a pipelines file's text).
+    pub fn with_pipelines(pipelines: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("pipelines.toml");
+        std::fs::write(&path, pipelines).expect("pipelines file");
+        let mut all = vec!["--pipelines", path.to_str().expect("UTF-8 path")];
+        all.extend_from_slice(extra);
+        Self::start(dir, &all)
+    }
+
+    fn start(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let key = dir.path().join("fleet.key");
         let status = Command::new(bin_dir().join("convoyd"))
             .arg("fleet-key")
@@ -322,6 +362,109 @@ impl TestFleet {
         let mut all = vec!["--api", api, "--api-token-file", token];
         all.extend_from_slice(args);
         cli.run(&all)
+    }
+
+    /// What target `i`'s health endpoint answers: status and JSON body.
+    pub fn health(&self, i: usize) -> (u16, serde_json::Value) {
+        let addr = self.targets[i].ready["health"]
+            .as_str()
+            .expect("a health address");
+        let (status, body) = http(addr, "GET", "/health", None);
+        let json = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("health body {body:?} is not JSON: {e}"));
+        (status, json)
+    }
+
+    /// The version target `i`'s `current` link of `app` names.
+    pub fn current(&self, i: usize, app: &str) -> Option<String> {
+        let link = self
+            .path()
+            .join(format!("target-{i}/releases/{app}/current"));
+        std::fs::read_link(link)
+            .ok()
+            .map(|t| t.to_string_lossy().into_owned())
+    }
+
+    /// The data directory of target `i`.
+    pub fn target_dir(&self, i: usize) -> PathBuf {
+        self.path().join(format!("target-{i}"))
+    }
+
+    /// The API's bearer token.
+    pub fn api_token(&self) -> String {
+        let file = self.coordinator.ready["api_token_file"]
+            .as_str()
+            .expect("a token file");
+        std::fs::read_to_string(file)
+            .expect("the token file")
+            .trim()
+            .to_string()
+    }
+
+    /// `host:port` of the API.
+    pub fn api_addr(&self) -> String {
+        self.coordinator.ready["api"]
+            .as_str()
+            .expect("an API address")
+            .trim_start_matches("http://")
+            .to_string()
+    }
+
+    /// Writes a small web app `version` under the fleet's directory: an
+    /// index naming the version and the hooks given as shell script bodies
+    /// (`None`: no such hook).
+    pub fn web_app(
+        &self,
+        version: &str,
+        before_activate: Option<&str>,
+        after_activate: Option<&str>,
+        validate: Option<&str>,
+    ) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.path().join(format!("web-{version}"));
+        std::fs::create_dir_all(dir.join("convoy/hooks")).expect("package dir");
+        std::fs::write(dir.join("index.html"), format!("web {version}\n")).expect("index");
+        std::fs::write(dir.join("app.bin"), noise(200_000, 7)).expect("app");
+        for (name, body) in [
+            ("before_activate", before_activate),
+            ("after_activate", after_activate),
+            ("validate", validate),
+        ] {
+            if let Some(body) = body {
+                let p = dir.join("convoy/hooks").join(name);
+                std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("hook");
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
+                    .expect("hook mode");
+            }
+        }
+        dir
+    }
+
+    /// Polls `convoy status ID --json` (bounded: 60 s) until `done` says so;
+    /// returns that status.
+    pub fn wait_status(
+        &self,
+        id: u64,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let run = self.operator(&["status", &id.to_string(), "--json"]);
+            if run.ok {
+                let v = run.json();
+                if done(&v) {
+                    return v;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "deployment {id}: waited 60 s for {what}:\n{}\n{}",
+                run.stdout,
+                run.stderr
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// The store directory of target `i`.

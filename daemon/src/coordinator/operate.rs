@@ -179,8 +179,12 @@ impl Coordinator {
         }
     }
 
-    /// The slice in load: green if only green targets are, else blue.
-    fn live_slice(&self, targets: &[PeerId]) -> Slice {
+    /// The slice of `env` in load: as last recorded, else from the
+    /// targets' reports (green if only green targets are, else blue).
+    fn live_slice(&self, env: &str, targets: &[PeerId]) -> Slice {
+        if let Some(s) = self.deployments.live_slice(env) {
+            return s;
+        }
         let in_load = |s: Slice| {
             targets.iter().any(|p| {
                 self.slice_of(p) == Some(s) && self.members.get(p).is_some_and(|m| m.report.in_load)
@@ -252,7 +256,7 @@ impl Coordinator {
             max_failures: settings.max_failures,
             progress_deadline_ms: settings.progress_deadline_ms,
             targets: members,
-            live_slice: blue_green.then(|| self.live_slice(&targets)),
+            live_slice: blue_green.then(|| self.live_slice(&r.env, &targets)),
         };
         let summary = format!(
             "{} in {} mode to {} targets",
@@ -334,7 +338,8 @@ impl Coordinator {
             Err(e) => return Err(refuse(reply, e)),
         };
         let orders: Vec<(PeerId, ControlRequest)> = if blue_green {
-            let live = self.live_slice(&targets);
+            let live = self.live_slice(&r.env, &targets);
+            self.deployments.set_live_slice(&r.env, live.other());
             targets
                 .iter()
                 .filter_map(|p| {
@@ -533,6 +538,14 @@ impl Coordinator {
             Notice::Halted(why) => warn!(id, "roll-out halts: {why}"),
             other => info!(id, notice = ?other, "roll-out"),
         }
+        if let (Notice::Finished(_), Some(live)) = (&n, d.rollout.live_slice) {
+            let env = spec.env.clone();
+            self.deployments.set_live_slice(&env, live);
+        }
+        let Some(d) = self.deployments.all.get(&id) else {
+            return;
+        };
+        let spec = &d.rollout.spec;
         if let Notice::Finished(outcome) = n {
             let detail = format!(
                 "deployment {id} {}: {} targets, {} failed",
@@ -560,6 +573,18 @@ impl Coordinator {
             let Some(t) = d.rollout.targets.get(&tid) else {
                 continue;
             };
+            // Given up on, yet running the release (a delivery that timed
+            // out, or a target killed after its switch and restarted): a
+            // late delivery, which the engine keeps or sends back.
+            let running_it =
+                m.report.active.get(&d.rollout.spec.app) == Some(&d.rollout.spec.version);
+            if running_it
+                && matches!(t.state, TargetState::Failed(_))
+                && t.deliver_sent
+                && !t.activated
+            {
+                events.push((d.id, Event::Delivered(tid.clone(), Ok(()))));
+            }
             let staging = t.state == TargetState::Staging && !d.rollout.is_done();
             if let Some(p) = m.report.stagings.iter().find(|p| p.release == d.release) {
                 let seen = d.stage_seen.entry(tid.clone()).or_default();
