@@ -20,11 +20,17 @@ mod remote;
 
 use progress::Bar;
 
-/// Convoy moves release packages to fleets as content-defined chunks.
+/// Convoy moves release packages to fleets as content-defined chunks and
+/// rolls them out.
 ///
-/// The commands here work on a local chunk store: pack a build directory
-/// into a release, inspect and compare releases, write one back out, and
-/// keep the store healthy.
+/// Local commands work on a chunk store (pack, inspect, diff, unpack,
+/// verify, gc, list). publish, stage, staging and fleet talk to a
+/// coordinator over libp2p (--coordinator, --fleet-key-file); promote,
+/// deploy, status, pause, resume, abort, rollback and history use its
+/// HTTP API (--api, --api-token-file). bench and demo run a local fleet.
+///
+/// Exit codes: 0 success, 1 error; deploy --follow: 2 rolled back,
+/// 3 failed, 4 aborted.
 #[derive(Parser)]
 #[command(name = "convoy", version)]
 struct Cli {
@@ -321,6 +327,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools: `convoy status | head` ends quietly when
+    // head closes the pipe, instead of failing to print.
+    // SAFETY: called before any other thread exists; SIG_DFL is valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
