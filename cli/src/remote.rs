@@ -423,12 +423,15 @@ pub fn fleet(remote: &Remote, out: &Output) -> Result<ExitCode> {
             "releases": m.report.releases.iter().map(|r| r.to_hex()).collect::<Vec<_>>(),
             "bytes_sent": m.report.bytes_sent,
             "bytes_received": m.report.bytes_received,
+            "active": m.report.active,
+            "in_load": m.report.in_load,
+            "health": m.report.health,
         })).collect::<Vec<_>>(),
     });
     out.emit(value, || {
         let mut s = format!(
-            "{:<54} {:<6} {:<24} {:>8} {:>10} {:>10}\n",
-            "TARGET", "ALIVE", "LABELS", "RELEASES", "SENT", "RECEIVED"
+            "{:<54} {:<6} {:<24} {:>8} {:>10} {:>10}  {:<5} {}\n",
+            "TARGET", "ALIVE", "LABELS", "RELEASES", "SENT", "RECEIVED", "LOAD", "ACTIVE"
         );
         for m in &members {
             let labels: Vec<String> = m
@@ -437,14 +440,22 @@ pub fn fleet(remote: &Remote, out: &Output) -> Result<ExitCode> {
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
+            let active: Vec<String> = m
+                .report
+                .active
+                .iter()
+                .map(|(app, v)| format!("{app}@{v}"))
+                .collect();
             s += &format!(
-                "{:<54} {:<6} {:<24} {:>8} {:>10} {:>10}\n",
+                "{:<54} {:<6} {:<24} {:>8} {:>10} {:>10}  {:<5} {}\n",
                 m.peer_id,
                 if m.alive { "yes" } else { "no" },
                 labels.join(","),
                 m.report.releases.len(),
                 BinaryBytes(m.report.bytes_sent).to_string(),
                 BinaryBytes(m.report.bytes_received).to_string(),
+                if m.report.in_load { "in" } else { "out" },
+                active.join(","),
             );
         }
         s

@@ -173,9 +173,14 @@ fn every_strategy_goes_live_and_the_health_endpoint_follows() {
         .collect();
     assert_eq!(
         actions,
-        ["deploy", "finished", "deploy", "finished", "deploy", "finished", "rollback"]
+        [
+            "publish", "deploy", "finished", "publish", "deploy", "finished", "publish", "deploy",
+            "finished", "rollback"
+        ]
     );
-    assert!(h["history"][0]["by"].as_str().unwrap().starts_with("api "));
+    assert!(h["history"][0]["by"].as_str().unwrap().starts_with("peer "));
+    assert!(h["history"][1]["by"].as_str().unwrap().starts_with("api "));
+    assert_eq!(h["history"][2]["by"], "coordinator");
 }
 
 #[test]

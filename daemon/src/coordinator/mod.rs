@@ -472,7 +472,7 @@ impl Coordinator {
                     Err(e) => ControlResponse::Error(e.to_string()),
                 }
             }
-            ControlRequest::Publish { manifest } => self.publish(&manifest).await,
+            ControlRequest::Publish { manifest } => self.publish(peer, &manifest).await,
             ControlRequest::StartStaging {
                 release,
                 selector,
@@ -579,11 +579,12 @@ impl Coordinator {
         }
     }
 
-    async fn publish(&mut self, bytes: &[u8]) -> ControlResponse {
+    async fn publish(&mut self, peer: PeerId, bytes: &[u8]) -> ControlResponse {
         let manifest = match Manifest::decode(bytes) {
             Ok(m) => m,
             Err(e) => return ControlResponse::Error(e.to_string()),
         };
+        let (app, version) = (manifest.app().to_string(), manifest.version().to_string());
         let store = self.chunks.store.clone();
         let result = tokio::task::spawn_blocking(move || {
             let hashes: Vec<_> = manifest.unique_chunks().iter().map(|c| c.hash).collect();
@@ -606,6 +607,18 @@ impl Coordinator {
         match result {
             Ok(id) => {
                 info!(release = %id, "published");
+                self.deployments.record(
+                    &app,
+                    &crate::deployments::HistoryEntry {
+                        at_ms: now_unix_ms(),
+                        action: "publish".into(),
+                        version: Some(version),
+                        env: None,
+                        deployment: None,
+                        by: format!("peer {peer}"),
+                        detail: format!("release {id}"),
+                    },
+                );
                 ControlResponse::Published(id)
             }
             Err(e) => ControlResponse::Error(e),
