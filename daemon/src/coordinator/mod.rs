@@ -110,6 +110,13 @@ enum Internal {
         id: u64,
         event: crate::rollout::Event,
     },
+    /// A roll-out's order did not reach its target: it is sent again when
+    /// the target next reports.
+    Undelivered {
+        id: u64,
+        peer: PeerId,
+        request: ControlRequest,
+    },
 }
 
 struct Coordinator {
@@ -128,6 +135,9 @@ struct Coordinator {
     resend_at: Option<Instant>,
     /// Chunk bytes targets received, by distribution mode.
     bytes_by_mode: BTreeMap<&'static str, u64>,
+    /// Roll-out orders waiting for their target to report (it restarted,
+    /// or the coordinator did and it has not re-registered yet).
+    deferred: HashMap<PeerId, Vec<(u64, ControlRequest)>>,
 }
 
 /// Runs the coordinator until `shutdown` completes.
@@ -156,6 +166,7 @@ pub async fn run(
         queue: Default::default(),
         resend_at: unfinished.then(|| Instant::now() + grace),
         bytes_by_mode: BTreeMap::new(),
+        deferred: HashMap::new(),
     };
     c.load_runs();
     let mut flush = tokio::time::interval(Duration::from_secs(1));
@@ -574,6 +585,18 @@ impl Coordinator {
             self.save_runs();
         }
         self.rollout_progress(peer);
+        for (id, request) in self.deferred.remove(&peer).unwrap_or_default() {
+            // A delivery is not started for a roll-out that has ended.
+            let ended = self
+                .deployments
+                .all
+                .get(&id)
+                .is_none_or(|d| d.rollout.is_done());
+            if ended && matches!(request, ControlRequest::Deliver { .. }) {
+                continue;
+            }
+            self.send_order(id, peer.to_string(), request);
+        }
         ControlResponse::Registered {
             heartbeat_ms: self.config.heartbeat.as_millis() as u64,
         }
@@ -856,6 +879,9 @@ impl Coordinator {
             }
             Internal::Ordered { run } => debug!(run, "orders delivered"),
             Internal::Rollout { id, event } => self.rollout_event(id, event),
+            Internal::Undelivered { id, peer, request } => {
+                self.deferred.entry(peer).or_default().push((id, request))
+            }
         }
     }
 

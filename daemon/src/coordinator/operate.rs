@@ -452,8 +452,11 @@ impl Coordinator {
         }
     }
 
-    /// Sends an order; its answer (or its failure) comes back as an event.
-    fn send_order(&self, id: u64, target: String, req: ControlRequest) {
+    /// Sends an order; the target's answer comes back as an event. An
+    /// order that cannot reach its target (not connected, the coordinator
+    /// just restarted) waits for the target's next report; a target that
+    /// never comes back fails by its progress deadline.
+    pub(super) fn send_order(&mut self, id: u64, target: String, req: ControlRequest) {
         let answer_event = |target: String, req: &ControlRequest, r: Result<(), String>| match req {
             ControlRequest::Deliver { .. } => r.err().map(|e| Event::Delivered(target, Err(e))),
             ControlRequest::SetLoad { .. } => Some(Event::LoadSet(target, r)),
@@ -466,10 +469,15 @@ impl Coordinator {
                 Err(format!("{target:?} is not a peer id")),
             );
             if let Some(ev) = ev {
-                let _ = self.internal.try_send(Internal::Rollout { id, event: ev });
+                self.queue.push_back((id, ev));
             }
             return;
         };
+        if !self.members.get(&peer).is_some_and(|m| self.alive(m)) {
+            info!(id, %peer, "target away: its order waits for its next report");
+            self.deferred.entry(peer).or_default().push((id, req));
+            return;
+        }
         let net = self.net.clone();
         let tx = self.internal.clone();
         tokio::spawn(async move {
@@ -477,7 +485,17 @@ impl Coordinator {
                 Ok(ControlResponse::Ok) => Ok(()),
                 Ok(ControlResponse::Error(e)) => Err(e),
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    warn!(id, %peer, "order not delivered ({e}); sent again on its next report");
+                    let _ = tx
+                        .send(Internal::Undelivered {
+                            id,
+                            peer,
+                            request: req,
+                        })
+                        .await;
+                    return;
+                }
             };
             if let Some(event) = answer_event(target, &req, r) {
                 let _ = tx.send(Internal::Rollout { id, event }).await;
