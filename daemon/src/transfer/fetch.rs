@@ -35,6 +35,11 @@ pub struct FetchConfig {
     /// How many typical round trips a request may take before the endgame
     /// duplicates it.
     pub endgame_slowness: u32,
+    /// The endgame duplicates at most one chunk in this many of those the
+    /// fetcher started without, so a small update (a few chunks, where
+    /// every chunk is one of the last) moves no more than it needs; a
+    /// request that never comes is still made again on its timeout.
+    pub endgame_share: u32,
     /// A peer that declined a chunk is not asked for it again for this long.
     pub refusal_backoff: Duration,
     /// A peer that answered "busy" is left alone for this long.
@@ -63,6 +68,7 @@ impl Default for FetchConfig {
             request_timeout: Duration::from_secs(30),
             endgame_chunks: 16,
             endgame_slowness: 3,
+            endgame_share: 8,
             refusal_backoff: Duration::from_millis(500),
             busy_backoff: Duration::from_millis(20),
             import_rank: (0, 1),
@@ -168,6 +174,9 @@ pub struct Fetcher<P> {
     failures: BTreeMap<ChunkIndex, u32>,
     /// Smoothed time from request to chunk (1/8 weight per sample, as TCP's SRTT).
     round_trip: Option<Duration>,
+    /// Endgame duplicates allowed ([`FetchConfig::endgame_share`]), and made.
+    endgame_budget: usize,
+    duplicates: usize,
 }
 
 impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
@@ -178,7 +187,10 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             "window out of range"
         );
         let n = have.len();
+        let endgame_budget = (n - have.count()) / config.endgame_share.max(1) as usize;
         let mut f = Self {
+            endgame_budget,
+            duplicates: 0,
             rng: SmallRng::seed_from_u64(config.seed),
             config,
             have,
@@ -438,7 +450,10 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
 
     fn in_endgame(&self) -> bool {
         let missing = self.have.len() - self.have.count();
-        missing > 0 && missing <= self.config.endgame_chunks && self.outstanding.len() >= missing
+        missing > 0
+            && missing <= self.config.endgame_chunks
+            && self.outstanding.len() >= missing
+            && self.duplicates < self.endgame_budget
     }
 
     fn endgame_patience(&self) -> Duration {
@@ -664,6 +679,10 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                 .min_by_key(|(_, p)| (p.locality, p.in_flight))
                 .map(|(id, _)| *id);
             if let Some(peer) = second {
+                if self.duplicates == self.endgame_budget {
+                    break;
+                }
+                self.duplicates += 1;
                 self.request(now, peer, chunk);
             }
         }
@@ -858,6 +877,7 @@ mod tests {
             HaveSet::empty(2),
             FetchConfig {
                 endgame_chunks: 16,
+                endgame_share: 1,
                 ..config(1)
             },
         );
@@ -890,6 +910,53 @@ mod tests {
         );
         assert!(actions.contains(&FetchAction::Complete));
         assert!(f.is_complete());
+    }
+
+    #[test]
+    fn a_small_transfer_is_never_duplicated_a_large_one_within_its_share() {
+        for (chunks, budget) in [(6u32, 0usize), (64, 8)] {
+            let start = Instant::now();
+            let mut f = Fetcher::new(
+                HaveSet::empty(chunks as usize),
+                FetchConfig {
+                    endgame_chunks: 64,
+                    // Half the chunks go to each peer.
+                    window: chunks as usize / 2,
+                    ..config(1)
+                },
+            );
+            f.add_peer(start, 1, Locality::SameZone, HaveSet::full(chunks as usize));
+            f.add_peer(start, 2, Locality::SameZone, HaveSet::full(chunks as usize));
+            let first = requests(&drain(&mut f));
+            assert_eq!(
+                first.iter().filter(|(p, _)| *p == 2).count(),
+                chunks as usize / 2
+            );
+            // Peer 1 answers everything at once; peer 2 never does.
+            let mut now = start + Duration::from_millis(10);
+            for (p, c) in &first {
+                if *p == 1 {
+                    f.handle_chunk(now, 1, *c, true);
+                }
+            }
+            let mut duplicates = 0;
+            for _ in 0..chunks {
+                let actions = drain(&mut f);
+                for (p, c) in requests(&actions) {
+                    assert_eq!(p, 1);
+                    duplicates += 1;
+                    f.handle_chunk(now, 1, c, true);
+                }
+                match f.poll_timeout() {
+                    Some(t) if t < start + Duration::from_secs(1) => {
+                        now = t;
+                        f.handle_timeout(now);
+                    }
+                    _ => break,
+                }
+            }
+            assert_eq!(duplicates, budget, "{chunks} chunks");
+        }
     }
 
     #[test]
