@@ -35,10 +35,11 @@ pub struct FetchConfig {
     /// How many typical round trips a request may take before the endgame
     /// duplicates it.
     pub endgame_slowness: u32,
-    /// The endgame duplicates at most one chunk in this many of those the
-    /// fetcher started without, so a small update (a few chunks, where
-    /// every chunk is one of the last) moves no more than it needs; a
-    /// request that never comes is still made again on its timeout.
+    /// In a transfer of at most four times [`FetchConfig::endgame_chunks`]
+    /// chunks, the endgame duplicates at most one chunk in this many of
+    /// those the fetcher started without, so a small update (where every
+    /// chunk is one of the last) moves no more than it needs; a request
+    /// that never comes is still made again on its timeout.
     pub endgame_share: u32,
     /// A peer that declined a chunk is not asked for it again for this long.
     pub refusal_backoff: Duration,
@@ -187,7 +188,15 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             "window out of range"
         );
         let n = have.len();
-        let endgame_budget = (n - have.count()) / config.endgame_share.max(1) as usize;
+        // A small transfer (every chunk one of the last) gets a strict cap;
+        // a large one keeps the endgame free, which its tail needs when a
+        // peer's queue is deep.
+        let needed = n - have.count();
+        let endgame_budget = if needed <= 4 * config.endgame_chunks {
+            needed / config.endgame_share.max(1) as usize
+        } else {
+            usize::MAX
+        };
         let mut f = Self {
             endgame_budget,
             duplicates: 0,
