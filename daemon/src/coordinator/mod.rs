@@ -40,6 +40,8 @@ use crate::transfer::{HaveSet, PushAction, PushConfig, Pusher, Seeder, ServeDeci
 const MAX_MEMBERS: usize = 10_000;
 /// Stagings kept (finished ones are dropped oldest first).
 const MAX_RUNS: usize = 256;
+/// Roll-out orders kept per target that has not reported yet.
+const MAX_DEFERRED: usize = 64;
 
 /// How a coordinator is set up.
 pub struct CoordinatorConfig {
@@ -493,20 +495,7 @@ impl Coordinator {
                 Some(run) => ControlResponse::Staging(self.staging_report(run)),
                 None => ControlResponse::Error(format!("no staging {id}")),
             },
-            ControlRequest::Fleet => {
-                let mut members: Vec<FleetMember> = self
-                    .members
-                    .iter()
-                    .map(|(p, m)| FleetMember {
-                        peer_id: p.to_string(),
-                        alive: self.alive(m),
-                        last_seen_ms: m.last_seen.elapsed().as_millis() as u64,
-                        report: m.report.clone(),
-                    })
-                    .collect();
-                members.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
-                ControlResponse::Fleet(members)
-            }
+            ControlRequest::Fleet => ControlResponse::Fleet(self.fleet()),
             ControlRequest::Delivered(report) => {
                 self.on_delivered(peer, report);
                 ControlResponse::Ok
@@ -518,6 +507,33 @@ impl Coordinator {
             | ControlRequest::Rollback { .. }
             | ControlRequest::SetLoad { .. } => ControlResponse::Denied,
         }
+    }
+
+    /// Keeps a roll-out order until `peer` reports; the oldest go first
+    /// past [`MAX_DEFERRED`] (their roll-outs have failed the target by
+    /// then).
+    fn defer(&mut self, peer: PeerId, id: u64, request: ControlRequest) {
+        let list = self.deferred.entry(peer).or_default();
+        if list.len() >= MAX_DEFERRED {
+            list.remove(0);
+        }
+        list.push((id, request));
+    }
+
+    /// Every registered target as the coordinator sees it, by peer id.
+    fn fleet(&self) -> Vec<FleetMember> {
+        let mut members: Vec<FleetMember> = self
+            .members
+            .iter()
+            .map(|(p, m)| FleetMember {
+                peer_id: p.to_string(),
+                alive: self.alive(m),
+                last_seen_ms: m.last_seen.elapsed().as_millis() as u64,
+                report: m.report.clone(),
+            })
+            .collect();
+        members.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        members
     }
 
     fn on_report(&mut self, peer: PeerId, report: TargetReport) -> ControlResponse {
@@ -879,9 +895,7 @@ impl Coordinator {
             }
             Internal::Ordered { run } => debug!(run, "orders delivered"),
             Internal::Rollout { id, event } => self.rollout_event(id, event),
-            Internal::Undelivered { id, peer, request } => {
-                self.deferred.entry(peer).or_default().push((id, request))
-            }
+            Internal::Undelivered { id, peer, request } => self.defer(peer, id, request),
         }
     }
 

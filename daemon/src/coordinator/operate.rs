@@ -20,7 +20,7 @@ use crate::api::{
 };
 use crate::deployments::HistoryEntry;
 use crate::pipeline::{parse_selector, selects};
-use crate::protocol::{ControlRequest, ControlResponse, DeliveryReport, FleetMember, StageState};
+use crate::protocol::{ControlRequest, ControlResponse, DeliveryReport, StageState};
 use crate::rollout::{Command, Event, Member, Notice, Phase, Slice, Spec, TargetState};
 
 /// How often roll-outs check deadlines and stragglers.
@@ -91,20 +91,7 @@ impl Coordinator {
                     "history": entries,
                 }))
             }
-            Op::Fleet => {
-                let mut members: Vec<FleetMember> = self
-                    .members
-                    .iter()
-                    .map(|(p, m)| FleetMember {
-                        peer_id: p.to_string(),
-                        alive: self.alive(m),
-                        last_seen_ms: m.last_seen.elapsed().as_millis() as u64,
-                        report: m.report.clone(),
-                    })
-                    .collect();
-                members.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
-                json_ok(json!({ "targets": members }))
-            }
+            Op::Fleet => json_ok(json!({ "targets": self.fleet() })),
             Op::Metrics => Ok(Answer::Text(self.metrics())),
             Op::Rollback(_) => unreachable!("answered by on_api"),
         }
@@ -475,7 +462,7 @@ impl Coordinator {
         };
         if !self.members.get(&peer).is_some_and(|m| self.alive(m)) {
             info!(id, %peer, "target away: its order waits for its next report");
-            self.deferred.entry(peer).or_default().push((id, req));
+            self.defer(peer, id, req);
             return;
         }
         let net = self.net.clone();
