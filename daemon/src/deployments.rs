@@ -51,6 +51,29 @@ pub struct Deployment {
 }
 
 impl Deployment {
+    /// A roll-out's engine started at `at`, and the commands that follow.
+    fn start(
+        id: u64,
+        release: ReleaseId,
+        at: Millis,
+        spec: Spec,
+        drain_ms: u64,
+    ) -> (Self, Vec<Command>) {
+        let (rollout, cmds) = Rollout::start(at, spec);
+        let mut dep = Self {
+            id,
+            release,
+            rollout,
+            notices: Vec::new(),
+            drain_ms,
+            bytes_moved: 0,
+            stage_seen: HashMap::new(),
+            activations: BTreeMap::new(),
+        };
+        note(&mut dep, at, &cmds);
+        (dep, cmds)
+    }
+
     /// The roll-out in brief.
     pub fn summary(&self) -> serde_json::Value {
         let r = &self.rollout;
@@ -171,6 +194,31 @@ pub struct HistoryEntry {
     pub detail: String,
 }
 
+impl HistoryEntry {
+    /// A line stamped now: `action` on `version` in `env` (roll-out
+    /// `deployment`), done by `by`.
+    pub fn new(
+        action: &str,
+        by: &str,
+        detail: String,
+        version: Option<&str>,
+        env: Option<&str>,
+        deployment: Option<u64>,
+    ) -> Self {
+        Self {
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            action: action.into(),
+            version: version.map(str::to_string),
+            env: env.map(str::to_string),
+            deployment,
+            by: by.into(),
+            detail,
+        }
+    }
+}
+
 /// Every roll-out, promotion and history line.
 pub struct Deployments {
     store: Arc<dyn Store>,
@@ -221,7 +269,10 @@ impl Deployments {
                 Ok(dep) => {
                     d.all.insert(id, dep);
                 }
-                Err(e) => warn!(log, "cannot replay a roll-out: {e}"),
+                Err(e) => warn!(
+                    log,
+                    "cannot replay this roll-out ({e}); it is left out, the others go on"
+                ),
             }
         }
         Ok(d)
@@ -233,24 +284,14 @@ impl Deployments {
             serde_json::from_slice::<Record>(r).map_err(|e| format!("record unreadable: {e}"))
         });
         let Some(Ok(Record::Header(h))) = records.next() else {
-            return Err("no header".into());
+            return Err("its first record is not the roll-out's header".into());
         };
-        let release = ReleaseId::from_hex(&h.release).ok_or("bad release id")?;
+        let release = ReleaseId::from_hex(&h.release)
+            .ok_or_else(|| format!("{:?} in its header is not a release id", h.release))?;
         let Some(Ok(Record::Event(at, Event::Started(spec)))) = records.next() else {
-            return Err("no start".into());
+            return Err("its second record is not the roll-out's start".into());
         };
-        let (rollout, cmds) = Rollout::start(at, spec);
-        let mut dep = Deployment {
-            id,
-            release,
-            rollout,
-            notices: Vec::new(),
-            drain_ms: h.drain_ms,
-            bytes_moved: 0,
-            stage_seen: HashMap::new(),
-            activations: BTreeMap::new(),
-        };
-        note(&mut dep, at, &cmds);
+        let (mut dep, _) = Deployment::start(id, release, at, spec, h.drain_ms);
         for r in records {
             if let Record::Event(at, e) = r? {
                 let cmds = dep.rollout.handle(at, e);
@@ -280,18 +321,7 @@ impl Deployments {
                 .append_record(&log, &serde_json::to_vec(r).expect("records encode"))
                 .map_err(|e| format!("cannot record the roll-out: {e}"))?;
         }
-        let (rollout, cmds) = Rollout::start(at, spec);
-        let mut dep = Deployment {
-            id,
-            release,
-            rollout,
-            notices: Vec::new(),
-            drain_ms,
-            bytes_moved: 0,
-            stage_seen: HashMap::new(),
-            activations: BTreeMap::new(),
-        };
-        note(&mut dep, at, &cmds);
+        let (dep, cmds) = Deployment::start(id, release, at, spec, drain_ms);
         self.all.insert(id, dep);
         while self.all.len() > MAX_KEPT {
             let oldest = *self.all.keys().next().expect("not empty");

@@ -646,18 +646,15 @@ impl Coordinator {
         match result {
             Ok(id) => {
                 info!(release = %id, "published");
-                self.deployments.record(
-                    &app,
-                    &crate::deployments::HistoryEntry {
-                        at_ms: now_unix_ms(),
-                        action: "publish".into(),
-                        version: Some(version),
-                        env: None,
-                        deployment: None,
-                        by: format!("peer {peer}"),
-                        detail: format!("release {id}"),
-                    },
+                let h = crate::deployments::HistoryEntry::new(
+                    "publish",
+                    &format!("peer {peer}"),
+                    format!("release {id}"),
+                    Some(&version),
+                    None,
+                    None,
                 );
+                self.deployments.record(&app, &h);
                 ControlResponse::Published(id)
             }
             Err(e) => ControlResponse::Error(e),

@@ -37,23 +37,6 @@ fn json_ok(v: serde_json::Value) -> Result<Answer, ApiError> {
 }
 
 impl Coordinator {
-    fn history(&self, app: &str, action: &str, by: &str, detail: String) -> HistoryEntry {
-        let _ = self;
-        HistoryEntry {
-            at_ms: now_unix_ms(),
-            action: action.into(),
-            version: None,
-            env: None,
-            deployment: None,
-            by: by.into(),
-            detail: if detail.is_empty() {
-                app.to_string()
-            } else {
-                detail
-            },
-        }
-    }
-
     /// Answers one API call.
     pub(super) fn on_api(&mut self, call: Call) {
         let Call { op, by, reply } = call;
@@ -119,18 +102,19 @@ impl Coordinator {
                 r.force,
             )
             .map_err(ApiError::bad)?;
-        let mut h = self.history(
-            &app,
+        let detail = if p.forced {
+            "forced past the pipeline's order"
+        } else {
+            "promoted"
+        };
+        let h = HistoryEntry::new(
             "promote",
             by,
-            if p.forced {
-                "forced past the pipeline's order".into()
-            } else {
-                "promoted".into()
-            },
+            detail.into(),
+            Some(&version),
+            Some(&r.env),
+            None,
         );
-        h.version = Some(version.clone());
-        h.env = Some(r.env.clone());
         self.deployments.record(&app, &h);
         info!(app, version, env = r.env, forced = p.forced, "promoted");
         json_ok(json!(p))
@@ -255,10 +239,14 @@ impl Coordinator {
             .deployments
             .create(now_unix_ms(), spec, release, settings.drain_ms)
             .map_err(ApiError::internal)?;
-        let mut h = self.history(&app, "deploy", by, summary);
-        h.version = Some(version.clone());
-        h.env = Some(r.env.clone());
-        h.deployment = Some(id);
+        let h = HistoryEntry::new(
+            "deploy",
+            by,
+            summary,
+            Some(&version),
+            Some(&r.env),
+            Some(id),
+        );
         self.deployments.record(&app, &h);
         info!(id, app, version, env = r.env, "roll-out started");
         self.execute(id, cmds);
@@ -289,10 +277,8 @@ impl Coordinator {
             Steer::Resume => (Event::Resume, "resume"),
             Steer::Abort => (Event::Abort, "abort"),
         };
-        let mut h = self.history(&app, action, by, format!("deployment {id}"));
-        h.version = Some(version);
-        h.env = Some(env);
-        h.deployment = Some(id);
+        let detail = format!("deployment {id}");
+        let h = HistoryEntry::new(action, by, detail, Some(&version), Some(&env), Some(id));
         self.deployments.record(&app, &h);
         info!(id, action, "operator steers a roll-out");
         self.rollout_event(id, event);
@@ -350,8 +336,7 @@ impl Coordinator {
         } else {
             format!("{} targets of {} rolled back", orders.len(), r.env)
         };
-        let mut h = self.history(&r.app, "rollback", &by, what.clone());
-        h.env = Some(r.env.clone());
+        let h = HistoryEntry::new("rollback", &by, what.clone(), None, Some(&r.env), None);
         self.deployments.record(&r.app, &h);
         info!(app = r.app, env = r.env, "{what}");
         let net = self.net.clone();
@@ -532,10 +517,6 @@ impl Coordinator {
     }
 
     fn on_notice(&mut self, id: u64, n: Notice) {
-        let Some(d) = self.deployments.all.get(&id) else {
-            return;
-        };
-        let spec = &d.rollout.spec;
         match &n {
             Notice::Failed { target, reason } => {
                 warn!(id, target, "roll-out target failed: {reason}")
@@ -543,27 +524,30 @@ impl Coordinator {
             Notice::Halted(why) => warn!(id, "roll-out halts: {why}"),
             other => info!(id, notice = ?other, "roll-out"),
         }
-        if let (Notice::Finished(_), Some(live)) = (&n, d.rollout.live_slice) {
-            let env = spec.env.clone();
-            self.deployments.set_live_slice(&env, live);
-        }
+        let Notice::Finished(outcome) = n else {
+            return;
+        };
         let Some(d) = self.deployments.all.get(&id) else {
             return;
         };
-        let spec = &d.rollout.spec;
-        if let Notice::Finished(outcome) = n {
-            let detail = format!(
-                "deployment {id} {}: {} targets, {} failed",
-                outcome.name(),
-                d.rollout.targets.len(),
-                d.rollout.failures
-            );
-            let mut h = self.history(&spec.app, "finished", "coordinator", detail);
-            h.version = Some(spec.version.clone());
-            h.env = Some(spec.env.clone());
-            h.deployment = Some(id);
-            let app = spec.app.clone();
-            self.deployments.record(&app, &h);
+        let (spec, live) = (d.rollout.spec.clone(), d.rollout.live_slice);
+        let detail = format!(
+            "deployment {id} {}: {} targets, {} failed",
+            outcome.name(),
+            d.rollout.targets.len(),
+            d.rollout.failures
+        );
+        let h = HistoryEntry::new(
+            "finished",
+            "coordinator",
+            detail,
+            Some(&spec.version),
+            Some(&spec.env),
+            Some(id),
+        );
+        self.deployments.record(&spec.app, &h);
+        if let Some(live) = live {
+            self.deployments.set_live_slice(&spec.env, live);
         }
     }
 
