@@ -375,7 +375,7 @@ impl EventLoop {
                 let resp = if denied {
                     ChunkResponse::Denied
                 } else {
-                    ChunkResponse::Busy
+                    ChunkResponse::Busy { retry_ms: 0 }
                 };
                 let _ = tx.try_send(Command::RespondChunk(reply.channel, resp));
             }

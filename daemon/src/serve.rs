@@ -92,10 +92,14 @@ impl Chunks {
         Some(self.add_release(&manifest))
     }
 
-    /// Whether the upload queue is full: a request now would wait too long.
-    pub fn busy(&self) -> bool {
-        self.serving.load(Ordering::Relaxed) >= MAX_SERVES
-            || self.upload.backlog(Instant::now()) > MAX_UPLOAD_BACKLOG
+    /// Whether the upload queue is full (a request now would wait too
+    /// long), and if so how long until it has room again.
+    pub fn busy(&self) -> Option<Duration> {
+        if self.serving.load(Ordering::Relaxed) >= MAX_SERVES {
+            return Some(Duration::ZERO);
+        }
+        let backlog = self.upload.backlog(Instant::now());
+        (backlog > MAX_UPLOAD_BACKLOG).then(|| backlog - MAX_UPLOAD_BACKLOG)
     }
 
     /// Whether nothing is queued for upload.
@@ -103,76 +107,122 @@ impl Chunks {
         self.serving.load(Ordering::Relaxed) == 0
     }
 
-    /// Answers a request for `chunk` from the store, at the upload cap,
-    /// adding the bytes sent to `counter` too; says whether it went out.
-    /// Runs as its own task.
+    /// Answers a request for `chunks` from the store (`None` where the
+    /// request named no chunk to send), at the upload cap, adding the bytes
+    /// sent to `counter` too; says which went out. Runs as its own task.
     pub async fn serve(
         self: Arc<Self>,
-        chunk: ChunkRef,
+        chunks: Vec<Option<ChunkRef>>,
         reply: Reply<ChunkResponse>,
         counter: Option<Arc<AtomicU64>>,
-    ) -> bool {
+    ) -> Vec<bool> {
         self.serving.fetch_add(1, Ordering::Relaxed);
-        let response = match self.read(chunk).await {
-            Some(mut wire) => {
-                if self.corrupt_uploads.load(Ordering::Relaxed) {
-                    tracing::warn!(chunk = %chunk.hash, "corrupting an upload (--fault-corrupt-uploads)");
-                    let last = wire.bytes.len() - 1;
-                    wire.bytes[last] ^= 0x55;
-                }
-                let n = wire.bytes.len() as u64;
-                self.upload.acquire(n).await;
-                self.bytes_sent.fetch_add(n, Ordering::Relaxed);
-                if let Some(c) = counter {
-                    c.fetch_add(n, Ordering::Relaxed);
-                }
-                ChunkResponse::Chunk(wire)
+        let mut wires = self.read_many(chunks).await;
+        let corrupt = self.corrupt_uploads.load(Ordering::Relaxed);
+        let mut n = 0;
+        for wire in wires.iter_mut().flatten() {
+            if corrupt {
+                tracing::warn!("corrupting an upload (--fault-corrupt-uploads)");
+                let last = wire.bytes.len() - 1;
+                wire.bytes[last] ^= 0x55;
             }
-            None => ChunkResponse::Refused,
-        };
-        let sent = matches!(response, ChunkResponse::Chunk(_));
-        reply.send(response).await;
+            n += wire.bytes.len() as u64;
+        }
+        if n > 0 {
+            self.upload.acquire(n).await;
+            self.bytes_sent.fetch_add(n, Ordering::Relaxed);
+            if let Some(c) = counter {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        let sent = wires.iter().map(Option::is_some).collect();
+        reply.send(ChunkResponse::Chunks(wires)).await;
         self.serving.fetch_sub(1, Ordering::Relaxed);
         sent
     }
 
     /// A chunk in its wire form, if held.
     pub async fn read(&self, chunk: ChunkRef) -> Option<WireChunk> {
+        self.read_many(vec![Some(chunk)]).await.pop().flatten()
+    }
+
+    /// Chunks in their wire form, `None` where not held or not asked; one
+    /// store task for them all.
+    async fn read_many(&self, chunks: Vec<Option<ChunkRef>>) -> Vec<Option<WireChunk>> {
         let store = self.store.clone();
-        let stored = tokio::task::spawn_blocking(move || store.get_chunk(&chunk.hash))
-            .await
-            .ok()?
-            .ok()??;
-        Some(WireChunk {
-            encoding: stored.encoding.flag(),
-            bytes: stored.bytes,
+        let n = chunks.len();
+        tokio::task::spawn_blocking(move || {
+            chunks
+                .iter()
+                .map(|c| {
+                    let stored = store.get_chunk(&c.as_ref()?.hash).ok()??;
+                    Some(WireChunk {
+                        encoding: stored.encoding.flag(),
+                        bytes: stored.bytes,
+                    })
+                })
+                .collect()
         })
+        .await
+        .unwrap_or_else(|_| vec![None; n])
     }
 
     /// Verifies a received chunk against its name and stores it. Returns
     /// its stored size.
     pub async fn receive(&self, chunk: ChunkRef, wire: WireChunk) -> Result<u64, ReceiveError> {
-        let encoding = Encoding::from_flag(wire.encoding).ok_or_else(|| {
-            ReceiveError::Invalid(format!("unknown chunk encoding {}", wire.encoding))
-        })?;
-        let stored = StoredChunk {
-            encoding,
-            bytes: wire.bytes,
-        };
-        let len = stored.bytes.len() as u64;
+        self.receive_many(vec![(chunk, wire)])
+            .await
+            .pop()
+            .expect("one result per chunk")
+    }
+
+    /// Verifies received chunks against their names and stores those that
+    /// match, in one store write. Returns each one's stored size or why it
+    /// was not stored, in order.
+    pub async fn receive_many(
+        &self,
+        chunks: Vec<(ChunkRef, WireChunk)>,
+    ) -> Vec<Result<u64, ReceiveError>> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            stored
-                .verify(&chunk)
-                .map_err(|e| ReceiveError::Invalid(e.to_string()))?;
-            store
-                .put_chunks(&[(chunk, stored)])
-                .map_err(|e| ReceiveError::Store(e.to_string()))
+        let n = chunks.len();
+        let results = tokio::task::spawn_blocking(move || {
+            let mut results = Vec::with_capacity(chunks.len());
+            let mut valid = Vec::with_capacity(chunks.len());
+            for (chunk, wire) in chunks {
+                let checked = Encoding::from_flag(wire.encoding)
+                    .ok_or_else(|| format!("unknown chunk encoding {}", wire.encoding))
+                    .and_then(|encoding| {
+                        let stored = StoredChunk {
+                            encoding,
+                            bytes: wire.bytes,
+                        };
+                        stored.verify(&chunk).map_err(|e| e.to_string())?;
+                        Ok(stored)
+                    });
+                match checked {
+                    Ok(stored) => {
+                        results.push(Ok(stored.bytes.len() as u64));
+                        valid.push((chunk, stored));
+                    }
+                    Err(e) => results.push(Err(ReceiveError::Invalid(e))),
+                }
+            }
+            if let Err(e) = store.put_chunks(&valid) {
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(ReceiveError::Store(e.to_string()));
+                }
+            }
+            results
         })
         .await
-        .map_err(|e| ReceiveError::Store(e.to_string()))??;
-        self.bytes_received.fetch_add(len, Ordering::Relaxed);
-        Ok(len)
+        .unwrap_or_else(|e| {
+            (0..n)
+                .map(|_| Err(ReceiveError::Store(e.to_string())))
+                .collect()
+        });
+        let stored: u64 = results.iter().flatten().sum();
+        self.bytes_received.fetch_add(stored, Ordering::Relaxed);
+        results
     }
 
     /// Makes the chunks received so far durable.

@@ -29,7 +29,7 @@ use crate::net::{NetEvent, NetHandle, Reply};
 use crate::protocol::{
     signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode,
     FleetMember, Labels, PeerInfo, StageOrder, StageProgress, StageState, StagingReport,
-    TargetReport, TargetStaging, MAX_HASHES_PER_QUERY, MAX_LABELS, MAX_LABEL_BYTES,
+    TargetReport, TargetStaging, MAX_GET_BATCH, MAX_HASHES_PER_QUERY, MAX_LABELS, MAX_LABEL_BYTES,
     MAX_PEERS_PER_LIST,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
@@ -98,11 +98,11 @@ enum Internal {
         chunk: u32,
         ok: bool,
     },
-    Served {
+    /// Chunks the seeder chose to serve that did not go out.
+    Unsent {
         run: u64,
         peer: PeerId,
-        chunk: u32,
-        sent: bool,
+        chunks: Vec<u32>,
     },
     Ordered {
         run: u64,
@@ -359,15 +359,19 @@ impl Coordinator {
 
     async fn on_chunk(&mut self, peer: PeerId, request: ChunkRequest, reply: Reply<ChunkResponse>) {
         match request {
-            ChunkRequest::Get { release, index } => {
+            ChunkRequest::Get { release, indices } => {
+                if indices.is_empty() || indices.len() > MAX_GET_BATCH {
+                    let why = format!(
+                        "a request names {} chunks; 1 to {MAX_GET_BATCH} are allowed",
+                        indices.len()
+                    );
+                    return reply.send(ChunkResponse::Rejected(why)).await;
+                }
                 let Some(list) = self.chunks.list(&release) else {
                     return reply.send(ChunkResponse::Refused).await;
                 };
-                let Some(chunk) = list.get(index as usize).copied() else {
-                    return reply.send(ChunkResponse::Refused).await;
-                };
-                if self.chunks.busy() {
-                    return reply.send(ChunkResponse::Busy).await;
+                if let Some(wait) = self.chunks.busy() {
+                    return reply.send(crate::protocol::busy(wait)).await;
                 }
                 let idle = self.chunks.upload_idle();
                 let run = self
@@ -375,14 +379,23 @@ impl Coordinator {
                     .values_mut()
                     .rev()
                     .find(|r| r.release == release && r.targets.contains(&peer));
+                let mut wanted: Vec<Option<ChunkRef>> = indices
+                    .iter()
+                    .map(|i| list.get(*i as usize).copied())
+                    .collect();
                 let (run_id, counter) = match run {
                     Some(r) => {
                         if let Some(seeder) = r.seeder.as_mut() {
                             if !seeder.has_target(peer) {
                                 seeder.add_target(peer, HaveSet::empty(r.chunks.len()));
                             }
-                            if seeder.handle_request(peer, index, idle) == ServeDecision::Refuse {
-                                return reply.send(ChunkResponse::Refused).await;
+                            for (index, chunk) in indices.iter().zip(wanted.iter_mut()) {
+                                if chunk.is_some()
+                                    && seeder.handle_request(peer, *index, idle)
+                                        == ServeDecision::Refuse
+                                {
+                                    *chunk = None;
+                                }
                             }
                         }
                         (Some(r.record.id), Some(r.origin_bytes.clone()))
@@ -392,14 +405,20 @@ impl Coordinator {
                 let chunks = self.chunks.clone();
                 let tx = self.internal.clone();
                 tokio::spawn(async move {
-                    let sent = chunks.serve(chunk, reply, counter).await;
-                    if let Some(run) = run_id {
+                    let asked: Vec<bool> = wanted.iter().map(Option::is_some).collect();
+                    let sent = chunks.serve(wanted, reply, counter).await;
+                    let unsent: Vec<u32> = indices
+                        .iter()
+                        .zip(asked.iter().zip(sent))
+                        .filter(|(_, (asked, sent))| **asked && !sent)
+                        .map(|(i, _)| *i)
+                        .collect();
+                    if let (Some(run), false) = (run_id, unsent.is_empty()) {
                         let _ = tx
-                            .send(Internal::Served {
+                            .send(Internal::Unsent {
                                 run,
                                 peer,
-                                chunk: index,
-                                sent,
+                                chunks: unsent,
                             })
                             .await;
                     }
@@ -878,14 +897,9 @@ impl Coordinator {
                 }
                 self.drive_pushes();
             }
-            Internal::Served {
-                run,
-                peer,
-                chunk,
-                sent,
-            } => {
-                if !sent {
-                    if let Some(s) = self.runs.get_mut(&run).and_then(|r| r.seeder.as_mut()) {
+            Internal::Unsent { run, peer, chunks } => {
+                if let Some(s) = self.runs.get_mut(&run).and_then(|r| r.seeder.as_mut()) {
+                    for chunk in chunks {
                         s.handle_send_failed(peer, chunk);
                     }
                 }

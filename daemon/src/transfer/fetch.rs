@@ -130,6 +130,18 @@ struct Peer {
     /// lone busy origin in pull mode must not be asked by every target
     /// every 20 ms).
     busy_streak: u32,
+    /// Requests this peer may have in flight: [`FetchConfig::window`] at
+    /// first, cut to what it was serving when it answers "busy", grown by
+    /// one for each chunk it serves, so a fleet of requesters settles on
+    /// what each uplink serves instead of asking a full peer again and
+    /// again.
+    window: usize,
+}
+
+impl Peer {
+    fn has_slot(&self) -> bool {
+        self.in_flight < self.window
+    }
 }
 
 struct Outstanding<P> {
@@ -148,8 +160,11 @@ const ENDGAME_MIN_AGE: Duration = Duration::from_millis(20);
 const MAX_PEERS: usize = 1024;
 const MAX_WINDOW: usize = 256;
 
-/// The longest a busy peer is left alone.
+/// The longest the origin's busy back-off grows.
 const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(640);
+/// The longest a busy peer is left alone on its own estimate (a peer
+/// cannot keep others away for long by claiming a long queue).
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(5);
 
 /// Candidates a pick weighs: the rarest of this many wins.
 const PICK_SAMPLE: usize = 256;
@@ -238,6 +253,12 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         self.completed
     }
 
+    /// How many peers other than the origin hold `chunk`, as far as this
+    /// fetcher knows.
+    pub fn holders(&self, chunk: ChunkIndex) -> u32 {
+        self.holders[chunk as usize]
+    }
+
     /// Requests in flight, to every peer.
     pub fn in_flight(&self) -> usize {
         self.outstanding.values().map(Vec::len).sum()
@@ -265,6 +286,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                 refused: BTreeMap::new(),
                 busy_until: None,
                 busy_streak: 0,
+                window: self.config.window,
             },
         );
         self.schedule(now);
@@ -351,6 +373,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         if valid {
             if let Some(p) = self.peers.get_mut(&peer) {
                 p.busy_streak = 0;
+                p.window = (p.window + 1).min(self.config.window);
             }
             // A freed slot at this peer; nothing became newly eligible elsewhere.
             self.fill(now, peer);
@@ -372,9 +395,10 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         self.schedule(now);
     }
 
-    /// `peer` declined `chunk` because its upload queue is full; it is
-    /// asked nothing for a short while.
-    pub fn handle_busy(&mut self, now: Instant, peer: P, chunk: ChunkIndex) {
+    /// `peer` declined `chunk` because its upload queue is full, and
+    /// expects room in `retry_after`; it is asked nothing for that long (at
+    /// least [`FetchConfig::busy_backoff`], at most [`MAX_BUSY_WAIT`]).
+    pub fn handle_busy(&mut self, now: Instant, peer: P, chunk: ChunkIndex, retry_after: Duration) {
         if self.settle(chunk, peer) {
             if let Some(p) = self.peers.get_mut(&peer) {
                 // Swarm peers free up fast and others can be asked meanwhile;
@@ -385,9 +409,12 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                     0
                 };
                 let backoff = (self.config.busy_backoff * 2u32.pow(streak))
-                    .min(MAX_BUSY_BACKOFF.max(self.config.busy_backoff));
+                    .min(MAX_BUSY_BACKOFF.max(self.config.busy_backoff))
+                    .max(retry_after.min(MAX_BUSY_WAIT));
                 p.busy_streak += 1;
                 p.busy_until = Some(now + backoff);
+                // It was serving what is still in flight to it, at most.
+                p.window = p.window.min(p.in_flight).max(1);
             }
         }
         self.schedule(now);
@@ -554,7 +581,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         let mut order: Vec<(Locality, usize, P)> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.in_flight < self.config.window)
+            .filter(|(_, p)| p.has_slot())
             .map(|(id, p)| (p.locality, p.in_flight, *id))
             .collect();
         order.sort();
@@ -572,7 +599,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         while self
             .peers
             .get(&peer)
-            .is_some_and(|p| p.in_flight < self.config.window && p.busy_until.is_none())
+            .is_some_and(|p| p.has_slot() && p.busy_until.is_none())
         {
             let Some(chunk) = self.pick(peer) else { break };
             self.request(now, peer, chunk);
@@ -683,7 +710,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                         && p.have.contains(chunk)
                         && !p.refused.contains_key(&chunk)
                         && p.busy_until.is_none()
-                        && p.in_flight < self.config.window
+                        && p.has_slot()
                 })
                 .min_by_key(|(_, p)| (p.locality, p.in_flight))
                 .map(|(id, _)| *id);
@@ -765,6 +792,45 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_peer_gets_fewer_requests_until_it_serves_again() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(20), config(4));
+        f.add_peer(now, 1, Locality::SameZone, HaveSet::full(20));
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), 4);
+        // It took two and declined two: its window is the two it took.
+        f.handle_busy(now, 1, asked[2].1, Duration::ZERO);
+        f.handle_busy(now, 1, asked[3].1, Duration::ZERO);
+        let due = f.poll_timeout().unwrap();
+        f.handle_timeout(due);
+        assert!(requests(&drain(&mut f)).is_empty(), "two still in flight");
+        // Each chunk served frees its slot and widens the window by one.
+        f.handle_chunk(due, 1, asked[0].1, true);
+        assert_eq!(requests(&drain(&mut f)).len(), 2);
+        f.handle_chunk(due, 1, asked[1].1, true);
+        assert_eq!(requests(&drain(&mut f)).len(), 2);
+        // Never beyond the configured window.
+        assert_eq!(f.in_flight(), 4);
+    }
+
+    #[test]
+    fn a_busy_peer_is_left_alone_as_long_as_it_asks_within_a_bound() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(4), config(1));
+        f.add_peer(now, 1, Locality::SameDc, HaveSet::full(4));
+        let asked = requests(&drain(&mut f));
+        f.handle_busy(now, 1, asked[0].1, Duration::from_millis(300));
+        assert_eq!(f.poll_timeout(), Some(now + Duration::from_millis(300)));
+        let due = now + Duration::from_millis(300);
+        f.handle_timeout(due);
+        let again = requests(&drain(&mut f));
+        assert_eq!(again.len(), 1);
+        // A peer claiming a queue of hours is asked again after MAX_BUSY_WAIT.
+        f.handle_busy(due, 1, again[0].1, Duration::from_secs(3600));
+        assert_eq!(f.poll_timeout(), Some(due + MAX_BUSY_WAIT));
+    }
+
+    #[test]
     fn asks_the_origin_only_for_what_no_peer_holds() {
         let now = Instant::now();
         let mut f = Fetcher::new(HaveSet::empty(4), config(8));
@@ -818,10 +884,10 @@ mod tests {
     #[test]
     fn a_busy_origin_is_left_alone_longer_each_time() {
         let now = Instant::now();
-        let mut f = Fetcher::new(HaveSet::empty(4), config(2));
+        let mut f = Fetcher::new(HaveSet::empty(4), config(1));
         f.add_peer(now, 1, Locality::Origin, HaveSet::full(4));
         let asked = requests(&drain(&mut f));
-        f.handle_busy(now, 1, asked[0].1);
+        f.handle_busy(now, 1, asked[0].1, Duration::ZERO);
         assert!(requests(&drain(&mut f)).is_empty());
         let due = f.poll_timeout().unwrap();
         assert_eq!(due, now + FetchConfig::default().busy_backoff);
@@ -830,14 +896,14 @@ mod tests {
         assert_eq!(again.len(), 1);
         // Busy again: twice as long. A chunk served resets the back-off.
         let base = FetchConfig::default().busy_backoff;
-        f.handle_busy(due, 1, again[0].1);
+        f.handle_busy(due, 1, again[0].1, Duration::ZERO);
         let due2 = f.poll_timeout().unwrap();
         assert_eq!(due2, due + 2 * base);
         f.handle_timeout(due2);
         let third = requests(&drain(&mut f));
         f.handle_chunk(due2, 1, third[0].1, true);
         let next = requests(&drain(&mut f));
-        f.handle_busy(due2, 1, next[0].1);
+        f.handle_busy(due2, 1, next[0].1, Duration::ZERO);
         assert_eq!(f.poll_timeout().unwrap(), due2 + base);
     }
 

@@ -463,7 +463,7 @@ impl Sim<'_> {
             }
             Msg::Busy(chunk) => {
                 if let Some(f) = self.fetchers[to].as_mut() {
-                    f.handle_busy(now, from, chunk);
+                    f.handle_busy(now, from, chunk, Duration::ZERO);
                 }
                 self.drain_fetcher(to);
             }
