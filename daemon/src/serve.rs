@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use convoy_chunker::{ChunkRef, Encoding, Manifest, ReleaseId, StoredChunk};
 
 use crate::net::Reply;
-use crate::protocol::{ChunkResponse, WireChunk};
+use crate::protocol::{busy, ChunkResponse, WireChunk, MAX_GET_BATCH};
 use crate::rate::Pacer;
 use crate::store::Store;
 
@@ -100,6 +100,31 @@ impl Chunks {
         }
         let backlog = self.upload.backlog(Instant::now());
         (backlog > MAX_UPLOAD_BACKLOG).then(|| backlog - MAX_UPLOAD_BACKLOG)
+    }
+
+    /// Admits a request for chunks `indices` of `release`: the chunks to
+    /// read (`None` for an index outside the release), or the answer to
+    /// send instead — rejected (no chunk, or more than
+    /// [`MAX_GET_BATCH`]), refused (release unknown) or busy.
+    pub fn admit(
+        &self,
+        release: &ReleaseId,
+        indices: &[u32],
+    ) -> Result<Vec<Option<ChunkRef>>, ChunkResponse> {
+        if indices.is_empty() || indices.len() > MAX_GET_BATCH {
+            return Err(ChunkResponse::Rejected(format!(
+                "a request names {} chunks; 1 to {MAX_GET_BATCH} are allowed",
+                indices.len()
+            )));
+        }
+        let list = self.list(release).ok_or(ChunkResponse::Refused)?;
+        if let Some(wait) = self.busy() {
+            return Err(busy(wait));
+        }
+        Ok(indices
+            .iter()
+            .map(|i| list.get(*i as usize).copied())
+            .collect())
     }
 
     /// Whether nothing is queued for upload.

@@ -491,25 +491,12 @@ impl Target {
                 reply,
             } => match request {
                 ChunkRequest::Get { release, indices } => {
-                    if indices.is_empty() || indices.len() > protocol::MAX_GET_BATCH {
-                        let why = format!(
-                            "a request names {} chunks; 1 to {} are allowed",
-                            indices.len(),
-                            protocol::MAX_GET_BATCH
-                        );
-                        return reply.send(ChunkResponse::Rejected(why)).await;
+                    match self.chunks.admit(&release, &indices) {
+                        Ok(wanted) => {
+                            tokio::spawn(self.chunks.clone().serve(wanted, reply, None));
+                        }
+                        Err(answer) => reply.send(answer).await,
                     }
-                    let Some(list) = self.chunks.list(&release) else {
-                        return reply.send(ChunkResponse::Refused).await;
-                    };
-                    if let Some(wait) = self.chunks.busy() {
-                        return reply.send(protocol::busy(wait)).await;
-                    }
-                    let wanted = indices
-                        .iter()
-                        .map(|i| list.get(*i as usize).copied())
-                        .collect();
-                    tokio::spawn(self.chunks.clone().serve(wanted, reply, None));
                 }
                 ChunkRequest::Put {
                     release,
@@ -923,6 +910,8 @@ impl Target {
     /// slower cadence.
     fn announce(&mut self, now: bool) {
         for (release, s) in self.stagings.iter_mut() {
+            // Ticks come every ANNOUNCE_RARE_EVERY; half a tick of slack
+            // keeps the slow cadence on the tick nearest ANNOUNCE_EVERY.
             let due = now
                 || s.announce_rare
                 || s.last_announce.elapsed() >= ANNOUNCE_EVERY - ANNOUNCE_RARE_EVERY / 2;

@@ -29,7 +29,7 @@ use crate::net::{NetEvent, NetHandle, Reply};
 use crate::protocol::{
     signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode,
     FleetMember, Labels, PeerInfo, StageOrder, StageProgress, StageState, StagingReport,
-    TargetReport, TargetStaging, MAX_GET_BATCH, MAX_HASHES_PER_QUERY, MAX_LABELS, MAX_LABEL_BYTES,
+    TargetReport, TargetStaging, MAX_HASHES_PER_QUERY, MAX_LABELS, MAX_LABEL_BYTES,
     MAX_PEERS_PER_LIST,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
@@ -360,29 +360,16 @@ impl Coordinator {
     async fn on_chunk(&mut self, peer: PeerId, request: ChunkRequest, reply: Reply<ChunkResponse>) {
         match request {
             ChunkRequest::Get { release, indices } => {
-                if indices.is_empty() || indices.len() > MAX_GET_BATCH {
-                    let why = format!(
-                        "a request names {} chunks; 1 to {MAX_GET_BATCH} are allowed",
-                        indices.len()
-                    );
-                    return reply.send(ChunkResponse::Rejected(why)).await;
-                }
-                let Some(list) = self.chunks.list(&release) else {
-                    return reply.send(ChunkResponse::Refused).await;
+                let mut wanted = match self.chunks.admit(&release, &indices) {
+                    Ok(wanted) => wanted,
+                    Err(answer) => return reply.send(answer).await,
                 };
-                if let Some(wait) = self.chunks.busy() {
-                    return reply.send(crate::protocol::busy(wait)).await;
-                }
                 let idle = self.chunks.upload_idle();
                 let run = self
                     .runs
                     .values_mut()
                     .rev()
                     .find(|r| r.release == release && r.targets.contains(&peer));
-                let mut wanted: Vec<Option<ChunkRef>> = indices
-                    .iter()
-                    .map(|i| list.get(*i as usize).copied())
-                    .collect();
                 let (run_id, counter) = match run {
                     Some(r) => {
                         if let Some(seeder) = r.seeder.as_mut() {
