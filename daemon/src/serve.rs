@@ -208,6 +208,9 @@ impl Chunks {
         &self,
         chunks: Vec<(ChunkRef, WireChunk)>,
     ) -> Vec<Result<u64, ReceiveError>> {
+        if chunks.is_empty() {
+            return Vec::new();
+        }
         let store = self.store.clone();
         let n = chunks.len();
         let results = tokio::task::spawn_blocking(move || {
