@@ -1,6 +1,6 @@
 //! The libp2p network: one event loop owns the `Swarm`.
 //!
-//! [`start`] builds the swarm (TCP and QUIC, noise, yamux, the two
+//! [`start`] builds the swarm (TCP and QUIC, noise, yamux, the three
 //! protocols of [`protocol`](crate::protocol), a block list for banned
 //! peers) and spawns its loop. The rest of the process talks to it through
 //! a cloneable [`NetHandle`] (bounded command channel, a oneshot per reply)
@@ -14,6 +14,14 @@
 //! wrong proof, or none in time, gets every waiting request denied and the
 //! connection closed. Nothing else the loop receives reaches the daemon
 //! from a peer that is not admitted.
+//!
+//! Announcements ([`NetHandle::announce`]) do not go as requests: the loop
+//! keeps one outbound [`HAVE_PROTOCOL`] stream per admitted peer, written
+//! by a task of its own, and a task per inbound stream reads frames and
+//! hands them back to the loop, which treats them as it treats requests
+//! (parked until the peer is admitted). An announcement is advisory: one
+//! that cannot be queued or written is dropped, as an unanswered request
+//! was before.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -26,8 +34,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::protocol::{
-    fleet_proof, ChunkCodec, ChunkRequest, ChunkResponse, ControlCodec, ControlRequest,
-    ControlResponse, CHUNK_PROTOCOL, CONTROL_PROTOCOL,
+    fleet_proof, read_frame, write_frame, Announcement, ChunkCodec, ChunkRequest, ChunkResponse,
+    ControlCodec, ControlRequest, ControlResponse, CHUNK_PROTOCOL, CONTROL_PROTOCOL, HAVE_PROTOCOL,
+    MAX_HAVE_BATCH, MAX_HAVE_FRAME,
 };
 
 /// Requests parked per peer while it has not proved membership.
@@ -40,6 +49,8 @@ const CHANNEL_CAPACITY: usize = 4096;
 const MAX_ADDRESS_BOOK: usize = 8192;
 /// Streams per connection and protocol.
 const MAX_STREAMS: usize = 512;
+/// Announcements queued for one peer's stream; more are dropped.
+const ANNOUNCE_QUEUE: usize = 256;
 
 /// How the network is set up.
 #[derive(Clone)]
@@ -93,6 +104,13 @@ pub enum NetEvent {
         /// Where the answer goes.
         reply: Reply<ChunkResponse>,
     },
+    /// An admitted peer announces chunks it has newly stored.
+    Have {
+        /// Who.
+        peer: PeerId,
+        /// What.
+        announcement: Announcement,
+    },
     /// An admitted peer sends a control request.
     Control {
         /// Who asks.
@@ -140,6 +158,10 @@ enum Command {
     AddAddresses(PeerId, Vec<Multiaddr>),
     Chunk(PeerId, ChunkRequest, ChunkReply),
     Control(PeerId, ControlRequest, ControlReply),
+    /// Ours, to a peer.
+    Announce(PeerId, Announcement),
+    /// A peer's, read from its stream.
+    Announced(PeerId, Announcement),
     RespondChunk(ResponseChannel<ChunkResponse>, ChunkResponse),
     RespondControl(ResponseChannel<ControlResponse>, ControlResponse),
     Ban(PeerId),
@@ -204,6 +226,19 @@ impl NetHandle {
         rx.await.map_err(|_| RequestError::Shutdown)?
     }
 
+    /// Tells `peer` which chunks this process has newly stored, on the
+    /// stream kept open to it, without waiting. Dropped (with a log line)
+    /// when the network is not keeping up: announcements are advisory.
+    pub fn announce(&self, peer: PeerId, announcement: Announcement) {
+        if self
+            .commands
+            .try_send(Command::Announce(peer, announcement))
+            .is_err()
+        {
+            debug!(%peer, "network command queue full: announcement dropped");
+        }
+    }
+
     /// Disconnects `peer` and refuses it from now on.
     pub async fn ban(&self, peer: PeerId) {
         let _ = self.commands.send(Command::Ban(peer)).await;
@@ -220,6 +255,7 @@ struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     chunk: request_response::Behaviour<ChunkCodec>,
     control: request_response::Behaviour<ControlCodec>,
+    have: libp2p_stream::Behaviour,
 }
 
 /// Why the network could not start.
@@ -263,6 +299,7 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
                 [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
                 rr_config,
             ),
+            have: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| NetError::Transport("behaviour", e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -275,6 +312,10 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
                 reason: e.to_string(),
             })?;
     }
+    let mut streams = swarm.behaviour().have.new_control();
+    let incoming = streams
+        .accept(HAVE_PROTOCOL)
+        .expect("a new behaviour has no protocol registered");
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let peer_id = *swarm.local_peer_id();
@@ -289,6 +330,9 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
         chunk_pending: HashMap::new(),
         control_pending: HashMap::new(),
         hellos: HashMap::new(),
+        streams,
+        incoming,
+        announcers: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((
@@ -305,6 +349,8 @@ enum Parked {
     InControl(ControlRequest, ResponseChannel<ControlResponse>),
     OutChunk(ChunkRequest, ChunkReply),
     OutControl(ControlRequest, ControlReply),
+    InHave(Announcement),
+    OutHave(Announcement),
 }
 
 #[derive(Default)]
@@ -329,6 +375,12 @@ struct EventLoop {
     control_pending: HashMap<OutboundRequestId, ControlReply>,
     /// Our Hello requests in flight, by id, to the peer they went to.
     hellos: HashMap<OutboundRequestId, PeerId>,
+    /// Opens announcement streams.
+    streams: libp2p_stream::Control,
+    /// Announcement streams peers open to us.
+    incoming: libp2p_stream::IncomingStreams,
+    /// The queue of each peer's announcement stream writer.
+    announcers: HashMap<PeerId, mpsc::Sender<Announcement>>,
 }
 
 impl EventLoop {
@@ -341,6 +393,9 @@ impl EventLoop {
                     Some(Command::Shutdown) | None => break,
                     Some(c) => self.on_command(c),
                 },
+                Some((peer, stream)) = self.incoming.next() => {
+                    tokio::spawn(read_announcements(peer, stream, self.commands_tx.clone()));
+                }
                 _ = tick.tick() => self.expire_admissions(),
             }
         }
@@ -410,6 +465,8 @@ impl EventLoop {
             Command::Control(peer, req, reply) => {
                 self.outbound(peer, Parked::OutControl(req, reply))
             }
+            Command::Announce(peer, a) => self.outbound(peer, Parked::OutHave(a)),
+            Command::Announced(peer, a) => self.inbound(peer, Parked::InHave(a)),
             Command::RespondChunk(ch, resp) => {
                 let _ = self.swarm.behaviour_mut().chunk.send_response(ch, resp);
             }
@@ -419,6 +476,7 @@ impl EventLoop {
             Command::Ban(peer) => {
                 warn!(%peer, "banning peer");
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
+                self.announcers.remove(&peer);
                 self.fail_parked(peer, |p| RequestError::Unreachable(p, "banned".into()));
             }
             Command::Shutdown => unreachable!("handled by the loop"),
@@ -485,6 +543,33 @@ impl EventLoop {
                     commands: self.commands_tx.clone(),
                 },
             }),
+            Parked::OutHave(announcement) => self.announce(peer, announcement),
+            Parked::InHave(announcement) => {
+                self.emit(NetEvent::Have { peer, announcement });
+            }
+        }
+    }
+
+    /// Queues an announcement on `peer`'s stream, starting its writer
+    /// when there is none (or the last one stopped).
+    fn announce(&mut self, peer: PeerId, announcement: Announcement) {
+        use mpsc::error::TrySendError;
+        let queue = match self.announcers.get(&peer) {
+            Some(q) if !q.is_closed() => q,
+            _ => {
+                let (tx, rx) = mpsc::channel(ANNOUNCE_QUEUE);
+                tokio::spawn(write_announcements(self.streams.clone(), peer, rx));
+                self.announcers.entry(peer).insert_entry(tx).into_mut()
+            }
+        };
+        match queue.try_send(announcement) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                debug!(%peer, "peer is not reading its announcements: one dropped");
+            }
+            Err(TrySendError::Closed(_)) => {
+                debug!(%peer, "announcement stream closed: one dropped");
+            }
         }
     }
 
@@ -595,6 +680,7 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, .. } => {
+                self.announcers.remove(&peer_id);
                 if let Some(state) = self.peers.get_mut(&peer_id) {
                     state.connections = 0;
                     let was_admitted = std::mem::take(&mut state.admitted);
@@ -770,7 +856,56 @@ fn fail(request: Parked, error: RequestError) {
         Parked::OutControl(_, reply) => {
             let _ = reply.send(Err(error));
         }
-        Parked::InChunk(..) | Parked::InControl(..) => {}
+        Parked::InChunk(..) | Parked::InControl(..) | Parked::InHave(..) | Parked::OutHave(..) => {}
+    }
+}
+
+/// Writes `peer`'s announcements on one stream until the queue closes or
+/// the stream fails (the next announcement then starts another writer).
+async fn write_announcements(
+    mut streams: libp2p_stream::Control,
+    peer: PeerId,
+    mut queue: mpsc::Receiver<Announcement>,
+) {
+    let mut stream = match streams.open_stream(peer, HAVE_PROTOCOL).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(%peer, "cannot open an announcement stream: {e}");
+            return;
+        }
+    };
+    while let Some(a) = queue.recv().await {
+        if let Err(e) = write_frame::<_, _, MAX_HAVE_FRAME>(&mut stream, &a).await {
+            debug!(%peer, "announcement stream failed: {e}");
+            return;
+        }
+    }
+    let _ = futures::AsyncWriteExt::close(&mut stream).await;
+}
+
+/// Reads `peer`'s announcements from one stream and hands them to the
+/// loop. A malformed or oversized frame ends (resets) this stream only.
+async fn read_announcements(
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    commands: mpsc::Sender<Command>,
+) {
+    loop {
+        let a: Announcement = match read_frame::<_, _, MAX_HAVE_FRAME>(&mut stream).await {
+            Ok(a) => a,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+            Err(e) => {
+                debug!(%peer, "announcement stream failed: {e}");
+                return;
+            }
+        };
+        if a.chunks.len() > MAX_HAVE_BATCH {
+            debug!(%peer, "announcement of {} chunks refused", a.chunks.len());
+            return;
+        }
+        if commands.send(Command::Announced(peer, a)).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -790,7 +925,7 @@ fn outbound_error(peer: PeerId, error: request_response::OutboundFailure) -> Req
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{encode, MAX_CONTROL_FRAME};
+    use crate::protocol::{encode_frame, MAX_CONTROL_FRAME};
     use futures::{AsyncReadExt, AsyncWriteExt};
     use libp2p::StreamProtocol;
 
@@ -854,46 +989,69 @@ mod tests {
     }
 
     fn framed<T: serde::Serialize>(v: &T) -> Vec<u8> {
-        let body = encode::<_, MAX_CONTROL_FRAME>(v).unwrap();
-        let mut out = (body.len() as u32).to_le_bytes().to_vec();
-        out.extend(body);
-        out
+        encode_frame::<_, MAX_CONTROL_FRAME>(v).unwrap()
+    }
+
+    /// A peer that writes whatever bytes it is given.
+    #[derive(NetworkBehaviour)]
+    struct RawPeer {
+        control: request_response::Behaviour<RawCodec>,
+        streams: libp2p_stream::Behaviour,
     }
 
     /// Sends one raw request and waits for its outcome.
     async fn exchange(
-        swarm: &mut Swarm<request_response::Behaviour<RawCodec>>,
+        swarm: &mut Swarm<RawPeer>,
         peer: PeerId,
         bytes: Vec<u8>,
         welcome: &[u8],
     ) -> Result<Vec<u8>, String> {
         use request_response::{Event, Message};
-        let id = swarm.behaviour_mut().send_request(&peer, bytes);
+        let id = swarm.behaviour_mut().control.send_request(&peer, bytes);
         loop {
             match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(Event::Message {
+                SwarmEvent::Behaviour(RawPeerEvent::Control(Event::Message {
                     message: Message::Request { channel, .. },
                     ..
-                }) => {
+                })) => {
                     // The server's own Hello: answer it as a member would.
                     let _ = swarm
                         .behaviour_mut()
+                        .control
                         .send_response(channel, welcome.to_vec());
                 }
-                SwarmEvent::Behaviour(Event::Message {
+                SwarmEvent::Behaviour(RawPeerEvent::Control(Event::Message {
                     message:
                         Message::Response {
                             request_id,
                             response,
                         },
                     ..
-                }) if request_id == id => return Ok(response),
-                SwarmEvent::Behaviour(Event::OutboundFailure {
-                    request_id, error, ..
-                }) if request_id == id => return Err(error.to_string()),
+                })) if request_id == id => return Ok(response),
+                SwarmEvent::Behaviour(RawPeerEvent::Control(Event::OutboundFailure {
+                    request_id,
+                    error,
+                    ..
+                })) if request_id == id => return Err(error.to_string()),
                 _ => {}
             }
         }
+    }
+
+    /// Opens an announcement stream, writes `bytes` and says whether the
+    /// other side then reset or closed it.
+    async fn announce_raw(
+        streams: &mut libp2p_stream::Control,
+        peer: PeerId,
+        bytes: &[u8],
+    ) -> bool {
+        let mut stream = streams.open_stream(peer, HAVE_PROTOCOL).await.unwrap();
+        stream.write_all(&bytes).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut rest = Vec::new();
+        // A reset is an error, a close an empty read: either ends it.
+        let ended = stream.read_to_end(&mut rest).await;
+        ended.is_err() || rest.is_empty()
     }
 
     #[tokio::test]
@@ -913,11 +1071,18 @@ mod tests {
         };
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = seen.clone();
+        let (have_tx, mut haves) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
-                if let NetEvent::Control { reply, .. } = ev {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    reply.send(ControlResponse::Fleet(Vec::new())).await;
+                match ev {
+                    NetEvent::Control { reply, .. } => {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        reply.send(ControlResponse::Fleet(Vec::new())).await;
+                    }
+                    NetEvent::Have { announcement, .. } => {
+                        let _ = have_tx.send(announcement).await;
+                    }
+                    _ => {}
                 }
             }
         });
@@ -929,11 +1094,12 @@ mod tests {
                 yamux::Config::default,
             )
             .unwrap()
-            .with_behaviour(|_| {
-                request_response::Behaviour::<RawCodec>::new(
+            .with_behaviour(|_| RawPeer {
+                control: request_response::Behaviour::<RawCodec>::new(
                     [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
                     request_response::Config::default(),
-                )
+                ),
+                streams: libp2p_stream::Behaviour::new(),
             })
             .unwrap()
             .build();
@@ -978,6 +1144,27 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(fleet, framed(&ControlResponse::Fleet(Vec::new())));
+
+            // Announcements: each bad stream is ended, a good one still heard.
+            let mut streams = client.behaviour().streams.new_control();
+            let driver = tokio::spawn(async move {
+                loop {
+                    client.select_next_some().await;
+                }
+            });
+            let oversized = ((MAX_HAVE_FRAME + 1) as u32).to_le_bytes();
+            assert!(announce_raw(&mut streams, them, &oversized).await);
+            assert!(announce_raw(&mut streams, them, &[3, 0, 0, 0, 0xff, 0xff, 0xff]).await);
+            let good = Announcement {
+                release: convoy_chunker::ReleaseId([4; 32]),
+                chunks: vec![1, 2, 3],
+            };
+            let mut stream = streams.open_stream(them, HAVE_PROTOCOL).await.unwrap();
+            let frame = encode_frame::<_, MAX_HAVE_FRAME>(&good).unwrap();
+            stream.write_all(&frame).await.unwrap();
+            stream.flush().await.unwrap();
+            assert_eq!(haves.recv().await, Some(good));
+            driver.abort();
         };
         tokio::time::timeout(Duration::from_secs(30), test)
             .await
@@ -987,6 +1174,7 @@ mod tests {
             1,
             "a bad message reached the daemon"
         );
+        assert!(haves.try_recv().is_err(), "a bad announcement was heard");
         server.shutdown().await;
     }
 
@@ -1007,7 +1195,10 @@ mod tests {
         let reached = tokio::spawn(async move {
             let mut n = 0;
             while let Some(ev) = events.recv().await {
-                if matches!(ev, NetEvent::Control { .. } | NetEvent::Chunk { .. }) {
+                if matches!(
+                    ev,
+                    NetEvent::Control { .. } | NetEvent::Chunk { .. } | NetEvent::Have { .. }
+                ) {
                     n += 1;
                 }
             }
@@ -1015,6 +1206,11 @@ mod tests {
         });
         let (client, _client_events) = start(config([2; 32])).unwrap();
         client.add_addresses(server.peer_id(), vec![addr]).await;
+        let announcement = Announcement {
+            release: convoy_chunker::ReleaseId([1; 32]),
+            chunks: vec![0],
+        };
+        client.announce(server.peer_id(), announcement);
         let r = tokio::time::timeout(
             Duration::from_secs(20),
             client.control(server.peer_id(), ControlRequest::Fleet),
@@ -1028,5 +1224,52 @@ mod tests {
             0,
             "a non-member's request reached the daemon"
         );
+    }
+
+    #[tokio::test]
+    async fn announcements_between_members_arrive_in_order() {
+        let config = || NetConfig {
+            keypair: Keypair::generate_ed25519(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            fleet_key: [5; 32],
+            request_timeout: Duration::from_secs(10),
+        };
+        let (server, mut events) = start(config()).unwrap();
+        let addr = loop {
+            if let Some(NetEvent::Listening(a)) = events.recv().await {
+                break a;
+            }
+        };
+        let (client, _client_events) = start(config()).unwrap();
+        client.add_addresses(server.peer_id(), vec![addr]).await;
+        let sent: Vec<Announcement> = (0..50u32)
+            .map(|i| Announcement {
+                release: convoy_chunker::ReleaseId([2; 32]),
+                chunks: vec![i, i + 1000],
+            })
+            .collect();
+        for a in &sent {
+            client.announce(server.peer_id(), a.clone());
+        }
+        let heard = async {
+            let mut heard = Vec::new();
+            while heard.len() < sent.len() {
+                match events.recv().await {
+                    Some(NetEvent::Have { peer, announcement }) => {
+                        assert_eq!(peer, client.peer_id());
+                        heard.push(announcement);
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            heard
+        };
+        let heard = tokio::time::timeout(Duration::from_secs(20), heard)
+            .await
+            .expect("bounded");
+        assert_eq!(heard, sent);
+        client.shutdown().await;
+        server.shutdown().await;
     }
 }

@@ -1,14 +1,21 @@
 //! Every message that crosses the wire, in one place.
 //!
-//! Two request–response protocols run over each libp2p connection (noise
-//! encrypted, yamux multiplexed, over TCP or QUIC):
+//! Three protocols run over each libp2p connection (noise encrypted, yamux
+//! multiplexed, over TCP or QUIC). Two are request–response, a stream each
+//! request:
 //!
 //! - [`CHUNK_PROTOCOL`] carries chunk bodies: a target asking a peer for a
 //!   few chunks ([`ChunkRequest::Get`]), and the origin or an operator
 //!   sending one ([`ChunkRequest::Put`]);
-//! - [`CONTROL_PROTOCOL`] carries everything else: the fleet handshake,
-//!   registration and heartbeats, staging orders, have-sets, and the
-//!   operator's requests to the coordinator.
+//! - [`CONTROL_PROTOCOL`] carries the fleet handshake, registration and
+//!   heartbeats, staging orders, have-sets, and the operator's requests to
+//!   the coordinator.
+//!
+//! The third, [`HAVE_PROTOCOL`], is one long-lived stream each way between
+//! two peers that carries [`Announcement`]s, unanswered: a swarm target
+//! announces every few hundred milliseconds to each of its peers, and as
+//! requests those were the largest count of streams in a 50-target swarm,
+//! each with its own negotiation, timer and wake-ups.
 //!
 //! A frame is a little-endian `u32` length and a bincode 2 body (standard
 //! configuration). The reader refuses a frame over the protocol's limit
@@ -28,7 +35,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Chunk bodies.
 pub const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new("/convoy/chunk/2");
 /// Control messages.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/convoy/control/1");
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/convoy/control/2");
+/// Have announcements: a stream of [`Announcement`] frames.
+pub const HAVE_PROTOCOL: StreamProtocol = StreamProtocol::new("/convoy/have/1");
 
 /// Most chunks one [`ChunkRequest::Get`] asks for. Each request is a
 /// stream with its own frames, timer and wake-ups: measured on a 50-target
@@ -46,8 +55,11 @@ pub const MAX_CHUNK_FRAME: usize = MAX_GET_BATCH * (MAX_CHUNK_SIZE + 64) + 1024;
 pub const MAX_CONTROL_FRAME: usize = 64 << 20;
 /// Most chunk hashes in one [`ControlRequest::MissingChunks`].
 pub const MAX_HASHES_PER_QUERY: usize = 65_536;
-/// Most chunk indices in one [`ControlRequest::Have`].
+/// Most chunk indices in one [`Announcement`].
 pub const MAX_HAVE_BATCH: usize = 65_536;
+/// Largest announcement frame: [`MAX_HAVE_BATCH`] indices at their
+/// longest varint (5 bytes) plus the release and the lengths.
+pub const MAX_HAVE_FRAME: usize = MAX_HAVE_BATCH * 5 + 64;
 /// Most peers in one [`ControlRequest::Peers`].
 pub const MAX_PEERS_PER_LIST: usize = 4096;
 /// Most labels a target may carry, and the longest key or value.
@@ -300,13 +312,6 @@ pub enum ControlRequest {
         #[serde(with = "serde_bytes_vec")]
         bits: Vec<u8>,
     },
-    /// Chunks of `release` the sender has newly stored.
-    Have {
-        /// The release.
-        release: ReleaseId,
-        /// Their indices.
-        chunks: Vec<u32>,
-    },
     /// Operator: which of these chunks does the origin lack?
     MissingChunks(Vec<ChunkHash>),
     /// Operator: store this manifest and name it; its chunks must be held.
@@ -445,6 +450,16 @@ pub struct FleetMember {
     pub report: TargetReport,
 }
 
+/// Chunks of `release` the sender has newly stored: a frame of
+/// [`HAVE_PROTOCOL`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// The release.
+    pub release: ReleaseId,
+    /// Their indices (at most [`MAX_HAVE_BATCH`]).
+    pub chunks: Vec<u32>,
+}
+
 /// Proof that the sender of a [`ControlRequest::Hello`] holds the fleet
 /// key: a keyed BLAKE3 hash of a domain tag and both peer ids (which noise
 /// has authenticated), so it cannot be replayed on another connection.
@@ -512,16 +527,28 @@ where
     decode::<T, LIMIT>(&body)
 }
 
-/// Writes one length-prefixed frame.
+/// Encodes one message as a whole frame: the length, then the body.
+pub fn encode_frame<T: Serialize, const LIMIT: usize>(value: &T) -> io::Result<Vec<u8>> {
+    let mut frame = vec![0u8; 4];
+    bincode::serde::encode_into_std_write(value, &mut frame, config::<LIMIT>())
+        .map_err(|e| invalid(format!("cannot encode message: {e}")))?;
+    let len = frame.len() - 4;
+    if len > LIMIT {
+        return Err(invalid(format!(
+            "message of {len} bytes exceeds the limit of {LIMIT}"
+        )));
+    }
+    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(frame)
+}
+
+/// Writes one length-prefixed frame in one write; the stream stays open.
 pub async fn write_frame<T, W, const LIMIT: usize>(io: &mut W, value: &T) -> io::Result<()>
 where
     T: Serialize,
     W: AsyncWrite + Unpin + Send,
 {
-    let body = encode::<T, LIMIT>(value)?;
-    io.write_all(&(body.len() as u32).to_le_bytes()).await?;
-    io.write_all(&body).await?;
-    io.close().await
+    io.write_all(&encode_frame::<T, LIMIT>(value)?).await
 }
 
 /// The libp2p codec of both protocols: frames bounded per protocol.
@@ -566,7 +593,8 @@ macro_rules! codec {
             where
                 T: AsyncWrite + Unpin + Send,
             {
-                write_frame::<$req, T, { $limit }>(io, &req).await
+                write_frame::<$req, T, { $limit }>(io, &req).await?;
+                io.close().await
             }
 
             async fn write_response<T>(
@@ -578,7 +606,8 @@ macro_rules! codec {
             where
                 T: AsyncWrite + Unpin + Send,
             {
-                write_frame::<$resp, T, { $limit }>(io, &resp).await
+                write_frame::<$resp, T, { $limit }>(io, &resp).await?;
+                io.close().await
             }
         }
     };
@@ -628,6 +657,7 @@ mod tests {
         let body = encode::<T, LIMIT>(v).unwrap();
         let mut out = (body.len() as u32).to_le_bytes().to_vec();
         out.extend(body);
+        assert_eq!(out, encode_frame::<T, LIMIT>(v).unwrap());
         out
     }
 
@@ -659,6 +689,27 @@ mod tests {
             frame::<_, MAX_CHUNK_FRAME>(&resp),
             vec![9, 0, 0, 0, 0, 2, 1, 1, 3, 1, 2, 3, 0]
         );
+    }
+
+    #[test]
+    fn golden_announcement() {
+        let a = Announcement {
+            release: ReleaseId([5; 32]),
+            chunks: vec![1, 300],
+        };
+        let mut expected = vec![37, 0, 0, 0];
+        expected.extend([5; 32]);
+        expected.extend([2, 1, 251, 44, 1]);
+        assert_eq!(frame::<_, MAX_HAVE_FRAME>(&a), expected);
+    }
+
+    #[test]
+    fn the_largest_announcement_fits_its_frame() {
+        let a = Announcement {
+            release: ReleaseId([5; 32]),
+            chunks: vec![u32::MAX; MAX_HAVE_BATCH],
+        };
+        assert!(encode_frame::<_, MAX_HAVE_FRAME>(&a).is_ok());
     }
 
     #[test]
@@ -704,10 +755,6 @@ mod tests {
                 release: ReleaseId([3; 32]),
                 len: 9,
                 bits: vec![0xff, 1],
-            },
-            ControlRequest::Have {
-                release: ReleaseId([3; 32]),
-                chunks: vec![0, 8],
             },
             ControlRequest::StartStaging {
                 release: "web@1".into(),

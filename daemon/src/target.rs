@@ -27,7 +27,7 @@ use crate::deliver::Releases;
 use crate::health::Load;
 use crate::net::{NetEvent, NetHandle, RequestError};
 use crate::protocol::{
-    self, signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
+    self, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
     DeliveryReport, DistributionMode, Labels, StageOrder, StageProgress, StageState, TargetReport,
     MAX_CONTROL_FRAME,
 };
@@ -548,7 +548,25 @@ impl Target {
                 let response = self.on_control(peer, request);
                 reply.send(response).await;
             }
+            NetEvent::Have { peer, announcement } => self.on_have(peer, announcement),
         }
+    }
+
+    fn on_have(&mut self, peer: PeerId, Announcement { release, chunks }: Announcement) {
+        let now = Instant::now();
+        let locality = self.locality_of(&peer);
+        if let Some(s) = self.stagings.get_mut(&release) {
+            if let Some(f) = s.fetcher.as_mut() {
+                // A peer may announce before its have-set arrives.
+                if s.order.mode == DistributionMode::Swarm
+                    && s.peers.insert(peer, locality).is_none()
+                {
+                    f.add_peer(now, peer, locality, HaveSet::empty(s.have.len()));
+                }
+                f.handle_haves(now, peer, chunks);
+            }
+        }
+        self.drive(release);
     }
 
     fn on_control(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
@@ -590,23 +608,6 @@ impl Target {
             }
             ControlRequest::Bitfield { release, len, bits } => {
                 self.on_bitfield(peer, release, len, &bits);
-                ControlResponse::Ok
-            }
-            ControlRequest::Have { release, chunks } => {
-                let now = Instant::now();
-                let locality = self.locality_of(&peer);
-                if let Some(s) = self.stagings.get_mut(&release) {
-                    if let Some(f) = s.fetcher.as_mut() {
-                        // A peer may announce before its have-set arrives.
-                        if s.order.mode == DistributionMode::Swarm
-                            && s.peers.insert(peer, locality).is_none()
-                        {
-                            f.add_peer(now, peer, locality, HaveSet::empty(s.have.len()));
-                        }
-                        f.handle_haves(now, peer, chunks);
-                    }
-                }
-                self.drive(release);
                 ControlResponse::Ok
             }
             _ => ControlResponse::Error("a target does not answer that request".into()),
@@ -923,15 +924,11 @@ impl Target {
             let chunks = std::mem::take(&mut s.announce);
             for chunks in chunks.chunks(protocol::MAX_HAVE_BATCH) {
                 for peer in s.peers.keys() {
-                    let net = self.net.clone();
-                    let req = ControlRequest::Have {
+                    let announcement = Announcement {
                         release: *release,
                         chunks: chunks.to_vec(),
                     };
-                    let peer = *peer;
-                    tokio::spawn(async move {
-                        let _ = net.control(peer, req).await;
-                    });
+                    self.net.announce(*peer, announcement);
                 }
             }
         }

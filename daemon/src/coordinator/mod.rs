@@ -27,9 +27,9 @@ use tracing::{debug, info, warn};
 
 use crate::net::{NetEvent, NetHandle, Reply};
 use crate::protocol::{
-    signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode,
-    FleetMember, Labels, PeerInfo, StageOrder, StageProgress, StageState, StagingReport,
-    TargetReport, TargetStaging, MAX_HASHES_PER_QUERY, MAX_LABELS, MAX_LABEL_BYTES,
+    signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
+    DistributionMode, FleetMember, Labels, PeerInfo, StageOrder, StageProgress, StageState,
+    StagingReport, TargetReport, TargetStaging, MAX_HASHES_PER_QUERY, MAX_LABELS, MAX_LABEL_BYTES,
     MAX_PEERS_PER_LIST,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
@@ -354,6 +354,20 @@ impl Coordinator {
                 let response = self.on_control(peer, request).await;
                 reply.send(response).await;
             }
+            NetEvent::Have {
+                peer,
+                announcement: Announcement { release, chunks },
+            } => {
+                for run in self.runs.values_mut() {
+                    if run.release == release {
+                        if let Some(s) = run.seeder.as_mut() {
+                            for &c in &chunks {
+                                s.handle_have(peer, c);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -460,18 +474,6 @@ impl Coordinator {
                     }
                 }
                 self.drive_pushes();
-                ControlResponse::Ok
-            }
-            ControlRequest::Have { release, chunks } => {
-                for run in self.runs.values_mut() {
-                    if run.release == release {
-                        if let Some(s) = run.seeder.as_mut() {
-                            for &c in &chunks {
-                                s.handle_have(peer, c);
-                            }
-                        }
-                    }
-                }
                 ControlResponse::Ok
             }
             ControlRequest::MissingChunks(hashes) => {
