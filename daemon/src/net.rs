@@ -1046,7 +1046,7 @@ mod tests {
         bytes: &[u8],
     ) -> bool {
         let mut stream = streams.open_stream(peer, HAVE_PROTOCOL).await.unwrap();
-        stream.write_all(&bytes).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
         stream.flush().await.unwrap();
         let mut rest = Vec::new();
         // A reset is an error, a close an empty read: either ends it.
