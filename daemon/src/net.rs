@@ -415,7 +415,7 @@ impl EventLoop {
         match self.events.try_send(event) {
             Ok(()) => {}
             Err(TrySendError::Full(event)) => {
-                warn!("daemon is not keeping up with the network; answering busy");
+                warn!("daemon is not keeping up with the network; answering busy, dropping announcements");
                 self.refuse(event, false);
             }
             Err(TrySendError::Closed(_)) => {}
