@@ -184,7 +184,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
         args.nodes,
         root.display()
     ));
-    let mut cargs = fleet.common_args("coordinator", "warn");
+    let mut cargs = fleet.common_args("coordinator", "warn", args.nodes as usize + 1);
     cargs.extend([
         "--pipelines".into(),
         pipelines.display().to_string(),
@@ -196,7 +196,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
     fleet.start_coordinator(convoyd, &cargs)?;
     for i in 0..args.nodes {
         let name = format!("target-{i:03}");
-        let mut t = fleet.common_args(&name, "warn");
+        let mut t = fleet.common_args(&name, "warn", args.nodes as usize + 1);
         let slice = if i.is_multiple_of(2) { "blue" } else { "green" };
         for l in [
             "env=production".to_string(),

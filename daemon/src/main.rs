@@ -155,6 +155,11 @@ struct Common {
     /// [default: info]
     #[arg(long, env = "CONVOY_LOG", value_name = "FILTER")]
     log_level: Option<String>,
+    /// Threads that run the network and the protocol (store reads and
+    /// writes run on their own threads besides); fewer leave more of a
+    /// shared machine to other work [default: one per core]
+    #[arg(long, env = "CONVOY_WORKER_THREADS", value_name = "N")]
+    worker_threads: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum, Deserialize)]
@@ -176,6 +181,7 @@ struct FileConfig {
     download_rate: Option<String>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
+    worker_threads: Option<usize>,
     coordinator: Option<String>,
     push_parallel: Option<usize>,
     swarm_degree: Option<usize>,
@@ -196,6 +202,7 @@ struct Settings {
     labels: Labels,
     upload_rate: Option<u64>,
     download_rate: Option<u64>,
+    worker_threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -297,6 +304,10 @@ fn settings(common: &Common, file: &FileConfig, default_port: u16) -> Result<Set
         labels: parse_labels(&common.labels, file.labels.clone())?,
         upload_rate: rate(&common.upload_rate, &file.upload_rate, "upload-rate")?,
         download_rate: rate(&common.download_rate, &file.download_rate, "download-rate")?,
+        worker_threads: match common.worker_threads.or(file.worker_threads) {
+            Some(0) => bail!("--worker-threads must be at least 1"),
+            n => n,
+        },
     })
 }
 
@@ -389,7 +400,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
             let token = api::load_or_create_token(&token_file)
                 .with_context(|| format!("cannot read or create {}", token_file.display()))?;
-            runtime()?.block_on(async move {
+            runtime(s.worker_threads)?.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(&api_listen)
                     .await
                     .with_context(|| format!("cannot listen for the API on {api_listen}"))?;
@@ -448,7 +459,7 @@ fn run(cli: Cli) -> Result<()> {
             let load = Arc::new(
                 Load::open(&s.data_dir.join("load")).context("cannot read the load state")?,
             );
-            runtime()?.block_on(async move {
+            runtime(s.worker_threads)?.block_on(async move {
                 let health = tokio::net::TcpListener::bind(&health_listen)
                     .await
                     .with_context(|| {
@@ -483,8 +494,12 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")

@@ -135,9 +135,13 @@ impl Fleet {
             .collect()
     }
 
-    /// Arguments every daemon of the fleet takes: its data directory, a
-    /// loopback address, the fleet key.
-    pub fn common_args(&self, name: &str, log_level: &str) -> Vec<String> {
+    /// Arguments every daemon of a fleet of `daemons` takes: its data
+    /// directory, a loopback address, the fleet key, and its share of this
+    /// machine's cores as worker threads — each stands for a server of its
+    /// own, and dozens of runtimes of one thread per core would spend the
+    /// cores waking each other.
+    pub fn common_args(&self, name: &str, log_level: &str, daemons: usize) -> Vec<String> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         vec![
             "--data-dir".into(),
             self.dir.path().join(name).display().to_string(),
@@ -147,6 +151,8 @@ impl Fleet {
             self.key_file.display().to_string(),
             "--log-level".into(),
             log_level.into(),
+            "--worker-threads".into(),
+            (cores / daemons.max(1)).max(1).to_string(),
         ]
     }
 
@@ -311,7 +317,7 @@ fn rss(pid: u32) -> (u64, u64) {
 pub(super) async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path) -> Result<Fleet> {
     let mut fleet = Fleet::new("convoy-bench-", args.logs.clone())?;
     let common = |fleet: &Fleet, name: &str, up: Option<u64>| -> Vec<String> {
-        let mut a = fleet.common_args(name, &args.daemon_log_level);
+        let mut a = fleet.common_args(name, &args.daemon_log_level, args.nodes + 1);
         if let Some(u) = up {
             a.extend(["--upload-rate".into(), u.to_string()]);
         }
