@@ -1058,7 +1058,12 @@ impl Target {
                     if !s.origin_in_my_dc {
                         s.bytes_cross_dc += bytes;
                     }
+                    // In swarm mode, a chunk the origin handed out.
+                    if let Some(f) = s.fetcher.as_mut() {
+                        f.handle_gift(Instant::now(), index);
+                    }
                 }
+                self.drive(release);
                 self.check_complete(release);
             }
             Internal::Staged { release, result } => {

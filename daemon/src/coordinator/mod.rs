@@ -87,12 +87,29 @@ struct Run {
     started: Instant,
     origin_bytes: Arc<AtomicU64>,
     seeder: Option<Seeder<PeerId>>,
+    /// Chunks the seeder handed out that are on their way.
+    gifts: usize,
     pusher: Option<Pusher<PeerId>>,
     progress: HashMap<PeerId, StageProgress>,
 }
 
+/// Gifts (see [`Seeder::gift`]) on their way at once: two keep the
+/// origin's uplink busy across a round trip, and a few in the upload queue
+/// barely delay the chunks targets ask for.
+const MAX_GIFTS: usize = 2;
+/// The origin's uplink counts as idle for [`Seeder::gift`] with less than
+/// this queued.
+const GIFT_IDLE_BACKLOG: Duration = Duration::from_millis(50);
+
 enum Internal {
     Pushed {
+        run: u64,
+        peer: PeerId,
+        chunk: u32,
+        ok: bool,
+    },
+    /// A chunk the seeder handed out arrived (or did not).
+    Gifted {
         run: u64,
         peer: PeerId,
         chunk: u32,
@@ -180,7 +197,10 @@ pub async fn run(
             Some(ev) = events.recv() => c.on_net(ev).await,
             Some(ev) = rx.recv() => c.on_internal(ev),
             Some(call) = calls.recv() => c.on_api(call),
-            _ = tick.tick() => c.tick_rollouts(),
+            _ = tick.tick() => {
+                c.tick_rollouts();
+                c.drive_gifts();
+            }
             _ = flush.tick() => {
                 if std::mem::take(&mut c.dirty) {
                     if let Err(e) = c.chunks.flush().await {
@@ -204,6 +224,33 @@ fn now_unix_ms() -> u64 {
 
 fn label<'a>(labels: &'a Labels, key: &str) -> &'a str {
     labels.get(key).map(String::as_str).unwrap_or("")
+}
+
+/// Sends chunk `index` of `release` (named `cref`) to `peer` unasked, at
+/// the upload cap, counting its bytes in `counter`; true once stored there.
+async fn put(
+    net: NetHandle,
+    chunks: Arc<Chunks>,
+    counter: Arc<AtomicU64>,
+    release: ReleaseId,
+    cref: ChunkRef,
+    peer: PeerId,
+    index: u32,
+) -> bool {
+    let Some(wire) = chunks.read(cref).await else {
+        return false;
+    };
+    let n = wire.bytes.len() as u64;
+    chunks.upload.acquire(n).await;
+    let req = ChunkRequest::Put {
+        release,
+        index,
+        chunk: wire,
+    };
+    let r = net.chunk(peer, req).await;
+    counter.fetch_add(n, Ordering::Relaxed);
+    chunks.bytes_sent.fetch_add(n, Ordering::Relaxed);
+    matches!(r, Ok(ChunkResponse::Stored))
 }
 
 impl Coordinator {
@@ -291,6 +338,7 @@ impl Coordinator {
         Ok(Run {
             seeder: (record.mode == DistributionMode::Swarm)
                 .then(|| Seeder::new(chunks.len(), 1, 2)),
+            gifts: 0,
             pusher: (record.mode == DistributionMode::Push).then(|| {
                 Pusher::new(PushConfig {
                     parallel_targets: self.config.push_parallel,
@@ -474,6 +522,7 @@ impl Coordinator {
                     }
                 }
                 self.drive_pushes();
+                self.drive_gifts();
                 ControlResponse::Ok
             }
             ControlRequest::MissingChunks(hashes) => {
@@ -886,6 +935,23 @@ impl Coordinator {
                 }
                 self.drive_pushes();
             }
+            Internal::Gifted {
+                run,
+                peer,
+                chunk,
+                ok,
+            } => {
+                if let Some(r) = self.runs.get_mut(&run) {
+                    r.gifts -= 1;
+                    if let (Some(s), false) = (r.seeder.as_mut(), ok) {
+                        // Unreachable, or not staging it: left out of the
+                        // hand-outs until it asks or reports again.
+                        s.handle_send_failed(peer, chunk);
+                        s.remove_target(peer);
+                    }
+                }
+                self.drive_gifts();
+            }
             Internal::Unsent { run, peer, chunks } => {
                 if let Some(s) = self.runs.get_mut(&run).and_then(|r| r.seeder.as_mut()) {
                     for chunk in chunks {
@@ -899,6 +965,44 @@ impl Coordinator {
         }
     }
 
+    /// Sends what each swarm run's [`Seeder`] hands out, [`MAX_GIFTS`] at
+    /// a time.
+    fn drive_gifts(&mut self) {
+        for run in self.runs.values_mut() {
+            let Some(seeder) = run.seeder.as_mut() else {
+                continue;
+            };
+            while run.gifts < MAX_GIFTS {
+                let idle = self.chunks.upload.backlog(Instant::now()) < GIFT_IDLE_BACKLOG;
+                let Some((peer, chunk)) = seeder.gift(idle) else {
+                    break;
+                };
+                run.gifts += 1;
+                let send = put(
+                    self.net.clone(),
+                    self.chunks.clone(),
+                    run.origin_bytes.clone(),
+                    run.release,
+                    run.chunks[chunk as usize],
+                    peer,
+                    chunk,
+                );
+                let (tx, id) = (self.internal.clone(), run.record.id);
+                tokio::spawn(async move {
+                    let ok = send.await;
+                    let _ = tx
+                        .send(Internal::Gifted {
+                            run: id,
+                            peer,
+                            chunk,
+                            ok,
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+
     /// Carries out what each push run's [`Pusher`] decided.
     fn drive_pushes(&mut self) {
         for run in self.runs.values_mut() {
@@ -908,29 +1012,18 @@ impl Coordinator {
             while let Some(action) = pusher.poll_action() {
                 match action {
                     PushAction::Send { peer, chunk } => {
-                        let cref = run.chunks[chunk as usize];
-                        let net = self.net.clone();
-                        let chunks = self.chunks.clone();
-                        let tx = self.internal.clone();
-                        let counter = run.origin_bytes.clone();
-                        let (id, release) = (run.record.id, run.release);
+                        let send = put(
+                            self.net.clone(),
+                            self.chunks.clone(),
+                            run.origin_bytes.clone(),
+                            run.release,
+                            run.chunks[chunk as usize],
+                            peer,
+                            chunk,
+                        );
+                        let (tx, id) = (self.internal.clone(), run.record.id);
                         tokio::spawn(async move {
-                            let ok = match chunks.read(cref).await {
-                                Some(wire) => {
-                                    let n = wire.bytes.len() as u64;
-                                    chunks.upload.acquire(n).await;
-                                    let req = ChunkRequest::Put {
-                                        release,
-                                        index: chunk,
-                                        chunk: wire,
-                                    };
-                                    let r = net.chunk(peer, req).await;
-                                    counter.fetch_add(n, Ordering::Relaxed);
-                                    chunks.bytes_sent.fetch_add(n, Ordering::Relaxed);
-                                    matches!(r, Ok(ChunkResponse::Stored))
-                                }
-                                None => false,
-                            };
+                            let ok = send.await;
                             let _ = tx
                                 .send(Internal::Pushed {
                                     run: id,

@@ -356,17 +356,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             self.ban(peer);
         } else if was_outstanding && self.have.insert(chunk) {
             // Withdraw the endgame duplicate, if any.
-            if let Some(others) = self.outstanding.remove(&chunk) {
-                for o in others {
-                    if let Some(p) = self.peers.get_mut(&o.peer) {
-                        p.in_flight -= 1;
-                    }
-                    self.actions.push_back(FetchAction::Cancel {
-                        peer: o.peer,
-                        chunk,
-                    });
-                }
-            }
+            self.withdraw(chunk);
             self.actions.push_back(FetchAction::Announce { chunk });
             self.check_complete();
         }
@@ -380,6 +370,32 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             self.endgame(now);
         } else {
             self.schedule(now);
+        }
+    }
+
+    /// `chunk` arrived unasked (the origin handed it out, see
+    /// [`Seeder::gift`](super::Seeder::gift)), verified and stored: it is
+    /// held, announced, and any request for it withdrawn.
+    pub fn handle_gift(&mut self, now: Instant, chunk: ChunkIndex) {
+        if chunk as usize >= self.have.len() || !self.have.insert(chunk) {
+            return;
+        }
+        self.withdraw(chunk);
+        self.actions.push_back(FetchAction::Announce { chunk });
+        self.check_complete();
+        self.schedule(now);
+    }
+
+    /// Cancels every request for `chunk`.
+    fn withdraw(&mut self, chunk: ChunkIndex) {
+        for o in self.outstanding.remove(&chunk).unwrap_or_default() {
+            if let Some(p) = self.peers.get_mut(&o.peer) {
+                p.in_flight -= 1;
+            }
+            self.actions.push_back(FetchAction::Cancel {
+                peer: o.peer,
+                chunk,
+            });
         }
     }
 
@@ -844,6 +860,27 @@ mod tests {
             .collect();
         assert_eq!(from_origin.len(), 2);
         assert!(from_origin.iter().all(|c| *c >= 2), "{from_origin:?}");
+    }
+
+    #[test]
+    fn a_gift_is_held_announced_and_no_longer_asked_for() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(2), config(8));
+        f.add_peer(now, 0, Locality::Origin, HaveSet::full(2));
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), 2);
+        f.handle_gift(now, 1);
+        let actions = drain(&mut f);
+        assert!(actions.contains(&FetchAction::Cancel { peer: 0, chunk: 1 }));
+        assert!(actions.contains(&FetchAction::Announce { chunk: 1 }));
+        assert!(f.have().contains(1) && !f.is_complete());
+        assert_eq!(f.in_flight(), 1);
+        // A gift of a held chunk, or of one out of range, changes nothing.
+        f.handle_gift(now, 1);
+        f.handle_gift(now, 9);
+        assert!(drain(&mut f).is_empty());
+        f.handle_gift(now, 0);
+        assert!(drain(&mut f).contains(&FetchAction::Complete));
     }
 
     #[test]

@@ -17,17 +17,27 @@ pub enum ServeDecision {
 /// Decides which requests the origin serves in swarm mode. It tracks every
 /// target's have-set (the tracker's view) and the copies it is sending, and
 /// serves a chunk while fewer than `min_copies` targets hold or receive it —
-/// or, when its uplink would otherwise idle, while fewer than `idle_copies`
-/// do. So the origin's egress stays near `min_copies` times the release,
-/// and its spare capacity still goes to the rarest chunks.
+/// or, when its uplink would otherwise idle and every chunk has its
+/// `min_copies`, while fewer than `idle_copies` do. So the origin's egress
+/// stays near `min_copies` times the release, no extra copy delays a chunk
+/// the fleet has not got at all, and spare capacity at the end still goes
+/// to the rarest chunks.
 pub struct Seeder<P> {
     copies: Vec<u32>,
+    /// Chunks with fewer than `min_copies` copies.
+    short: usize,
     targets: BTreeMap<P, HaveSet>,
     sending: BTreeSet<(P, ChunkIndex)>,
     min_copies: u32,
     idle_copies: u32,
     /// Refusals per (target, chunk), to serve a chunk a target keeps asking for.
     refused: BTreeMap<(P, ChunkIndex), u32>,
+    /// Where [`Seeder::gift`] looks for a short chunk next, which target
+    /// it favours on a tie, and how many copies beyond `min_copies` it has
+    /// handed out.
+    cursor: usize,
+    turn: usize,
+    extra: usize,
 }
 
 /// A target asks the origin for a chunk only when no peer it knows holds
@@ -47,11 +57,15 @@ impl<P: Copy + Ord> Seeder<P> {
         );
         Self {
             copies: vec![0; chunks],
+            short: chunks,
             targets: BTreeMap::new(),
             sending: BTreeSet::new(),
             min_copies,
             idle_copies,
             refused: BTreeMap::new(),
+            cursor: 0,
+            turn: 0,
+            extra: 0,
         }
     }
 
@@ -59,7 +73,7 @@ impl<P: Copy + Ord> Seeder<P> {
     pub fn add_target(&mut self, peer: P, have: HaveSet) {
         self.remove_target(peer);
         for c in have.iter() {
-            self.copies[c as usize] += 1;
+            self.add_copy(c);
         }
         self.targets.insert(peer, have);
     }
@@ -69,7 +83,7 @@ impl<P: Copy + Ord> Seeder<P> {
         self.refused.retain(|(p, _), _| *p != peer);
         if let Some(have) = self.targets.remove(&peer) {
             for c in have.iter() {
-                self.copies[c as usize] -= 1;
+                self.drop_copy(c);
             }
         }
         let gone: Vec<_> = self
@@ -79,7 +93,7 @@ impl<P: Copy + Ord> Seeder<P> {
             .collect();
         for (p, c) in gone {
             self.sending.remove(&(p, c));
-            self.copies[c as usize] -= 1;
+            self.drop_copy(c);
         }
     }
 
@@ -93,7 +107,7 @@ impl<P: Copy + Ord> Seeder<P> {
         }
         // A copy we sent is already counted.
         if !self.sending.remove(&(peer, chunk)) {
-            self.copies[chunk as usize] += 1;
+            self.add_copy(chunk);
         }
     }
 
@@ -108,7 +122,7 @@ impl<P: Copy + Ord> Seeder<P> {
         let Some(copies) = self.copies.get(chunk as usize).copied() else {
             return ServeDecision::Refuse;
         };
-        let limit = if uplink_idle {
+        let limit = if uplink_idle && self.short == 0 {
             self.idle_copies
         } else {
             self.min_copies
@@ -126,15 +140,86 @@ impl<P: Copy + Ord> Seeder<P> {
         }
         self.refused.remove(&(peer, chunk));
         self.sending.insert((peer, chunk));
-        self.copies[chunk as usize] += 1;
+        self.add_copy(chunk);
         ServeDecision::Serve
+    }
+
+    /// A chunk the origin should send unasked, and to whom. Targets ask
+    /// the origin only for what none of their peers holds, and cannot tell
+    /// a chunk nobody holds from one their few peers lack; the origin can.
+    /// So it hands out, first, each chunk with fewer than `min_copies`
+    /// copies; then, while `uplink_idle` says nothing else waits for its
+    /// uplink, a copy of the rarest chunk, until each has a quarter of
+    /// the targets or it has sent the release once more that way — the
+    /// last chunks it sends otherwise spread from a single holder while
+    /// its uplink idles. Each goes to the target with the fewest sends from
+    /// the origin under way, and counts as a copy from now on, as a served
+    /// request does.
+    pub fn gift(&mut self, uplink_idle: bool) -> Option<(P, ChunkIndex)> {
+        if self.targets.is_empty() {
+            return None;
+        }
+        let n = self.copies.len();
+        let chunk = if self.short > 0 {
+            let c = (0..n)
+                .map(|i| ((self.cursor + i) % n) as ChunkIndex)
+                .find(|c| self.copies[*c as usize] < self.min_copies)?;
+            self.cursor = (c as usize + 1) % n;
+            c
+        } else {
+            let enough = (self.targets.len() as u32 / 4).max(self.min_copies + 1);
+            if !uplink_idle || self.extra >= n {
+                return None;
+            }
+            let (copies, c) = (0..n).map(|i| (self.copies[i], i as ChunkIndex)).min()?;
+            if copies >= enough {
+                return None;
+            }
+            self.extra += 1;
+            c
+        };
+        // Ties go round the targets in turn.
+        let len = self.targets.len();
+        let (turn, peer) = self
+            .targets
+            .iter()
+            .enumerate()
+            .filter(|(_, (p, have))| !have.contains(chunk) && !self.sending.contains(&(**p, chunk)))
+            .min_by_key(|(i, (p, _))| {
+                let sends = self
+                    .sending
+                    .range((**p, 0)..=(**p, ChunkIndex::MAX))
+                    .count();
+                (sends, (i + len - self.turn % len) % len)
+            })
+            .map(|(i, (p, _))| (i, *p))?;
+        self.turn = turn + 1;
+        self.sending.insert((peer, chunk));
+        self.add_copy(chunk);
+        Some((peer, chunk))
     }
 
     /// A send did not arrive (cancelled, or the target went away).
     pub fn handle_send_failed(&mut self, peer: P, chunk: ChunkIndex) {
         if self.sending.remove(&(peer, chunk)) {
-            self.copies[chunk as usize] -= 1;
+            self.drop_copy(chunk);
         }
+    }
+
+    fn add_copy(&mut self, chunk: ChunkIndex) {
+        let c = &mut self.copies[chunk as usize];
+        *c += 1;
+        if *c == self.min_copies {
+            self.short -= 1;
+        }
+    }
+
+    fn drop_copy(&mut self, chunk: ChunkIndex) {
+        let c = &mut self.copies[chunk as usize];
+        if *c == self.min_copies {
+            self.short += 1;
+        }
+        *c -= 1;
     }
 
     /// Whether `peer` is a target of this seeder.
@@ -160,10 +245,80 @@ mod tests {
         assert_eq!(s.handle_request(1, 0, false), ServeDecision::Serve);
         assert_eq!(s.handle_request(2, 0, false), ServeDecision::Refuse);
         assert_eq!(s.handle_request(2, 1, false), ServeDecision::Serve);
-        // Idle, a second copy is allowed, not a third.
+        // Idle, and every chunk sent once: a second copy is allowed, not a
+        // third.
         assert_eq!(s.handle_request(2, 0, true), ServeDecision::Serve);
         s.add_target(3u32, HaveSet::empty(2));
         assert_eq!(s.handle_request(3, 0, true), ServeDecision::Refuse);
+    }
+
+    #[test]
+    fn no_second_copy_while_a_chunk_has_none() {
+        let mut s = Seeder::new(2, 1, 2);
+        s.add_target(1u32, HaveSet::empty(2));
+        s.add_target(2u32, HaveSet::empty(2));
+        assert_eq!(s.handle_request(1, 0, true), ServeDecision::Serve);
+        // Chunk 1 has no copy yet: idle or not, chunk 0 waits for the swarm.
+        assert_eq!(s.handle_request(2, 0, true), ServeDecision::Refuse);
+        assert_eq!(s.handle_request(1, 1, true), ServeDecision::Serve);
+        assert_eq!(s.handle_request(2, 0, true), ServeDecision::Serve);
+        // A lost send makes chunk 1 short again.
+        s.handle_send_failed(1, 1);
+        assert_eq!(s.handle_request(2, 1, false), ServeDecision::Serve);
+        s.remove_target(2);
+        assert_eq!(s.copies(0), 1);
+        assert_eq!(s.handle_request(1, 1, true), ServeDecision::Serve);
+    }
+
+    #[test]
+    fn gifts_cover_every_chunk_once_spread_over_the_targets() {
+        let mut s = Seeder::new(4, 1, 2);
+        assert_eq!(s.gift(true), None, "no target to give to");
+        s.add_target(1u32, HaveSet::empty(4));
+        s.add_target(2u32, HaveSet::from_indices(4, [1]));
+        assert_eq!(s.handle_request(2, 0, false), ServeDecision::Serve);
+        // Chunks 0 and 1 have their copy: 2 and 3 remain, one to each
+        // target (2 already receives chunk 0, so 1 gets the first).
+        assert_eq!(s.gift(false), Some((1, 2)));
+        assert_eq!(s.gift(false), Some((2, 3)));
+        // Every chunk has a copy: more only while the uplink idles.
+        assert_eq!(s.gift(false), None);
+        // A gift that did not arrive is given again.
+        s.handle_send_failed(2, 3);
+        assert_eq!(s.gift(false), Some((1, 3)));
+        // Delivered gifts are announced like anything else.
+        s.handle_have(1, 3);
+        assert_eq!(s.copies(3), 1);
+        assert_eq!(s.handle_request(2, 3, false), ServeDecision::Refuse);
+    }
+
+    #[test]
+    fn an_idle_origin_gives_the_rarest_chunks_more_copies_within_a_budget() {
+        // 20 targets: a quarter is 5 copies. Chunk 0 has 5, chunk 1 has 4.
+        let mut s = Seeder::new(2, 1, 2);
+        for t in 0..20u32 {
+            let have = match t {
+                0..4 => HaveSet::full(2),
+                4 => HaveSet::from_indices(2, [0]),
+                _ => HaveSet::empty(2),
+            };
+            s.add_target(t, have);
+        }
+        assert_eq!(s.gift(false), None, "only while the uplink idles");
+        let (to, chunk) = s.gift(true).unwrap();
+        assert_eq!(chunk, 1);
+        assert!(to >= 4, "to a target that lacks it: {to}");
+        assert_eq!(s.gift(true), None, "every chunk has a quarter");
+        // 40 targets, one copy each: the budget (the release once more)
+        // ends it first.
+        let mut s = Seeder::new(2, 1, 2);
+        s.add_target(0u32, HaveSet::full(2));
+        for t in 1..40u32 {
+            s.add_target(t, HaveSet::empty(2));
+        }
+        assert!(s.gift(true).is_some());
+        assert!(s.gift(true).is_some());
+        assert_eq!(s.gift(true), None);
     }
 
     #[test]

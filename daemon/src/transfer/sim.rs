@@ -183,6 +183,8 @@ enum Msg {
     Data {
         chunk: ChunkIndex,
         valid: bool,
+        /// Sent unasked by the origin ([`Seeder::gift`]).
+        gift: bool,
     },
     Delivered(ChunkIndex),
     /// A target tells the tracker it banned a peer.
@@ -217,6 +219,8 @@ struct Sim<'c> {
     /// The one timer each node has pending, if any.
     timer_at: Vec<Option<Duration>>,
     seeder: Option<Seeder<Node>>,
+    /// Sends on the origin's uplink that are gifts, not answers.
+    gifts: std::collections::BTreeSet<(Node, ChunkIndex)>,
     pusher: Option<Pusher<Node>>,
     have: Vec<HaveSet>,
     /// Chunks each node has received intact at least once.
@@ -256,6 +260,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         fetchers: (0..nodes).map(|_| None).collect(),
         timer_at: vec![None; nodes],
         seeder: None,
+        gifts: Default::default(),
         pusher: None,
         received_intact: have.clone(),
         have,
@@ -477,7 +482,22 @@ impl Sim<'_> {
                     self.drain_fetcher(to);
                 }
             }
-            Msg::Data { chunk, valid } => {
+            Msg::Data {
+                chunk,
+                valid,
+                gift: true,
+            } => {
+                if let (Some(f), true) = (self.fetchers[to].as_mut(), valid) {
+                    self.received_intact[to].insert(chunk);
+                    f.handle_gift(now, chunk);
+                    self.drain_fetcher(to);
+                }
+            }
+            Msg::Data {
+                chunk,
+                valid,
+                gift: false,
+            } => {
                 if valid {
                     self.received_intact[to].insert(chunk);
                 }
@@ -531,9 +551,18 @@ impl Sim<'_> {
         if self.sending[node] {
             return;
         }
+        // An idle origin hands out what the seeder says, as the daemon's
+        // coordinator does.
+        if node == ORIGIN && self.uplink[node].is_empty() {
+            if let Some((to, chunk)) = self.seeder.as_mut().and_then(|s| s.gift(true)) {
+                self.gifts.insert((to, chunk));
+                self.uplink[node].push_back((to, chunk));
+            }
+        }
         let Some((to, chunk)) = self.uplink[node].pop_front() else {
             return;
         };
+        let gift = node == ORIGIN && self.gifts.remove(&(to, chunk));
         let bytes = u64::from(self.cfg.chunk_sizes[chunk as usize]);
         let rate = if node == ORIGIN {
             self.cfg.origin_uplink
@@ -556,7 +585,7 @@ impl Sim<'_> {
             Event::Arrive {
                 to,
                 from: node,
-                msg: Msg::Data { chunk, valid },
+                msg: Msg::Data { chunk, valid, gift },
             },
         );
     }
