@@ -226,31 +226,49 @@ fn label<'a>(labels: &'a Labels, key: &str) -> &'a str {
     labels.get(key).map(String::as_str).unwrap_or("")
 }
 
-/// Sends chunk `index` of `release` (named `cref`) to `peer` unasked, at
-/// the upload cap, counting its bytes in `counter`; true once stored there.
-async fn put(
-    net: NetHandle,
-    chunks: Arc<Chunks>,
-    counter: Arc<AtomicU64>,
-    release: ReleaseId,
-    cref: ChunkRef,
-    peer: PeerId,
-    index: u32,
-) -> bool {
-    let Some(wire) = chunks.read(cref).await else {
-        return false;
-    };
-    let n = wire.bytes.len() as u64;
-    chunks.upload.acquire(n).await;
-    let req = ChunkRequest::Put {
-        release,
-        index,
-        chunk: wire,
-    };
-    let r = net.chunk(peer, req).await;
-    counter.fetch_add(n, Ordering::Relaxed);
-    chunks.bytes_sent.fetch_add(n, Ordering::Relaxed);
-    matches!(r, Ok(ChunkResponse::Stored))
+impl Run {
+    /// Sends chunk `index` of this run's release to `peer` unasked, at the
+    /// upload cap, counting its bytes as the origin's; true once stored
+    /// there.
+    fn put(
+        &self,
+        net: &NetHandle,
+        chunks: &Arc<Chunks>,
+        peer: PeerId,
+        index: u32,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let (net, chunks) = (net.clone(), chunks.clone());
+        let (counter, release) = (self.origin_bytes.clone(), self.release);
+        let cref = self.chunks[index as usize];
+        async move {
+            let Some(wire) = chunks.read(cref).await else {
+                return false;
+            };
+            let n = wire.bytes.len() as u64;
+            chunks.upload.acquire(n).await;
+            let req = ChunkRequest::Put {
+                release,
+                index,
+                chunk: wire,
+            };
+            let r = net.chunk(peer, req).await;
+            counter.fetch_add(n, Ordering::Relaxed);
+            chunks.bytes_sent.fetch_add(n, Ordering::Relaxed);
+            matches!(r, Ok(ChunkResponse::Stored))
+        }
+    }
+}
+
+/// Runs `put` as its own task and tells the coordinator how it went.
+fn spawn_put(
+    tx: mpsc::Sender<Internal>,
+    put: impl std::future::Future<Output = bool> + Send + 'static,
+    done: impl FnOnce(bool) -> Internal + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let ok = put.await;
+        let _ = tx.send(done(ok)).await;
+    });
 }
 
 impl Coordinator {
@@ -969,36 +987,23 @@ impl Coordinator {
     /// a time.
     fn drive_gifts(&mut self) {
         for run in self.runs.values_mut() {
-            let Some(seeder) = run.seeder.as_mut() else {
-                continue;
-            };
             while run.gifts < MAX_GIFTS {
                 let idle = self.chunks.upload.backlog(Instant::now()) < GIFT_IDLE_BACKLOG;
-                let Some((peer, chunk)) = seeder.gift(idle) else {
+                let Some((peer, chunk)) = run.seeder.as_mut().and_then(|s| s.gift(idle)) else {
                     break;
                 };
                 run.gifts += 1;
-                let send = put(
-                    self.net.clone(),
-                    self.chunks.clone(),
-                    run.origin_bytes.clone(),
-                    run.release,
-                    run.chunks[chunk as usize],
-                    peer,
-                    chunk,
+                let id = run.record.id;
+                spawn_put(
+                    self.internal.clone(),
+                    run.put(&self.net, &self.chunks, peer, chunk),
+                    move |ok| Internal::Gifted {
+                        run: id,
+                        peer,
+                        chunk,
+                        ok,
+                    },
                 );
-                let (tx, id) = (self.internal.clone(), run.record.id);
-                tokio::spawn(async move {
-                    let ok = send.await;
-                    let _ = tx
-                        .send(Internal::Gifted {
-                            run: id,
-                            peer,
-                            chunk,
-                            ok,
-                        })
-                        .await;
-                });
             }
         }
     }
@@ -1006,33 +1011,20 @@ impl Coordinator {
     /// Carries out what each push run's [`Pusher`] decided.
     fn drive_pushes(&mut self) {
         for run in self.runs.values_mut() {
-            let Some(pusher) = run.pusher.as_mut() else {
-                continue;
-            };
-            while let Some(action) = pusher.poll_action() {
+            while let Some(action) = run.pusher.as_mut().and_then(Pusher::poll_action) {
                 match action {
                     PushAction::Send { peer, chunk } => {
-                        let send = put(
-                            self.net.clone(),
-                            self.chunks.clone(),
-                            run.origin_bytes.clone(),
-                            run.release,
-                            run.chunks[chunk as usize],
-                            peer,
-                            chunk,
+                        let id = run.record.id;
+                        spawn_put(
+                            self.internal.clone(),
+                            run.put(&self.net, &self.chunks, peer, chunk),
+                            move |ok| Internal::Pushed {
+                                run: id,
+                                peer,
+                                chunk,
+                                ok,
+                            },
                         );
-                        let (tx, id) = (self.internal.clone(), run.record.id);
-                        tokio::spawn(async move {
-                            let ok = send.await;
-                            let _ = tx
-                                .send(Internal::Pushed {
-                                    run: id,
-                                    peer,
-                                    chunk,
-                                    ok,
-                                })
-                                .await;
-                        });
                     }
                     PushAction::Done { peer } => debug!(%peer, "push complete"),
                     PushAction::Failed { peer } => {

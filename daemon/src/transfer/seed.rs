@@ -48,6 +48,9 @@ pub const SERVE_AFTER_REFUSALS: u32 = 4;
 /// (target, chunk) refusals remembered; beyond, the oldest are forgotten.
 const MAX_REFUSALS: usize = 1 << 16;
 
+/// Chunks [`Seeder::gift`] weighs when it looks for the rarest.
+const GIFT_SAMPLE: usize = 1024;
+
 impl<P: Copy + Ord> Seeder<P> {
     /// A seeder for a release of `chunks` chunks.
     pub fn new(chunks: usize, min_copies: u32, idle_copies: u32) -> Self {
@@ -171,8 +174,16 @@ impl<P: Copy + Ord> Seeder<P> {
             if !uplink_idle || self.extra >= n {
                 return None;
             }
-            let (copies, c) = (0..n).map(|i| (self.copies[i], i as ChunkIndex)).min()?;
+            // The rarest of a sample from a rotating start: a pick costs
+            // O(sample), not O(chunks), and every chunk comes round.
+            let (copies, c) = (0..n.min(GIFT_SAMPLE))
+                .map(|i| {
+                    let c = (self.cursor + i) % n;
+                    (self.copies[c], c as ChunkIndex)
+                })
+                .min()?;
             if copies >= enough {
+                self.cursor = (self.cursor + GIFT_SAMPLE) % n;
                 return None;
             }
             self.extra += 1;
