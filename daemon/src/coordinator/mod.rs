@@ -964,6 +964,7 @@ impl Coordinator {
                     if let (Some(s), false) = (r.seeder.as_mut(), ok) {
                         // Unreachable, or not staging it: left out of the
                         // hand-outs until it asks or reports again.
+                        debug!(%peer, chunk, run, "a chunk the origin handed out was not stored there; leaving the target out of hand-outs until it reports again");
                         s.handle_send_failed(peer, chunk);
                         s.remove_target(peer);
                     }

@@ -163,12 +163,12 @@ impl<P: Copy + Ord> Seeder<P> {
             return None;
         }
         let n = self.copies.len();
-        let chunk = if self.short > 0 {
+        let (chunk, extra) = if self.short > 0 {
             let c = (0..n)
                 .map(|i| ((self.cursor + i) % n) as ChunkIndex)
                 .find(|c| self.copies[*c as usize] < self.min_copies)?;
             self.cursor = (c as usize + 1) % n;
-            c
+            (c, false)
         } else {
             let enough = (self.targets.len() as u32 / 4).max(self.min_copies + 1);
             if !uplink_idle || self.extra >= n {
@@ -186,8 +186,7 @@ impl<P: Copy + Ord> Seeder<P> {
                 self.cursor = (self.cursor + GIFT_SAMPLE) % n;
                 return None;
             }
-            self.extra += 1;
-            c
+            (c, true)
         };
         // Ties go round the targets in turn.
         let len = self.targets.len();
@@ -205,6 +204,8 @@ impl<P: Copy + Ord> Seeder<P> {
             })
             .map(|(i, (p, _))| (i, *p))?;
         self.turn = turn + 1;
+        // Only a copy that goes out spends the budget.
+        self.extra += usize::from(extra);
         self.sending.insert((peer, chunk));
         self.add_copy(chunk);
         Some((peer, chunk))
