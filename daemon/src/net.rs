@@ -15,6 +15,16 @@
 //! connection closed. Nothing else the loop receives reaches the daemon
 //! from a peer that is not admitted.
 //!
+//! Chunk requests ([`NetHandle::chunk`]) go on one [`CHUNK_PROTOCOL`]
+//! stream per peer and direction, tagged with an id so that answers may
+//! come back in any order: a task writes the requests and another reads
+//! the answers; on the serving side a task reads requests and hands them
+//! to the loop (parked, as every request, until the peer is admitted) and
+//! another writes the answers. A stream per request, as request–response
+//! opens, cost a negotiation, a timer thread's wake-ups and several small
+//! writes per chunk. A malformed or oversized frame ends that stream
+//! only; requests still waiting on it fail and the next opens another.
+//!
 //! Announcements ([`NetHandle::announce`]) do not go as requests: the loop
 //! keeps one outbound [`HAVE_PROTOCOL`] stream per admitted peer, written
 //! by a task of its own, and a task per inbound stream reads frames and
@@ -24,6 +34,7 @@
 //! was before.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -34,9 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::protocol::{
-    fleet_proof, read_frame, write_frame, Announcement, ChunkCodec, ChunkRequest, ChunkResponse,
-    ControlCodec, ControlRequest, ControlResponse, CHUNK_PROTOCOL, CONTROL_PROTOCOL, HAVE_PROTOCOL,
-    MAX_HAVE_BATCH, MAX_HAVE_FRAME,
+    fleet_proof, read_frame, write_frame, Announcement, ChunkRequest, ChunkResponse, ControlCodec,
+    ControlRequest, ControlResponse, Tagged, CHUNK_PROTOCOL, CONTROL_PROTOCOL, HAVE_PROTOCOL,
+    MAX_CHUNK_FRAME, MAX_HAVE_BATCH, MAX_HAVE_FRAME,
 };
 
 /// Requests parked per peer while it has not proved membership.
@@ -51,6 +62,11 @@ const MAX_ADDRESS_BOOK: usize = 8192;
 const MAX_STREAMS: usize = 512;
 /// Announcements queued for one peer's stream; more are dropped.
 const ANNOUNCE_QUEUE: usize = 256;
+/// Chunk requests waiting to be written on one peer's chunk stream, and
+/// answers waiting to be written on one inbound chunk stream.
+const CHUNK_QUEUE: usize = 256;
+/// Chunk requests awaiting their answer on one chunk stream.
+const MAX_IN_FLIGHT: usize = 512;
 
 /// How the network is set up.
 #[derive(Clone)]
@@ -123,30 +139,73 @@ pub enum NetEvent {
 }
 
 /// The way back for one inbound request. Dropping it without answering
-/// resets the stream, which the requester sees as a failure.
+/// fails the request: a control stream is reset, a chunk request is
+/// answered busy.
 #[derive(Debug)]
 pub struct Reply<T> {
-    channel: ResponseChannel<T>,
-    commands: mpsc::Sender<Command>,
+    way: Way<T>,
+}
+
+#[derive(Debug)]
+enum Way<T> {
+    /// A request–response stream of its own (control requests).
+    Channel(ResponseChannel<T>, mpsc::Sender<Command>),
+    /// A frame on the requester's chunk stream.
+    Stream(StreamReply),
+}
+
+/// Where the answer to a request read from a chunk stream goes: the
+/// stream's writer, tagged with the request's id.
+#[derive(Debug)]
+struct StreamReply {
+    id: u64,
+    answers: Option<mpsc::Sender<Tagged<ChunkResponse>>>,
+}
+
+impl StreamReply {
+    async fn send(mut self, response: ChunkResponse) {
+        if let Some(answers) = self.answers.take() {
+            let _ = answers.send(Tagged::new(self.id, response)).await;
+        }
+    }
+
+    /// Answers without waiting: for refusals, when the writer's queue has room.
+    fn send_now(mut self, response: ChunkResponse) {
+        if let Some(answers) = self.answers.take() {
+            let _ = answers.try_send(Tagged::new(self.id, response));
+        }
+    }
+}
+
+impl Drop for StreamReply {
+    fn drop(&mut self) {
+        if let Some(answers) = self.answers.take() {
+            let _ = answers.try_send(Tagged::new(self.id, ChunkResponse::Busy { retry_ms: 0 }));
+        }
+    }
 }
 
 impl Reply<ChunkResponse> {
     /// Sends the answer.
     pub async fn send(self, response: ChunkResponse) {
-        let _ = self
-            .commands
-            .send(Command::RespondChunk(self.channel, response))
-            .await;
+        match self.way {
+            Way::Stream(reply) => reply.send(response).await,
+            Way::Channel(..) => unreachable!("chunk requests come on chunk streams"),
+        }
     }
 }
 
 impl Reply<ControlResponse> {
     /// Sends the answer.
     pub async fn send(self, response: ControlResponse) {
-        let _ = self
-            .commands
-            .send(Command::RespondControl(self.channel, response))
-            .await;
+        match self.way {
+            Way::Channel(channel, commands) => {
+                let _ = commands
+                    .send(Command::RespondControl(channel, response))
+                    .await;
+            }
+            Way::Stream(_) => unreachable!("control requests come on their own streams"),
+        }
     }
 }
 
@@ -162,7 +221,8 @@ enum Command {
     Announce(PeerId, Announcement),
     /// A peer's, read from its stream.
     Announced(PeerId, Announcement),
-    RespondChunk(ResponseChannel<ChunkResponse>, ChunkResponse),
+    /// A peer's chunk request, read from its chunk stream.
+    ChunkAsked(PeerId, ChunkRequest, StreamReply),
     RespondControl(ResponseChannel<ControlResponse>, ControlResponse),
     Ban(PeerId),
     Shutdown,
@@ -173,6 +233,7 @@ enum Command {
 pub struct NetHandle {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
+    request_timeout: Duration,
 }
 
 impl NetHandle {
@@ -198,7 +259,8 @@ impl NetHandle {
         }
     }
 
-    /// Sends a chunk request and waits for the answer.
+    /// Sends a chunk request and waits for the answer, at most the
+    /// configured request timeout.
     pub async fn chunk(
         &self,
         peer: PeerId,
@@ -209,7 +271,10 @@ impl NetHandle {
             .send(Command::Chunk(peer, request, tx))
             .await
             .map_err(|_| RequestError::Shutdown)?;
-        rx.await.map_err(|_| RequestError::Shutdown)?
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(answer) => answer.map_err(|_| RequestError::Shutdown)?,
+            Err(_) => Err(RequestError::Timeout(peer)),
+        }
     }
 
     /// Sends a control request and waits for the answer.
@@ -253,9 +318,9 @@ impl NetHandle {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
-    chunk: request_response::Behaviour<ChunkCodec>,
     control: request_response::Behaviour<ControlCodec>,
-    have: libp2p_stream::Behaviour,
+    /// Chunk streams and announcement streams.
+    streams: libp2p_stream::Behaviour,
 }
 
 /// Why the network could not start.
@@ -291,15 +356,11 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
         .with_quic()
         .with_behaviour(|_| Behaviour {
             blocked: Default::default(),
-            chunk: request_response::Behaviour::new(
-                [(CHUNK_PROTOCOL, ProtocolSupport::Full)],
-                rr_config.clone(),
-            ),
             control: request_response::Behaviour::new(
                 [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
                 rr_config,
             ),
-            have: libp2p_stream::Behaviour::new(),
+            streams: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| NetError::Transport("behaviour", e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -312,10 +373,13 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
                 reason: e.to_string(),
             })?;
     }
-    let mut streams = swarm.behaviour().have.new_control();
+    let mut streams = swarm.behaviour().streams.new_control();
     let incoming = streams
         .accept(HAVE_PROTOCOL)
         .expect("a new behaviour has no protocol registered");
+    let incoming_chunks = streams
+        .accept(CHUNK_PROTOCOL)
+        .expect("each protocol is registered once");
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let peer_id = *swarm.local_peer_id();
@@ -327,25 +391,27 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
         events: ev_tx,
         peers: HashMap::new(),
         addresses: HashMap::new(),
-        chunk_pending: HashMap::new(),
         control_pending: HashMap::new(),
         hellos: HashMap::new(),
         streams,
         incoming,
+        incoming_chunks,
         announcers: HashMap::new(),
+        links: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((
         NetHandle {
             commands: cmd_tx,
             peer_id,
+            request_timeout: config.request_timeout,
         },
         ev_rx,
     ))
 }
 
 enum Parked {
-    InChunk(ChunkRequest, ResponseChannel<ChunkResponse>),
+    InChunk(ChunkRequest, StreamReply),
     InControl(ControlRequest, ResponseChannel<ControlResponse>),
     OutChunk(ChunkRequest, ChunkReply),
     OutControl(ControlRequest, ControlReply),
@@ -371,7 +437,6 @@ struct EventLoop {
     events: mpsc::Sender<NetEvent>,
     peers: HashMap<PeerId, PeerState>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
-    chunk_pending: HashMap<OutboundRequestId, ChunkReply>,
     control_pending: HashMap<OutboundRequestId, ControlReply>,
     /// Our Hello requests in flight, by id, to the peer they went to.
     hellos: HashMap<OutboundRequestId, PeerId>,
@@ -381,6 +446,10 @@ struct EventLoop {
     incoming: libp2p_stream::IncomingStreams,
     /// The queue of each peer's announcement stream writer.
     announcers: HashMap<PeerId, mpsc::Sender<Announcement>>,
+    /// Chunk streams peers open to us.
+    incoming_chunks: libp2p_stream::IncomingStreams,
+    /// The queue of each peer's chunk stream writer.
+    links: HashMap<PeerId, mpsc::Sender<(ChunkRequest, ChunkReply)>>,
 }
 
 impl EventLoop {
@@ -395,6 +464,9 @@ impl EventLoop {
                 },
                 Some((peer, stream)) = self.incoming.next() => {
                     tokio::spawn(read_announcements(peer, stream, self.commands_tx.clone()));
+                }
+                Some((peer, stream)) = self.incoming_chunks.next() => {
+                    serve_chunk_stream(peer, stream, self.commands_tx.clone());
                 }
                 _ = tick.tick() => self.expire_admissions(),
             }
@@ -427,12 +499,13 @@ impl EventLoop {
         let tx = self.commands_tx.clone();
         match event {
             NetEvent::Chunk { reply, .. } => {
-                let resp = if denied {
-                    ChunkResponse::Denied
-                } else {
-                    ChunkResponse::Busy { retry_ms: 0 }
-                };
-                let _ = tx.try_send(Command::RespondChunk(reply.channel, resp));
+                if let Way::Stream(reply) = reply.way {
+                    reply.send_now(if denied {
+                        ChunkResponse::Denied
+                    } else {
+                        ChunkResponse::Busy { retry_ms: 0 }
+                    });
+                }
             }
             NetEvent::Control { reply, .. } => {
                 let resp = if denied {
@@ -440,7 +513,9 @@ impl EventLoop {
                 } else {
                     ControlResponse::Error("busy; try again".into())
                 };
-                let _ = tx.try_send(Command::RespondControl(reply.channel, resp));
+                if let Way::Channel(channel, _) = reply.way {
+                    let _ = tx.try_send(Command::RespondControl(channel, resp));
+                }
             }
             _ => {}
         }
@@ -467,8 +542,8 @@ impl EventLoop {
             }
             Command::Announce(peer, a) => self.outbound(peer, Parked::OutHave(a)),
             Command::Announced(peer, a) => self.inbound(peer, Parked::InHave(a)),
-            Command::RespondChunk(ch, resp) => {
-                let _ = self.swarm.behaviour_mut().chunk.send_response(ch, resp);
+            Command::ChunkAsked(peer, req, reply) => {
+                self.inbound(peer, Parked::InChunk(req, reply))
             }
             Command::RespondControl(ch, resp) => {
                 let _ = self.swarm.behaviour_mut().control.send_response(ch, resp);
@@ -477,6 +552,7 @@ impl EventLoop {
                 warn!(%peer, "banning peer");
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 self.announcers.remove(&peer);
+                self.links.remove(&peer);
                 self.fail_parked(peer, |p| RequestError::Unreachable(p, "banned".into()));
             }
             Command::Shutdown => unreachable!("handled by the loop"),
@@ -519,33 +595,53 @@ impl EventLoop {
     fn send_now(&mut self, peer: PeerId, request: Parked) {
         let b = self.swarm.behaviour_mut();
         match request {
-            Parked::OutChunk(req, reply) => {
-                let id = b.chunk.send_request(&peer, req);
-                self.chunk_pending.insert(id, reply);
-            }
+            Parked::OutChunk(req, reply) => self.send_chunk_request(peer, req, reply),
             Parked::OutControl(req, reply) => {
                 let id = b.control.send_request(&peer, req);
                 self.control_pending.insert(id, reply);
             }
-            Parked::InChunk(request, channel) => self.emit(NetEvent::Chunk {
+            Parked::InChunk(request, reply) => self.emit(NetEvent::Chunk {
                 peer,
                 request,
                 reply: Reply {
-                    channel,
-                    commands: self.commands_tx.clone(),
+                    way: Way::Stream(reply),
                 },
             }),
             Parked::InControl(request, channel) => self.emit(NetEvent::Control {
                 peer,
                 request,
                 reply: Reply {
-                    channel,
-                    commands: self.commands_tx.clone(),
+                    way: Way::Channel(channel, self.commands_tx.clone()),
                 },
             }),
             Parked::OutHave(announcement) => self.announce(peer, announcement),
             Parked::InHave(announcement) => {
                 self.emit(NetEvent::Have { peer, announcement });
+            }
+        }
+    }
+
+    /// Queues a chunk request on `peer`'s chunk stream, opening one when
+    /// there is none (or the last one failed).
+    fn send_chunk_request(&mut self, peer: PeerId, request: ChunkRequest, reply: ChunkReply) {
+        use mpsc::error::TrySendError;
+        let queue = match self.links.get(&peer) {
+            Some(q) if !q.is_closed() => q,
+            _ => {
+                let (tx, rx) = mpsc::channel(CHUNK_QUEUE);
+                tokio::spawn(run_chunk_link(self.streams.clone(), peer, rx));
+                self.links.entry(peer).insert_entry(tx).into_mut()
+            }
+        };
+        match queue.try_send((request, reply)) {
+            Ok(()) => {}
+            Err(TrySendError::Full((_, reply))) => {
+                let why = "too many chunk requests waiting to be sent".into();
+                let _ = reply.send(Err(RequestError::Unreachable(peer, why)));
+            }
+            Err(TrySendError::Closed((_, reply))) => {
+                let why = "chunk stream closed".into();
+                let _ = reply.send(Err(RequestError::Stream(peer, why)));
             }
         }
     }
@@ -583,13 +679,7 @@ impl EventLoop {
         let parked: Vec<_> = state.parked.drain(..).collect();
         for p in parked {
             match p {
-                Parked::InChunk(_, ch) => {
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .chunk
-                        .send_response(ch, ChunkResponse::Denied);
-                }
+                Parked::InChunk(_, reply) => reply.send_now(ChunkResponse::Denied),
                 Parked::InControl(_, ch) => {
                     let _ = self
                         .swarm
@@ -681,6 +771,7 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { peer_id, .. } => {
                 self.announcers.remove(&peer_id);
+                self.links.remove(&peer_id);
                 if let Some(state) = self.peers.get_mut(&peer_id) {
                     state.connections = 0;
                     let was_admitted = std::mem::take(&mut state.admitted);
@@ -710,49 +801,8 @@ impl EventLoop {
                     self.fail_parked(peer, |p| RequestError::Unreachable(p, reason.clone()));
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Chunk(e)) => self.on_chunk(e),
             SwarmEvent::Behaviour(BehaviourEvent::Control(e)) => self.on_control(e),
             _ => {}
-        }
-    }
-
-    fn on_chunk(&mut self, event: request_response::Event<ChunkRequest, ChunkResponse>) {
-        use request_response::{Event, Message};
-        match event {
-            Event::Message {
-                peer,
-                message:
-                    Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => self.inbound(peer, Parked::InChunk(request, channel)),
-            Event::Message {
-                message:
-                    Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.chunk_pending.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.chunk_pending.remove(&request_id) {
-                    let _ = reply.send(Err(outbound_error(peer, error)));
-                }
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, "inbound chunk stream failed: {error}");
-            }
-            Event::ResponseSent { .. } => {}
         }
     }
 
@@ -909,6 +959,173 @@ async fn read_announcements(
     }
 }
 
+/// Requests sent on one chunk stream that await their answer, by id.
+#[derive(Default)]
+struct InFlight {
+    waiting: HashMap<u64, ChunkReply>,
+    /// Set when the stream failed: nothing more is sent on it.
+    failed: Option<String>,
+}
+
+impl InFlight {
+    /// Fails everything waiting, and whatever is sent later, with `why`.
+    fn fail(&mut self, peer: PeerId, why: String) {
+        for (_, reply) in self.waiting.drain() {
+            let _ = reply.send(Err(RequestError::Stream(peer, why.clone())));
+        }
+        self.failed.get_or_insert(why);
+    }
+}
+
+/// Sends `peer` the chunk requests queued for it on one stream and hands
+/// each answer to its requester, until the queue closes (the connection
+/// closed) or the stream fails (the next request then opens another).
+async fn run_chunk_link(
+    mut streams: libp2p_stream::Control,
+    peer: PeerId,
+    mut queue: mpsc::Receiver<(ChunkRequest, ChunkReply)>,
+) {
+    use futures::AsyncReadExt;
+    let stream = match streams.open_stream(peer, CHUNK_PROTOCOL).await {
+        Ok(s) => s,
+        Err(e) => {
+            let why = format!("cannot open a chunk stream: {e}");
+            queue.close();
+            while let Ok((_, reply)) = queue.try_recv() {
+                let _ = reply.send(Err(RequestError::Unreachable(peer, why.clone())));
+            }
+            return;
+        }
+    };
+    let (mut reader, mut writer) = stream.split();
+    let in_flight = Arc::new(Mutex::new(InFlight::default()));
+    let answers = in_flight.clone();
+    let read = tokio::spawn(async move {
+        loop {
+            let answer = read_frame::<Tagged<ChunkResponse>, _, MAX_CHUNK_FRAME>(&mut reader).await;
+            let mut in_flight = answers.lock().expect("in-flight lock");
+            match answer {
+                Ok(Tagged { id, body }) => {
+                    if let Some(reply) = in_flight.waiting.remove(&id) {
+                        let _ = reply.send(Ok(body));
+                    }
+                }
+                Err(e) => {
+                    debug!(%peer, "chunk stream ended: {e}");
+                    in_flight.fail(peer, format!("chunk stream failed: {e}"));
+                    return;
+                }
+            }
+        }
+    });
+    let mut read = std::pin::pin!(read);
+    let mut reading = true;
+    let mut next_id = 0u64;
+    loop {
+        let (request, reply) = tokio::select! {
+            next = queue.recv() => match next {
+                Some(next) => next,
+                None => break,
+            },
+            // The stream failed: what is queued fails below.
+            _ = &mut read, if reading => {
+                reading = false;
+                break;
+            }
+        };
+        if reply.is_closed() {
+            continue; // The requester gave up waiting.
+        }
+        let id = next_id;
+        next_id += 1;
+        {
+            let mut in_flight = in_flight.lock().expect("in-flight lock");
+            if in_flight.waiting.len() >= MAX_IN_FLIGHT {
+                in_flight.waiting.retain(|_, r| !r.is_closed());
+            }
+            if in_flight.waiting.len() >= MAX_IN_FLIGHT {
+                let why = "too many chunk requests in flight".into();
+                let _ = reply.send(Err(RequestError::Unreachable(peer, why)));
+                continue;
+            }
+            in_flight.waiting.insert(id, reply);
+        }
+        let frame = Tagged::new(id, request);
+        let written = match write_frame::<_, _, MAX_CHUNK_FRAME>(&mut writer, &frame).await {
+            Ok(()) if queue.is_empty() => futures::AsyncWriteExt::flush(&mut writer).await,
+            other => other,
+        };
+        if let Err(e) = written {
+            debug!(%peer, "chunk stream failed: {e}");
+            let why = format!("chunk stream failed: {e}");
+            in_flight.lock().expect("in-flight lock").fail(peer, why);
+            break;
+        }
+    }
+    queue.close();
+    let why = in_flight.lock().expect("in-flight lock").failed.clone();
+    if let Some(why) = why {
+        while let Ok((_, reply)) = queue.try_recv() {
+            let _ = reply.send(Err(RequestError::Stream(peer, why.clone())));
+        }
+        if reading {
+            read.abort();
+        }
+        return;
+    }
+    // Closing our half ends the peer's reader; it closes its half once
+    // its answers are written, which ends our reader.
+    let _ = futures::AsyncWriteExt::close(&mut writer).await;
+}
+
+/// Serves one chunk stream a peer opened: a task reads its requests and
+/// hands them to the loop, another writes the answers in the order they
+/// are ready. A malformed or oversized frame ends the reading; answers
+/// already owed are still written, then the stream closes.
+fn serve_chunk_stream(peer: PeerId, stream: libp2p::Stream, commands: mpsc::Sender<Command>) {
+    use futures::AsyncReadExt;
+    let (mut reader, mut writer) = stream.split();
+    let (answers, mut queue) = mpsc::channel::<Tagged<ChunkResponse>>(CHUNK_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let request = read_frame::<Tagged<ChunkRequest>, _, MAX_CHUNK_FRAME>(&mut reader).await;
+            let Tagged { id, body } = match request {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
+                Err(e) => {
+                    debug!(%peer, "chunk stream failed: {e}");
+                    return;
+                }
+            };
+            let reply = StreamReply {
+                id,
+                answers: Some(answers.clone()),
+            };
+            if commands
+                .send(Command::ChunkAsked(peer, body, reply))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(answer) = queue.recv().await {
+            let written = write_frame::<_, _, MAX_CHUNK_FRAME>(&mut writer, &answer).await;
+            let written = match written {
+                Ok(()) if queue.is_empty() => futures::AsyncWriteExt::flush(&mut writer).await,
+                other => other,
+            };
+            if let Err(e) = written {
+                debug!(%peer, "chunk stream failed: {e}");
+                return;
+            }
+        }
+        let _ = futures::AsyncWriteExt::close(&mut writer).await;
+    });
+}
+
 fn outbound_error(peer: PeerId, error: request_response::OutboundFailure) -> RequestError {
     use request_response::OutboundFailure as F;
     match error {
@@ -1038,14 +1255,15 @@ mod tests {
         }
     }
 
-    /// Opens an announcement stream, writes `bytes` and says whether the
+    /// Opens a `protocol` stream, writes `bytes` and says whether the
     /// other side then reset or closed it.
-    async fn announce_raw(
+    async fn write_raw(
         streams: &mut libp2p_stream::Control,
         peer: PeerId,
+        protocol: StreamProtocol,
         bytes: &[u8],
     ) -> bool {
-        let mut stream = streams.open_stream(peer, HAVE_PROTOCOL).await.unwrap();
+        let mut stream = streams.open_stream(peer, protocol).await.unwrap();
         stream.write_all(bytes).await.unwrap();
         stream.flush().await.unwrap();
         let mut rest = Vec::new();
@@ -1072,12 +1290,17 @@ mod tests {
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = seen.clone();
         let (have_tx, mut haves) = mpsc::channel(16);
+        let (chunk_tx, mut chunk_requests) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Some(ev) = events.recv().await {
                 match ev {
                     NetEvent::Control { reply, .. } => {
                         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         reply.send(ControlResponse::Fleet(Vec::new())).await;
+                    }
+                    NetEvent::Chunk { request, reply, .. } => {
+                        let _ = chunk_tx.send(request).await;
+                        reply.send(ChunkResponse::Refused).await;
                     }
                     NetEvent::Have { announcement, .. } => {
                         let _ = have_tx.send(announcement).await;
@@ -1153,8 +1376,26 @@ mod tests {
                 }
             });
             let oversized = ((MAX_HAVE_FRAME + 1) as u32).to_le_bytes();
-            assert!(announce_raw(&mut streams, them, &oversized).await);
-            assert!(announce_raw(&mut streams, them, &[3, 0, 0, 0, 0xff, 0xff, 0xff]).await);
+            let malformed = [3, 0, 0, 0, 0xff, 0xff, 0xff];
+            assert!(write_raw(&mut streams, them, HAVE_PROTOCOL, &oversized).await);
+            assert!(write_raw(&mut streams, them, HAVE_PROTOCOL, &malformed).await);
+            // Chunk streams: each bad one is ended, a good one still answered.
+            let oversized = ((MAX_CHUNK_FRAME + 1) as u32).to_le_bytes();
+            assert!(write_raw(&mut streams, them, CHUNK_PROTOCOL, &oversized).await);
+            assert!(write_raw(&mut streams, them, CHUNK_PROTOCOL, &malformed).await);
+            let get = ChunkRequest::Get {
+                release: convoy_chunker::ReleaseId([4; 32]),
+                indices: vec![7],
+            };
+            let mut stream = streams.open_stream(them, CHUNK_PROTOCOL).await.unwrap();
+            let frame = encode_frame::<_, MAX_CHUNK_FRAME>(&Tagged::new(41, get.clone())).unwrap();
+            stream.write_all(&frame).await.unwrap();
+            stream.flush().await.unwrap();
+            let answer: Tagged<ChunkResponse> = read_frame::<_, _, MAX_CHUNK_FRAME>(&mut stream)
+                .await
+                .unwrap();
+            assert_eq!(answer, Tagged::new(41, ChunkResponse::Refused));
+            assert_eq!(chunk_requests.recv().await, Some(get));
             let good = Announcement {
                 release: convoy_chunker::ReleaseId([4; 32]),
                 chunks: vec![1, 2, 3],
@@ -1175,6 +1416,10 @@ mod tests {
             "a bad message reached the daemon"
         );
         assert!(haves.try_recv().is_err(), "a bad announcement was heard");
+        assert!(
+            chunk_requests.try_recv().is_err(),
+            "a bad chunk request was heard"
+        );
         server.shutdown().await;
     }
 
@@ -1224,6 +1469,80 @@ mod tests {
             0,
             "a non-member's request reached the daemon"
         );
+    }
+
+    #[tokio::test]
+    async fn chunk_answers_reach_their_own_requests_in_any_order() {
+        let config = || NetConfig {
+            keypair: Keypair::generate_ed25519(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            fleet_key: [6; 32],
+            request_timeout: Duration::from_secs(10),
+        };
+        let (server, mut events) = start(config()).unwrap();
+        let addr = loop {
+            if let Some(NetEvent::Listening(a)) = events.recv().await {
+                break a;
+            }
+        };
+        const N: u32 = 20;
+        // Holds every request until all have come, then answers them last
+        // first, each with a chunk naming its index; drops index 5 unanswered.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(ev) = events.recv().await {
+                if let NetEvent::Chunk {
+                    request: ChunkRequest::Get { indices, .. },
+                    reply,
+                    ..
+                } = ev
+                {
+                    held.push((indices[0], reply));
+                    if held.len() == N as usize {
+                        while let Some((i, reply)) = held.pop() {
+                            if i == 5 {
+                                continue;
+                            }
+                            let chunk = crate::protocol::WireChunk {
+                                encoding: 0,
+                                bytes: i.to_le_bytes().to_vec(),
+                            };
+                            reply.send(ChunkResponse::Chunks(vec![Some(chunk)])).await;
+                        }
+                    }
+                }
+            }
+        });
+        let (client, _client_events) = start(config()).unwrap();
+        client.add_addresses(server.peer_id(), vec![addr]).await;
+        let asks = (0..N).map(|i| {
+            let client = client.clone();
+            let peer = server.peer_id();
+            async move {
+                let get = ChunkRequest::Get {
+                    release: convoy_chunker::ReleaseId([3; 32]),
+                    indices: vec![i],
+                };
+                (i, client.chunk(peer, get).await)
+            }
+        });
+        let answers =
+            tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(asks))
+                .await
+                .expect("bounded");
+        for (i, answer) in answers {
+            let expected = if i == 5 {
+                ChunkResponse::Busy { retry_ms: 0 }
+            } else {
+                ChunkResponse::Chunks(vec![Some(crate::protocol::WireChunk {
+                    encoding: 0,
+                    bytes: i.to_le_bytes().to_vec(),
+                })])
+            };
+            assert_eq!(answer, Ok(expected), "request {i}");
+        }
+        client.shutdown().await;
+        server.shutdown().await;
     }
 
     #[tokio::test]
