@@ -10,7 +10,8 @@
 //!   answers come back in the order they are ready. As request–response
 //!   (a stream per request, with its negotiation, timer and small writes),
 //!   the streams cost more CPU than the chunks: on a 50-target swarm on
-//!   two cores, p99 came down from 1.36–1.45× the bound to 1.26–1.29×.
+//!   two cores (five runs each, in turn) fleet CPU fell from 19.3–20.7 s
+//!   to 18.3–18.6 s and p99 from 1.29–1.38× the bound to 1.22–1.25×.
 //! - [`CONTROL_PROTOCOL`] is request–response, a stream each request: the
 //!   fleet handshake, registration and heartbeats, staging orders,
 //!   have-sets, and the operator's requests to the coordinator.
