@@ -118,7 +118,7 @@ pub enum NetEvent {
         /// What.
         request: ChunkRequest,
         /// Where the answer goes.
-        reply: Reply<ChunkResponse>,
+        reply: ChunkAnswer,
     },
     /// An admitted peer announces chunks it has newly stored.
     Have {
@@ -138,38 +138,43 @@ pub enum NetEvent {
     },
 }
 
-/// The way back for one inbound request. Dropping it without answering
-/// fails the request: a control stream is reset, a chunk request is
-/// answered busy.
+/// The way back for one inbound control request. Dropping it without
+/// answering resets the stream, which the requester sees as a failure.
 #[derive(Debug)]
 pub struct Reply<T> {
-    way: Way<T>,
+    channel: ResponseChannel<T>,
+    commands: mpsc::Sender<Command>,
 }
 
-#[derive(Debug)]
-enum Way<T> {
-    /// A request–response stream of its own (control requests).
-    Channel(ResponseChannel<T>, mpsc::Sender<Command>),
-    /// A frame on the requester's chunk stream.
-    Stream(StreamReply),
+impl Reply<ControlResponse> {
+    /// Sends the answer.
+    pub async fn send(self, response: ControlResponse) {
+        let _ = self
+            .commands
+            .send(Command::RespondControl(self.channel, response))
+            .await;
+    }
 }
 
-/// Where the answer to a request read from a chunk stream goes: the
-/// stream's writer, tagged with the request's id.
+/// The way back for one chunk request: a frame tagged with the request's
+/// id, queued for the writer of the chunk stream it came on. Dropping it
+/// without answering answers busy.
 #[derive(Debug)]
-struct StreamReply {
+pub struct ChunkAnswer {
     id: u64,
     answers: Option<mpsc::Sender<Tagged<ChunkResponse>>>,
 }
 
-impl StreamReply {
-    async fn send(mut self, response: ChunkResponse) {
+impl ChunkAnswer {
+    /// Sends the answer.
+    pub async fn send(mut self, response: ChunkResponse) {
         if let Some(answers) = self.answers.take() {
             let _ = answers.send(Tagged::new(self.id, response)).await;
         }
     }
 
-    /// Answers without waiting: for refusals, when the writer's queue has room.
+    /// Answers without waiting: for refusals, when the writer's queue has
+    /// room (if not, the requester's timeout ends the request).
     fn send_now(mut self, response: ChunkResponse) {
         if let Some(answers) = self.answers.take() {
             let _ = answers.try_send(Tagged::new(self.id, response));
@@ -177,34 +182,10 @@ impl StreamReply {
     }
 }
 
-impl Drop for StreamReply {
+impl Drop for ChunkAnswer {
     fn drop(&mut self) {
         if let Some(answers) = self.answers.take() {
             let _ = answers.try_send(Tagged::new(self.id, ChunkResponse::Busy { retry_ms: 0 }));
-        }
-    }
-}
-
-impl Reply<ChunkResponse> {
-    /// Sends the answer.
-    pub async fn send(self, response: ChunkResponse) {
-        match self.way {
-            Way::Stream(reply) => reply.send(response).await,
-            Way::Channel(..) => unreachable!("chunk requests come on chunk streams"),
-        }
-    }
-}
-
-impl Reply<ControlResponse> {
-    /// Sends the answer.
-    pub async fn send(self, response: ControlResponse) {
-        match self.way {
-            Way::Channel(channel, commands) => {
-                let _ = commands
-                    .send(Command::RespondControl(channel, response))
-                    .await;
-            }
-            Way::Stream(_) => unreachable!("control requests come on their own streams"),
         }
     }
 }
@@ -222,7 +203,7 @@ enum Command {
     /// A peer's, read from its stream.
     Announced(PeerId, Announcement),
     /// A peer's chunk request, read from its chunk stream.
-    ChunkAsked(PeerId, ChunkRequest, StreamReply),
+    ChunkAsked(PeerId, ChunkRequest, ChunkAnswer),
     RespondControl(ResponseChannel<ControlResponse>, ControlResponse),
     Ban(PeerId),
     Shutdown,
@@ -411,7 +392,7 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
 }
 
 enum Parked {
-    InChunk(ChunkRequest, StreamReply),
+    InChunk(ChunkRequest, ChunkAnswer),
     InControl(ControlRequest, ResponseChannel<ControlResponse>),
     OutChunk(ChunkRequest, ChunkReply),
     OutControl(ControlRequest, ControlReply),
@@ -498,24 +479,18 @@ impl EventLoop {
     fn refuse(&self, event: NetEvent, denied: bool) {
         let tx = self.commands_tx.clone();
         match event {
-            NetEvent::Chunk { reply, .. } => {
-                if let Way::Stream(reply) = reply.way {
-                    reply.send_now(if denied {
-                        ChunkResponse::Denied
-                    } else {
-                        ChunkResponse::Busy { retry_ms: 0 }
-                    });
-                }
-            }
+            NetEvent::Chunk { reply, .. } => reply.send_now(if denied {
+                ChunkResponse::Denied
+            } else {
+                ChunkResponse::Busy { retry_ms: 0 }
+            }),
             NetEvent::Control { reply, .. } => {
                 let resp = if denied {
                     ControlResponse::Denied
                 } else {
                     ControlResponse::Error("busy; try again".into())
                 };
-                if let Way::Channel(channel, _) = reply.way {
-                    let _ = tx.try_send(Command::RespondControl(channel, resp));
-                }
+                let _ = tx.try_send(Command::RespondControl(reply.channel, resp));
             }
             _ => {}
         }
@@ -603,15 +578,14 @@ impl EventLoop {
             Parked::InChunk(request, reply) => self.emit(NetEvent::Chunk {
                 peer,
                 request,
-                reply: Reply {
-                    way: Way::Stream(reply),
-                },
+                reply,
             }),
             Parked::InControl(request, channel) => self.emit(NetEvent::Control {
                 peer,
                 request,
                 reply: Reply {
-                    way: Way::Channel(channel, self.commands_tx.clone()),
+                    channel,
+                    commands: self.commands_tx.clone(),
                 },
             }),
             Parked::OutHave(announcement) => self.announce(peer, announcement),
@@ -1040,6 +1014,11 @@ async fn run_chunk_link(
         next_id += 1;
         {
             let mut in_flight = in_flight.lock().expect("in-flight lock");
+            if let Some(why) = &in_flight.failed {
+                // The reader failed while this request was being taken.
+                let _ = reply.send(Err(RequestError::Stream(peer, why.clone())));
+                break;
+            }
             if in_flight.waiting.len() >= MAX_IN_FLIGHT {
                 in_flight.waiting.retain(|_, r| !r.is_closed());
             }
@@ -1097,7 +1076,7 @@ fn serve_chunk_stream(peer: PeerId, stream: libp2p::Stream, commands: mpsc::Send
                     return;
                 }
             };
-            let reply = StreamReply {
+            let reply = ChunkAnswer {
                 id,
                 answers: Some(answers.clone()),
             };
@@ -1272,21 +1251,30 @@ mod tests {
         ended.is_err() || rest.is_empty()
     }
 
+    /// A new identity on a free loopback port, in the fleet of `fleet_key`.
+    fn loopback(fleet_key: [u8; 32]) -> NetConfig {
+        NetConfig {
+            keypair: Keypair::generate_ed25519(),
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            fleet_key,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Starts a network on `config` and waits for its listen address.
+    async fn listening(config: NetConfig) -> (NetHandle, mpsc::Receiver<NetEvent>, Multiaddr) {
+        let (net, mut events) = start(config).unwrap();
+        loop {
+            if let Some(NetEvent::Listening(a)) = events.recv().await {
+                return (net, events, a);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn malformed_and_oversized_messages_fail_their_stream_and_the_peer_is_still_served() {
         let key = [7u8; 32];
-        let (server, mut events) = start(NetConfig {
-            keypair: Keypair::generate_ed25519(),
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            fleet_key: key,
-            request_timeout: Duration::from_secs(10),
-        })
-        .unwrap();
-        let addr = loop {
-            if let Some(NetEvent::Listening(a)) = events.recv().await {
-                break a;
-            }
-        };
+        let (server, mut events, addr) = listening(loopback(key)).await;
         let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = seen.clone();
         let (have_tx, mut haves) = mpsc::channel(16);
@@ -1425,18 +1413,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_with_another_fleet_key_is_refused() {
-        let config = |key| NetConfig {
-            keypair: Keypair::generate_ed25519(),
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            fleet_key: key,
-            request_timeout: Duration::from_secs(10),
-        };
-        let (server, mut events) = start(config([1; 32])).unwrap();
-        let addr = loop {
-            if let Some(NetEvent::Listening(a)) = events.recv().await {
-                break a;
-            }
-        };
+        let (server, mut events, addr) = listening(loopback([1; 32])).await;
         let reached = tokio::spawn(async move {
             let mut n = 0;
             while let Some(ev) = events.recv().await {
@@ -1449,7 +1426,7 @@ mod tests {
             }
             n
         });
-        let (client, _client_events) = start(config([2; 32])).unwrap();
+        let (client, _client_events) = start(loopback([2; 32])).unwrap();
         client.add_addresses(server.peer_id(), vec![addr]).await;
         let announcement = Announcement {
             release: convoy_chunker::ReleaseId([1; 32]),
@@ -1473,18 +1450,8 @@ mod tests {
 
     #[tokio::test]
     async fn chunk_answers_reach_their_own_requests_in_any_order() {
-        let config = || NetConfig {
-            keypair: Keypair::generate_ed25519(),
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            fleet_key: [6; 32],
-            request_timeout: Duration::from_secs(10),
-        };
-        let (server, mut events) = start(config()).unwrap();
-        let addr = loop {
-            if let Some(NetEvent::Listening(a)) = events.recv().await {
-                break a;
-            }
-        };
+        let config = || loopback([6; 32]);
+        let (server, mut events, addr) = listening(config()).await;
         const N: u32 = 20;
         // Holds every request until all have come, then answers them last
         // first, each with a chunk naming its index; drops index 5 unanswered.
@@ -1547,18 +1514,8 @@ mod tests {
 
     #[tokio::test]
     async fn announcements_between_members_arrive_in_order() {
-        let config = || NetConfig {
-            keypair: Keypair::generate_ed25519(),
-            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-            fleet_key: [5; 32],
-            request_timeout: Duration::from_secs(10),
-        };
-        let (server, mut events) = start(config()).unwrap();
-        let addr = loop {
-            if let Some(NetEvent::Listening(a)) = events.recv().await {
-                break a;
-            }
-        };
+        let config = || loopback([5; 32]);
+        let (server, mut events, addr) = listening(config()).await;
         let (client, _client_events) = start(config()).unwrap();
         client.add_addresses(server.peer_id(), vec![addr]).await;
         let sent: Vec<Announcement> = (0..50u32)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use convoy_chunker::{ChunkRef, Encoding, Manifest, ReleaseId, StoredChunk};
 
-use crate::net::Reply;
+use crate::net::ChunkAnswer;
 use crate::protocol::{busy, ChunkResponse, WireChunk, MAX_GET_BATCH};
 use crate::rate::Pacer;
 use crate::store::Store;
@@ -138,7 +138,7 @@ impl Chunks {
     pub async fn serve(
         self: Arc<Self>,
         chunks: Vec<Option<ChunkRef>>,
-        reply: Reply<ChunkResponse>,
+        reply: ChunkAnswer,
         counter: Option<Arc<AtomicU64>>,
     ) -> Vec<bool> {
         self.serving.fetch_add(1, Ordering::Relaxed);

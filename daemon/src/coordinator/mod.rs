@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::net::{NetEvent, NetHandle, Reply};
+use crate::net::{ChunkAnswer, NetEvent, NetHandle};
 use crate::protocol::{
     signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
     DistributionMode, FleetMember, Labels, PeerInfo, StageOrder, StageProgress, StageState,
@@ -437,7 +437,7 @@ impl Coordinator {
         }
     }
 
-    async fn on_chunk(&mut self, peer: PeerId, request: ChunkRequest, reply: Reply<ChunkResponse>) {
+    async fn on_chunk(&mut self, peer: PeerId, request: ChunkRequest, reply: ChunkAnswer) {
         match request {
             ChunkRequest::Get { release, indices } => {
                 let mut wanted = match self.chunks.admit(&release, &indices) {

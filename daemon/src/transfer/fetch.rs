@@ -80,6 +80,17 @@ impl Default for FetchConfig {
     }
 }
 
+impl FetchConfig {
+    /// The speculative copies (an endgame's second request, an idle
+    /// origin's extra copy) a transfer of `missing` chunks may cost: in a
+    /// small one (at most four endgames' worth), where every chunk is one
+    /// of the last and a second copy races the one already coming, one in
+    /// [`FetchConfig::endgame_share`]; `None` (no such cap) in a large one.
+    pub fn small_transfer_duplicates(&self, missing: usize) -> Option<usize> {
+        (missing <= 4 * self.endgame_chunks).then(|| missing / self.endgame_share.max(1) as usize)
+    }
+}
+
 /// What a [`Fetcher`] wants done.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FetchAction<P> {
@@ -207,11 +218,9 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         // a large one keeps the endgame free, which its tail needs when a
         // peer's queue is deep.
         let needed = n - have.count();
-        let endgame_budget = if needed <= 4 * config.endgame_chunks {
-            needed / config.endgame_share.max(1) as usize
-        } else {
-            usize::MAX
-        };
+        let endgame_budget = config
+            .small_transfer_duplicates(needed)
+            .unwrap_or(usize::MAX);
         let mut f = Self {
             endgame_budget,
             duplicates: 0,

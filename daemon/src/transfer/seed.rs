@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{ChunkIndex, HaveSet};
+use super::{ChunkIndex, FetchConfig, HaveSet};
 
 /// The origin's answer to a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,17 +53,6 @@ const MAX_REFUSALS: usize = 1 << 16;
 
 /// Chunks [`Seeder::gift`] weighs when it looks for the rarest.
 const GIFT_SAMPLE: usize = 1024;
-
-/// A transfer of at most this many missing chunks is small: every chunk
-/// is one of the last, and an extra copy the origin sends unasked races
-/// the copy the target is already fetching from a peer. So an idle origin
-/// sends a small transfer at most one extra copy in [`SMALL_EXTRA_SHARE`],
-/// as the fetchers' endgame duplicates (measured with `convoy bench
-/// --nodes 10 --size 16MiB --uplink 2MiB --change 1 --modes swarm`: with
-/// no such cap one target in some runs received 1.17–1.56× the update).
-const SMALL_TRANSFER: usize = 64;
-/// See [`SMALL_TRANSFER`].
-const SMALL_EXTRA_SHARE: usize = 8;
 
 impl<P: Copy + Ord> Seeder<P> {
     /// A seeder for a release of `chunks` chunks.
@@ -169,7 +158,8 @@ impl<P: Copy + Ord> Seeder<P> {
     /// copies; then, while `uplink_idle` says nothing else waits for its
     /// uplink, a copy of the rarest chunk, until each has a quarter of
     /// the targets or it has sent what the targets lacked once more that
-    /// way (one copy in eight of a small transfer, [`SMALL_TRANSFER`]) — the
+    /// way (one copy in eight of a small transfer, as
+    /// [`FetchConfig::small_transfer_duplicates`] says) — the
     /// last chunks it sends otherwise spread from a single holder while
     /// its uplink idles. Each goes to the target with the fewest sends from
     /// the origin under way, and counts as a copy from now on, as a served
@@ -227,18 +217,21 @@ impl<P: Copy + Ord> Seeder<P> {
         Some((peer, chunk))
     }
 
-    /// The chunks some target lacks, when first asked (once per run: a
-    /// pass over the chunks): the release once more for a large transfer,
-    /// a share of it for a small one.
+    /// The most extra copies: as many as the chunks some target lacks when
+    /// first asked (once per run: a pass over the chunks), a share of them
+    /// in a small transfer.
     fn extra_budget(&mut self) -> usize {
         *self.extra_budget.get_or_insert_with(|| {
             let targets = self.targets.len() as u32;
             let missing = self.copies.iter().filter(|c| **c < targets).count();
-            if missing <= SMALL_TRANSFER {
-                missing / SMALL_EXTRA_SHARE
-            } else {
-                missing
-            }
+            // A small transfer is capped as the targets' endgame is: an
+            // extra copy races the one a target already fetches from a
+            // peer (measured with `convoy bench --nodes 10 --size 16MiB
+            // --uplink 2MiB --change 1 --modes swarm`: uncapped, one target
+            // in some runs received 1.17-1.56x the update).
+            FetchConfig::default()
+                .small_transfer_duplicates(missing)
+                .unwrap_or(missing)
         })
     }
 
