@@ -1,11 +1,58 @@
 # Sourced by the other scripts: makes sure what RocksDB's build needs is
 # here (libclang for bindgen, a C++ compiler), installing it with apt-get
 # when it is missing and we may.
+
+# Prints the first libclang that bindgen (clang-sys, loading at run time as
+# the rocksdb crate's `bindgen-runtime` feature does) would load, and fails
+# when there is none. It follows clang-sys's own rules: LIBCLANG_PATH alone
+# when set; else `llvm-config --prefix`, LD_LIBRARY_PATH, LIBRARY_PATH and
+# the usual directories; files named libclang.so, libclang-*.so,
+# libclang.so.* or libclang-*.so.*, but never libclang-cpp (a different
+# library that Debian's libclang-cpp14 ships on its own), and only 64-bit
+# ELF objects. An optional ROOT prefixes the usual directories, so the rules
+# can be tested against a fake tree.
+find_libclang() {
+    local root="${1:-}" dirs=() dir name file
+    if [ -n "${LIBCLANG_PATH:-}" ]; then
+        if [ -f "$LIBCLANG_PATH" ]; then
+            dirs=("$(dirname "$LIBCLANG_PATH")")
+        else
+            dirs=("$LIBCLANG_PATH")
+        fi
+    else
+        local prefix
+        if prefix=$("${LLVM_CONFIG_PATH:-llvm-config}" --prefix 2>/dev/null); then
+            dirs+=("$prefix/bin" "$prefix/lib" "$prefix/lib64")
+        fi
+        local IFS=:
+        dirs+=(${LD_LIBRARY_PATH:-} ${LIBRARY_PATH:-})
+        unset IFS
+        shopt -s nullglob
+        dirs+=("$root"/usr/local/llvm*/lib* "$root"/usr/local/lib*/*/* "$root"/usr/local/lib*/*
+               "$root"/usr/local/lib* "$root"/usr/lib*/*/* "$root"/usr/lib*/* "$root"/usr/lib*)
+        shopt -u nullglob
+    fi
+    for dir in "${dirs[@]}"; do
+        [ -d "$dir" ] || continue
+        for file in "$dir"/libclang.so "$dir"/libclang-*.so "$dir"/libclang.so.* "$dir"/libclang-*.so.*; do
+            [ -f "$file" ] || continue
+            name=${file##*/}
+            case "$name" in *-cpp.*) continue ;; esac
+            if [ -n "${LIBCLANG_PATH:-}" ] && [ -f "$LIBCLANG_PATH" ] && [ "$file" != "$LIBCLANG_PATH" ]; then
+                continue
+            fi
+            # ELF magic, then class 2 (64-bit) at byte 4.
+            [ "$(head -c 5 "$file" 2>/dev/null | od -An -tx1 | tr -d ' \n')" = "7f454c4602" ] || continue
+            printf '%s\n' "$file"
+            return 0
+        done
+    done
+    return 1
+}
+
 ensure_build_deps() {
     local missing=()
-    if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
-        missing+=(libclang-dev)
-    fi
+    find_libclang >/dev/null || missing+=(libclang-dev)
     command -v c++ >/dev/null 2>&1 || missing+=(g++)
     command -v cargo >/dev/null 2>&1 || {
         echo "cargo not found: install the Rust toolchain (https://rustup.rs) first" >&2
@@ -17,11 +64,18 @@ ensure_build_deps() {
         if command -v sudo >/dev/null 2>&1; then
             sudo="sudo"
         else
-            echo "building RocksDB needs: ${missing[*]}; install them (apt-get install ${missing[*]}) and retry" >&2
+            echo "building RocksDB needs ${missing[*]} (bindgen loads libclang.so, libclang-N.so or libclang.so.N; libclang-cpp is not it): run 'apt-get install ${missing[*]}' as root, or set LIBCLANG_PATH to a directory holding libclang, and retry" >&2
             return 1
         fi
     fi
     echo "installing build dependencies: ${missing[*]}" >&2
-    $sudo apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+    if ! { $sudo apt-get update -qq >&2 &&
+           DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2; }; then
+        echo "could not install ${missing[*]}, which building RocksDB needs: install them by hand ('apt-get install ${missing[*]}') and retry" >&2
+        return 1
+    fi
+    if [[ " ${missing[*]} " == *" libclang-dev "* ]] && ! find_libclang >/dev/null; then
+        echo "libclang-dev is installed but no libclang that bindgen loads was found; set LIBCLANG_PATH to the directory holding libclang.so and retry" >&2
+        return 1
+    fi
 }
