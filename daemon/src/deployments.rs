@@ -330,26 +330,35 @@ impl Deployments {
         Ok((id, cmds))
     }
 
-    /// Feeds an event to roll-out `id`, written to the store first.
-    pub fn handle(&mut self, id: u64, at: Millis, event: Event) -> Vec<Command> {
+    /// Feeds an event to roll-out `id`, written to the store first: an
+    /// event that cannot be written is not applied, so what a restart
+    /// replays is what ran. A tick is recorded only when it changed
+    /// something, so it is tried on a copy of the engine and applied once
+    /// written.
+    pub fn handle(&mut self, id: u64, at: Millis, event: Event) -> Result<Vec<Command>, String> {
         let Some(dep) = self.all.get_mut(&id) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        let tick = event == Event::Tick;
         let record = serde_json::to_vec(&Record::Event(at, event.clone())).expect("encodes");
-        if !tick {
-            if let Err(e) = self.store.append_record(&log_name(id), &record) {
-                warn!(id, "cannot record a roll-out event: {e}");
+        let append = |store: &Arc<dyn Store>| {
+            store.append_record(&log_name(id), &record).map_err(|e| {
+                format!("cannot record an event of roll-out {id}, so it is not applied: {e}")
+            })
+        };
+        let cmds = if event == Event::Tick {
+            let mut next = dep.rollout.clone();
+            let cmds = next.handle(at, event);
+            if !cmds.is_empty() {
+                append(&self.store)?;
+                dep.rollout = next;
             }
-        }
-        let cmds = dep.rollout.handle(at, event);
-        if tick && !cmds.is_empty() {
-            if let Err(e) = self.store.append_record(&log_name(id), &record) {
-                warn!(id, "cannot record a roll-out event: {e}");
-            }
-        }
+            cmds
+        } else {
+            append(&self.store)?;
+            dep.rollout.handle(at, event)
+        };
         note(dep, at, &cmds);
-        cmds
+        Ok(cmds)
     }
 
     /// The roll-out running for `app` in `env`, if any.
@@ -517,19 +526,62 @@ mod tests {
     }
 
     #[test]
+    fn an_event_that_cannot_be_written_is_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let rocks = Arc::new(crate::store::RocksStore::open(dir.path()).unwrap());
+        let store: Arc<dyn Store> = rocks.clone();
+        let mut d = Deployments::load(store).unwrap();
+        let (id, _) = d
+            .create(1000, spec(&["a", "b"]), ReleaseId([1; 32]), 0)
+            .unwrap();
+        d.handle(id, 1100, Event::Staged("a".into(), Ok(())))
+            .unwrap();
+        let before = serde_json::to_value(&d.all[&id].rollout).unwrap();
+        // The disk fails: the store takes no more writes.
+        rocks.fail_syncs_for_tests();
+        for event in [
+            Event::Staged("b".into(), Ok(())),
+            Event::Abort,
+            // Past the progress deadline: a tick that would change things.
+            Event::Tick,
+        ] {
+            let e = d.handle(id, 60_000, event.clone()).unwrap_err();
+            assert!(e.contains("not applied"), "{event:?}: {e}");
+            assert_eq!(
+                serde_json::to_value(&d.all[&id].rollout).unwrap(),
+                before,
+                "{event:?} was applied"
+            );
+        }
+        drop(d);
+        drop(rocks);
+        let again = Deployments::load(Arc::new(
+            crate::store::RocksStore::open(dir.path()).unwrap(),
+        ))
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&again.all[&id].rollout).unwrap(),
+            before
+        );
+    }
+
+    #[test]
     fn a_reloaded_book_resumes_the_roll_out_where_it_was() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let mut d = Deployments::load(store.clone()).unwrap();
         let (id, _) = d
             .create(1000, spec(&["a", "b"]), ReleaseId([1; 32]), 0)
             .unwrap();
-        d.handle(id, 1100, Event::Staged("a".into(), Ok(())));
-        let cmds = d.handle(id, 1200, Event::Staged("b".into(), Ok(())));
+        d.handle(id, 1100, Event::Staged("a".into(), Ok(())))
+            .unwrap();
+        let cmds = d
+            .handle(id, 1200, Event::Staged("b".into(), Ok(())))
+            .unwrap();
         assert!(cmds
             .iter()
             .any(|c| matches!(c, Command::Deliver { target, .. } if target == "a")));
         // A tick that changes nothing is not written.
-        assert!(d.handle(id, 1300, Event::Tick).is_empty());
+        assert!(d.handle(id, 1300, Event::Tick).unwrap().is_empty());
         let before = serde_json::to_value(&d.all[&id].rollout).unwrap();
 
         let again = Deployments::load(store).unwrap();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use libp2p::PeerId;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{label, now_unix_ms, Coordinator, Internal};
 use crate::api::{
@@ -277,11 +277,18 @@ impl Coordinator {
             Steer::Resume => (Event::Resume, "resume"),
             Steer::Abort => (Event::Abort, "abort"),
         };
+        // Handled here rather than queued, so the operator hears when it
+        // could not be recorded (nothing else is queued during an API call).
+        let cmds = self
+            .deployments
+            .handle(id, now_unix_ms(), event)
+            .map_err(ApiError::internal)?;
         let detail = format!("deployment {id}");
         let h = HistoryEntry::new(action, by, detail, Some(&version), Some(&env), Some(id));
         self.deployments.record(&app, &h);
         info!(id, action, "operator steers a roll-out");
-        self.rollout_event(id, event);
+        self.execute(id, cmds);
+        self.drain_queue();
         json_ok(self.deployments.all[&id].detail())
     }
 
@@ -380,8 +387,10 @@ impl Coordinator {
 
     fn drain_queue(&mut self) {
         while let Some((id, event)) = self.queue.pop_front() {
-            let cmds = self.deployments.handle(id, now_unix_ms(), event);
-            self.execute(id, cmds);
+            match self.deployments.handle(id, now_unix_ms(), event) {
+                Ok(cmds) => self.execute(id, cmds),
+                Err(e) => error!("{e}"),
+            }
         }
     }
 

@@ -86,6 +86,15 @@ pub enum StoreError {
         /// Why it does not decode.
         source: DecodeError,
     },
+    /// A sync failed earlier: the store takes no writes until it is opened
+    /// again (what was not synced may be lost, and is fetched again).
+    #[error("store {path} takes no writes since a sync failed ({reason}); check the disk, then restart convoyd")]
+    Stopped {
+        /// The store's directory.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
     /// `app@version` already names another release; versions are immutable.
     #[error("{app}@{version} already names release {existing}; publish under a new version")]
     NameTaken {

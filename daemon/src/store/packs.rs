@@ -51,6 +51,8 @@ pub(super) struct Packs {
     /// Packs written since the last [`Packs::sync`].
     dirty: Mutex<BTreeSet<u32>>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
+    #[cfg(test)]
+    fail_syncs: std::sync::atomic::AtomicBool,
 }
 
 fn pack_name(id: u32) -> String {
@@ -105,6 +107,8 @@ impl Packs {
             idle: Mutex::new(Vec::new()),
             dirty: Mutex::new(BTreeSet::new()),
             readers: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            fail_syncs: Default::default(),
         })
     }
 
@@ -235,16 +239,39 @@ impl Packs {
     }
 
     /// Makes every pack written since the last sync durable, and the
-    /// directory entries of new packs.
+    /// directory entries of new packs. On failure the packs stay dirty: a
+    /// failed fsync may have dropped pages it could not write, so the
+    /// caller must not count anything in them as durable (see
+    /// [`RocksStore`](super::RocksStore), which stops taking writes).
     pub fn sync(&self) -> io::Result<()> {
         let dirty = std::mem::take(&mut *self.dirty.lock().expect("dirty set poisoned"));
-        for id in &dirty {
+        let synced = self.sync_packs(&dirty);
+        if synced.is_err() {
+            self.dirty.lock().expect("dirty set poisoned").extend(dirty);
+        }
+        synced
+    }
+
+    fn sync_packs(&self, ids: &BTreeSet<u32>) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_syncs.load(std::sync::atomic::Ordering::SeqCst) && !ids.is_empty() {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        for id in ids {
             File::open(self.dir.join(pack_name(*id)))?.sync_data()?;
         }
-        if !dirty.is_empty() {
+        if !ids.is_empty() {
             File::open(&self.dir)?.sync_all()?;
         }
         Ok(())
+    }
+
+    /// Makes every later [`Packs::sync`] of a dirty pack fail, as a disk
+    /// that cannot write would.
+    #[cfg(test)]
+    pub fn fail_syncs(&self) {
+        self.fail_syncs
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Removes a pack file (after its live records moved elsewhere).

@@ -1,7 +1,7 @@
 //! The RocksDB store: the one place that knows its column families, its
 //! pack files and their tuning.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -33,9 +33,12 @@ const CF_NAMES: &str = "names";
 const CF_LOGS: &str = "logs";
 
 /// Memtable size of the index: about 80 bytes a chunk, so one memtable
-/// holds the index of ~50 GiB of new chunks and RocksDB seldom flushes it
-/// before [`Store::flush`] has synced the packs it points into.
+/// holds the index of ~50 GiB of new chunks.
 const INDEX_WRITE_BUFFER_BYTES: usize = 64 << 20;
+/// Index entries that wait in memory for their packs' sync at most; past
+/// this `put_chunks` syncs itself (about 100 bytes each: 6 MiB, for some
+/// 4 GiB of chunks).
+const MAX_PENDING_ENTRIES: usize = 1 << 16;
 /// Memtables per family before writes wait for a flush.
 const MAX_WRITE_BUFFERS: i32 = 3;
 /// A pack whose live records fill less than this share (in percent) is
@@ -56,6 +59,21 @@ pub struct RocksStore {
     /// Serialises name writes so a name check and its write are one step.
     names_lock: Mutex<()>,
     logs_lock: Mutex<()>,
+    /// Index entries of chunks whose pack bytes may not be on disk yet.
+    /// They reach RocksDB only in the synced write that follows their
+    /// packs' sync, so no index entry is ever on disk (synced or written
+    /// back by the kernel) before the bytes it points to.
+    pending: Mutex<HashMap<ChunkHash, (ChunkInfo, Location)>>,
+    /// Held through a whole sync (take the pending entries, sync the
+    /// packs, write the entries), so two syncs cannot interleave: one that
+    /// found no dirty pack could otherwise write entries whose packs the
+    /// other is still syncing.
+    sync_lock: Mutex<()>,
+    /// Why writes stopped: a sync failed. Nothing written since the last
+    /// good sync can be trusted to reach the disk, and retrying an fsync
+    /// can report success for pages the kernel already dropped, so the
+    /// store takes no more writes until it is opened again.
+    stopped: Mutex<Option<String>>,
 }
 
 impl RocksStore {
@@ -71,12 +89,11 @@ impl RocksStore {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(BACKGROUND_JOBS);
-        // Index writes wait in memory until `flush` has synced the packs
-        // they point into; then one write and one fsync of the log make
+        // Index entries wait in `pending` until `flush` has synced the
+        // packs they point into; then one synced write of the log makes
         // them durable. (Flushing the memtable to a table file every
         // second instead cost each target a table, its compaction and
         // three fsyncs a second: 9% of a 50-target swarm's CPU.)
-        db_opts.set_manual_wal_flush(true);
 
         let mut small = Options::default();
         let mut table = BlockBasedOptions::default();
@@ -116,6 +133,9 @@ impl RocksStore {
             next_seq: AtomicU64::new(0),
             names_lock: Mutex::new(()),
             logs_lock: Mutex::new(()),
+            pending: Mutex::new(HashMap::new()),
+            sync_lock: Mutex::new(()),
+            stopped: Mutex::new(None),
         };
         let newest = store.releases()?.iter().map(|r| r.seq).max();
         store
@@ -127,6 +147,22 @@ impl RocksStore {
     /// The store's directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Makes the store fail as on a disk that cannot write: the next sync
+    /// fails, and writes stop from then on.
+    #[cfg(test)]
+    pub(crate) fn fail_syncs_for_tests(&self) {
+        self.packs.fail_syncs();
+        self.put_chunks(&[(
+            ChunkRef {
+                hash: ChunkHash::of(b"x"),
+                len: 1,
+            },
+            convoy_chunker::Compressor::new().store(b"x"),
+        )])
+        .expect("writes still go");
+        self.flush().expect_err("an injected sync failure");
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -149,14 +185,51 @@ impl RocksStore {
         }
     }
 
-    /// Writes `batch` durably. A synced write also writes the index
-    /// entries waiting in the log's buffer, so the packs they point into
-    /// are synced first.
-    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.packs.sync().map_err(self.io_err("syncing packs"))?;
-        let mut w = WriteOptions::default();
-        w.set_sync(true);
-        self.db.write_opt(batch, &w).map_err(self.db_err())
+    /// Refuses a write once a sync has failed.
+    fn check_writable(&self) -> Result<(), StoreError> {
+        match &*self.stopped.lock().expect("stopped flag poisoned") {
+            None => Ok(()),
+            Some(reason) => Err(StoreError::Stopped {
+                path: self.path.display().to_string(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// Writes `batch` durably, and with it every pending index entry,
+    /// after the packs those point into are synced. A failure stops the
+    /// store's writes (see [`RocksStore::stopped`]) and keeps the entries
+    /// pending, so that reads still find the chunks this process wrote.
+    fn write_synced(&self, mut batch: WriteBatch) -> Result<(), StoreError> {
+        let _one_sync = self.sync_lock.lock().expect("sync lock poisoned");
+        self.check_writable()?;
+        let pending = std::mem::take(&mut *self.pending.lock().expect("pending poisoned"));
+        let index = self.cf(CF_CHUNK_INFO);
+        for (hash, (info, at)) in &pending {
+            batch.put_cf(index, hash.0, encode_index(*info, *at));
+        }
+        let result = self
+            .packs
+            .sync()
+            .map_err(|e| format!("syncing packs: {e}"))
+            .and_then(|()| {
+                let mut w = WriteOptions::default();
+                w.set_sync(true);
+                self.db.write_opt(batch, &w).map_err(|e| e.into_string())
+            });
+        if let Err(reason) = result {
+            tracing::error!(path = %self.path.display(), "store stops taking writes: {reason}");
+            let mut kept = self.pending.lock().expect("pending poisoned");
+            for (hash, entry) in pending {
+                kept.entry(hash).or_insert(entry);
+            }
+            *self.stopped.lock().expect("stopped flag poisoned") = Some(reason.clone());
+            return Err(StoreError::Stopped {
+                path: self.path.display().to_string(),
+                reason,
+            });
+        }
+        Ok(())
     }
 
     fn decode_name(&self, key: &[u8], value: &[u8]) -> Result<Release, StoreError> {
@@ -218,6 +291,9 @@ fn decode_index(bytes: &[u8]) -> Option<(ChunkInfo, Location)> {
 
 impl RocksStore {
     fn index_entry(&self, hash: &ChunkHash) -> Result<Option<(ChunkInfo, Location)>, StoreError> {
+        if let Some(entry) = self.pending.lock().expect("pending poisoned").get(hash) {
+            return Ok(Some(*entry));
+        }
         match self
             .db
             .get_pinned_cf(self.cf(CF_CHUNK_INFO), hash.0)
@@ -230,13 +306,20 @@ impl RocksStore {
         }
     }
 
+    /// Files index entries to be written at the next sync; syncs now when
+    /// too many wait.
     fn put_index(&self, entries: &[(ChunkHash, ChunkInfo, Location)]) -> Result<(), StoreError> {
-        let index = self.cf(CF_CHUNK_INFO);
-        let mut batch = WriteBatch::default();
-        for (hash, info, at) in entries {
-            batch.put_cf(index, hash.0, encode_index(*info, *at));
+        let waiting = {
+            let mut pending = self.pending.lock().expect("pending poisoned");
+            for (hash, info, at) in entries {
+                pending.insert(*hash, (*info, *at));
+            }
+            pending.len()
+        };
+        if waiting >= MAX_PENDING_ENTRIES {
+            self.flush()?;
         }
-        self.db.write(batch).map_err(self.db_err())
+        Ok(())
     }
 
     fn io_err(&self, what: &str) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -249,8 +332,8 @@ impl RocksStore {
 }
 
 impl Drop for RocksStore {
-    /// Index entries still in the log's buffer are written on a clean
-    /// close, as they would be by a flush.
+    /// Pending index entries are written on a clean close, as they would
+    /// be by a flush.
     fn drop(&mut self) {
         if let Err(e) = Store::flush(self) {
             tracing::warn!(path = %self.path.display(), "store not flushed on close: {e}");
@@ -327,6 +410,7 @@ impl Store for RocksStore {
         if chunks.is_empty() {
             return Ok(());
         }
+        self.check_writable()?;
         let locations = self
             .packs
             .append(chunks)
@@ -356,12 +440,18 @@ impl Store for RocksStore {
     }
 
     fn chunk_info(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<ChunkInfo>>, StoreError> {
+        let pending: Vec<Option<ChunkInfo>> = {
+            let p = self.pending.lock().expect("pending poisoned");
+            hashes.iter().map(|h| p.get(h).map(|(i, _)| *i)).collect()
+        };
         let keys: Vec<&[u8]> = hashes.iter().map(|h| h.0.as_slice()).collect();
         self.db
             .batched_multi_get_cf(self.cf(CF_CHUNK_INFO), keys, false)
             .into_iter()
             .zip(hashes)
-            .map(|(r, hash)| match r.map_err(self.db_err())? {
+            .zip(pending)
+            .map(|((r, hash), pending)| match r.map_err(self.db_err())? {
+                _ if pending.is_some() => Ok(pending),
                 None => Ok(None),
                 Some(v) => decode_index(&v)
                     .map(|(info, _)| Some(info))
@@ -380,10 +470,19 @@ impl Store for RocksStore {
             let key: [u8; 32] = (*key).try_into().map_err(|_| self.corrupt("chunk key"))?;
             out.push(ChunkHash(key));
         }
+        out.extend(self.pending.lock().expect("pending poisoned").keys());
+        out.sort_unstable();
+        out.dedup();
         Ok(out)
     }
 
     fn delete_chunks(&self, hashes: &[ChunkHash]) -> Result<(), StoreError> {
+        {
+            let mut pending = self.pending.lock().expect("pending poisoned");
+            for hash in hashes {
+                pending.remove(hash);
+            }
+        }
         let index = self.cf(CF_CHUNK_INFO);
         let mut batch = WriteBatch::default();
         for hash in hashes {
@@ -394,8 +493,7 @@ impl Store for RocksStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         // Pack bytes first, then the index that points into them.
-        self.packs.sync().map_err(self.io_err("syncing packs"))?;
-        self.db.flush_wal(true).map_err(self.db_err())
+        self.write_synced(WriteBatch::default())
     }
 
     fn put_release(&self, manifest: &Manifest) -> Result<ReleaseId, StoreError> {
@@ -484,7 +582,8 @@ impl Store for RocksStore {
     }
 
     fn compact(&self) -> Result<(), StoreError> {
-        // Live bytes per pack, from the index.
+        // Live bytes per pack, from the index, every entry of it written.
+        self.flush()?;
         self.packs.seal_all();
         let mut live: BTreeMap<u32, Vec<(ChunkHash, ChunkInfo, Location)>> = BTreeMap::new();
         for item in self
@@ -537,5 +636,98 @@ impl Store for RocksStore {
                 .compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use convoy_chunker::Compressor;
+
+    use super::*;
+
+    fn chunk(data: &[u8]) -> (ChunkRef, StoredChunk) {
+        let r = ChunkRef {
+            hash: ChunkHash::of(data),
+            len: data.len() as u32,
+        };
+        (r, Compressor::new().store(data))
+    }
+
+    /// The index entries RocksDB itself holds, without the pending ones.
+    fn indexed(store: &RocksStore) -> Vec<ChunkHash> {
+        store
+            .db
+            .iterator_cf(store.cf(CF_CHUNK_INFO), IteratorMode::Start)
+            .map(|item| ChunkHash((*item.unwrap().0).try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn index_entries_reach_rocksdb_only_after_their_packs_are_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let a = chunk(b"a chunk whose pack is not synced yet");
+        store.put_chunks(std::slice::from_ref(&a)).unwrap();
+        // Readable at once, but nothing of it in the index on disk.
+        assert!(store.contains_chunk(&a.0.hash).unwrap());
+        assert_eq!(store.chunk_hashes().unwrap(), vec![a.0.hash]);
+        assert!(indexed(&store).is_empty());
+        store.flush().unwrap();
+        assert_eq!(indexed(&store), vec![a.0.hash]);
+    }
+
+    #[test]
+    fn a_failed_sync_stops_writes_and_indexes_nothing_unsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (synced, unsynced) = (chunk(b"synced before the failure"), chunk(b"written after"));
+        {
+            let store = RocksStore::open(dir.path()).unwrap();
+            store.put_chunks(std::slice::from_ref(&synced)).unwrap();
+            store.flush().unwrap();
+            store.packs.fail_syncs();
+            store.put_chunks(std::slice::from_ref(&unsynced)).unwrap();
+            let e = store.flush().unwrap_err();
+            assert!(matches!(e, StoreError::Stopped { .. }), "{e}");
+            assert!(e.to_string().contains("injected fsync failure"), "{e}");
+            // What this process wrote still reads back ...
+            assert!(store.get_chunk(&unsynced.0.hash).unwrap().is_some());
+            // ... but nothing more is taken, whatever the write.
+            let more = chunk(b"refused");
+            for e in [
+                store.put_chunks(std::slice::from_ref(&more)).unwrap_err(),
+                store.flush().unwrap_err(),
+                store.append_record("log", b"x").unwrap_err(),
+                store
+                    .put_release(&Manifest::new("web", "1", vec![]).unwrap())
+                    .unwrap_err(),
+                store.delete_chunks(&[synced.0.hash]).unwrap_err(),
+            ] {
+                assert!(matches!(e, StoreError::Stopped { .. }), "{e}");
+            }
+            assert!(!store.contains_chunk(&more.0.hash).unwrap());
+            assert_eq!(indexed(&store), vec![synced.0.hash]);
+        }
+        // Opened again: the chunk synced before the failure is held, the
+        // other is not (it is fetched again), and writes go on.
+        let store = RocksStore::open(dir.path()).unwrap();
+        assert!(store.contains_chunk(&synced.0.hash).unwrap());
+        assert!(!store.contains_chunk(&unsynced.0.hash).unwrap());
+        store.put_chunks(std::slice::from_ref(&unsynced)).unwrap();
+        store.flush().unwrap();
+        assert!(store.contains_chunk(&unsynced.0.hash).unwrap());
+    }
+
+    #[test]
+    fn too_many_pending_entries_sync_by_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let chunks: Vec<_> = (0..MAX_PENDING_ENTRIES as u32)
+            .map(|i| chunk(&i.to_le_bytes()))
+            .collect();
+        for batch in chunks.chunks(4096) {
+            store.put_chunks(batch).unwrap();
+        }
+        assert_eq!(indexed(&store).len(), MAX_PENDING_ENTRIES);
+        assert!(store.pending.lock().unwrap().is_empty());
     }
 }
