@@ -2,7 +2,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -127,6 +127,9 @@ pub fn materialise_reusing(
     fs::set_permissions(root, fs::Permissions::from_mode(0o755)).map_err(io_at(root))?;
     progress.set_total(manifest.file_totals().1);
     write_tree(manifest, source, reuse, root, progress)?;
+    // Every file and directory below is synced: a power cut after the
+    // rename finds the whole tree, never names for empty files.
+    sync_dir(root)?;
     if occupied {
         // Move the old tree aside first: rename cannot replace a non-empty directory.
         let trash = tempfile::Builder::new()
@@ -136,9 +139,11 @@ pub fn materialise_reusing(
         let old = trash.path().join("old");
         fs::rename(dest, &old).map_err(io_at(dest))?;
         fs::rename(root, dest).map_err(io_at(dest))?;
+        sync_dir(parent)?;
         drop(trash); // removes the old tree
     } else {
         fs::rename(root, dest).map_err(io_at(dest))?;
+        sync_dir(parent)?;
     }
     // The staging directory is now `dest`: keep it.
     let _ = staging.keep();
@@ -185,11 +190,22 @@ fn write_tree(
     }
     for e in entries.iter().rev() {
         if let EntryKind::Dir { mode } = e.kind {
+            // Opened before its mode may take away the owner's read.
             let p = root.join(&e.path);
-            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io_at(&p))?;
+            let dir = File::open(&p).map_err(io_at(&p))?;
+            dir.set_permissions(fs::Permissions::from_mode(mode))
+                .and_then(|()| dir.sync_all())
+                .map_err(io_at(&p))?;
         }
     }
     Ok(())
+}
+
+/// Makes a directory's entries durable.
+fn sync_dir(dir: &Path) -> Result<(), MaterialiseError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(dir))
 }
 
 fn write_file(
@@ -201,9 +217,12 @@ fn write_file(
     progress: &dyn Progress,
 ) -> Result<(), MaterialiseError> {
     let full = root.join(path);
+    // Owner-only until it is whole: a file that ends up 0600 is never
+    // readable by others, not even while it is written.
     let mut file = File::options()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&full)
         .map_err(io_at(&full))?;
     for chunk in chunks {
@@ -224,6 +243,7 @@ fn write_file(
         progress.advance(raw.len() as u64);
     }
     file.set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| file.sync_all())
         .map_err(io_at(&full))
 }
 

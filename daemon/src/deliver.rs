@@ -14,7 +14,10 @@
 //! active release when nobody has touched them since they were written),
 //! runs the package's `convoy/hooks/before_activate`, switches `current`
 //! with one rename, then runs `after_activate` and `validate`; if either
-//! fails, `current` goes back to the previous release. A process killed at
+//! fails, `current` goes back to the previous release. Hooks run as a
+//! service manager would run them: a cleared environment plus an
+//! allow-list, and done when they exit (a process a hook starts in the
+//! background goes on running). A process killed at
 //! any point leaves `current` on the old release or the new one, and
 //! [`Releases::active`] reads the link itself, so what a target reports is
 //! what the link says.
@@ -37,6 +40,11 @@ pub const CURRENT: &str = "current";
 const META: &str = ".convoy";
 /// The most of a hook's output kept for the report.
 const MAX_HOOK_OUTPUT: usize = 8 << 10;
+/// How long a failed hook's output is still read after it exited: it is
+/// in the pipes already, unless a process it left behind keeps them open.
+const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(1);
+/// `PATH` for hooks when the daemon has none.
+const DEFAULT_HOOK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The hooks a package may ship, in the order they run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,6 +162,10 @@ pub struct Releases {
     root: PathBuf,
     retain: usize,
     hook_timeout: Duration,
+    /// Variables of the daemon's environment that hooks also get.
+    hook_env: Vec<String>,
+    #[cfg(test)]
+    fail_history_writes: std::sync::atomic::AtomicBool,
 }
 
 impl Releases {
@@ -167,6 +179,9 @@ impl Releases {
             root: root.to_path_buf(),
             retain: retain.max(2),
             hook_timeout,
+            hook_env: Vec::new(),
+            #[cfg(test)]
+            fail_history_writes: Default::default(),
         };
         for app in r.apps()? {
             let dir = r.root.join(&app);
@@ -191,6 +206,13 @@ impl Releases {
             }
         }
         Ok(r)
+    }
+
+    /// Passes the daemon's variables `names` through to hooks, besides
+    /// `PATH`, `HOME` and `LANG` (see [`valid_hook_env_name`]).
+    pub fn with_hook_env(mut self, names: Vec<String>) -> Self {
+        self.hook_env = names;
+        self
     }
 
     /// The apps with releases here.
@@ -231,12 +253,15 @@ impl Releases {
         }
     }
 
-    /// The release before the active one, if it is still here.
+    /// The release activated before the active one (which is read from
+    /// the link: the history may lag it), if it is still here.
     pub fn previous(&self, app: &str) -> Result<Option<String>, DeliverError> {
-        let h = self.history(app)?;
-        Ok(h.len()
-            .checked_sub(2)
-            .map(|i| h[i].clone())
+        let active = self.active(app)?;
+        Ok(self
+            .history(app)?
+            .into_iter()
+            .rev()
+            .find(|v| Some(v) != active.as_ref())
             .filter(|v| self.root.join(app).join(v).is_dir()))
     }
 
@@ -266,6 +291,14 @@ impl Releases {
     }
 
     fn write_history(&self, app: &str, history: &[String]) -> Result<(), DeliverError> {
+        #[cfg(test)]
+        if self
+            .fail_history_writes
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let path = self.root.join(app).join(META).join("history.json");
+            return Err(io_at(&path)(io::Error::other("injected write failure")));
+        }
         let meta = self.root.join(app).join(META);
         write_atomic(
             &meta.join("history.json"),
@@ -339,10 +372,27 @@ impl Releases {
     }
 
     /// Points `current` at `version` with one rename, and records it last
-    /// in the history (dropping `forget`, a release that failed).
-    fn switch(&self, app: &str, version: &str, forget: Option<&str>) -> Result<(), DeliverError> {
+    /// in the history (dropping `forget`, a release that failed); returns
+    /// how long the rename took, in milliseconds. If the history cannot be
+    /// written, `current` goes back to what it named, so the link and the
+    /// history never disagree about what was done.
+    fn switch(&self, app: &str, version: &str, forget: Option<&str>) -> Result<f64, DeliverError> {
+        let before = self.active(app)?;
+        let t = std::time::Instant::now();
         self.relink(app, version)?;
-        self.record_active(app, version, forget)
+        let switch_ms = t.elapsed().as_secs_f64() * 1000.0;
+        if let Err(e) = self.record_active(app, version, forget) {
+            warn!(
+                app,
+                version, "cannot record the switch ({e}): switching back"
+            );
+            match &before {
+                Some(b) => self.relink(app, b)?,
+                None => self.remove_link(app)?,
+            }
+            return Err(e);
+        }
+        Ok(switch_ms)
     }
 
     /// Records `version` last in the history, dropping `forget`.
@@ -369,12 +419,17 @@ impl Releases {
         sync_dir(&dir)
     }
 
-    /// Removes `current` (the app's first release failed).
-    fn unlink(&self, app: &str, version: &str) -> Result<(), DeliverError> {
+    /// Removes `current`, durably.
+    fn remove_link(&self, app: &str) -> Result<(), DeliverError> {
         let dir = self.root.join(app);
         let link = dir.join(CURRENT);
         std::fs::remove_file(&link).map_err(io_at(&link))?;
-        sync_dir(&dir)?;
+        sync_dir(&dir)
+    }
+
+    /// Removes `current` (the app's first release failed).
+    fn unlink(&self, app: &str, version: &str) -> Result<(), DeliverError> {
+        self.remove_link(app)?;
         let mut history = self.history(app)?;
         history.retain(|h| h != version);
         self.write_history(app, &history)
@@ -415,19 +470,18 @@ impl Releases {
             });
         }
         self.run_hook(Hook::BeforeActivate, &env).await?;
-        // The switch itself: one rename, made durable. The history that
-        // records it is bookkeeping (`open` reconciles it with the link).
-        let t = std::time::Instant::now();
-        self.relink(app, version)?;
-        let switch_ms = t.elapsed().as_secs_f64() * 1000.0;
-        self.record_active(app, version, None)?;
+        // The switch itself: one rename, made durable, then the history
+        // that records it (`open` reconciles the two after a crash).
+        let switch_ms = self.switch(app, version, None)?;
         info!(app, version, previous = ?previous, switch_ms, "activated");
         for hook in [Hook::AfterActivate, Hook::Validate] {
             if let Err(e) = self.run_hook(hook, &env).await {
                 warn!(app, version, "{e}: switching back");
                 match &previous {
                     // The failed release leaves the history: it never ran.
-                    Some(p) => self.switch(app, p, Some(version))?,
+                    Some(p) => {
+                        self.switch(app, p, Some(version))?;
+                    }
                     None => self.unlink(app, version)?,
                 }
                 return Err(e);
@@ -446,15 +500,13 @@ impl Releases {
     /// Makes the release before the active one active again (no hooks:
     /// it ran before). Returns the version now active.
     pub fn rollback(&self, app: &str) -> Result<String, DeliverError> {
-        let mut history = self.history(app)?;
         let Some(previous) = self.previous(app)? else {
             return Err(DeliverError::NoPrevious { app: app.into() });
         };
-        self.relink(app, &previous)?;
         // The release rolled back from leaves the history: the one before
         // `previous` becomes the next rollback's target.
-        history.pop();
-        self.write_history(app, &history)?;
+        let active = self.active(app)?;
+        self.switch(app, &previous, active.as_deref())?;
         info!(app, version = %previous, "rolled back");
         Ok(previous)
     }
@@ -504,7 +556,12 @@ impl Releases {
             return Ok(());
         }
         let mut cmd = tokio::process::Command::new(&path);
-        cmd.current_dir(env.dir)
+        // Package code sees none of the daemon's own environment: only
+        // what a service manager would give it, what the config passes
+        // through, and the hook's own variables.
+        cmd.env_clear()
+            .envs(hook_environment(&self.hook_env))
+            .current_dir(env.dir)
             .env("CONVOY_HOOK", hook.name())
             .env("CONVOY_APP", env.app)
             .env("CONVOY_VERSION", env.version)
@@ -522,21 +579,31 @@ impl Releases {
             .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(io_at(&path))?;
         let pgid = child.id();
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        let run = async {
-            let (out, err, status) =
-                tokio::join!(read_tail(&mut stdout), read_tail(&mut stderr), child.wait());
-            let mut out = out;
-            out.extend(err);
-            (status, out)
-        };
-        match tokio::time::timeout(self.hook_timeout, run).await {
-            Ok((status, out)) => {
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        // The pipes are read on their own, so a chatty hook never blocks
+        // on a full pipe; the hook is done when it exits, not when its
+        // pipes close, which a process it started in the background may
+        // keep open for as long as it runs.
+        let mut readers = tokio::spawn(async move {
+            let (mut stdout, mut stderr) = (stdout, stderr);
+            let (out, err) = tokio::join!(read_tail(&mut stdout), read_tail(&mut stderr));
+            [out, err].concat()
+        });
+        match tokio::time::timeout(self.hook_timeout, child.wait()).await {
+            Ok(status) => {
                 let status = status.map_err(io_at(&path))?;
                 if status.success() {
+                    readers.abort();
                     return Ok(());
                 }
+                // What the hook wrote before it exited is in the pipes.
+                let out = tokio::time::timeout(OUTPUT_AFTER_EXIT, &mut readers)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                readers.abort();
                 let tail = &out[out.len().saturating_sub(MAX_HOOK_OUTPUT)..];
                 Err(DeliverError::HookFailed {
                     hook: hook.name(),
@@ -545,6 +612,7 @@ impl Releases {
                 })
             }
             Err(_) => {
+                readers.abort();
                 if let Some(pgid) = pgid {
                     // SAFETY: kill(2) on the process group the hook leads.
                     unsafe {
@@ -558,6 +626,39 @@ impl Releases {
             }
         }
     }
+}
+
+/// The environment every hook starts from: `PATH` (the daemon's, or the
+/// usual system directories), `HOME` (the daemon's, or `/`), `LANG` when
+/// the daemon has it, and each variable named in `pass` that the daemon
+/// has. Nothing else of the daemon's environment reaches package code.
+fn hook_environment(pass: &[String]) -> Vec<(String, std::ffi::OsString)> {
+    let mut env = vec![
+        (
+            "PATH".to_string(),
+            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_HOOK_PATH.into()),
+        ),
+        (
+            "HOME".to_string(),
+            std::env::var_os("HOME").unwrap_or_else(|| "/".into()),
+        ),
+    ];
+    for name in std::iter::once("LANG").chain(pass.iter().map(String::as_str)) {
+        if let Some(value) = std::env::var_os(name) {
+            env.retain(|(n, _)| n != name);
+            env.push((name.to_string(), value));
+        }
+    }
+    env
+}
+
+/// Whether `name` may be passed through to hooks: a plain variable name,
+/// and none of the hook's own `CONVOY_*` variables.
+pub fn valid_hook_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with("CONVOY_")
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Reads a hook's output to its end, keeping only the last
@@ -785,6 +886,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_switch_whose_history_cannot_be_written_is_undone() {
+        let f = fixture();
+        f.deliver(&f.build("1", &[("a", "1")], &[])).await.unwrap();
+        f.releases
+            .fail_history_writes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = f
+            .deliver(&f.build("2", &[("a", "2")], &[]))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("injected write failure"), "{e}");
+        assert_eq!(f.releases.active("web").unwrap().as_deref(), Some("1"));
+        assert_eq!(f.current_file("a"), "1");
+        let e = f.releases.rollback("web").unwrap_err();
+        assert!(matches!(e, DeliverError::NoPrevious { .. }), "{e}");
+        f.releases
+            .fail_history_writes
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        f.deliver(&f.build("2", &[("a", "2")], &[])).await.unwrap();
+        f.releases
+            .fail_history_writes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        f.releases.rollback("web").unwrap_err();
+        assert_eq!(f.releases.active("web").unwrap().as_deref(), Some("2"));
+    }
+
+    #[tokio::test]
+    async fn rollback_takes_the_active_release_from_the_link_when_history_lags() {
+        let f = fixture();
+        f.deliver(&f.build("1", &[("a", "1")], &[])).await.unwrap();
+        f.deliver(&f.build("2", &[("a", "2")], &[])).await.unwrap();
+        // A crash after the switch to 2, before its history was written.
+        std::fs::write(f.root.join("web/.convoy/history.json"), r#"["1"]"#).unwrap();
+        assert_eq!(f.releases.rollback("web").unwrap(), "1");
+        assert_eq!(f.current_file("a"), "1");
+        assert_eq!(f.releases.history("web").unwrap(), vec!["1"]);
+    }
+
+    #[tokio::test]
     async fn a_failing_before_activate_changes_nothing_and_a_first_release_can_fail() {
         let f = fixture();
         let v1 = f.build("1", &[("a", "1")], &[("validate", "exit 1")]);
@@ -816,6 +956,85 @@ mod tests {
             "{}",
             &output[output.len() - 20..]
         );
+    }
+
+    #[tokio::test]
+    async fn hooks_see_only_an_allow_listed_environment() {
+        // Names no other test uses: the process environment is shared.
+        std::env::set_var("HOOK_TEST_DAEMON_SECRET", "leaked");
+        std::env::set_var("HOOK_TEST_PASSED", "passed");
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = fixture();
+        f.root = dir.path().join("r");
+        f.releases = Releases::open(&f.root, 3, Duration::from_secs(5))
+            .unwrap()
+            .with_hook_env(vec!["HOOK_TEST_PASSED".into()]);
+        let seen = dir.path().join("env");
+        let hook = format!("env > {}", seen.display());
+        f.deliver(&f.build("1", &[("a", "1")], &[("validate", &hook)]))
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&seen).unwrap();
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(n, _)| n)
+            .collect();
+        assert!(text.contains("HOOK_TEST_PASSED=passed"), "{text}");
+        assert!(text.contains("CONVOY_APP=web"), "{text}");
+        assert!(names.contains(&"PATH") && names.contains(&"HOME"), "{text}");
+        // The shell itself may add PWD, SHLVL and `_`; nothing else.
+        let allowed = [
+            "PATH",
+            "HOME",
+            "LANG",
+            "HOOK_TEST_PASSED",
+            "PWD",
+            "OLDPWD",
+            "SHLVL",
+            "_",
+        ];
+        for n in names {
+            assert!(
+                allowed.contains(&n) || n.starts_with("CONVOY_"),
+                "{n} leaked into the hook:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_plain_names_outside_convoys_own_may_pass_through() {
+        for ok in ["HTTP_PROXY", "TZ", "app_mode2"] {
+            assert!(valid_hook_env_name(ok), "{ok}");
+        }
+        for bad in ["", "CONVOY_APP", "A=B", "1X", "A B"] {
+            assert!(!valid_hook_env_name(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hook_is_done_when_it_exits_and_its_background_process_runs_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = fixture();
+        f.root = dir.path().join("r");
+        f.releases = Releases::open(&f.root, 3, Duration::from_secs(20)).unwrap();
+        let pidfile = dir.path().join("pid");
+        // Started without redirects: it holds the hook's stdout and stderr.
+        // Waiting for its pipes to close would run past the 20 s timeout.
+        let hook = format!("sleep 60 & echo $! > {}", pidfile.display());
+        f.deliver(&f.build("1", &[("a", "1")], &[("after_activate", &hook)]))
+            .await
+            .unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: signal 0 only asks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        // SAFETY: ends the background process this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(alive, "the background process was killed with its hook");
     }
 
     #[tokio::test]
