@@ -41,7 +41,7 @@ use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{dial_opts::DialOpts, NetworkBehaviour, SwarmEvent};
 use libp2p::{allow_block_list, identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId, Swarm};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::protocol::{
@@ -65,6 +65,13 @@ const ANNOUNCE_QUEUE: usize = 256;
 /// Chunk requests waiting to be written on one peer's chunk stream, and
 /// answers waiting to be written on one inbound chunk stream.
 const CHUNK_QUEUE: usize = 256;
+/// Answers one inbound chunk stream may owe at once: past this its reader
+/// reads no more requests until answers have been written, so a peer that
+/// asks and never reads stops only itself. Below [`CHUNK_QUEUE`], so an
+/// answer always finds room in its stream's queue and answering never
+/// waits on the peer.
+const MAX_OWED_ANSWERS: usize = 64;
+const _: () = assert!(MAX_OWED_ANSWERS <= CHUNK_QUEUE);
 /// Chunk requests awaiting their answer on one chunk stream.
 const MAX_IN_FLIGHT: usize = 512;
 
@@ -157,35 +164,39 @@ impl Reply<ControlResponse> {
 }
 
 /// The way back for one chunk request: a frame tagged with the request's
-/// id, queued for the writer of the chunk stream it came on. Dropping it
-/// without answering answers busy.
+/// id, queued for the writer of the chunk stream it came on. It holds one
+/// of the stream's [`MAX_OWED_ANSWERS`] permits until the answer is
+/// written, so the queue always has room: answering never waits on the
+/// peer. Dropping it without answering answers busy.
 #[derive(Debug)]
 pub struct ChunkAnswer {
     id: u64,
-    answers: Option<mpsc::Sender<Tagged<ChunkResponse>>>,
+    answers: Option<(mpsc::Sender<OwedAnswer>, OwnedSemaphorePermit)>,
 }
 
+/// An answer on its way out, with the permit its request took.
+type OwedAnswer = (Tagged<ChunkResponse>, OwnedSemaphorePermit);
+
 impl ChunkAnswer {
-    /// Sends the answer.
-    pub async fn send(mut self, response: ChunkResponse) {
-        if let Some(answers) = self.answers.take() {
-            let _ = answers.send(Tagged::new(self.id, response)).await;
-        }
+    /// Sends the answer. Never waits on the peer (see [`ChunkAnswer`]).
+    pub async fn send(self, response: ChunkResponse) {
+        self.send_now(response);
     }
 
-    /// Answers without waiting: for refusals, when the writer's queue has
-    /// room (if not, the requester's timeout ends the request).
+    /// Sends the answer from synchronous code.
     fn send_now(mut self, response: ChunkResponse) {
-        if let Some(answers) = self.answers.take() {
-            let _ = answers.try_send(Tagged::new(self.id, response));
+        if let Some((answers, permit)) = self.answers.take() {
+            // Full only if the writer is gone; then nobody reads it anyway.
+            let _ = answers.try_send((Tagged::new(self.id, response), permit));
         }
     }
 }
 
 impl Drop for ChunkAnswer {
     fn drop(&mut self) {
-        if let Some(answers) = self.answers.take() {
-            let _ = answers.try_send(Tagged::new(self.id, ChunkResponse::Busy { retry_ms: 0 }));
+        if let Some((answers, permit)) = self.answers.take() {
+            let busy = Tagged::new(self.id, ChunkResponse::Busy { retry_ms: 0 });
+            let _ = answers.try_send((busy, permit));
         }
     }
 }
@@ -1064,9 +1075,14 @@ async fn run_chunk_link(
 fn serve_chunk_stream(peer: PeerId, stream: libp2p::Stream, commands: mpsc::Sender<Command>) {
     use futures::AsyncReadExt;
     let (mut reader, mut writer) = stream.split();
-    let (answers, mut queue) = mpsc::channel::<Tagged<ChunkResponse>>(CHUNK_QUEUE);
+    let (answers, mut queue) = mpsc::channel::<OwedAnswer>(CHUNK_QUEUE);
+    let owed = Arc::new(Semaphore::new(MAX_OWED_ANSWERS));
     tokio::spawn(async move {
         loop {
+            // A peer that does not read its answers is not read either.
+            let Ok(permit) = owed.clone().acquire_owned().await else {
+                return;
+            };
             let request = read_frame::<Tagged<ChunkRequest>, _, MAX_CHUNK_FRAME>(&mut reader).await;
             let Tagged { id, body } = match request {
                 Ok(r) => r,
@@ -1078,7 +1094,7 @@ fn serve_chunk_stream(peer: PeerId, stream: libp2p::Stream, commands: mpsc::Send
             };
             let reply = ChunkAnswer {
                 id,
-                answers: Some(answers.clone()),
+                answers: Some((answers.clone(), permit)),
             };
             if commands
                 .send(Command::ChunkAsked(peer, body, reply))
@@ -1090,7 +1106,7 @@ fn serve_chunk_stream(peer: PeerId, stream: libp2p::Stream, commands: mpsc::Send
         }
     });
     tokio::spawn(async move {
-        while let Some(answer) = queue.recv().await {
+        while let Some((answer, _permit)) = queue.recv().await {
             let written = write_frame::<_, _, MAX_CHUNK_FRAME>(&mut writer, &answer).await;
             let written = match written {
                 Ok(()) if queue.is_empty() => futures::AsyncWriteExt::flush(&mut writer).await,
@@ -1121,7 +1137,7 @@ fn outbound_error(peer: PeerId, error: request_response::OutboundFailure) -> Req
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{encode_frame, MAX_CONTROL_FRAME};
+    use crate::protocol::{encode_frame, WireChunk, MAX_CONTROL_FRAME};
     use futures::{AsyncReadExt, AsyncWriteExt};
     use libp2p::StreamProtocol;
 
@@ -1251,6 +1267,45 @@ mod tests {
         ended.is_err() || rest.is_empty()
     }
 
+    /// A peer that speaks raw bytes, connected to `them` at `addr` and
+    /// admitted to the fleet of `key`; returns it and the welcome it gives
+    /// to the server's own hello.
+    async fn raw_member(key: [u8; 32], them: PeerId, addr: Multiaddr) -> (Swarm<RawPeer>, Vec<u8>) {
+        let mut client = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| RawPeer {
+                control: request_response::Behaviour::<RawCodec>::new(
+                    [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default(),
+                ),
+                streams: libp2p_stream::Behaviour::new(),
+            })
+            .unwrap()
+            .build();
+        let me = *client.local_peer_id();
+        client.dial(addr).unwrap();
+        loop {
+            if let SwarmEvent::ConnectionEstablished { .. } = client.select_next_some().await {
+                break;
+            }
+        }
+        let welcome = framed(&ControlResponse::Welcome {
+            proof: fleet_proof(&key, &me.to_bytes(), &them.to_bytes()),
+        });
+        let hello = framed(&ControlRequest::Hello {
+            proof: fleet_proof(&key, &me.to_bytes(), &them.to_bytes()),
+        });
+        let answer = exchange(&mut client, them, hello, &welcome).await.unwrap();
+        assert!(!answer.is_empty(), "no welcome");
+        (client, welcome)
+    }
+
     /// A new identity on a free loopback port, in the fleet of `fleet_key`.
     fn loopback(fleet_key: [u8; 32]) -> NetConfig {
         NetConfig {
@@ -1297,40 +1352,9 @@ mod tests {
                 }
             }
         });
-        let mut client = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .unwrap()
-            .with_behaviour(|_| RawPeer {
-                control: request_response::Behaviour::<RawCodec>::new(
-                    [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default(),
-                ),
-                streams: libp2p_stream::Behaviour::new(),
-            })
-            .unwrap()
-            .build();
-        let me = *client.local_peer_id();
         let them = server.peer_id();
-        client.dial(addr).unwrap();
-        loop {
-            if let SwarmEvent::ConnectionEstablished { .. } = client.select_next_some().await {
-                break;
-            }
-        }
-        let welcome = framed(&ControlResponse::Welcome {
-            proof: fleet_proof(&key, &me.to_bytes(), &them.to_bytes()),
-        });
-        let hello = framed(&ControlRequest::Hello {
-            proof: fleet_proof(&key, &me.to_bytes(), &them.to_bytes()),
-        });
         let test = async {
-            let answer = exchange(&mut client, them, hello, &welcome).await.unwrap();
-            assert!(!answer.is_empty(), "no welcome");
+            let (mut client, welcome) = raw_member(key, them, addr).await;
             // A length over the limit: the stream fails, nothing is allocated.
             let oversized =
                 exchange(&mut client, them, u32::MAX.to_le_bytes().to_vec(), &welcome).await;
@@ -1408,6 +1432,85 @@ mod tests {
             chunk_requests.try_recv().is_err(),
             "a bad chunk request was heard"
         );
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_member_that_floods_requests_and_never_reads_stalls_nobody_else() {
+        let key = [9u8; 32];
+        let (server, mut events, addr) = listening(loopback(key)).await;
+        let them = server.peer_id();
+        let handled: Arc<Mutex<HashMap<PeerId, usize>>> = Default::default();
+        let counts = handled.clone();
+        // Each answer is large: a few fill the flow-control window of a
+        // stream nobody reads.
+        let big = WireChunk {
+            encoding: 0,
+            bytes: vec![7; 128 << 10],
+        };
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    NetEvent::Chunk { peer, reply, .. } => {
+                        *counts.lock().unwrap().entry(peer).or_default() += 1;
+                        reply
+                            .send(ChunkResponse::Chunks(vec![Some(big.clone())]))
+                            .await;
+                    }
+                    NetEvent::Control { reply, .. } => reply.send(ControlResponse::Ok).await,
+                    _ => {}
+                }
+            }
+        });
+        let test = async {
+            let (mut flooder, _) = raw_member(key, them, addr.clone()).await;
+            let flooder_id = *flooder.local_peer_id();
+            let mut streams = flooder.behaviour().streams.new_control();
+            let driver = tokio::spawn(async move {
+                loop {
+                    flooder.select_next_some().await;
+                }
+            });
+            let mut stream = streams.open_stream(them, CHUNK_PROTOCOL).await.unwrap();
+            let get = ChunkRequest::Get {
+                release: convoy_chunker::ReleaseId([4; 32]),
+                indices: vec![1],
+            };
+            const FLOOD: u64 = 2000;
+            for id in 0..FLOOD {
+                let frame =
+                    encode_frame::<_, MAX_CHUNK_FRAME>(&Tagged::new(id, get.clone())).unwrap();
+                stream.write_all(&frame).await.unwrap();
+            }
+            stream.flush().await.unwrap();
+            // A member that reads its answers is served all the while.
+            let (member, _member_events) = start(loopback(key)).unwrap();
+            member.add_addresses(them, vec![addr]).await;
+            for _ in 0..20 {
+                let r = member.chunk(them, get.clone()).await;
+                assert!(matches!(r, Ok(ChunkResponse::Chunks(_))), "{r:?}");
+                let r = member.control(them, ControlRequest::Fleet).await;
+                assert_eq!(r, Ok(ControlResponse::Ok));
+            }
+            let flooded = handled
+                .lock()
+                .unwrap()
+                .get(&flooder_id)
+                .copied()
+                .unwrap_or(0);
+            // MAX_OWED_ANSWERS (64), and the few answers the unread
+            // stream's flow-control window takes.
+            assert!(
+                flooded <= 80,
+                "{flooded} of {FLOOD} requests of a peer that reads nothing were handled"
+            );
+            member.shutdown().await;
+            driver.abort();
+            drop(stream);
+        };
+        tokio::time::timeout(Duration::from_secs(60), test)
+            .await
+            .expect("bounded");
         server.shutdown().await;
     }
 
