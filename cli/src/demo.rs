@@ -13,7 +13,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use convoy_daemon::client::Client;
 use convoy_daemon::store::RocksStore;
 use convoy_daemon::units::{format_bytes, parse_bytes};
 use rand::rngs::SmallRng;
@@ -207,10 +206,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
         }
         fleet.start_target(convoyd, &name, &t)?;
     }
-    let key = convoy_daemon::fleet_key::read(&fleet.key_file)?;
-    let client = Client::connect(&fleet.coordinator_addr, key)
-        .await
-        .map_err(|e| anyhow!(e))?;
+    let client = fleet.operator_client().await?;
     wait_for_targets(&client, args.nodes as usize).await?;
     let ready = fleet.coordinator_ready.clone();
     let api_url = ready["api"].as_str().context("no API address")?.to_string();

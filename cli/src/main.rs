@@ -60,6 +60,18 @@ struct Cli {
     )]
     fleet_key_file: Option<PathBuf>,
 
+    /// The operator key, for publish, stage, staging and fleet: the
+    /// coordinator acts only for keys its operators file lists (make one
+    /// with `convoy keygen`; a coordinator makes DATA_DIR/operator.key for
+    /// its own host)
+    #[arg(
+        long,
+        global = true,
+        env = "CONVOY_OPERATOR_KEY_FILE",
+        value_name = "FILE"
+    )]
+    operator_key_file: Option<PathBuf>,
+
     /// The coordinator's operator API, for promote, deploy, status, pause,
     /// resume, abort, rollback and history [default: http://127.0.0.1:7410]
     #[arg(long, global = true, env = "CONVOY_API", value_name = "URL")]
@@ -212,6 +224,20 @@ enum Command {
     ///
     /// Example: convoy fleet --json
     Fleet,
+    /// Make a new operator key and print the operator id it proves
+    ///
+    /// The key (an ed25519 secret, 64 hex digits) is written to FILE,
+    /// readable by its owner only; an existing file is never overwritten.
+    /// Add the printed `NAME ID` line, with a name of your choice, to the
+    /// coordinator's operators file, then pass --operator-key-file FILE to
+    /// publish, stage, staging and fleet. Keep operator keys off targets:
+    /// a target's fleet key alone may publish, stage or list nothing.
+    ///
+    /// Example: convoy keygen ~/.config/convoy/operator.key
+    Keygen {
+        /// Where to write the key
+        file: PathBuf,
+    },
     /// Run a local fleet and compare the distribution modes against the bound
     ///
     /// Starts a coordinator and N convoyd targets on loopback in a temporary
@@ -357,8 +383,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let remote = remote::Remote {
         coordinator: cli.coordinator,
         fleet_key_file: cli.fleet_key_file,
+        operator_key_file: cli.operator_key_file,
     };
     match cli.command {
+        Command::Keygen { file } => {
+            let id = convoy_daemon::operators::generate_key(&file)?;
+            out.emit(
+                serde_json::json!({"operator_id": id.to_string(), "key_file": file}),
+                || format!("{id}\n"),
+            );
+            if !out.json {
+                eprintln!(
+                    "wrote an operator key to {}; list it in the coordinator's operators file as: NAME {id}",
+                    file.display()
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Stage {
             release,
             targets,

@@ -57,7 +57,9 @@ impl Api {
         };
         let t = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the API token from {}", path.display()))?;
-        Ok(t.trim().to_string())
+        convoy_daemon::api::token_of_file(&t)
+            .map(str::to_string)
+            .with_context(|| format!("{} holds no token", path.display()))
     }
 
     fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {

@@ -22,10 +22,12 @@ use crate::Output;
 /// Uploads in flight at once during publish.
 const UPLOAD_WINDOW: usize = 16;
 
-/// Where the coordinator is and the key to join its fleet.
+/// Where the coordinator is, the key to join its fleet and the operator
+/// key it acts for.
 pub struct Remote {
     pub coordinator: Option<String>,
     pub fleet_key_file: Option<std::path::PathBuf>,
+    pub operator_key_file: Option<std::path::PathBuf>,
 }
 
 impl Remote {
@@ -38,7 +40,14 @@ impl Remote {
             .as_deref()
             .context("no fleet key: pass --fleet-key-file FILE or set CONVOY_FLEET_KEY_FILE")?;
         let key = convoy_daemon::fleet_key::read(file)?;
-        Client::connect(addr, key).await.map_err(|e| anyhow!(e))
+        let operator = self.operator_key_file.as_deref().context(
+            "no operator key: pass --operator-key-file FILE or set CONVOY_OPERATOR_KEY_FILE \
+             (make one with `convoy keygen FILE` and list its id in the coordinator's operators file)",
+        )?;
+        let identity = convoy_daemon::operators::read_key(operator)?;
+        Client::connect(addr, key, identity)
+            .await
+            .map_err(|e| anyhow!(e))
     }
 }
 
@@ -52,7 +61,9 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 pub async fn control(client: &Client, req: ControlRequest) -> Result<ControlResponse> {
     match client.control(req).await? {
         ControlResponse::Error(e) => bail!("the coordinator refused: {e}"),
-        ControlResponse::Denied => bail!("the coordinator denied the request: check the fleet key"),
+        ControlResponse::Denied => bail!(
+            "the coordinator denied the request: this operator key is not in its operators file"
+        ),
         other => Ok(other),
     }
 }

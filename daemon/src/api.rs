@@ -13,12 +13,15 @@
 //! | `GET /v1/fleet` | the targets |
 //! | `GET /metrics` | Prometheus text format |
 //!
-//! Every request needs `Authorization: Bearer TOKEN`; errors are
+//! Every request needs `Authorization: Bearer TOKEN` with a token of the
+//! token file (see [`Tokens`]); a refusal is logged and counted in
+//! `/metrics`, and history names the token each action came with. Errors are
 //! `{"error": "..."}` with a 4xx or 5xx status. Handlers hand each request
 //! to the coordinator's event loop and wait for its answer, so the API
 //! never races the engine.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -28,6 +31,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::operators::Refusals;
 
 /// What an operator asks for.
 #[derive(Debug)]
@@ -170,25 +176,92 @@ pub enum Answer {
 pub struct Call {
     /// What is asked.
     pub op: Op,
-    /// Who asks: `api ADDRESS`.
+    /// Who asks: `token NAME from ADDRESS`.
     pub by: String,
     /// Where the answer goes.
     pub reply: oneshot::Sender<Result<Answer, ApiError>>,
 }
 
+/// The API's bearer tokens, each under the name history records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    /// By the BLAKE3 hash of the token: compared through hashes, the time a
+    /// comparison takes says nothing of a token.
+    by_hash: Vec<(blake3::Hash, String)>,
+}
+
+/// Tokens a coordinator accepts, at most.
+const MAX_TOKENS: usize = 1024;
+/// The name of a token given without one.
+const UNNAMED_TOKEN: &str = "api-token";
+
+impl Tokens {
+    /// Parses a token file: one token a line, as `TOKEN` or `NAME TOKEN`;
+    /// blank lines and `#` comments are skipped. An unnamed token is
+    /// named `api-token`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut by_hash: Vec<(blake3::Hash, String)> = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (name, token) = match fields[..] {
+                [token] => (UNNAMED_TOKEN, token),
+                [name, token] => (name, token),
+                _ => return Err(format!("line {}: expected TOKEN or NAME TOKEN", n + 1)),
+            };
+            if token.len() < 16 {
+                return Err(format!(
+                    "line {}: a token needs 16 characters at least",
+                    n + 1
+                ));
+            }
+            let hash = blake3::hash(token.as_bytes());
+            if by_hash.iter().any(|(h, _)| *h == hash) {
+                return Err(format!("line {}: a token is listed twice", n + 1));
+            }
+            by_hash.push((hash, name.to_string()));
+            if by_hash.len() > MAX_TOKENS {
+                return Err(format!("more than {MAX_TOKENS} tokens"));
+            }
+        }
+        if by_hash.is_empty() {
+            return Err("no token in it".into());
+        }
+        Ok(Self { by_hash })
+    }
+
+    /// The name of `token`, if it is one of these.
+    fn name(&self, token: &str) -> Option<&str> {
+        let hash = blake3::hash(token.as_bytes());
+        self.by_hash
+            .iter()
+            .find(|(h, _)| *h == hash)
+            .map(|(_, n)| n.as_str())
+    }
+}
+
+/// The token that goes with a request, from a token file as the
+/// coordinator reads it (`TOKEN` or `NAME TOKEN`, the first one listed).
+pub fn token_of_file(text: &str) -> Option<&str> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .find(|l| !l.is_empty())
+        .and_then(|l| l.split_whitespace().last())
+}
+
 #[derive(Clone)]
 struct Shared {
     calls: mpsc::Sender<Call>,
-    token: String,
+    tokens: Arc<Tokens>,
+    refusals: Arc<Refusals>,
 }
 
-async fn call(s: &Shared, by: SocketAddr, op: Op) -> Response {
+async fn call(s: &Shared, Caller(by): Caller, op: Op) -> Response {
     let (reply, rx) = oneshot::channel();
-    let sent = s.calls.send(Call {
-        op,
-        by: format!("api {by}"),
-        reply,
-    });
+    let sent = s.calls.send(Call { op, by, reply });
     let answer = match sent.await {
         Ok(()) => rx
             .await
@@ -204,46 +277,76 @@ async fn call(s: &Shared, by: SocketAddr, op: Op) -> Response {
     }
 }
 
-async fn authorise(State(s): State<Shared>, req: Request, next: Next) -> Response {
+/// The name of the token a request carried, put there by [`authorise`].
+#[derive(Clone)]
+struct TokenName(String);
+
+/// Who asks: `token NAME from ADDRESS`, as history records it.
+struct Caller(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let name = parts
+            .extensions
+            .get::<TokenName>()
+            .map_or("?", |n| n.0.as_str());
+        let addr = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or_else(|| "?".to_string(), |a| a.0.to_string());
+        Ok(Caller(format!("token {name} from {addr}")))
+    }
+}
+
+async fn authorise(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given.is_some_and(|g| {
-        // Compared through hashes: the time taken says nothing of the token.
-        blake3::hash(g.as_bytes()) == blake3::hash(s.token.as_bytes())
-    });
-    if ok {
-        next.run(req).await
-    } else {
-        let mut r = ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            message: "missing or wrong bearer token (see --api-token-file)".into(),
-        }
-        .into_response();
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid"));
-        r
+    if let Some(name) = given.and_then(|g| s.tokens.name(g)) {
+        req.extensions_mut().insert(TokenName(name.to_string()));
+        return next.run(req).await;
     }
+    let addr = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "?".to_string(), |a| a.0.to_string());
+    warn!(peer = %addr, path = %req.uri().path(), "refused an API request: missing or wrong bearer token");
+    Refusals::count(&s.refusals.bad_token);
+    let mut r = ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: "missing or wrong bearer token (see --api-token-file)".into(),
+    }
+    .into_response();
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid"));
+    r
 }
 
-type Peer = ConnectInfo<SocketAddr>;
-
 /// The API's routes.
-pub fn router(calls: mpsc::Sender<Call>, token: String) -> Router {
-    let s = Shared { calls, token };
+pub fn router(calls: mpsc::Sender<Call>, tokens: Tokens, refusals: Arc<Refusals>) -> Router {
+    let s = Shared {
+        calls,
+        tokens: Arc::new(tokens),
+        refusals,
+    };
     Router::new()
         .route(
             "/v1/pipelines",
-            get(|State(s): State<Shared>, ConnectInfo(a): Peer| async move {
+            get(|State(s): State<Shared>, a: Caller| async move {
                 call(&s, a, Op::Pipelines).await
             }),
         )
         .route(
             "/v1/promotions",
             post(
-                |State(s): State<Shared>, ConnectInfo(a): Peer, Json(r): Json<PromoteRequest>| async move {
+                |State(s): State<Shared>, a: Caller, Json(r): Json<PromoteRequest>| async move {
                     call(&s, a, Op::Promote(r)).await
                 },
             ),
@@ -251,18 +354,18 @@ pub fn router(calls: mpsc::Sender<Call>, token: String) -> Router {
         .route(
             "/v1/deployments",
             post(
-                |State(s): State<Shared>, ConnectInfo(a): Peer, Json(r): Json<DeployRequest>| async move {
+                |State(s): State<Shared>, a: Caller, Json(r): Json<DeployRequest>| async move {
                     call(&s, a, Op::Deploy(r)).await
                 },
             )
-            .get(|State(s): State<Shared>, ConnectInfo(a): Peer| async move {
+            .get(|State(s): State<Shared>, a: Caller| async move {
                 call(&s, a, Op::List).await
             }),
         )
         .route(
             "/v1/deployments/{id}",
             get(
-                |State(s): State<Shared>, ConnectInfo(a): Peer, Path(id): Path<u64>| async move {
+                |State(s): State<Shared>, a: Caller, Path(id): Path<u64>| async move {
                     call(&s, a, Op::Status(id)).await
                 },
             ),
@@ -271,7 +374,7 @@ pub fn router(calls: mpsc::Sender<Call>, token: String) -> Router {
             "/v1/deployments/{id}/{action}",
             post(
                 |State(s): State<Shared>,
-                 ConnectInfo(a): Peer,
+                 a: Caller,
                  Path((id, action)): Path<(u64, String)>| async move {
                     let steer = match action.as_str() {
                         "pause" => Steer::Pause,
@@ -291,7 +394,7 @@ pub fn router(calls: mpsc::Sender<Call>, token: String) -> Router {
         .route(
             "/v1/rollbacks",
             post(
-                |State(s): State<Shared>, ConnectInfo(a): Peer, Json(r): Json<RollbackRequest>| async move {
+                |State(s): State<Shared>, a: Caller, Json(r): Json<RollbackRequest>| async move {
                     call(&s, a, Op::Rollback(r)).await
                 },
             ),
@@ -299,20 +402,20 @@ pub fn router(calls: mpsc::Sender<Call>, token: String) -> Router {
         .route(
             "/v1/apps/{app}/history",
             get(
-                |State(s): State<Shared>, ConnectInfo(a): Peer, Path(app): Path<String>| async move {
+                |State(s): State<Shared>, a: Caller, Path(app): Path<String>| async move {
                     call(&s, a, Op::History(app)).await
                 },
             ),
         )
         .route(
             "/v1/fleet",
-            get(|State(s): State<Shared>, ConnectInfo(a): Peer| async move {
+            get(|State(s): State<Shared>, a: Caller| async move {
                 call(&s, a, Op::Fleet).await
             }),
         )
         .route(
             "/metrics",
-            get(|State(s): State<Shared>, ConnectInfo(a): Peer| async move {
+            get(|State(s): State<Shared>, a: Caller| async move {
                 call(&s, a, Op::Metrics).await
             }),
         )
@@ -324,26 +427,27 @@ pub fn router(calls: mpsc::Sender<Call>, token: String) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     calls: mpsc::Sender<Call>,
-    token: String,
+    tokens: Tokens,
+    refusals: Arc<Refusals>,
 ) -> std::io::Result<()> {
     axum::serve(
         listener,
-        router(calls, token).into_make_service_with_connect_info::<SocketAddr>(),
+        router(calls, tokens, refusals).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .await
 }
 
-/// Reads the token from `path`, or writes a new random one there
-/// (readable by its owner only) if there is none.
-pub fn load_or_create_token(path: &std::path::Path) -> std::io::Result<String> {
+/// Reads the tokens from `path` (see [`Tokens::parse`]), or writes a new
+/// random one there (readable by its owner only) if there is none.
+pub fn load_or_create_tokens(path: &std::path::Path) -> std::io::Result<Tokens> {
+    let invalid = |e: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    };
     match std::fs::read_to_string(path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} is empty", path.display()),
-            ))
-        }
+        Ok(t) => return Tokens::parse(&t).map_err(invalid),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
@@ -360,5 +464,5 @@ pub fn load_or_create_token(path: &std::path::Path) -> std::io::Result<String> {
         .open(path)?;
     f.write_all(format!("{token}\n").as_bytes())?;
     f.sync_all()?;
-    Ok(token)
+    Tokens::parse(&token).map_err(invalid)
 }

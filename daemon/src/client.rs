@@ -1,5 +1,5 @@
 //! A short-lived fleet member that talks to the coordinator: what the
-//! `convoy` CLI's publish, stage and fleet commands use.
+//! `convoy` CLI's publish, stage and fleet commands use, as an operator.
 
 use std::time::Duration;
 
@@ -30,12 +30,18 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts a network with a fresh identity that listens nowhere, and
-    /// knows where the coordinator is. Call from within a tokio runtime.
-    pub async fn connect(addr: &str, fleet_key: [u8; 32]) -> Result<Self, String> {
+    /// Starts a network that listens nowhere, as `identity` (an operator
+    /// key, see [`crate::operators`]: the coordinator acts on operator
+    /// requests from allow-listed identities only), and knows where the
+    /// coordinator is. Call from within a tokio runtime.
+    pub async fn connect(
+        addr: &str,
+        fleet_key: [u8; 32],
+        identity: Keypair,
+    ) -> Result<Self, String> {
         let (coordinator, addr) = parse_peer_addr(addr)?;
         let (net, mut events) = net::start(NetConfig {
-            keypair: Keypair::generate_ed25519(),
+            keypair: identity,
             listen: Vec::new(),
             fleet_key,
             request_timeout: Duration::from_secs(120),

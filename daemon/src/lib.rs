@@ -24,6 +24,7 @@ pub mod deployments;
 pub mod fleet_key;
 pub mod health;
 pub mod net;
+pub mod operators;
 pub mod pipeline;
 pub mod protocol;
 pub mod rate;

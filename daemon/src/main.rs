@@ -9,9 +9,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use convoy_daemon::coordinator::{self, CoordinatorConfig};
-use convoy_daemon::deliver::Releases;
+use convoy_daemon::deliver::{self, Releases};
 use convoy_daemon::health::{self, Load};
 use convoy_daemon::net::{self, NetConfig, NetEvent};
+use convoy_daemon::operators::{Operators, Refusals};
 use convoy_daemon::pipeline::Pipelines;
 use convoy_daemon::protocol::{Labels, MAX_LABELS, MAX_LABEL_BYTES};
 use convoy_daemon::serve::Chunks;
@@ -72,6 +73,12 @@ enum Command {
         /// (mode 0600) if missing [default: DATA_DIR/api-token]
         #[arg(long, env = "CONVOY_API_TOKEN_FILE", value_name = "FILE")]
         api_token_file: Option<PathBuf>,
+        /// The operators allowed to publish, upload, stage and list the
+        /// fleet: `NAME PEER_ID` a line, the ids `convoy keygen` prints.
+        /// If the file is missing it is created naming a new key,
+        /// DATA_DIR/operator.key, as `local` [default: DATA_DIR/operators]
+        #[arg(long, env = "CONVOY_OPERATORS", value_name = "FILE")]
+        operators: Option<PathBuf>,
         /// TOML file defining environments and apps with their pipelines
         /// and roll-out defaults (see the README) [default: none: nothing
         /// can be deployed]
@@ -99,6 +106,16 @@ enum Command {
         /// [default: 60s]
         #[arg(long, env = "CONVOY_HOOK_TIMEOUT", value_name = "DURATION")]
         hook_timeout: Option<String>,
+        /// A variable of convoyd's environment that hooks also get; repeat.
+        /// Hooks otherwise see only PATH, HOME, LANG and their CONVOY_*
+        /// variables
+        #[arg(
+            long = "hook-env",
+            env = "CONVOY_HOOK_ENV",
+            value_delimiter = ',',
+            value_name = "NAME"
+        )]
+        hook_env: Vec<String>,
         /// For testing only: serve every chunk with a byte flipped, to see
         /// peers detect and ban a faulty target
         #[arg(long)]
@@ -189,9 +206,11 @@ struct FileConfig {
     health_listen: Option<String>,
     api_listen: Option<String>,
     api_token_file: Option<PathBuf>,
+    operators: Option<PathBuf>,
     pipelines: Option<PathBuf>,
     retain: Option<usize>,
     hook_timeout: Option<String>,
+    hook_env: Option<Vec<String>>,
 }
 
 /// Settings after flags, environment, file and defaults.
@@ -370,6 +389,7 @@ fn run(cli: Cli) -> Result<()> {
             heartbeat_ms,
             api_listen,
             api_token_file,
+            operators,
             pipelines,
         } => {
             let file = load_file(common.config.as_deref())?;
@@ -398,8 +418,17 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or_else(|| s.data_dir.join("api-token"));
             std::fs::create_dir_all(&s.data_dir)
                 .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
-            let token = api::load_or_create_token(&token_file)
+            let tokens = api::load_or_create_tokens(&token_file)
                 .with_context(|| format!("cannot read or create {}", token_file.display()))?;
+            let operators_file = operators
+                .or(file.operators.clone())
+                .unwrap_or_else(|| s.data_dir.join("operators"));
+            let local_operator_key = s.data_dir.join("operator.key");
+            let operators = Operators::read_or_create(&operators_file, &local_operator_key)?;
+            if operators.is_empty() {
+                tracing::warn!(file = %operators_file.display(), "no operators are listed: nobody can publish or stage");
+            }
+            let refusals = Arc::new(Refusals::default());
             runtime(s.worker_threads)?.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(&api_listen)
                     .await
@@ -407,11 +436,15 @@ fn run(cli: Cli) -> Result<()> {
                 let api_addr = listener.local_addr()?.to_string();
                 info!(addr = %api_addr, token_file = %token_file.display(), "operator API listening");
                 let (calls_tx, calls) = mpsc::channel(256);
-                tokio::spawn(api::serve(listener, calls_tx, token));
-                let ready = serde_json::json!({
+                tokio::spawn(api::serve(listener, calls_tx, tokens, refusals.clone()));
+                let mut ready = serde_json::json!({
                     "api": format!("http://{api_addr}"),
                     "api_token_file": token_file,
+                    "operators_file": operators_file,
                 });
+                if local_operator_key.exists() {
+                    ready["operator_key_file"] = serde_json::json!(local_operator_key);
+                }
                 let (keypair, chunks, net, events, _) = start(&s, "coordinator", ready).await?;
                 let config = CoordinatorConfig {
                     keypair,
@@ -421,6 +454,8 @@ fn run(cli: Cli) -> Result<()> {
                     swarm_degree,
                     heartbeat: Duration::from_millis(heartbeat),
                     pipelines,
+                    operators,
+                    refusals,
                 };
                 coordinator::run(config, chunks, net, events, calls, shutdown_signal()).await
             })
@@ -431,6 +466,7 @@ fn run(cli: Cli) -> Result<()> {
             health_listen,
             retain,
             hook_timeout,
+            hook_env,
             fault_corrupt_uploads,
         } => {
             let file = load_file(common.config.as_deref())?;
@@ -452,9 +488,18 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|t| parse_duration("--hook-timeout", &t))
                 .transpose()?
                 .unwrap_or(Duration::from_secs(60));
+            let hook_env = if hook_env.is_empty() {
+                file.hook_env.clone().unwrap_or_default()
+            } else {
+                hook_env
+            };
+            if let Some(bad) = hook_env.iter().find(|n| !deliver::valid_hook_env_name(n)) {
+                bail!("--hook-env {bad:?}: a variable name of letters, digits and '_', not one of the hooks' own CONVOY_* variables");
+            }
             let releases = Arc::new(
                 Releases::open(&s.data_dir.join("releases"), retain, hook_timeout)
-                    .context("cannot open the releases directory")?,
+                    .context("cannot open the releases directory")?
+                    .with_hook_env(hook_env),
             );
             let load = Arc::new(
                 Load::open(&s.data_dir.join("load")).context("cannot read the load state")?,

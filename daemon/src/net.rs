@@ -34,6 +34,7 @@
 //! was before.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -226,9 +227,16 @@ pub struct NetHandle {
     commands: mpsc::Sender<Command>,
     peer_id: PeerId,
     request_timeout: Duration,
+    refused: Arc<AtomicU64>,
 }
 
 impl NetHandle {
+    /// Peers refused so far: wrong or missing fleet key, no proof in
+    /// time, too many requests before proving membership.
+    pub fn peers_refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     /// This process's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
@@ -375,7 +383,9 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let peer_id = *swarm.local_peer_id();
+    let refused = Arc::new(AtomicU64::new(0));
     let event_loop = EventLoop {
+        refused: refused.clone(),
         swarm,
         fleet_key: config.fleet_key,
         commands: cmd_rx,
@@ -397,6 +407,7 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
             commands: cmd_tx,
             peer_id,
             request_timeout: config.request_timeout,
+            refused,
         },
         ev_rx,
     ))
@@ -422,6 +433,8 @@ struct PeerState {
 }
 
 struct EventLoop {
+    /// Shared with [`NetHandle::peers_refused`].
+    refused: Arc<AtomicU64>,
     swarm: Swarm<Behaviour>,
     fleet_key: [u8; 32],
     commands: mpsc::Receiver<Command>,
@@ -694,6 +707,7 @@ impl EventLoop {
 
     fn reject(&mut self, peer: PeerId, why: &str) {
         warn!(%peer, "refusing peer: {why}");
+        self.refused.fetch_add(1, Ordering::Relaxed);
         self.fail_parked(peer, RequestError::NotAdmitted);
         let _ = self.swarm.disconnect_peer_id(peer);
     }

@@ -472,14 +472,26 @@ impl TestFleet {
         self.path().join(format!("target-{i}")).join("store")
     }
 
-    /// A `convoy` with its own store, pointed at this fleet.
+    /// A `convoy` with its own store, pointed at this fleet, as the
+    /// operator whose key the coordinator made for its own host.
     pub fn convoy(&self, args: &[&str]) -> Run {
+        let operator_key = self.coordinator.ready["operator_key_file"]
+            .as_str()
+            .expect("the coordinator made a local operator key");
+        self.convoy_as(operator_key, args)
+    }
+
+    /// A `convoy` with its own store, pointed at this fleet, with the
+    /// operator key in `operator_key`.
+    pub fn convoy_as(&self, operator_key: &str, args: &[&str]) -> Run {
         let cli = Convoy::new(&self.path().join("cli-store"));
         let mut all = vec![
             "--coordinator",
             self.coordinator.addr.as_str(),
             "--fleet-key-file",
             self.key.to_str().expect("UTF-8 path"),
+            "--operator-key-file",
+            operator_key,
         ];
         all.extend_from_slice(args);
         cli.run(&all)

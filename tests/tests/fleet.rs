@@ -196,12 +196,19 @@ fn without_the_fleet_key_nothing_can_be_fetched_or_ordered() {
     );
     let cli = Convoy::new(&fleet.path().join("intruder-store"));
     let addr = fleet.coordinator.addr.clone();
+    let operator_key = fleet.coordinator.ready["operator_key_file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Even the operator's own key does not help without the fleet key.
     let with_other_key = |args: &[&str]| {
         let mut all = vec![
             "--coordinator",
             addr.as_str(),
             "--fleet-key-file",
             other.to_str().unwrap(),
+            "--operator-key-file",
+            operator_key.as_str(),
         ];
         all.extend_from_slice(args);
         cli.run(&all)

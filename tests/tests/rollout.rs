@@ -178,8 +178,13 @@ fn every_strategy_goes_live_and_the_health_endpoint_follows() {
             "finished", "rollback"
         ]
     );
-    assert!(h["history"][0]["by"].as_str().unwrap().starts_with("peer "));
-    assert!(h["history"][1]["by"].as_str().unwrap().starts_with("api "));
+    let publisher = h["history"][0]["by"].as_str().unwrap();
+    assert!(publisher.starts_with("operator local (12D3"), "{publisher}");
+    let deployer = h["history"][1]["by"].as_str().unwrap();
+    assert!(
+        deployer.starts_with("token api-token from 127.0.0.1:"),
+        "{deployer}"
+    );
     assert_eq!(h["history"][2]["by"], "coordinator");
 }
 

@@ -175,6 +175,19 @@ impl Fleet {
         Ok(())
     }
 
+    /// Connects to the coordinator as its local operator (the key it made
+    /// in its data directory).
+    pub async fn operator_client(&self) -> Result<Client> {
+        let key = convoy_daemon::fleet_key::read(&self.key_file)?;
+        let operator_key = self.coordinator_ready["operator_key_file"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the coordinator made no local operator key"))?;
+        let identity = convoy_daemon::operators::read_key(Path::new(operator_key))?;
+        Client::connect(&self.coordinator_addr, key, identity)
+            .await
+            .map_err(|e| anyhow!(e))
+    }
+
     /// Starts a target (`args` after `target`), pointed at the
     /// coordinator, its health endpoint on a free loopback port; returns
     /// its ready line.

@@ -361,10 +361,7 @@ async fn run_all(
     convoyd: &Path,
 ) -> Result<(IdleRss, Vec<RunResult>)> {
     let fleet = start_fleet(args, rates, convoyd).await?;
-    let key = convoy_daemon::fleet_key::read(&fleet.key_file)?;
-    let client = Client::connect(&fleet.coordinator_addr, key)
-        .await
-        .map_err(|e| anyhow!(e))?;
+    let client = fleet.operator_client().await?;
     wait_for_targets(&client, args.nodes).await?;
     let idle = fleet.idle_rss();
     let store = RocksStore::open(&fleet.dir.path().join("cli-store"))?;

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::net::{ChunkAnswer, NetEvent, NetHandle};
+use crate::operators::{Operators, Refusals};
 use crate::protocol::{
     signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
     DistributionMode, FleetMember, Labels, PeerInfo, StageOrder, StageProgress, StageState,
@@ -59,6 +60,10 @@ pub struct CoordinatorConfig {
     pub heartbeat: Duration,
     /// Apps, environments and their pipelines.
     pub pipelines: crate::pipeline::Pipelines,
+    /// Who may publish, upload, stage and list the fleet.
+    pub operators: Operators,
+    /// Refused attempts, shared with the API, for `/metrics`.
+    pub refusals: Arc<Refusals>,
 }
 
 struct Member {
@@ -492,6 +497,9 @@ impl Coordinator {
                 });
             }
             ChunkRequest::Upload { hash, len, chunk } => {
+                if self.operator(peer, "upload").is_none() {
+                    return reply.send(ChunkResponse::Denied).await;
+                }
                 let chunks = self.chunks.clone();
                 self.dirty = true;
                 tokio::spawn(async move {
@@ -509,7 +517,40 @@ impl Coordinator {
         }
     }
 
+    /// The name of operator `peer`, or `None` after logging and counting
+    /// the refusal of its `what`: only an allow-listed operator key may ask
+    /// for operator actions; the fleet key alone is not enough.
+    fn operator(&self, peer: PeerId, what: &str) -> Option<String> {
+        let name = self.config.operators.name(&peer).map(str::to_string);
+        if name.is_none() {
+            warn!(%peer, what, "refused: not an operator (the fleet key alone may not ask for this)");
+            Refusals::count(&self.config.refusals.not_operator);
+        }
+        name
+    }
+
     async fn on_control(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
+        let operator_action = match &request {
+            ControlRequest::MissingChunks(_) => Some("missing-chunks"),
+            ControlRequest::Publish { .. } => Some("publish"),
+            ControlRequest::StartStaging { .. } => Some("stage"),
+            ControlRequest::StagingStatus { .. } => Some("staging status"),
+            ControlRequest::Fleet => Some("fleet"),
+            _ => None,
+        };
+        let operator = match operator_action {
+            Some(what) => match self.operator(peer, what) {
+                Some(name) => Some(name),
+                None => return ControlResponse::Denied,
+            },
+            None => None,
+        };
+        let by = || {
+            format!(
+                "operator {} ({peer})",
+                operator.as_deref().unwrap_or_default()
+            )
+        };
         match request {
             ControlRequest::Report(report) => self.on_report(peer, report),
             ControlRequest::Bitfield { release, len, bits } => {
@@ -560,12 +601,12 @@ impl Coordinator {
                     Err(e) => ControlResponse::Error(e.to_string()),
                 }
             }
-            ControlRequest::Publish { manifest } => self.publish(peer, &manifest).await,
+            ControlRequest::Publish { manifest } => self.publish(&by(), &manifest).await,
             ControlRequest::StartStaging {
                 release,
                 selector,
                 mode,
-            } => self.start_staging(&release, &selector, mode),
+            } => self.start_staging(&by(), &release, &selector, mode),
             ControlRequest::StagingStatus { id } => match self.runs.get(&id) {
                 Some(run) => ControlResponse::Staging(self.staging_report(run)),
                 None => ControlResponse::Error(format!("no staging {id}")),
@@ -693,7 +734,7 @@ impl Coordinator {
         }
     }
 
-    async fn publish(&mut self, peer: PeerId, bytes: &[u8]) -> ControlResponse {
+    async fn publish(&mut self, by: &str, bytes: &[u8]) -> ControlResponse {
         let manifest = match Manifest::decode(bytes) {
             Ok(m) => m,
             Err(e) => return ControlResponse::Error(e.to_string()),
@@ -720,10 +761,10 @@ impl Coordinator {
         .unwrap_or_else(|e| Err(e.to_string()));
         match result {
             Ok(id) => {
-                info!(release = %id, "published");
+                info!(release = %id, by, "published");
                 let h = crate::deployments::HistoryEntry::new(
                     "publish",
-                    &format!("peer {peer}"),
+                    by,
                     format!("release {id}"),
                     Some(&version),
                     None,
@@ -738,6 +779,7 @@ impl Coordinator {
 
     fn start_staging(
         &mut self,
+        by: &str,
         name: &str,
         selector: &Labels,
         mode: DistributionMode,
@@ -773,11 +815,26 @@ impl Coordinator {
             ));
         }
         match self.begin_run(name, release, targets.clone(), mode) {
-            Ok(id) => ControlResponse::StagingStarted {
-                id,
-                release,
-                targets: targets.len() as u32,
-            },
+            Ok(id) => {
+                let h = crate::deployments::HistoryEntry::new(
+                    "stage",
+                    by,
+                    format!(
+                        "staging {id} to {} targets in {} mode",
+                        targets.len(),
+                        mode.name()
+                    ),
+                    Some(version),
+                    None,
+                    None,
+                );
+                self.deployments.record(app, &h);
+                ControlResponse::StagingStarted {
+                    id,
+                    release,
+                    targets: targets.len() as u32,
+                }
+            }
             Err(e) => ControlResponse::Error(e),
         }
     }

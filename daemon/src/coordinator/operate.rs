@@ -710,6 +710,21 @@ impl Coordinator {
                 .bytes_sent
                 .load(std::sync::atomic::Ordering::Relaxed)
         );
+        out.push_str("# HELP convoy_refused_total Refused attempts: peers without the fleet key (not_member), operator requests from peers that are not operators (not_operator), API requests without a valid token (bad_token).\n# TYPE convoy_refused_total counter\n");
+        let r = &self.config.refusals;
+        for (what, n) in [
+            ("not_member", self.net.peers_refused()),
+            (
+                "not_operator",
+                r.not_operator.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            (
+                "bad_token",
+                r.bad_token.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        ] {
+            let _ = writeln!(out, "convoy_refused_total{{what=\"{what}\"}} {n}");
+        }
         let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
         for d in self.deployments.all.values() {
             let s = d.summary()["outcome"].as_str().map(str::to_string);
