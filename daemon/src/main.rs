@@ -74,9 +74,10 @@ enum Command {
         #[arg(long, env = "CONVOY_API_TOKEN_FILE", value_name = "FILE")]
         api_token_file: Option<PathBuf>,
         /// The operators allowed to publish, upload, stage and list the
-        /// fleet: `NAME PEER_ID` a line, the ids `convoy keygen` prints.
-        /// If the file is missing it is created naming a new key,
-        /// DATA_DIR/operator.key, as `local` [default: DATA_DIR/operators]
+        /// fleet: `NAME PEER_ID` a line, the ids `convoy keygen` prints;
+        /// read at start. Without this flag, DATA_DIR/operators is used,
+        /// created if missing naming a new key, DATA_DIR/operator.key, as
+        /// `local` [default: DATA_DIR/operators]
         #[arg(long, env = "CONVOY_OPERATORS", value_name = "FILE")]
         operators: Option<PathBuf>,
         /// TOML file defining environments and apps with their pipelines
@@ -420,11 +421,20 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
             let tokens = api::load_or_create_tokens(&token_file)
                 .with_context(|| format!("cannot read or create {}", token_file.display()))?;
-            let operators_file = operators
-                .or(file.operators.clone())
-                .unwrap_or_else(|| s.data_dir.join("operators"));
+            // A file named on purpose must exist; the default one is made
+            // with a key for this host, as the API token is.
             let local_operator_key = s.data_dir.join("operator.key");
-            let operators = Operators::read_or_create(&operators_file, &local_operator_key)?;
+            let (operators_file, operators) = match operators.or(file.operators.clone()) {
+                Some(named) => {
+                    let ops = Operators::read(&named)?;
+                    (named, ops)
+                }
+                None => {
+                    let default = s.data_dir.join("operators");
+                    let ops = Operators::read_or_create(&default, &local_operator_key)?;
+                    (default, ops)
+                }
+            };
             if operators.is_empty() {
                 tracing::warn!(file = %operators_file.display(), "no operators are listed: nobody can publish or stage");
             }

@@ -120,18 +120,20 @@ impl Operators {
 pub fn generate_key(path: &Path) -> Result<PeerId> {
     use std::os::unix::fs::OpenOptionsExt;
     let key = libp2p::identity::ed25519::Keypair::generate();
-    let mut f = std::fs::OpenOptions::new()
+    let opened = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| match path.exists() {
-            true => format!(
+        .open(path);
+    let mut f = match opened {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!(
                 "{} exists; an operator key is never overwritten",
                 path.display()
-            ),
-            false => format!("cannot create {}", path.display()),
-        })?;
+            )
+        }
+        other => other.with_context(|| format!("cannot create {}", path.display()))?,
+    };
     writeln!(f, "{}", hex::encode(key.secret().as_ref()))
         .and_then(|()| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -185,8 +187,8 @@ mod tests {
         assert_eq!(read_key(&path).unwrap().public().to_peer_id(), id);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let e = generate_key(&path).unwrap_err().to_string();
-        assert!(e.contains("never overwritten"), "{e}");
+        let e = format!("{:#}", generate_key(&path).unwrap_err());
+        assert!(e.ends_with("an operator key is never overwritten"), "{e}");
         assert_eq!(read_key(&path).unwrap().public().to_peer_id(), id);
     }
 
