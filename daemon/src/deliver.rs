@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::durable;
 use convoy_chunker::{materialise_reusing, ChunkRef, ChunkSource, EntryKind, Manifest, Reuse};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
@@ -174,7 +175,7 @@ impl Releases {
     /// materialisation are removed, and each app's history is brought in
     /// line with its `current` link.
     pub fn open(root: &Path, retain: usize, hook_timeout: Duration) -> Result<Self, DeliverError> {
-        std::fs::create_dir_all(root).map_err(io_at(root))?;
+        durable::create_dir_all(root).map_err(io_at(root))?;
         let r = Self {
             root: root.to_path_buf(),
             retain: retain.max(2),
@@ -324,7 +325,7 @@ impl Releases {
         if dest.is_dir() && read_written(&record).is_some_and(|w| w.release == release) {
             return Ok(0);
         }
-        std::fs::create_dir_all(&meta).map_err(io_at(&meta))?;
+        durable::create_dir_all(&meta).map_err(io_at(&meta))?;
         let reuse = match self.active(app)? {
             Some(active) if active != version => Some(FromActive {
                 dir: self.dir_of(app, &active),
@@ -735,20 +736,13 @@ fn read_written(path: &Path) -> Option<Written> {
 
 /// Writes a file so that a crash leaves the old content or the new.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DeliverError> {
-    use std::io::Write;
     let dir = path.parent().expect("a file in a directory");
-    std::fs::create_dir_all(dir).map_err(io_at(dir))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_at(dir))?;
-    tmp.write_all(bytes).map_err(io_at(path))?;
-    tmp.as_file().sync_all().map_err(io_at(path))?;
-    tmp.persist(path).map_err(|e| io_at(path)(e.error))?;
-    sync_dir(dir)
+    durable::create_dir_all(dir).map_err(io_at(dir))?;
+    durable::write_atomically(path, bytes).map_err(io_at(path))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), DeliverError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(dir))
+    durable::sync_dir(dir).map_err(io_at(dir))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::deliver::Releases;
-use crate::target::write_atomically;
+use crate::durable::write_atomically;
 
 const IN_LOAD: &str = "in load\n";
 const DRAINED: &str = "drained\n";

@@ -21,6 +21,7 @@ pub mod client;
 pub mod coordinator;
 pub mod deliver;
 pub mod deployments;
+pub mod durable;
 pub mod fleet_key;
 pub mod health;
 pub mod net;

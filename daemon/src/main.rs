@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use convoy_daemon::coordinator::{self, CoordinatorConfig};
 use convoy_daemon::deliver::{self, Releases};
+use convoy_daemon::durable::write_atomically;
 use convoy_daemon::health::{self, Load};
 use convoy_daemon::net::{self, NetConfig, NetEvent};
 use convoy_daemon::operators::{Operators, Refusals};
@@ -17,7 +18,7 @@ use convoy_daemon::pipeline::Pipelines;
 use convoy_daemon::protocol::{Labels, MAX_LABELS, MAX_LABEL_BYTES};
 use convoy_daemon::serve::Chunks;
 use convoy_daemon::store::RocksStore;
-use convoy_daemon::target::{self, write_atomically, TargetConfig};
+use convoy_daemon::target::{self, TargetConfig};
 use convoy_daemon::units::parse_bytes;
 use convoy_daemon::{api, client, fleet_key};
 use libp2p::identity::Keypair;
@@ -417,7 +418,7 @@ fn run(cli: Cli) -> Result<()> {
             let token_file = api_token_file
                 .or(file.api_token_file.clone())
                 .unwrap_or_else(|| s.data_dir.join("api-token"));
-            std::fs::create_dir_all(&s.data_dir)
+            convoy_daemon::durable::create_dir_all(&s.data_dir)
                 .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
             let tokens = api::load_or_create_tokens(&token_file)
                 .with_context(|| format!("cannot read or create {}", token_file.display()))?;
@@ -571,7 +572,7 @@ type Started = (
 /// Opens the store, starts the network, waits until every listener is up
 /// and prints the ready line.
 async fn start(s: &Settings, role: &str, extra: serde_json::Value) -> Result<Started> {
-    std::fs::create_dir_all(&s.data_dir)
+    convoy_daemon::durable::create_dir_all(&s.data_dir)
         .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
     let keypair = identity(&s.data_dir)?;
     let store = RocksStore::open(&s.data_dir.join("store"))?;

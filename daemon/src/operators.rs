@@ -93,7 +93,7 @@ impl Operators {
         let text = format!(
             "# Operators this coordinator accepts: NAME PEER_ID (`convoy keygen` prints it).\nlocal {peer}\n"
         );
-        crate::target::write_atomically(list, text.as_bytes())
+        crate::durable::write_atomically(list, text.as_bytes())
             .with_context(|| format!("cannot write {}", list.display()))?;
         Self::parse(&text).map_err(anyhow::Error::msg)
     }

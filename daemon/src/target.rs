@@ -190,7 +190,7 @@ pub async fn run(
             config.coordinator
         )
     })?;
-    std::fs::create_dir_all(config.data_dir.join("staging"))?;
+    crate::durable::create_dir_all(&config.data_dir.join("staging"))?;
     net.add_addresses(config.coordinator, config.coordinator_addrs.clone())
         .await;
     let (tx, mut rx) = mpsc::channel(4096);
@@ -722,7 +722,7 @@ impl Target {
                 .map(|(i, _)| i as u32),
         );
         if persist && already != Some(id) {
-            write_atomically(&order_path(&self.config.data_dir, &id), &{
+            crate::durable::write_atomically(&order_path(&self.config.data_dir, &id), &{
                 protocol::encode::<_, MAX_CONTROL_FRAME>(&order).map_err(|e| e.to_string())?
             })
             .map_err(|e| format!("cannot record the order: {e}"))?;
@@ -1248,15 +1248,4 @@ impl DeliveryTask {
 fn seed_of(peer: &PeerId) -> u64 {
     let b = blake3::hash(&peer.to_bytes());
     u64::from_le_bytes(b.as_bytes()[..8].try_into().expect("8 bytes"))
-}
-
-/// Writes a file so that a crash leaves the old content or the new, never half.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().expect("a file in a directory");
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    std::fs::File::open(dir)?.sync_all()
 }

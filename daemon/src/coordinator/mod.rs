@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::durable::write_atomically;
 use crate::net::{ChunkAnswer, NetEvent, NetHandle};
 use crate::operators::{Operators, Refusals};
 use crate::protocol::{
@@ -34,7 +35,6 @@ use crate::protocol::{
     MAX_PEERS_PER_LIST,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
-use crate::target::write_atomically;
 use crate::transfer::{HaveSet, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
 
 /// Registered targets the coordinator tracks.

@@ -94,7 +94,7 @@ impl Packs {
     /// Opens (creating) the pack directory; new packs get ids after the
     /// highest present.
     pub fn open(dir: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        crate::durable::create_dir_all(dir)?;
         let mut next = 0;
         for entry in fs::read_dir(dir)? {
             if let Some(id) = entry?.file_name().to_str().and_then(pack_id) {

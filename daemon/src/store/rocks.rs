@@ -81,7 +81,7 @@ impl RocksStore {
     /// another process has open gives [`StoreError::Locked`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let display = path.display().to_string();
-        std::fs::create_dir_all(path).map_err(|e| StoreError::Db {
+        crate::durable::create_dir_all(path).map_err(|e| StoreError::Db {
             path: display.clone(),
             reason: format!("cannot create directory: {e}"),
         })?;
