@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Once;
 
+pub mod cutfs;
+
 /// The directory cargo put the workspace's binaries in, after making sure
 /// they are built from the current sources: `cargo test` builds only the
 /// binaries of the package under test, and these tests run other packages'.
