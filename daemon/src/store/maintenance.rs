@@ -131,19 +131,51 @@ pub struct GcReport {
 
 /// Keeps the newest `keep` releases of each app (by arrival in this
 /// store), removes the older ones, then every chunk no kept release uses.
+/// For a store no daemon runs on; a daemon collects with [`collect`].
 pub fn gc(store: &dyn Store, keep: usize) -> Result<GcReport, StoreError> {
     assert!(keep >= 1, "gc must keep at least one release per app");
+    let retention = Retention {
+        newest: keep,
+        ..Retention::default()
+    };
+    collect(store, &retention, None).map(|(report, _)| report)
+}
+
+/// What a collection keeps.
+#[derive(Clone, Debug, Default)]
+pub struct Retention {
+    /// Named releases kept per app, newest (by arrival) first.
+    pub newest: usize,
+    /// Named releases kept whatever their age: active, previous, being
+    /// delivered or staged.
+    pub pinned: HashSet<ReleaseId>,
+    /// Chunks kept whether or not a kept release names them: those of
+    /// releases being staged, not named yet.
+    pub pinned_chunks: HashSet<ChunkHash>,
+}
+
+/// Removes the named releases `retention` does not keep, then the chunks
+/// no kept release or pin uses, then gives their space back. With
+/// `unused_before` (the set the previous pass returned) only chunks that
+/// were unused then too are removed: a chunk written or uploaded since,
+/// and not yet named (a publish under way), survives at least one pass.
+/// Returns what was done and the chunks unused now.
+pub fn collect(
+    store: &dyn Store,
+    retention: &Retention,
+    unused_before: Option<&HashSet<ChunkHash>>,
+) -> Result<(GcReport, HashSet<ChunkHash>), StoreError> {
     let mut by_app: BTreeMap<String, Vec<Release>> = BTreeMap::new();
     for r in store.releases()? {
         by_app.entry(r.app.clone()).or_default().push(r);
     }
     let mut report = GcReport::default();
-    let mut kept_ids: HashSet<ReleaseId> = HashSet::new();
+    let mut kept_ids: HashSet<ReleaseId> = retention.pinned.clone();
     for releases in by_app.values_mut() {
         releases.sort_by_key(|r| std::cmp::Reverse(r.seq));
         for (i, r) in releases.iter().enumerate() {
             let name = format!("{}@{}", r.app, r.version);
-            if i < keep {
+            if i < retention.newest || retention.pinned.contains(&r.id) {
                 kept_ids.insert(r.id);
                 report.kept.push(name);
             } else {
@@ -152,27 +184,40 @@ pub fn gc(store: &dyn Store, keep: usize) -> Result<GcReport, StoreError> {
             }
         }
     }
-    let mut used: HashSet<ChunkHash> = HashSet::new();
+    let mut used: HashSet<ChunkHash> = retention.pinned_chunks.clone();
     for id in &kept_ids {
         if let Some(m) = store.get_manifest(id)? {
             used.extend(m.chunk_refs().map(|c| c.hash));
         }
     }
-    let unused: Vec<ChunkHash> = store
+    let unused: HashSet<ChunkHash> = store
         .chunk_hashes()?
         .into_iter()
         .filter(|h| !used.contains(h))
         .collect();
+    let doomed: Vec<ChunkHash> = match unused_before {
+        Some(before) => unused.intersection(before).copied().collect(),
+        None => unused.iter().copied().collect(),
+    };
     report.stored_bytes_removed = store
-        .chunk_info(&unused)?
+        .chunk_info(&doomed)?
         .iter()
         .flatten()
         .map(|i| u64::from(i.stored_len))
         .sum();
-    report.chunks_removed = unused.len() as u64;
-    for batch in unused.chunks(VERIFY_BATCH * 16) {
+    report.chunks_removed = doomed.len() as u64;
+    for batch in doomed.chunks(VERIFY_BATCH * 16) {
         store.delete_chunks(batch)?;
     }
-    store.compact()?;
-    Ok(report)
+    if unused_before.is_none() || !doomed.is_empty() || !report.removed.is_empty() {
+        store.compact()?;
+    }
+    let still_unused = match unused_before {
+        Some(_) => unused
+            .difference(&doomed.into_iter().collect())
+            .copied()
+            .collect(),
+        None => HashSet::new(),
+    };
+    Ok((report, still_unused))
 }

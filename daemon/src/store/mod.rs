@@ -24,7 +24,7 @@ use convoy_chunker::{
 };
 
 pub use ingest::{Ingest, IngestStats, IngestWriter};
-pub use maintenance::{gc, verify, GcReport, VerifyReport};
+pub use maintenance::{collect, gc, verify, GcReport, Retention, VerifyReport};
 pub use memory::MemoryStore;
 pub use rocks::RocksStore;
 

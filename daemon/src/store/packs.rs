@@ -51,8 +51,29 @@ pub(super) struct Packs {
     /// Packs written since the last [`Packs::sync`].
     dirty: Mutex<BTreeSet<u32>>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// Packs with lower ids are sealed (see [`Packs::seal`]).
+    sealed_below: AtomicU32,
+    /// Packs a writer holds, from its append until its index entries are
+    /// filed (see [`Writing`]).
+    writing: Mutex<BTreeSet<u32>>,
     #[cfg(test)]
     fail_syncs: std::sync::atomic::AtomicBool,
+}
+
+/// A pack being written: while it lives, compaction leaves the pack alone.
+pub(super) struct Writing<'a> {
+    packs: &'a Packs,
+    id: u32,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.packs
+            .writing
+            .lock()
+            .expect("writing set poisoned")
+            .remove(&self.id);
+    }
 }
 
 fn pack_name(id: u32) -> String {
@@ -107,6 +128,8 @@ impl Packs {
             idle: Mutex::new(Vec::new()),
             dirty: Mutex::new(BTreeSet::new()),
             readers: Mutex::new(HashMap::new()),
+            sealed_below: AtomicU32::new(0),
+            writing: Mutex::new(BTreeSet::new()),
             #[cfg(test)]
             fail_syncs: Default::default(),
         })
@@ -124,11 +147,32 @@ impl Packs {
         Ok(ids)
     }
 
-    /// Appends `chunks` to one pack with one write; returns where each went.
-    pub fn append(&self, chunks: &[(ChunkRef, StoredChunk)]) -> io::Result<Vec<Location>> {
-        let mut pack = match self.idle.lock().expect("pack pool poisoned").pop() {
+    /// Appends `chunks` to one pack with one write; returns where each
+    /// went, and a guard that keeps [`Packs::seal`]'s caller away from the
+    /// pack until the caller has filed the index entries and drops it.
+    pub fn append(
+        &self,
+        chunks: &[(ChunkRef, StoredChunk)],
+    ) -> io::Result<(Vec<Location>, Writing<'_>)> {
+        let popped = {
+            let mut idle = self.idle.lock().expect("pack pool poisoned");
+            let p = idle.pop();
+            if let Some(p) = &p {
+                self.mark_writing(p.id);
+            }
+            p
+        };
+        let mut pack = match popped {
             Some(p) => p,
-            None => self.create()?,
+            None => {
+                let p = self.create()?;
+                self.mark_writing(p.id);
+                p
+            }
+        };
+        let writing = Writing {
+            packs: self,
+            id: pack.id,
         };
         // Headers and bodies go out in one vectored write: no copy of the
         // bodies into a batch buffer.
@@ -164,10 +208,30 @@ impl Packs {
             .lock()
             .expect("dirty set poisoned")
             .insert(pack.id);
-        if pack.len < MAX_PACK_BYTES {
+        // A sealed pack is not appended to again: compaction may take it.
+        if pack.len < MAX_PACK_BYTES && pack.id >= self.sealed_below.load(Ordering::SeqCst) {
             self.idle.lock().expect("pack pool poisoned").push(pack);
         }
-        Ok(locations)
+        Ok((locations, writing))
+    }
+
+    fn mark_writing(&self, id: u32) {
+        self.writing
+            .lock()
+            .expect("writing set poisoned")
+            .insert(id);
+    }
+
+    /// Seals every pack there is: none is appended to again. Returns the
+    /// sealed ids' bound (every id below it is sealed) and the packs a
+    /// writer still holds, which compaction must leave alone this time.
+    pub fn seal(&self) -> (u32, BTreeSet<u32>) {
+        let mut idle = self.idle.lock().expect("pack pool poisoned");
+        let below = self.next_id.load(Ordering::SeqCst);
+        self.sealed_below.store(below, Ordering::SeqCst);
+        idle.clear();
+        let busy = self.writing.lock().expect("writing set poisoned").clone();
+        (below, busy)
     }
 
     fn create(&self) -> io::Result<OpenPack> {
@@ -276,6 +340,7 @@ impl Packs {
 
     /// Removes a pack file (after its live records moved elsewhere).
     pub fn remove(&self, id: u32) -> io::Result<()> {
+        self.dirty.lock().expect("dirty set poisoned").remove(&id);
         self.readers
             .lock()
             .expect("reader cache poisoned")
@@ -290,10 +355,5 @@ impl Packs {
     /// Size of a pack file.
     pub fn len(&self, id: u32) -> io::Result<u64> {
         Ok(fs::metadata(self.dir.join(pack_name(id)))?.len())
-    }
-
-    /// Stops appending to every open pack, so compaction can rewrite them.
-    pub fn seal_all(&self) {
-        self.idle.lock().expect("pack pool poisoned").clear();
     }
 }

@@ -74,6 +74,8 @@ pub struct RocksStore {
     /// can report success for pages the kernel already dropped, so the
     /// store takes no more writes until it is opened again.
     stopped: Mutex<Option<String>>,
+    /// One compaction at a time.
+    compact_lock: Mutex<()>,
 }
 
 impl RocksStore {
@@ -136,6 +138,7 @@ impl RocksStore {
             pending: Mutex::new(HashMap::new()),
             sync_lock: Mutex::new(()),
             stopped: Mutex::new(None),
+            compact_lock: Mutex::new(()),
         };
         let newest = store.releases()?.iter().map(|r| r.seq).max();
         store
@@ -411,7 +414,8 @@ impl Store for RocksStore {
             return Ok(());
         }
         self.check_writable()?;
-        let locations = self
+        // The guard keeps compaction off the pack until the entries are filed.
+        let (locations, _writing) = self
             .packs
             .append(chunks)
             .map_err(self.io_err("writing a pack"))?;
@@ -433,10 +437,22 @@ impl Store for RocksStore {
         let Some((info, at)) = self.index_entry(hash)? else {
             return Ok(None);
         };
-        self.packs
-            .read(hash, at, info.stored_len)
-            .map(Some)
-            .map_err(|what| self.corrupt(format!("chunk {hash}: {what}")))
+        match self.packs.read(hash, at, info.stored_len) {
+            Ok(stored) => Ok(Some(stored)),
+            Err(what) => {
+                // Compaction may have moved the record, and removed its
+                // pack, since the index was read: look once more.
+                match self.index_entry(hash)? {
+                    None => Ok(None),
+                    Some((info, moved)) if moved != at => self
+                        .packs
+                        .read(hash, moved, info.stored_len)
+                        .map(Some)
+                        .map_err(|what| self.corrupt(format!("chunk {hash}: {what}"))),
+                    Some(_) => Err(self.corrupt(format!("chunk {hash}: {what}"))),
+                }
+            }
+        }
     }
 
     fn chunk_info(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<ChunkInfo>>, StoreError> {
@@ -582,9 +598,12 @@ impl Store for RocksStore {
     }
 
     fn compact(&self) -> Result<(), StoreError> {
-        // Live bytes per pack, from the index, every entry of it written.
+        let _one_compaction = self.compact_lock.lock().expect("compact lock poisoned");
+        // Packs are sealed, so nothing is appended to them again; those a
+        // writer still holds are left for next time. Every other writer
+        // has filed its entries, which the flush writes to the index.
+        let (sealed_below, busy) = self.packs.seal();
         self.flush()?;
-        self.packs.seal_all();
         let mut live: BTreeMap<u32, Vec<(ChunkHash, ChunkInfo, Location)>> = BTreeMap::new();
         for item in self
             .db
@@ -598,6 +617,9 @@ impl Store for RocksStore {
         }
         let mut emptied = Vec::new();
         for id in self.packs.ids().map_err(self.io_err("listing packs"))? {
+            if id >= sealed_below || busy.contains(&id) {
+                continue;
+            }
             let records = live.remove(&id).unwrap_or_default();
             let live_bytes: u64 = records
                 .iter()

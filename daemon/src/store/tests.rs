@@ -143,6 +143,52 @@ fn gc_keeps_newest_releases_per_app_and_their_chunks(store: &dyn Store) {
     assert!(verify(store, &()).unwrap().is_clean());
 }
 
+fn a_collection_keeps_pins_and_spares_fresh_chunks_for_one_pass(store: &dyn Store) {
+    put(
+        store,
+        &[b"old", b"pinned only", b"staged", b"uploaded", b"newest"],
+    );
+    store.put_release(&release("web", "1", &[b"old"])).unwrap();
+    store
+        .put_release(&release("web", "2", &[b"pinned only"]))
+        .unwrap();
+    store
+        .put_release(&release("web", "3", &[b"newest"]))
+        .unwrap();
+    let pinned = store.resolve("web", "2").unwrap().unwrap();
+    let retention = Retention {
+        newest: 1,
+        pinned: [pinned].into(),
+        pinned_chunks: [ChunkHash::of(b"staged")].into(),
+    };
+    let has = |d: &[u8]| store.contains_chunk(&ChunkHash::of(d)).unwrap();
+    // First pass: web@1 goes, but its chunk and the upload nobody named
+    // yet were not unused at a pass before, so they stay.
+    let (report, unused) = collect(store, &retention, Some(&Default::default())).unwrap();
+    assert_eq!(report.removed, vec!["web@1".to_string()]);
+    assert_eq!(report.chunks_removed, 0);
+    assert_eq!(
+        unused,
+        [ChunkHash::of(b"old"), ChunkHash::of(b"uploaded")].into()
+    );
+    assert!(has(b"old") && has(b"uploaded"));
+    // The upload is named before the next pass: it stays; the other goes.
+    store
+        .put_release(&release("web", "4", &[b"uploaded"]))
+        .unwrap();
+    let (report, unused) = collect(store, &retention, Some(&unused)).unwrap();
+    assert_eq!(report.chunks_removed, 1);
+    assert!(!has(b"old"));
+    assert!(has(b"pinned only") && has(b"staged") && has(b"uploaded"));
+    assert_eq!(store.resolve("web", "2").unwrap(), Some(pinned));
+    // web@3 is no longer the newest, and not pinned: its name goes now,
+    // its chunk at the next pass.
+    assert_eq!(store.resolve("web", "3").unwrap(), None);
+    assert_eq!(unused, [ChunkHash::of(b"newest")].into());
+    assert!(has(b"newest"));
+    assert!(verify(store, &()).unwrap().is_clean());
+}
+
 fn ingest_counts_new_chunks_once(store: &dyn Store) {
     let dir = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -208,6 +254,7 @@ store_tests!(
     release_names_resolve_and_are_immutable,
     verify_finds_corrupt_and_missing_chunks,
     gc_keeps_newest_releases_per_app_and_their_chunks,
+    a_collection_keeps_pins_and_spares_fresh_chunks_for_one_pass,
     ingest_counts_new_chunks_once,
     deleting_a_release_keeps_a_manifest_another_name_uses,
     record_logs_append_in_order_and_list_by_prefix,
@@ -301,4 +348,53 @@ fn rocks_store_gc_gives_the_space_of_dropped_chunks_back() {
     let store = RocksStore::open(dir.path()).unwrap();
     assert!(verify(&store, &()).unwrap().is_clean());
     assert_eq!(verify(&store, &()).unwrap().chunks_checked, 64);
+}
+
+#[test]
+fn rocks_store_compacts_while_writers_write() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RocksStore::open(dir.path()).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    // Writers keep every chunk; each pass drops a batch of garbage, so
+    // packs are rewritten and removed while the writers append.
+    let writers: Vec<_> = (0..2u32)
+        .map(|w| {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut kept = Vec::new();
+                for i in 0..400u32 {
+                    if stop.load(Ordering::SeqCst) && i > 50 {
+                        break;
+                    }
+                    let data = format!("writer {w} chunk {i} ").repeat(200).into_bytes();
+                    let c = chunk(&data);
+                    store.put_chunks(&[c.clone()]).unwrap();
+                    kept.push((c.0, data));
+                }
+                kept
+            })
+        })
+        .collect();
+    for pass in 0..20u32 {
+        let garbage: Vec<_> = (0..50u32)
+            .map(|i| chunk(&format!("garbage {pass} {i} ").repeat(300).into_bytes()))
+            .collect();
+        store.put_chunks(&garbage).unwrap();
+        let hashes: Vec<ChunkHash> = garbage.iter().map(|(r, _)| r.hash).collect();
+        store.delete_chunks(&hashes).unwrap();
+        store.compact().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        for (r, data) in w.join().unwrap() {
+            let got = store
+                .get_chunk(&r.hash)
+                .unwrap()
+                .unwrap_or_else(|| panic!("chunk {} lost", r.hash));
+            assert_eq!(got.into_verified(&r).unwrap(), data);
+        }
+    }
+    assert!(verify(&*store, &()).unwrap().is_clean());
 }
