@@ -370,7 +370,7 @@ fn rocks_store_compacts_while_writers_write() {
                     }
                     let data = format!("writer {w} chunk {i} ").repeat(200).into_bytes();
                     let c = chunk(&data);
-                    store.put_chunks(&[c.clone()]).unwrap();
+                    store.put_chunks(std::slice::from_ref(&c)).unwrap();
                     kept.push((c.0, data));
                 }
                 kept
