@@ -179,11 +179,15 @@ impl CutFs {
     /// processes using the mount first.
     pub fn cut(&mut self) -> std::io::Result<()> {
         if let Some(session) = self.session.take() {
-            session.umount_and_join()?;
+            unmount(session)?;
         }
         {
             let mut s = self.shared.0.lock().unwrap();
-            let survivor = s.frozen.take().unwrap_or_else(|| s.durable.clone());
+            let mut survivor = s.frozen.take().unwrap_or_else(|| s.durable.clone());
+            // New inodes take numbers no inode ever had: the durable tree
+            // may hold inodes numbered past its own counter (a synced file
+            // whose directory was not).
+            survivor.next = s.live.next;
             s.live = survivor.clone();
             s.durable = survivor;
             s.cut_after = None;
@@ -195,8 +199,18 @@ impl CutFs {
 impl Drop for CutFs {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            let _ = session.umount_and_join();
+            let _ = unmount(session);
         }
+    }
+}
+
+/// Unmounts and waits for the session's thread. The thread ends with
+/// ECONNABORTED when the kernel drops the connection at the unmount,
+/// which is how it should end.
+fn unmount(session: fuser::BackgroundSession) -> std::io::Result<()> {
+    match session.umount_and_join() {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+        other => other,
     }
 }
 

@@ -18,7 +18,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use convoy_chunker::{ChunkHash, ChunkRef, Compressor, Manifest};
@@ -55,9 +54,14 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Runs this test again as a child doing `work` on `dir`; its stdout lines
-/// go to the returned channel.
-fn child(test: &str, work: &str, dir: &Path, seed: u64) -> (Child, mpsc::Receiver<String>) {
+/// Runs this test again as a child doing `work` on `dir`; the returned
+/// thread gives its stdout lines once it has ended.
+fn child(
+    test: &str,
+    work: &str,
+    dir: &Path,
+    seed: u64,
+) -> (Child, std::thread::JoinHandle<Vec<String>>) {
     let mut c = Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads", "1"])
         .env(CHILD, format!("{work}:{seed}:{}", dir.display()))
@@ -66,15 +70,9 @@ fn child(test: &str, work: &str, dir: &Path, seed: u64) -> (Child, mpsc::Receive
         .spawn()
         .expect("the test binary runs again");
     let out = c.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    (c, rx)
+    let lines =
+        std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).collect());
+    (c, lines)
 }
 
 /// The work a child was started for, if this process is one.
@@ -116,7 +114,8 @@ fn run(
     if cut_after.is_none() {
         assert!(status.success(), "{work} failed without a power cut");
     }
-    (lines.try_iter().collect(), ops)
+    // Every line it wrote before it died: the pipe ends with it.
+    (lines.join().expect("the child's output"), ops)
 }
 
 /// Runs `check` after a whole run and after `cuts()` runs cut at seeded
