@@ -340,8 +340,10 @@ fn init_logging(common: &Common, file: &FileConfig) {
         .unwrap_or_else(|| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours for a terminal only: a log file or journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match common
         .log_format
@@ -543,6 +545,7 @@ fn run(cli: Cli) -> Result<()> {
                     releases,
                     load,
                     health_addr: Some(health_addr),
+                    gc_every: s.gc_every,
                 };
                 target::run(config, chunks, net, events, shutdown_signal()).await
             })
