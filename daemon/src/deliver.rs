@@ -209,6 +209,11 @@ impl Releases {
         Ok(r)
     }
 
+    /// How many releases of each app are kept.
+    pub fn retained(&self) -> usize {
+        self.retain
+    }
+
     /// Passes the daemon's variables `names` through to hooks, besides
     /// `PATH`, `HOME` and `LANG` (see [`valid_hook_env_name`]).
     pub fn with_hook_env(mut self, names: Vec<String>) -> Self {

@@ -174,6 +174,12 @@ struct Common {
     /// [default: info]
     #[arg(long, env = "CONVOY_LOG", value_name = "FILTER")]
     log_level: Option<String>,
+    /// How often the store drops releases and chunks nobody keeps (a
+    /// target keeps --retain releases per app and every release it stages
+    /// or has delivered; the coordinator --retain per app and every release
+    /// of a staging or roll-out it remembers); `off` never [default: 10m]
+    #[arg(long, env = "CONVOY_GC_INTERVAL", value_name = "DURATION")]
+    gc_interval: Option<String>,
     /// Threads that run the network and the protocol (store reads and
     /// writes run on their own threads besides); fewer leave more of a
     /// shared machine to other work [default: one per core]
@@ -201,6 +207,7 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     log_level: Option<String>,
     worker_threads: Option<usize>,
+    gc_interval: Option<String>,
     coordinator: Option<String>,
     push_parallel: Option<usize>,
     swarm_degree: Option<usize>,
@@ -224,6 +231,8 @@ struct Settings {
     upload_rate: Option<u64>,
     download_rate: Option<u64>,
     worker_threads: Option<usize>,
+    /// `None`: never.
+    gc_every: Option<Duration>,
 }
 
 fn main() -> ExitCode {
@@ -328,6 +337,14 @@ fn settings(common: &Common, file: &FileConfig, default_port: u16) -> Result<Set
         worker_threads: match common.worker_threads.or(file.worker_threads) {
             Some(0) => bail!("--worker-threads must be at least 1"),
             n => n,
+        },
+        gc_every: match common.gc_interval.clone().or(file.gc_interval.clone()) {
+            Some(off) if off == "off" => None,
+            Some(text) => match parse_duration("--gc-interval", &text)? {
+                d if d.is_zero() => bail!("--gc-interval must be more than 0 (or off)"),
+                d => Some(d),
+            },
+            None => Some(Duration::from_secs(600)),
         },
     })
 }

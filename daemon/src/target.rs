@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use convoy_chunker::{ChunkRef, Manifest, ReleaseId};
+use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId};
 use libp2p::identity::PublicKey;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
@@ -32,7 +32,7 @@ use crate::protocol::{
     MAX_CONTROL_FRAME,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
-use crate::store::StoreSource;
+use crate::store::{collect, GcReport, Retention, StoreSource};
 use crate::transfer::{FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode};
 
 /// How often newly held chunks are announced to peers. An announcement
@@ -60,6 +60,9 @@ const STALL_TICKS: u32 = 3;
 const MAX_KNOWN_PEERS: usize = 4096;
 /// Stagings a target runs at once.
 const MAX_STAGINGS: usize = 16;
+/// Orders that wait for a collection pass, at most; past this they are
+/// refused (the coordinator sends them again).
+const MAX_WAITING_ORDERS: usize = 256;
 
 /// How a target is set up.
 pub struct TargetConfig {
@@ -80,6 +83,9 @@ pub struct TargetConfig {
     pub load: Arc<Load>,
     /// Where the health endpoint listens, reported to the coordinator.
     pub health_addr: Option<String>,
+    /// How often the store drops what no kept release uses (see
+    /// [`collect`]); `None`: never.
+    pub gc_every: Option<Duration>,
 }
 
 /// The coordinator's public key, taken from its peer id (ed25519 ids embed it).
@@ -108,6 +114,8 @@ enum Internal {
         result: Result<(), String>,
     },
     Registered(Result<ControlResponse, RequestError>),
+    /// A collection pass ended: the chunks unused now, for the next one.
+    Collected(Result<(GcReport, HashSet<ChunkHash>), String>),
 }
 
 enum Outcome {
@@ -174,6 +182,11 @@ struct Target {
     delivering: Arc<std::sync::Mutex<HashSet<ReleaseId>>>,
     /// Held by the delivery or rollback that runs.
     delivery_lock: Arc<tokio::sync::Mutex<()>>,
+    /// A collection pass runs: orders to stage or deliver wait here (with
+    /// their source) until it ends, so it never drops what they need.
+    collecting: Option<Vec<(PeerId, ControlRequest)>>,
+    /// Chunks the last pass found unused (see [`collect`]).
+    unused: HashSet<ChunkHash>,
 }
 
 /// Runs the target until `shutdown` completes.
@@ -208,6 +221,8 @@ pub async fn run(
         listen: config.listening.clone(),
         delivering: Arc::default(),
         delivery_lock: Arc::default(),
+        collecting: None,
+        unused: HashSet::new(),
         config,
     };
     t.resume_orders();
@@ -215,10 +230,16 @@ pub async fn run(
     let mut announce = tokio::time::interval(ANNOUNCE_RARE_EVERY);
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     let mut heartbeat = tokio::time::interval(t.heartbeat);
+    let gc_every = t
+        .config
+        .gc_every
+        .unwrap_or(Duration::from_secs(86_400 * 365));
+    let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + gc_every, gc_every);
     tokio::pin!(shutdown);
     loop {
         let wake = t.next_timeout();
         tokio::select! {
+            _ = gc.tick(), if t.config.gc_every.is_some() => t.collect_garbage(),
             _ = &mut shutdown => break,
             Some(ev) = events.recv() => t.on_net(ev).await,
             Some(ev) = rx.recv() => t.on_internal(ev).await,
@@ -573,8 +594,76 @@ impl Target {
         self.drive(release);
     }
 
+    /// Starts a collection pass unless one runs: it keeps the newest
+    /// `--retain` releases of each app, those delivered here (trees kept)
+    /// or being delivered, and the chunks of releases being staged.
+    fn collect_garbage(&mut self) {
+        if self.collecting.is_some() {
+            return;
+        }
+        self.collecting = Some(Vec::new());
+        // A staging that ended named its release, which retention keeps
+        // or not; one that runs has only its chunks so far.
+        let running = || {
+            self.stagings
+                .iter()
+                .filter(|(_, s)| s.state == StageState::Running)
+        };
+        let mut pinned: HashSet<ReleaseId> = running().map(|(id, _)| *id).collect();
+        pinned.extend(self.delivering.lock().expect("not poisoned").iter());
+        let manifests: Vec<Arc<Manifest>> = running().map(|(_, s)| s.manifest.clone()).collect();
+        let unused = std::mem::take(&mut self.unused);
+        let (store, releases) = (self.chunks.store.clone(), self.config.releases.clone());
+        let (lock, tx) = (self.delivery_lock.clone(), self.internal.clone());
+        tokio::spawn(async move {
+            // No delivery reads or removes a tree meanwhile.
+            let _deliveries_wait = lock.lock().await;
+            let pass = tokio::task::spawn_blocking(move || -> Result<_, String> {
+                let mut retention = Retention {
+                    newest: releases.retained(),
+                    pinned,
+                    pinned_chunks: manifests
+                        .iter()
+                        .flat_map(|m| m.unique_chunks().iter().map(|c| c.hash).collect::<Vec<_>>())
+                        .collect(),
+                };
+                for app in releases.apps().map_err(|e| e.to_string())? {
+                    for version in releases.versions(&app).map_err(|e| e.to_string())? {
+                        if let Some(id) =
+                            store.resolve(&app, &version).map_err(|e| e.to_string())?
+                        {
+                            retention.pinned.insert(id);
+                        }
+                    }
+                }
+                collect(&*store, &retention, Some(&unused)).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("the collection pass failed: {e}")));
+            let _ = tx.send(Internal::Collected(pass)).await;
+        });
+    }
+
     fn on_control(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
         let from_coordinator = peer == self.config.coordinator;
+        if let Some(waiting) = self.collecting.as_mut() {
+            if from_coordinator
+                && matches!(
+                    request,
+                    ControlRequest::Stage(_) | ControlRequest::Deliver { .. }
+                )
+            {
+                if waiting.len() >= MAX_WAITING_ORDERS {
+                    return ControlResponse::Error(
+                        "collecting garbage, with too many orders waiting; try again".into(),
+                    );
+                }
+                // Answered now, carried out when the pass ends; its outcome
+                // is reported as for any order.
+                waiting.push((peer, request));
+                return ControlResponse::Ok;
+            }
+        }
         match request {
             ControlRequest::Stage(order) if from_coordinator => match self.accept(order, true) {
                 Ok(_) => ControlResponse::Ok,
@@ -1085,6 +1174,28 @@ impl Target {
                 }
                 self.announce(true);
                 self.register();
+            }
+            Internal::Collected(pass) => {
+                match pass {
+                    Ok((report, unused)) => {
+                        if report.chunks_removed > 0 || !report.removed.is_empty() {
+                            info!(
+                                releases = ?report.removed,
+                                chunks = report.chunks_removed,
+                                bytes = report.stored_bytes_removed,
+                                "collected garbage"
+                            );
+                        }
+                        self.unused = unused;
+                    }
+                    Err(e) => warn!("collecting garbage: {e}"),
+                }
+                for (peer, request) in self.collecting.take().unwrap_or_default() {
+                    let response = self.on_control(peer, request);
+                    if let ControlResponse::Error(e) = response {
+                        warn!("an order that waited for garbage collection failed: {e}");
+                    }
+                }
             }
             Internal::Registered(result) => {
                 self.registering = false;

@@ -282,3 +282,79 @@ fn a_coordinator_restarted_mid_staging_lets_the_targets_finish() {
         verify_store(&fleet, i);
     }
 }
+
+#[test]
+fn a_running_target_drops_old_releases_and_keeps_what_its_staging_needs() {
+    let mut fleet = TestFleet::new(&["--upload-rate", "4MiB"]);
+    // A pass every 100 ms: a staging of four seconds lives through dozens.
+    fleet.add_target(&["--gc-interval", "100ms", "--retain", "2"]);
+    fleet.wait_for_targets(1);
+    for v in 1..=3u64 {
+        let pkg = fleet.package(&format!("v{v}"), 1 << 20, 40 + v);
+        publish(&fleet, &pkg, &format!("web@{v}"));
+        stage_and_wait(&fleet, &format!("web@{v}"), "pull", "all");
+    }
+    let big = fleet.package("v4", 16 << 20, 44);
+    publish(&fleet, &big, "web@4");
+    let staged = stage_and_wait(&fleet, "web@4", "pull", "all");
+    assert_eq!(staged["staged"], 1, "{staged}");
+    // Passes every 100 ms drop web@1 and web@2 and, a pass later, their
+    // chunks: wait (bounded) until the log has counted them all.
+    let chunks_of = |r: &str| -> u64 {
+        let i = fleet
+            .convoy(&["inspect", r, "--summary", "--json"])
+            .success()
+            .json();
+        i["unique_chunks"].as_u64().unwrap()
+    };
+    let dropped = chunks_of("web@1") + chunks_of("web@2");
+    let removed = |log: &str| -> u64 {
+        log.lines()
+            .filter(|l| l.contains("collected garbage"))
+            .filter_map(|l| l.split(" chunks=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while removed(&fleet.targets[0].log_text()) < dropped {
+        assert!(
+            Instant::now() < deadline,
+            "the passes removed {} of {dropped} chunks in 30 s",
+            removed(&fleet.targets[0].log_text())
+        );
+    }
+    fleet.targets[0].stop();
+    verify_store(&fleet, 0);
+    let cli = Convoy::new(&fleet.target_store(0));
+    let list = cli.run(&["list", "--json"]).success().json();
+    let names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}@{}",
+                r["app"].as_str().unwrap(),
+                r["version"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, ["web@3", "web@4"], "{list}");
+    // Only the kept releases' chunks remain.
+    let kept: u64 = ["web@3", "web@4"]
+        .iter()
+        .map(|r| {
+            let i = cli
+                .run(&["inspect", r, "--summary", "--json"])
+                .success()
+                .json();
+            i["unique_chunks"].as_u64().unwrap()
+        })
+        .sum();
+    let verified = cli.run(&["verify", "--json"]).success().json();
+    assert_eq!(
+        verified["report"]["chunks_checked"].as_u64(),
+        Some(kept),
+        "{verified}"
+    );
+}
