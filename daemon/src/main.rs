@@ -81,6 +81,10 @@ enum Command {
         /// `local` [default: DATA_DIR/operators]
         #[arg(long, env = "CONVOY_OPERATORS", value_name = "FILE")]
         operators: Option<PathBuf>,
+        /// Releases the origin's store keeps per app (newest first), besides
+        /// every release of a staging or roll-out it remembers [default: 10]
+        #[arg(long, env = "CONVOY_RETAIN", value_name = "N")]
+        retain: Option<usize>,
         /// TOML file defining environments and apps with their pipelines
         /// and roll-out defaults (see the README) [default: none: nothing
         /// can be deployed]
@@ -411,6 +415,7 @@ fn run(cli: Cli) -> Result<()> {
             api_listen,
             api_token_file,
             operators,
+            retain,
             pipelines,
         } => {
             let file = load_file(common.config.as_deref())?;
@@ -486,6 +491,11 @@ fn run(cli: Cli) -> Result<()> {
                     pipelines,
                     operators,
                     refusals,
+                    retain: match retain.or(file.retain).unwrap_or(10) {
+                        0 => bail!("--retain must be at least 1"),
+                        n => n,
+                    },
+                    gc_every: s.gc_every,
                 };
                 coordinator::run(config, chunks, net, events, calls, shutdown_signal()).await
             })

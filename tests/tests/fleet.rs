@@ -55,6 +55,31 @@ fn wait_staging(
     }
 }
 
+/// Chunks a daemon's collection passes removed, as its log counts them.
+fn removed_by_passes(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("collected garbage"))
+        .filter_map(|l| l.split(" chunks=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The releases a store names, as `app@version`, oldest first.
+fn names_in(store: &std::path::Path) -> Vec<String> {
+    let list = Convoy::new(store).run(&["list", "--json"]).success().json();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}@{}",
+                r["app"].as_str().unwrap(),
+                r["version"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
 fn verify_store(fleet: &TestFleet, i: usize) {
     let run = Convoy::new(&fleet.target_store(i)).run(&["verify", "--json"]);
     let json = run.success().json();
@@ -308,38 +333,18 @@ fn a_running_target_drops_old_releases_and_keeps_what_its_staging_needs() {
         i["unique_chunks"].as_u64().unwrap()
     };
     let dropped = chunks_of("web@1") + chunks_of("web@2");
-    let removed = |log: &str| -> u64 {
-        log.lines()
-            .filter(|l| l.contains("collected garbage"))
-            .filter_map(|l| l.split(" chunks=").nth(1))
-            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-            .sum()
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while removed(&fleet.targets[0].log_text()) < dropped {
+    while removed_by_passes(&fleet.targets[0].log_text()) < dropped {
         assert!(
             Instant::now() < deadline,
             "the passes removed {} of {dropped} chunks in 30 s",
-            removed(&fleet.targets[0].log_text())
+            removed_by_passes(&fleet.targets[0].log_text())
         );
     }
     fleet.targets[0].stop();
     verify_store(&fleet, 0);
     let cli = Convoy::new(&fleet.target_store(0));
-    let list = cli.run(&["list", "--json"]).success().json();
-    let names: Vec<String> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            format!(
-                "{}@{}",
-                r["app"].as_str().unwrap(),
-                r["version"].as_str().unwrap()
-            )
-        })
-        .collect();
-    assert_eq!(names, ["web@3", "web@4"], "{list}");
+    assert_eq!(names_in(&fleet.target_store(0)), ["web@3", "web@4"]);
     // Only the kept releases' chunks remain.
     let kept: u64 = ["web@3", "web@4"]
         .iter()
@@ -352,6 +357,53 @@ fn a_running_target_drops_old_releases_and_keeps_what_its_staging_needs() {
         })
         .sum();
     let verified = cli.run(&["verify", "--json"]).success().json();
+    assert_eq!(
+        verified["report"]["chunks_checked"].as_u64(),
+        Some(kept),
+        "{verified}"
+    );
+}
+
+#[test]
+fn a_running_origin_drops_old_releases_and_keeps_what_is_being_published() {
+    let mut fleet = TestFleet::new(&["--gc-interval", "100ms", "--retain", "2"]);
+    // Publishing asks which chunks the origin lacks, uploads them, then
+    // names the release, all through passes every 100 ms.
+    for v in 1..=3u64 {
+        let pkg = fleet.package(&format!("v{v}"), 4 << 20, 60 + v);
+        publish(&fleet, &pkg, &format!("web@{v}"));
+    }
+    let chunks_of = |r: &str| -> u64 {
+        let i = fleet
+            .convoy(&["inspect", r, "--summary", "--json"])
+            .success()
+            .json();
+        i["unique_chunks"].as_u64().unwrap()
+    };
+    let dropped = chunks_of("web@1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while removed_by_passes(&fleet.coordinator.log_text()) < dropped {
+        assert!(
+            Instant::now() < deadline,
+            "the passes removed {} of {dropped} chunks in 30 s",
+            removed_by_passes(&fleet.coordinator.log_text())
+        );
+    }
+    let gone = fleet.convoy(&["stage", "web@1", "--mode", "pull"]);
+    assert!(
+        !gone.ok && gone.stderr.contains("not published"),
+        "{}",
+        gone.stderr
+    );
+    let kept = chunks_of("web@2") + chunks_of("web@3");
+    fleet.coordinator.stop();
+    let store = fleet.path().join("coordinator/store");
+    assert_eq!(names_in(&store), ["web@2", "web@3"]);
+    let verified = Convoy::new(&store)
+        .run(&["verify", "--json"])
+        .success()
+        .json();
+    assert_eq!(verified["ok"], true, "{verified}");
     assert_eq!(
         verified["report"]["chunks_checked"].as_u64(),
         Some(kept),

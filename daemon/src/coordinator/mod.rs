@@ -12,13 +12,13 @@
 
 mod operate;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use convoy_chunker::{ChunkRef, Manifest, ReleaseId};
+use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::durable::write_atomically;
-use crate::net::{ChunkAnswer, NetEvent, NetHandle};
+use crate::net::{ChunkAnswer, NetEvent, NetHandle, Reply};
 use crate::operators::{Operators, Refusals};
 use crate::protocol::{
     signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
@@ -35,6 +35,7 @@ use crate::protocol::{
     MAX_PEERS_PER_LIST,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
+use crate::store::{collect, GcReport, Retention};
 use crate::transfer::{HaveSet, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
 
 /// Registered targets the coordinator tracks.
@@ -64,6 +65,11 @@ pub struct CoordinatorConfig {
     pub operators: Operators,
     /// Refused attempts, shared with the API, for `/metrics`.
     pub refusals: Arc<Refusals>,
+    /// Releases the origin's store keeps per app, besides those of the
+    /// stagings and roll-outs it remembers.
+    pub retain: usize,
+    /// How often the store drops what nobody keeps; `None`: never.
+    pub gc_every: Option<Duration>,
 }
 
 struct Member {
@@ -134,6 +140,8 @@ enum Internal {
         id: u64,
         event: crate::rollout::Event,
     },
+    /// A collection pass ended: the chunks unused now, for the next one.
+    Collected(Result<(GcReport, HashSet<ChunkHash>), String>),
     /// A roll-out's order did not reach its target: it is sent again when
     /// the target next reports.
     Undelivered {
@@ -162,7 +170,22 @@ struct Coordinator {
     /// Roll-out orders waiting for their target to report (it restarted,
     /// or the coordinator did and it has not re-registered yet).
     deferred: HashMap<PeerId, Vec<(u64, ControlRequest)>>,
+    /// A collection pass runs: what would name or stage a release waits
+    /// here until it ends, so the pass never drops what it needs.
+    collecting: Option<Vec<Waiting>>,
+    /// Chunks the last pass found unused (see [`collect`]).
+    unused: HashSet<ChunkHash>,
 }
+
+/// A request that waits for a collection pass.
+enum Waiting {
+    Control(PeerId, ControlRequest, Reply<ControlResponse>),
+    Api(crate::api::Call),
+}
+
+/// Requests that wait for a collection pass, at most; past this they are
+/// refused.
+const MAX_WAITING: usize = 256;
 
 /// Runs the coordinator until `shutdown` completes.
 pub async fn run(
@@ -191,16 +214,24 @@ pub async fn run(
         resend_at: unfinished.then(|| Instant::now() + grace),
         bytes_by_mode: BTreeMap::new(),
         deferred: HashMap::new(),
+        collecting: None,
+        unused: HashSet::new(),
     };
     c.load_runs();
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     let mut tick = tokio::time::interval(operate::TICK);
+    let gc_every = c
+        .config
+        .gc_every
+        .unwrap_or(Duration::from_secs(86_400 * 365));
+    let mut gc = tokio::time::interval_at(tokio::time::Instant::now() + gc_every, gc_every);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = gc.tick(), if c.config.gc_every.is_some() => c.collect_garbage(),
             Some(ev) = events.recv() => c.on_net(ev).await,
-            Some(ev) = rx.recv() => c.on_internal(ev),
+            Some(ev) = rx.recv() => c.on_internal(ev).await,
             Some(call) = calls.recv() => c.on_api(call),
             _ = tick.tick() => {
                 c.tick_rollouts();
@@ -422,6 +453,21 @@ impl Coordinator {
                 request,
                 reply,
             } => {
+                let names_or_stages = matches!(
+                    request,
+                    ControlRequest::Publish { .. }
+                        | ControlRequest::StartStaging { .. }
+                        | ControlRequest::MissingChunks(_)
+                );
+                if let (Some(waiting), true) = (self.collecting.as_mut(), names_or_stages) {
+                    if waiting.len() < MAX_WAITING {
+                        waiting.push(Waiting::Control(peer, request, reply));
+                    } else {
+                        let busy = "the origin is collecting garbage, with too many requests waiting; try again";
+                        reply.send(ControlResponse::Error(busy.into())).await;
+                    }
+                    return;
+                }
                 let response = self.on_control(peer, request).await;
                 reply.send(response).await;
             }
@@ -517,6 +563,33 @@ impl Coordinator {
         }
     }
 
+    /// Starts a collection pass unless one runs: the origin keeps the
+    /// newest `retain` releases of each app and every release of a staging
+    /// or roll-out it remembers.
+    fn collect_garbage(&mut self) {
+        if self.collecting.is_some() {
+            return;
+        }
+        self.collecting = Some(Vec::new());
+        let mut pinned: HashSet<ReleaseId> = self.runs.values().map(|r| r.release).collect();
+        pinned.extend(self.deployments.all.values().map(|d| d.release));
+        let retention = Retention {
+            newest: self.config.retain,
+            pinned,
+            pinned_chunks: HashSet::new(),
+        };
+        let unused = std::mem::take(&mut self.unused);
+        let (store, tx) = (self.chunks.store.clone(), self.internal.clone());
+        tokio::spawn(async move {
+            let pass = tokio::task::spawn_blocking(move || {
+                collect(&*store, &retention, Some(&unused)).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("the collection pass failed: {e}")));
+            let _ = tx.send(Internal::Collected(pass)).await;
+        });
+    }
+
     /// The name of operator `peer`, or `None` after logging and counting
     /// the refusal of its `what`: only an allow-listed operator key may ask
     /// for operator actions; the fleet key alone is not enough.
@@ -591,13 +664,18 @@ impl Coordinator {
                     ));
                 }
                 match self.chunks.store.contains_chunks(&hashes) {
-                    Ok(held) => ControlResponse::Missing(
+                    // What an operator is told the origin holds is not
+                    // dropped by the next pass: a publish is under way.
+                    Ok(held) => ControlResponse::Missing({
+                        for (h, _) in hashes.iter().zip(&held).filter(|(_, held)| **held) {
+                            self.unused.remove(h);
+                        }
                         held.iter()
                             .enumerate()
                             .filter(|(_, h)| !**h)
                             .map(|(i, _)| i as u32)
-                            .collect(),
-                    ),
+                            .collect()
+                    }),
                     Err(e) => ControlResponse::Error(e.to_string()),
                 }
             }
@@ -993,8 +1071,33 @@ impl Coordinator {
         }
     }
 
-    fn on_internal(&mut self, event: Internal) {
+    async fn on_internal(&mut self, event: Internal) {
         match event {
+            Internal::Collected(pass) => {
+                match pass {
+                    Ok((report, unused)) => {
+                        if report.chunks_removed > 0 || !report.removed.is_empty() {
+                            info!(
+                                releases = ?report.removed,
+                                chunks = report.chunks_removed,
+                                bytes = report.stored_bytes_removed,
+                                "collected garbage"
+                            );
+                        }
+                        self.unused = unused;
+                    }
+                    Err(e) => warn!("collecting garbage: {e}"),
+                }
+                for w in self.collecting.take().unwrap_or_default() {
+                    match w {
+                        Waiting::Control(peer, request, reply) => {
+                            let response = self.on_control(peer, request).await;
+                            reply.send(response).await;
+                        }
+                        Waiting::Api(call) => self.on_api(call),
+                    }
+                }
+            }
             Internal::Pushed {
                 run,
                 peer,

@@ -39,6 +39,17 @@ fn json_ok(v: serde_json::Value) -> Result<Answer, ApiError> {
 impl Coordinator {
     /// Answers one API call.
     pub(super) fn on_api(&mut self, call: Call) {
+        // A roll-out waits for a collection pass: it stages a release.
+        if let (Some(waiting), Op::Deploy(_)) = (self.collecting.as_mut(), &call.op) {
+            if waiting.len() < super::MAX_WAITING {
+                waiting.push(super::Waiting::Api(call));
+            } else {
+                let _ = call.reply.send(Err(ApiError::conflict(
+                    "the origin is collecting garbage, with too many requests waiting; try again",
+                )));
+            }
+            return;
+        }
         let Call { op, by, reply } = call;
         let answer = match op {
             Op::Rollback(r) => {
