@@ -351,7 +351,7 @@ fn delivery_leaves_current_on_a_whole_release_through_power_cuts() {
         let v: u64 = active.parse().unwrap();
         assert!(
             v == last || v == last + 1,
-            "seed {seed}: current is {v}, but {last} was the last activated"
+            "seed {seed}: current is {v}, but {last} was the last activated; the child said {said:?}"
         );
         let history = releases.history("web").unwrap();
         assert_eq!(
