@@ -75,6 +75,17 @@ fn child(
     (c, lines)
 }
 
+/// The highest N the child said as `WORD N` (0 if none). The test
+/// harness may print its own words before the child's first line.
+fn last_said(lines: &[String], word: &str) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| l.rsplit_once(word))
+        .filter_map(|(_, n)| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 /// The work a child was started for, if this process is one.
 fn child_work() -> Option<(String, u64, PathBuf)> {
     let v = std::env::var(CHILD).ok()?;
@@ -233,12 +244,7 @@ fn the_store_keeps_what_it_said_was_durable_through_power_cuts() {
         return store_child(seed, &dir);
     }
     power_cuts(TEST, "store", |seed, dir, said| {
-        let durable = said
-            .iter()
-            .filter_map(|l| l.strip_prefix("durable "))
-            .filter_map(|n| n.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0);
+        let durable = last_said(said, "durable ");
         let store = match RocksStore::open(&dir.join("store")) {
             Ok(s) => s,
             // Cut before RocksDB had made its first files durable: nothing
@@ -328,12 +334,7 @@ fn delivery_leaves_current_on_a_whole_release_through_power_cuts() {
     }
     let builds = tempfile::tempdir().unwrap();
     power_cuts(TEST, "delivery", |seed, dir, said| {
-        let last: u64 = said
-            .iter()
-            .filter_map(|l| l.strip_prefix("active "))
-            .filter_map(|v| v.parse().ok())
-            .max()
-            .unwrap_or(0);
+        let last = last_said(said, "active ");
         let root = dir.join("releases");
         if !root.exists() {
             assert_eq!(last, 0, "seed {seed}: the releases are gone");
