@@ -55,13 +55,35 @@ fn wait_staging(
     }
 }
 
-/// Chunks a daemon's collection passes removed, as its log counts them.
-fn removed_by_passes(log: &str) -> u64 {
-    log.lines()
-        .filter(|l| l.contains("collected garbage"))
-        .filter_map(|l| l.split(" chunks=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+/// The distinct chunks of `release`, as the publisher's store counts them.
+fn chunks_of(fleet: &TestFleet, release: &str) -> u64 {
+    let i = fleet
+        .convoy(&["inspect", release, "--summary", "--json"])
+        .success()
+        .json();
+    i["unique_chunks"].as_u64().unwrap()
+}
+
+/// Waits (bounded: 30 s) until `daemon`'s collection passes have removed
+/// `n` chunks, as its log counts them.
+fn wait_for_passes_to_remove(daemon: &convoy_tests::Daemon, n: u64) {
+    let removed = || -> u64 {
+        daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("collected garbage"))
+            .filter_map(|l| l.split(" chunks=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while removed() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the passes removed {} of {n} chunks in 30 s",
+            removed()
+        );
+    }
 }
 
 /// The releases a store names, as `app@version`, oldest first.
@@ -325,22 +347,8 @@ fn a_running_target_drops_old_releases_and_keeps_what_its_staging_needs() {
     assert_eq!(staged["staged"], 1, "{staged}");
     // Passes every 100 ms drop web@1 and web@2 and, a pass later, their
     // chunks: wait (bounded) until the log has counted them all.
-    let chunks_of = |r: &str| -> u64 {
-        let i = fleet
-            .convoy(&["inspect", r, "--summary", "--json"])
-            .success()
-            .json();
-        i["unique_chunks"].as_u64().unwrap()
-    };
-    let dropped = chunks_of("web@1") + chunks_of("web@2");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while removed_by_passes(&fleet.targets[0].log_text()) < dropped {
-        assert!(
-            Instant::now() < deadline,
-            "the passes removed {} of {dropped} chunks in 30 s",
-            removed_by_passes(&fleet.targets[0].log_text())
-        );
-    }
+    let dropped = chunks_of(&fleet, "web@1") + chunks_of(&fleet, "web@2");
+    wait_for_passes_to_remove(&fleet.targets[0], dropped);
     fleet.targets[0].stop();
     verify_store(&fleet, 0);
     let cli = Convoy::new(&fleet.target_store(0));
@@ -373,29 +381,15 @@ fn a_running_origin_drops_old_releases_and_keeps_what_is_being_published() {
         let pkg = fleet.package(&format!("v{v}"), 4 << 20, 60 + v);
         publish(&fleet, &pkg, &format!("web@{v}"));
     }
-    let chunks_of = |r: &str| -> u64 {
-        let i = fleet
-            .convoy(&["inspect", r, "--summary", "--json"])
-            .success()
-            .json();
-        i["unique_chunks"].as_u64().unwrap()
-    };
-    let dropped = chunks_of("web@1");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while removed_by_passes(&fleet.coordinator.log_text()) < dropped {
-        assert!(
-            Instant::now() < deadline,
-            "the passes removed {} of {dropped} chunks in 30 s",
-            removed_by_passes(&fleet.coordinator.log_text())
-        );
-    }
+    let dropped = chunks_of(&fleet, "web@1");
+    wait_for_passes_to_remove(&fleet.coordinator, dropped);
     let gone = fleet.convoy(&["stage", "web@1", "--mode", "pull"]);
     assert!(
         !gone.ok && gone.stderr.contains("not published"),
         "{}",
         gone.stderr
     );
-    let kept = chunks_of("web@2") + chunks_of("web@3");
+    let kept = chunks_of(&fleet, "web@2") + chunks_of(&fleet, "web@3");
     fleet.coordinator.stop();
     let store = fleet.path().join("coordinator/store");
     assert_eq!(names_in(&store), ["web@2", "web@3"]);

@@ -1076,14 +1076,7 @@ impl Coordinator {
             Internal::Collected(pass) => {
                 match pass {
                     Ok((report, unused)) => {
-                        if report.chunks_removed > 0 || !report.removed.is_empty() {
-                            info!(
-                                releases = ?report.removed,
-                                chunks = report.chunks_removed,
-                                bytes = report.stored_bytes_removed,
-                                "collected garbage"
-                            );
-                        }
+                        report.log();
                         self.unused = unused;
                     }
                     Err(e) => warn!("collecting garbage: {e}"),

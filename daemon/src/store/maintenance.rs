@@ -129,6 +129,20 @@ pub struct GcReport {
     pub stored_bytes_removed: u64,
 }
 
+impl GcReport {
+    /// Logs what a running daemon's pass removed, if it removed anything.
+    pub fn log(&self) {
+        if self.chunks_removed > 0 || !self.removed.is_empty() {
+            tracing::info!(
+                releases = ?self.removed,
+                chunks = self.chunks_removed,
+                bytes = self.stored_bytes_removed,
+                "collected garbage"
+            );
+        }
+    }
+}
+
 /// Keeps the newest `keep` releases of each app (by arrival in this
 /// store), removes the older ones, then every chunk no kept release uses.
 /// For a store no daemon runs on; a daemon collects with [`collect`].
