@@ -3,9 +3,10 @@
 //! the work on the mount and says on stdout what it was told is durable;
 //! the power goes at a seeded operation, the child is killed, and the
 //! parent checks what survived:
-//! - the store: every chunk its index holds reads back with its hash;
-//!   every chunk a flush said was durable, and every chunk of every named
-//!   release, is held;
+//! - the store, while collection passes drop garbage and compact packs
+//!   beside the writers: every chunk its index holds reads back with its
+//!   hash; every chunk a flush said was durable, and every chunk of every
+//!   named release, is held;
 //! - delivery: `current` names a whole tree whose files are those of its
 //!   release, the one last activated or the one being activated, and the
 //!   history agrees with the link.
@@ -22,7 +23,9 @@ use std::time::Duration;
 
 use convoy_chunker::{ChunkHash, ChunkRef, Compressor, Manifest};
 use convoy_daemon::deliver::Releases;
-use convoy_daemon::store::{Ingest, MemoryStore, RocksStore, Store, StoreSource};
+use convoy_daemon::store::{
+    collect, Ingest, MemoryStore, Retention, RocksStore, Store, StoreSource,
+};
 use convoy_tests::cutfs::CutFs;
 
 const CHILD: &str = "CONVOY_CUTFS_CHILD";
@@ -223,6 +226,45 @@ fn store_child(seed: u64, dir: &Path) {
             })
         })
         .collect();
+    // Collection passes run through it all: each writes a batch of
+    // garbage, larger than the real chunks so packs become mostly dead,
+    // then drops what no release names, keeping every batch's chunks.
+    let collector = {
+        let (store, done) = (store.clone(), done.clone());
+        std::thread::spawn(move || {
+            let keep: std::collections::HashSet<ChunkHash> = (0..BATCHES)
+                .flat_map(|b| batch(seed, b))
+                .map(|(r, _)| r.hash)
+                .collect();
+            let retention = Retention {
+                newest: usize::MAX,
+                pinned: Default::default(),
+                pinned_chunks: keep,
+            };
+            let (mut unused, mut removed) = (Default::default(), 0);
+            for pass in 0u64.. {
+                let finished = done.load(Ordering::SeqCst) >= BATCHES;
+                let garbage: Vec<_> = (0..4)
+                    .map(|i| {
+                        let data = bytes(!seed ^ (pass << 8) ^ i, 20_000);
+                        let r = ChunkRef {
+                            hash: ChunkHash::of(&data),
+                            len: data.len() as u32,
+                        };
+                        (r, Compressor::new().store(&data))
+                    })
+                    .collect();
+                store.put_chunks(&garbage).unwrap();
+                let (report, now_unused) = collect(&*store, &retention, Some(&unused)).unwrap();
+                unused = now_unused;
+                removed += report.chunks_removed;
+                println!("removed {removed}");
+                if finished {
+                    return;
+                }
+            }
+        })
+    };
     loop {
         let before = done.load(Ordering::SeqCst);
         store.flush().unwrap();
@@ -235,6 +277,7 @@ fn store_child(seed: u64, dir: &Path) {
     for w in writers {
         w.join().unwrap();
     }
+    collector.join().unwrap();
 }
 
 #[test]
@@ -245,6 +288,12 @@ fn the_store_keeps_what_it_said_was_durable_through_power_cuts() {
     }
     power_cuts(TEST, "store", |seed, dir, said| {
         let durable = last_said(said, "durable ");
+        if seed == 0 {
+            assert!(
+                last_said(said, "removed ") > 0,
+                "the whole run collected nothing"
+            );
+        }
         let store = match RocksStore::open(&dir.join("store")) {
             Ok(s) => s,
             // Cut before RocksDB had made its first files durable: nothing
