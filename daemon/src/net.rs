@@ -41,7 +41,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{dial_opts::DialOpts, NetworkBehaviour, SwarmEvent};
-use libp2p::{allow_block_list, identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::{
+    allow_block_list, connection_limits, identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId,
+    Swarm,
+};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -72,6 +75,14 @@ const CHUNK_QUEUE: usize = 256;
 /// answer always finds room in its stream's queue and answering never
 /// waits on the peer.
 const MAX_OWED_ANSWERS: usize = 64;
+/// Incoming connections still in their handshake, at most: each costs a
+/// noise handshake and its buffers before the peer is known.
+const MAX_PENDING_INCOMING: u32 = 128;
+/// Connections one peer may hold to us (TCP and QUIC, and a dial race).
+const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Incoming connections, at most: a coordinator's whole fleet and its
+/// operators.
+const MAX_ESTABLISHED_INCOMING: u32 = 12_000;
 const _: () = assert!(MAX_OWED_ANSWERS <= CHUNK_QUEUE);
 /// Chunk requests awaiting their answer on one chunk stream.
 const MAX_IN_FLIGHT: usize = 512;
@@ -317,6 +328,8 @@ impl NetHandle {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// Bounds connections before anything else sees them.
+    limits: connection_limits::Behaviour,
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     control: request_response::Behaviour<ControlCodec>,
     /// Chunk streams and announcement streams.
@@ -355,6 +368,12 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
         .map_err(|e| NetError::Transport("tcp", e.to_string()))?
         .with_quic()
         .with_behaviour(|_| Behaviour {
+            limits: connection_limits::Behaviour::new(
+                connection_limits::ConnectionLimits::default()
+                    .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+                    .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                    .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
+            ),
             blocked: Default::default(),
             control: request_response::Behaviour::new(
                 [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
@@ -1301,6 +1320,8 @@ mod tests {
                 streams: libp2p_stream::Behaviour::new(),
             })
             .unwrap()
+            // Connections stay open unused: only the server closes them.
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
             .build();
         let me = *client.local_peer_id();
         client.dial(addr).unwrap();
@@ -1525,6 +1546,45 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(60), test)
             .await
             .expect("bounded");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn one_peer_may_hold_only_a_few_connections() {
+        use libp2p::swarm::dial_opts::PeerCondition;
+        let key = [5u8; 32];
+        let (server, _events, addr) = listening(loopback(key)).await;
+        let them = server.peer_id();
+        let test = async {
+            let (mut client, _) = raw_member(key, them, addr.clone()).await;
+            const DIALS: u32 = 10;
+            for _ in 1..DIALS {
+                let opts = DialOpts::peer_id(them)
+                    .condition(PeerCondition::Always)
+                    .addresses(vec![addr.clone()])
+                    .build();
+                client.dial(opts).unwrap();
+            }
+            // The first connection is up already; every further dial ends
+            // established or failed, and those past the limit are closed.
+            let (mut open, mut ended, mut closed) = (1u32, 1u32, 0u32);
+            // Four: TCP and QUIC, and a dial race.
+            while ended < DIALS || open - closed > 4 {
+                match client.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { .. } => {
+                        open += 1;
+                        ended += 1;
+                    }
+                    SwarmEvent::OutgoingConnectionError { .. } => ended += 1,
+                    SwarmEvent::ConnectionClosed { .. } => closed += 1,
+                    _ => {}
+                }
+            }
+            assert_eq!(open - closed, MAX_CONNECTIONS_PER_PEER);
+        };
+        tokio::time::timeout(Duration::from_secs(30), test)
+            .await
+            .expect("connections past the limit were not refused within 30 s");
         server.shutdown().await;
     }
 
