@@ -102,6 +102,9 @@ struct State {
     cut_after: Option<u64>,
     /// The durable tree when the power went.
     frozen: Option<Tree>,
+    /// Whether [`CutFs::cut`] lets the operations stalled since the power
+    /// went go on (into a tree about to be dropped).
+    released: bool,
 }
 
 type Shared = Arc<(Mutex<State>, Condvar)>;
@@ -125,6 +128,7 @@ impl CutFs {
             ops: 0,
             cut_after: None,
             frozen: None,
+            released: false,
         };
         let mut fs = Self {
             shared: Arc::new((Mutex::new(state), Condvar::new())),
@@ -156,7 +160,8 @@ impl CutFs {
     }
 
     /// The power goes after `ops` more changing operations: from then on
-    /// syncs still answer, but nothing more becomes durable.
+    /// every operation stalls until [`CutFs::cut`], and nothing more
+    /// becomes durable.
     pub fn arm(&self, ops: u64) {
         let mut s = self.shared.0.lock().unwrap();
         s.cut_after = Some(s.ops + ops.max(1));
@@ -174,10 +179,20 @@ impl CutFs {
         guard.frozen.is_some()
     }
 
+    /// Lets the operations stalled since the power went go on, into a tree
+    /// the cut drops. Call it once the processes using the mount are
+    /// killed: one killed in the middle of a request waits for its answer.
+    pub fn release(&self) {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap().released = true;
+        cv.notify_all();
+    }
+
     /// Cuts the power: unmounts, keeps only what was durable at the armed
     /// point (or now, if it was not reached), and mounts again. Stop the
     /// processes using the mount first.
     pub fn cut(&mut self) -> std::io::Result<()> {
+        self.release();
         if let Some(session) = self.session.take() {
             unmount(session)?;
         }
@@ -191,6 +206,7 @@ impl CutFs {
             s.live = survivor.clone();
             s.durable = survivor;
             s.cut_after = None;
+            s.released = false;
         }
         self.spawn()
     }
@@ -249,10 +265,15 @@ fn kind_of(n: &Node) -> FileType {
 
 impl Served {
     /// Runs `f` on the state; counts it as a changing operation when
-    /// `changes`, freezing the durable tree at the armed point.
+    /// `changes`, freezing the durable tree at the armed point. Once the
+    /// power has gone every operation stalls until the cut, as on a dead
+    /// machine: nothing a process does after that point, and nothing it
+    /// says it did, can depend on it.
     fn with<T>(&self, changes: bool, f: impl FnOnce(&mut State) -> T) -> T {
         let (lock, cv) = &*self.0;
-        let mut s = lock.lock().unwrap();
+        let mut s = cv
+            .wait_while(lock.lock().unwrap(), |s| s.frozen.is_some() && !s.released)
+            .unwrap();
         let out = f(&mut s);
         if changes {
             s.ops += 1;

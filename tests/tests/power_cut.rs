@@ -122,6 +122,9 @@ fn run(
         }
     }
     let _ = c.kill();
+    // Killed, it runs nothing more, but one killed inside a request waits
+    // for the request's answer.
+    fs.release();
     let status = c.wait().unwrap();
     let ops = fs.ops() - start;
     fs.cut().expect("remount after the cut");
