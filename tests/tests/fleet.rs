@@ -404,3 +404,36 @@ fn a_running_origin_drops_old_releases_and_keeps_what_is_being_published() {
         "{verified}"
     );
 }
+
+#[test]
+fn a_finished_staging_is_not_recorded_again_at_every_report() {
+    use std::os::unix::fs::MetadataExt;
+    let mut fleet = TestFleet::new(&[]);
+    fleet.add_target(&[]);
+    fleet.wait_for_targets(1);
+    let pkg = fleet.package("v1", 256 << 10, 70);
+    publish(&fleet, &pkg, "web@1");
+    stage_and_wait(&fleet, "web@1", "pull", "all");
+    // The report that ended the staging recorded that; each record
+    // replaces the file, so a new one would have a new inode.
+    let file = fleet.path().join("coordinator/stagings.json");
+    let recorded = std::fs::metadata(&file).unwrap().ino();
+    // Five more reports (bounded: heartbeats come every 200 ms).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut reports, mut last) = (0, u64::MAX);
+    while reports < 5 {
+        assert!(Instant::now() < deadline, "only {reports} reports in 30 s");
+        let fleet_now = fleet.convoy(&["fleet", "--json"]).success().json();
+        let seen = fleet_now["targets"][0]["last_seen_ms"].as_u64().unwrap();
+        if seen < last {
+            reports += 1;
+        }
+        last = seen;
+    }
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().ino(),
+        recorded,
+        "stagings.json was written again though no staging started or ended"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "[]");
+}

@@ -175,6 +175,8 @@ struct Coordinator {
     collecting: Option<Vec<Waiting>>,
     /// Chunks the last pass found unused (see [`collect`]).
     unused: HashSet<ChunkHash>,
+    /// The unfinished stagings `stagings.json` records, by id.
+    saved_runs: Vec<u64>,
 }
 
 /// A request that waits for a collection pass.
@@ -216,6 +218,7 @@ pub async fn run(
         deferred: HashMap::new(),
         collecting: None,
         unused: HashSet::new(),
+        saved_runs: Vec::new(),
     };
     c.load_runs();
     let mut flush = tokio::time::interval(Duration::from_secs(1));
@@ -312,16 +315,24 @@ impl Coordinator {
         self.config.data_dir.join("stagings.json")
     }
 
-    fn save_runs(&self) {
+    /// Records the unfinished stagings, when they are not the ones
+    /// recorded already (a report after a staging ended changes nothing
+    /// there, and each write costs two fsyncs).
+    fn save_runs(&mut self) {
         let records: Vec<&RunRecord> = self
             .runs
             .values()
             .filter(|r| !self.run_finished(r))
             .map(|r| &r.record)
             .collect();
+        let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+        if ids == self.saved_runs {
+            return;
+        }
         let json = serde_json::to_vec_pretty(&records).expect("records serialise");
-        if let Err(e) = write_atomically(&self.runs_path(), &json) {
-            warn!("cannot record stagings: {e}");
+        match write_atomically(&self.runs_path(), &json) {
+            Ok(()) => self.saved_runs = ids,
+            Err(e) => warn!("cannot record stagings: {e}"),
         }
     }
 
@@ -344,6 +355,7 @@ impl Coordinator {
             match self.new_run(rec.clone(), release, targets) {
                 Ok(run) => {
                     info!(id = rec.id, name = %rec.name, "resuming staging");
+                    self.saved_runs.push(rec.id);
                     self.runs.insert(rec.id, run);
                 }
                 Err(e) => warn!(id = rec.id, "cannot resume staging: {e}"),
