@@ -333,6 +333,55 @@ mod tests {
         assert_eq!(fs::read_dir(out.path()).unwrap().count(), 1);
     }
 
+    /// A source that, before giving each chunk after the first, looks at
+    /// the file being written: the only partial file in the tree.
+    struct Watching<'a> {
+        inner: &'a MapStore,
+        dest_parent: PathBuf,
+        modes_seen: Mutex<Vec<u32>>,
+    }
+
+    impl ChunkSource for Watching<'_> {
+        fn stored_chunk(&self, c: &ChunkRef) -> Result<StoredChunk, BoxError> {
+            for staging in fs::read_dir(&self.dest_parent)? {
+                let staging = staging?.path();
+                if !staging.to_string_lossy().contains("convoy-partial") {
+                    continue;
+                }
+                let f = staging.join("bin/app");
+                if let Ok(m) = fs::metadata(&f) {
+                    // Started and not whole: sample_tree's 700,000 bytes.
+                    if m.len() > 0 && m.len() < 700_000 {
+                        self.modes_seen.lock().unwrap().push(m.mode() & 0o7777);
+                    }
+                }
+            }
+            self.inner.stored_chunk(c)
+        }
+    }
+
+    #[test]
+    fn a_file_is_owner_only_until_it_is_whole() {
+        let (_src, store, m) = packed();
+        let out = tempfile::tempdir().unwrap();
+        let watching = Watching {
+            inner: &store,
+            dest_parent: out.path().to_path_buf(),
+            modes_seen: Mutex::new(Vec::new()),
+        };
+        materialise(&m, &watching, &out.path().join("tree"), false, &()).unwrap();
+        let seen = watching.modes_seen.into_inner().unwrap();
+        assert!(!seen.is_empty(), "bin/app was never seen half written");
+        assert!(
+            seen.iter().all(|m| *m == 0o600),
+            "modes while written: {seen:?}"
+        );
+        let done = fs::metadata(out.path().join("tree/bin/app"))
+            .unwrap()
+            .mode();
+        assert_eq!(done & 0o7777, 0o750);
+    }
+
     #[test]
     fn corrupt_chunk_fails_and_leaves_no_tree() {
         let (_src, store, m) = packed();
