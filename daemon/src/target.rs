@@ -32,7 +32,7 @@ use crate::protocol::{
     MAX_CONTROL_FRAME,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
-use crate::store::{collect, GcReport, Retention, StoreSource};
+use crate::store::{collect, compact_in_background, GcReport, Retention, StoreSource};
 use crate::transfer::{FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode};
 
 /// How often newly held chunks are announced to peers. An announcement
@@ -614,6 +614,7 @@ impl Target {
         let manifests: Vec<Arc<Manifest>> = running().map(|(_, s)| s.manifest.clone()).collect();
         let unused = std::mem::take(&mut self.unused);
         let (store, releases) = (self.chunks.store.clone(), self.config.releases.clone());
+        let store_after = store.clone();
         let (lock, tx) = (self.delivery_lock.clone(), self.internal.clone());
         tokio::spawn(async move {
             // No delivery reads or removes a tree meanwhile.
@@ -640,7 +641,14 @@ impl Target {
             })
             .await
             .unwrap_or_else(|e| Err(format!("the collection pass failed: {e}")));
+            let removed = pass.as_ref().is_ok_and(|(r, _)| r.chunks_removed > 0);
+            // Deliveries and orders go on while the space is given back:
+            // compaction runs beside them.
+            drop(_deliveries_wait);
             let _ = tx.send(Internal::Collected(pass)).await;
+            if removed {
+                compact_in_background(store_after).await;
+            }
         });
     }
 

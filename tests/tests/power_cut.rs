@@ -260,6 +260,8 @@ fn store_child(seed: u64, dir: &Path) {
                 store.put_chunks(&garbage).unwrap();
                 let (report, now_unused) = collect(&*store, &retention, Some(&unused)).unwrap();
                 unused = now_unused;
+                // As a daemon does after a pass: beside the writers.
+                store.compact().unwrap();
                 removed += report.chunks_removed;
                 println!("removed {removed}");
                 if finished {

@@ -35,7 +35,7 @@ use crate::protocol::{
     MAX_PEERS_PER_LIST,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
-use crate::store::{collect, GcReport, Retention};
+use crate::store::{collect, compact_in_background, GcReport, Retention};
 use crate::transfer::{HaveSet, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
 
 /// Registered targets the coordinator tracks.
@@ -592,13 +592,20 @@ impl Coordinator {
         };
         let unused = std::mem::take(&mut self.unused);
         let (store, tx) = (self.chunks.store.clone(), self.internal.clone());
+        let store_after = store.clone();
         tokio::spawn(async move {
             let pass = tokio::task::spawn_blocking(move || {
                 collect(&*store, &retention, Some(&unused)).map_err(|e| e.to_string())
             })
             .await
             .unwrap_or_else(|e| Err(format!("the collection pass failed: {e}")));
+            let removed = pass.as_ref().is_ok_and(|(r, _)| r.chunks_removed > 0);
+            // Publishes and stagings go on while the space is given back:
+            // compaction runs beside them.
             let _ = tx.send(Internal::Collected(pass)).await;
+            if removed {
+                compact_in_background(store_after).await;
+            }
         });
     }
 

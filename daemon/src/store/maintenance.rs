@@ -152,7 +152,19 @@ pub fn gc(store: &dyn Store, keep: usize) -> Result<GcReport, StoreError> {
         newest: keep,
         ..Retention::default()
     };
-    collect(store, &retention, None).map(|(report, _)| report)
+    let (report, _) = collect(store, &retention, None)?;
+    store.compact()?;
+    Ok(report)
+}
+
+/// Gives the space of removed chunks back ([`Store::compact`]) on a
+/// blocking thread, beside the store's writers; a failure is logged.
+pub async fn compact_in_background(store: std::sync::Arc<dyn Store>) {
+    match tokio::task::spawn_blocking(move || store.compact()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("compacting the store after a collection pass: {e}"),
+        Err(e) => tracing::warn!("compacting the store after a collection pass: {e}"),
+    }
 }
 
 /// What a collection keeps.
@@ -169,7 +181,8 @@ pub struct Retention {
 }
 
 /// Removes the named releases `retention` does not keep, then the chunks
-/// no kept release or pin uses, then gives their space back. With
+/// no kept release or pin uses; [`Store::compact`] gives their space back
+/// (it may run beside writers, so a daemon runs it after the pass). With
 /// `unused_before` (the set the previous pass returned) only chunks that
 /// were unused then too are removed: a chunk written or uploaded since,
 /// and not yet named (a publish under way), survives at least one pass.
@@ -222,9 +235,6 @@ pub fn collect(
     report.chunks_removed = doomed.len() as u64;
     for batch in doomed.chunks(VERIFY_BATCH * 16) {
         store.delete_chunks(batch)?;
-    }
-    if unused_before.is_none() || !doomed.is_empty() || !report.removed.is_empty() {
-        store.compact()?;
     }
     let still_unused = match unused_before {
         Some(_) => unused

@@ -24,7 +24,9 @@ use convoy_chunker::{
 };
 
 pub use ingest::{Ingest, IngestStats, IngestWriter};
-pub use maintenance::{collect, gc, verify, GcReport, Retention, VerifyReport};
+pub use maintenance::{
+    collect, compact_in_background, gc, verify, GcReport, Retention, VerifyReport,
+};
 pub use memory::MemoryStore;
 pub use rocks::RocksStore;
 
