@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId};
+use convoy_chunker::{ChunkRef, Manifest, ReleaseId};
 use libp2p::identity::PublicKey;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
@@ -32,7 +32,7 @@ use crate::protocol::{
     MAX_CONTROL_FRAME,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
-use crate::store::{collect, compact_in_background, GcReport, Retention, StoreSource};
+use crate::store::{collect, compact_in_background, Collector, Pass, Retention, StoreSource};
 use crate::transfer::{FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode};
 
 /// How often newly held chunks are announced to peers. An announcement
@@ -60,9 +60,6 @@ const STALL_TICKS: u32 = 3;
 const MAX_KNOWN_PEERS: usize = 4096;
 /// Stagings a target runs at once.
 const MAX_STAGINGS: usize = 16;
-/// Orders that wait for a collection pass, at most; past this they are
-/// refused (the coordinator sends them again).
-const MAX_WAITING_ORDERS: usize = 256;
 
 /// How a target is set up.
 pub struct TargetConfig {
@@ -114,8 +111,8 @@ enum Internal {
         result: Result<(), String>,
     },
     Registered(Result<ControlResponse, RequestError>),
-    /// A collection pass ended: the chunks unused now, for the next one.
-    Collected(Result<(GcReport, HashSet<ChunkHash>), String>),
+    /// A collection pass ended.
+    Collected(Pass),
 }
 
 enum Outcome {
@@ -182,11 +179,9 @@ struct Target {
     delivering: Arc<std::sync::Mutex<HashSet<ReleaseId>>>,
     /// Held by the delivery or rollback that runs.
     delivery_lock: Arc<tokio::sync::Mutex<()>>,
-    /// A collection pass runs: orders to stage or deliver wait here (with
-    /// their source) until it ends, so it never drops what they need.
-    collecting: Option<Vec<(PeerId, ControlRequest)>>,
-    /// Chunks the last pass found unused (see [`collect`]).
-    unused: HashSet<ChunkHash>,
+    /// Collection passes: while one runs, orders to stage or deliver wait
+    /// (with their source) until it ends, so it never drops what they need.
+    collector: Collector<(PeerId, ControlRequest)>,
 }
 
 /// Runs the target until `shutdown` completes.
@@ -221,8 +216,7 @@ pub async fn run(
         listen: config.listening.clone(),
         delivering: Arc::default(),
         delivery_lock: Arc::default(),
-        collecting: None,
-        unused: HashSet::new(),
+        collector: Collector::default(),
         config,
     };
     t.resume_orders();
@@ -598,10 +592,9 @@ impl Target {
     /// `--retain` releases of each app, those delivered here (trees kept)
     /// or being delivered, and the chunks of releases being staged.
     fn collect_garbage(&mut self) {
-        if self.collecting.is_some() {
+        let Some(unused) = self.collector.start() else {
             return;
-        }
-        self.collecting = Some(Vec::new());
+        };
         // A staging that ended named its release, which retention keeps
         // or not; one that runs has only its chunks so far.
         let running = || {
@@ -612,7 +605,6 @@ impl Target {
         let mut pinned: HashSet<ReleaseId> = running().map(|(id, _)| *id).collect();
         pinned.extend(self.delivering.lock().expect("not poisoned").iter());
         let manifests: Vec<Arc<Manifest>> = running().map(|(_, s)| s.manifest.clone()).collect();
-        let unused = std::mem::take(&mut self.unused);
         let (store, releases) = (self.chunks.store.clone(), self.config.releases.clone());
         let store_after = store.clone();
         let (lock, tx) = (self.delivery_lock.clone(), self.internal.clone());
@@ -654,23 +646,20 @@ impl Target {
 
     fn on_control(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
         let from_coordinator = peer == self.config.coordinator;
-        if let Some(waiting) = self.collecting.as_mut() {
-            if from_coordinator
-                && matches!(
-                    request,
-                    ControlRequest::Stage(_) | ControlRequest::Deliver { .. }
-                )
-            {
-                if waiting.len() >= MAX_WAITING_ORDERS {
-                    return ControlResponse::Error(
-                        "collecting garbage, with too many orders waiting; try again".into(),
-                    );
-                }
-                // Answered now, carried out when the pass ends; its outcome
-                // is reported as for any order.
-                waiting.push((peer, request));
-                return ControlResponse::Ok;
+        let order = matches!(
+            request,
+            ControlRequest::Stage(_) | ControlRequest::Deliver { .. }
+        );
+        if from_coordinator && order && self.collector.running() {
+            if self.collector.full() {
+                return ControlResponse::Error(
+                    "collecting garbage, with too many orders waiting; try again".into(),
+                );
             }
+            // Answered now, carried out when the pass ends; its outcome is
+            // reported as for any order.
+            self.collector.hold((peer, request));
+            return ControlResponse::Ok;
         }
         match request {
             ControlRequest::Stage(order) if from_coordinator => match self.accept(order, true) {
@@ -1184,14 +1173,7 @@ impl Target {
                 self.register();
             }
             Internal::Collected(pass) => {
-                match pass {
-                    Ok((report, unused)) => {
-                        report.log();
-                        self.unused = unused;
-                    }
-                    Err(e) => warn!("collecting garbage: {e}"),
-                }
-                for (peer, request) in self.collecting.take().unwrap_or_default() {
+                for (peer, request) in self.collector.finish(pass) {
                     let response = self.on_control(peer, request);
                     if let ControlResponse::Error(e) = response {
                         warn!("an order that waited for garbage collection failed: {e}");

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId};
+use convoy_chunker::{ChunkRef, Manifest, ReleaseId};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
@@ -35,7 +35,7 @@ use crate::protocol::{
     MAX_PEERS_PER_LIST,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
-use crate::store::{collect, compact_in_background, GcReport, Retention};
+use crate::store::{collect, compact_in_background, Collector, Pass, Retention};
 use crate::transfer::{HaveSet, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
 
 /// Registered targets the coordinator tracks.
@@ -140,8 +140,8 @@ enum Internal {
         id: u64,
         event: crate::rollout::Event,
     },
-    /// A collection pass ended: the chunks unused now, for the next one.
-    Collected(Result<(GcReport, HashSet<ChunkHash>), String>),
+    /// A collection pass ended.
+    Collected(Pass),
     /// A roll-out's order did not reach its target: it is sent again when
     /// the target next reports.
     Undelivered {
@@ -170,11 +170,9 @@ struct Coordinator {
     /// Roll-out orders waiting for their target to report (it restarted,
     /// or the coordinator did and it has not re-registered yet).
     deferred: HashMap<PeerId, Vec<(u64, ControlRequest)>>,
-    /// A collection pass runs: what would name or stage a release waits
-    /// here until it ends, so the pass never drops what it needs.
-    collecting: Option<Vec<Waiting>>,
-    /// Chunks the last pass found unused (see [`collect`]).
-    unused: HashSet<ChunkHash>,
+    /// Collection passes: while one runs, what would name or stage a
+    /// release waits until it ends, so the pass never drops what it needs.
+    collector: Collector<Waiting>,
     /// The unfinished stagings `stagings.json` records, by id.
     saved_runs: Vec<u64>,
 }
@@ -185,9 +183,9 @@ enum Waiting {
     Api(crate::api::Call),
 }
 
-/// Requests that wait for a collection pass, at most; past this they are
-/// refused.
-const MAX_WAITING: usize = 256;
+/// Said to a request refused while a collection pass runs.
+const TOO_MANY_WAITING: &str =
+    "the origin is collecting garbage, with too many requests waiting; try again";
 
 /// Runs the coordinator until `shutdown` completes.
 pub async fn run(
@@ -216,8 +214,7 @@ pub async fn run(
         resend_at: unfinished.then(|| Instant::now() + grace),
         bytes_by_mode: BTreeMap::new(),
         deferred: HashMap::new(),
-        collecting: None,
-        unused: HashSet::new(),
+        collector: Collector::default(),
         saved_runs: Vec::new(),
     };
     c.load_runs();
@@ -471,14 +468,12 @@ impl Coordinator {
                         | ControlRequest::StartStaging { .. }
                         | ControlRequest::MissingChunks(_)
                 );
-                if let (Some(waiting), true) = (self.collecting.as_mut(), names_or_stages) {
-                    if waiting.len() < MAX_WAITING {
-                        waiting.push(Waiting::Control(peer, request, reply));
-                    } else {
-                        let busy = "the origin is collecting garbage, with too many requests waiting; try again";
-                        reply.send(ControlResponse::Error(busy.into())).await;
+                if names_or_stages && self.collector.running() {
+                    if self.collector.full() {
+                        let refused = ControlResponse::Error(TOO_MANY_WAITING.into());
+                        return reply.send(refused).await;
                     }
-                    return;
+                    return self.collector.hold(Waiting::Control(peer, request, reply));
                 }
                 let response = self.on_control(peer, request).await;
                 reply.send(response).await;
@@ -579,10 +574,9 @@ impl Coordinator {
     /// newest `retain` releases of each app and every release of a staging
     /// or roll-out it remembers.
     fn collect_garbage(&mut self) {
-        if self.collecting.is_some() {
+        let Some(unused) = self.collector.start() else {
             return;
-        }
-        self.collecting = Some(Vec::new());
+        };
         let mut pinned: HashSet<ReleaseId> = self.runs.values().map(|r| r.release).collect();
         pinned.extend(self.deployments.all.values().map(|d| d.release));
         let retention = Retention {
@@ -590,7 +584,6 @@ impl Coordinator {
             pinned,
             pinned_chunks: HashSet::new(),
         };
-        let unused = std::mem::take(&mut self.unused);
         let (store, tx) = (self.chunks.store.clone(), self.internal.clone());
         let store_after = store.clone();
         tokio::spawn(async move {
@@ -686,9 +679,8 @@ impl Coordinator {
                     // What an operator is told the origin holds is not
                     // dropped by the next pass: a publish is under way.
                     Ok(held) => ControlResponse::Missing({
-                        for (h, _) in hashes.iter().zip(&held).filter(|(_, held)| **held) {
-                            self.unused.remove(h);
-                        }
+                        let spared = hashes.iter().zip(&held).filter(|(_, held)| **held);
+                        self.collector.spare(spared.map(|(h, _)| *h));
                         held.iter()
                             .enumerate()
                             .filter(|(_, h)| !**h)
@@ -1093,14 +1085,7 @@ impl Coordinator {
     async fn on_internal(&mut self, event: Internal) {
         match event {
             Internal::Collected(pass) => {
-                match pass {
-                    Ok((report, unused)) => {
-                        report.log();
-                        self.unused = unused;
-                    }
-                    Err(e) => warn!("collecting garbage: {e}"),
-                }
-                for w in self.collecting.take().unwrap_or_default() {
+                for w in self.collector.finish(pass) {
                     match w {
                         Waiting::Control(peer, request, reply) => {
                             let response = self.on_control(peer, request).await;

@@ -40,13 +40,12 @@ impl Coordinator {
     /// Answers one API call.
     pub(super) fn on_api(&mut self, call: Call) {
         // A roll-out waits for a collection pass: it stages a release.
-        if let (Some(waiting), Op::Deploy(_)) = (self.collecting.as_mut(), &call.op) {
-            if waiting.len() < super::MAX_WAITING {
-                waiting.push(super::Waiting::Api(call));
+        if matches!(call.op, Op::Deploy(_)) && self.collector.running() {
+            if self.collector.full() {
+                let refused = ApiError::conflict(super::TOO_MANY_WAITING);
+                let _ = call.reply.send(Err(refused));
             } else {
-                let _ = call.reply.send(Err(ApiError::conflict(
-                    "the origin is collecting garbage, with too many requests waiting; try again",
-                )));
+                self.collector.hold(super::Waiting::Api(call));
             }
             return;
         }

@@ -157,6 +157,83 @@ pub fn gc(store: &dyn Store, keep: usize) -> Result<GcReport, StoreError> {
     Ok(report)
 }
 
+/// What one collection pass found: its report and the chunks unused now.
+pub type Pass = Result<(GcReport, HashSet<ChunkHash>), String>;
+
+/// A daemon's side of its collection passes: whether one runs, the
+/// requests that wait for it (`W`, at most [`Collector::MAX_WAITING`]),
+/// and the chunks the last pass found unused.
+#[derive(Debug)]
+pub struct Collector<W> {
+    waiting: Option<Vec<W>>,
+    unused: HashSet<ChunkHash>,
+}
+
+impl<W> Default for Collector<W> {
+    fn default() -> Self {
+        Self {
+            waiting: None,
+            unused: HashSet::new(),
+        }
+    }
+}
+
+impl<W> Collector<W> {
+    /// Requests that wait for a pass, at most; past this they are refused.
+    pub const MAX_WAITING: usize = 256;
+
+    /// Starts a pass unless one runs; then the chunks the last pass found
+    /// unused, for [`collect`].
+    pub fn start(&mut self) -> Option<HashSet<ChunkHash>> {
+        if self.waiting.is_some() {
+            return None;
+        }
+        self.waiting = Some(Vec::new());
+        Some(std::mem::take(&mut self.unused))
+    }
+
+    /// Whether a pass runs: requests that would need what it may drop
+    /// wait for it.
+    pub fn running(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// Whether [`Collector::MAX_WAITING`] requests wait already.
+    pub fn full(&self) -> bool {
+        self.waiting
+            .as_ref()
+            .is_some_and(|w| w.len() >= Self::MAX_WAITING)
+    }
+
+    /// Keeps `request` until the running pass ends.
+    pub fn hold(&mut self, request: W) {
+        let waiting = self.waiting.as_mut().expect("a pass runs");
+        assert!(waiting.len() < Self::MAX_WAITING, "room to wait");
+        waiting.push(request);
+    }
+
+    /// A pass ended: logs it, keeps what it found unused, and returns the
+    /// requests that waited, to be carried out now.
+    pub fn finish(&mut self, pass: Pass) -> Vec<W> {
+        match pass {
+            Ok((report, unused)) => {
+                report.log();
+                self.unused = unused;
+            }
+            Err(e) => tracing::warn!("collecting garbage: {e}"),
+        }
+        self.waiting.take().unwrap_or_default()
+    }
+
+    /// Chunks that are about to be named (an operator was told the store
+    /// holds them): the next pass does not remove them.
+    pub fn spare(&mut self, chunks: impl IntoIterator<Item = ChunkHash>) {
+        for c in chunks {
+            self.unused.remove(&c);
+        }
+    }
+}
+
 /// Gives the space of removed chunks back ([`Store::compact`]) on a
 /// blocking thread, beside the store's writers; a failure is logged.
 pub async fn compact_in_background(store: std::sync::Arc<dyn Store>) {

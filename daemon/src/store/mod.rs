@@ -25,7 +25,7 @@ use convoy_chunker::{
 
 pub use ingest::{Ingest, IngestStats, IngestWriter};
 pub use maintenance::{
-    collect, compact_in_background, gc, verify, GcReport, Retention, VerifyReport,
+    collect, compact_in_background, gc, verify, Collector, GcReport, Pass, Retention, VerifyReport,
 };
 pub use memory::MemoryStore;
 pub use rocks::RocksStore;
