@@ -185,7 +185,7 @@ async fn upload(client: &Client, store: &RocksStore, manifest: &Manifest) -> Res
                     bail!("the coordinator rejected chunk {}: {why}", c.hash)
                 }
                 ChunkResponse::Denied => {
-                    bail!("the coordinator denied the upload: check the fleet key")
+                    bail!("the coordinator denied the upload: this operator key is not in its operators file")
                 }
                 other => bail!("unexpected answer to an upload: {other:?}"),
             }

@@ -30,18 +30,27 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts a network that listens nowhere, as `identity` (an operator
-    /// key, see [`crate::operators`]: the coordinator acts on operator
-    /// requests from allow-listed identities only), and knows where the
-    /// coordinator is. Call from within a tokio runtime.
+    /// Starts a network with a fresh identity that listens nowhere, and
+    /// knows where the coordinator is; then proves to it that this session
+    /// acts for `operator` (see [`crate::operators`]: the coordinator acts
+    /// on operator requests from sessions of allow-listed keys only). Call
+    /// from within a tokio runtime.
     pub async fn connect(
         addr: &str,
         fleet_key: [u8; 32],
-        identity: Keypair,
+        operator: Keypair,
     ) -> Result<Self, String> {
         let (coordinator, addr) = parse_peer_addr(addr)?;
+        let session = Keypair::generate_ed25519();
+        let proof = crate::protocol::operator_proof_bytes(
+            &session.public().to_peer_id().to_bytes(),
+            &coordinator.to_bytes(),
+        );
+        let signature = operator
+            .sign(&proof)
+            .map_err(|e| format!("cannot sign with the operator key: {e}"))?;
         let (net, mut events) = net::start(NetConfig {
-            keypair: identity,
+            keypair: session,
             listen: Vec::new(),
             fleet_key,
             request_timeout: Duration::from_secs(120),
@@ -58,7 +67,20 @@ impl Client {
                 }
             }
         });
-        Ok(Self { net, coordinator })
+        let client = Self { net, coordinator };
+        let prove = ControlRequest::Operator {
+            public_key: operator.public().encode_protobuf(),
+            signature,
+        };
+        match client.control(prove).await {
+            Ok(ControlResponse::Ok) => Ok(client),
+            Ok(ControlResponse::Denied) => Err(
+                "the coordinator denied the request: this operator key is not in its operators file"
+                    .into(),
+            ),
+            Ok(other) => Err(format!("the coordinator refused the operator key: {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Sends a control request to the coordinator.

@@ -78,7 +78,8 @@ const MAX_OWED_ANSWERS: usize = 64;
 /// Incoming connections still in their handshake, at most: each costs a
 /// noise handshake and its buffers before the peer is known.
 const MAX_PENDING_INCOMING: u32 = 128;
-/// Connections one peer may hold to us (TCP and QUIC, and a dial race).
+/// Connections one peer may hold to us (TCP and QUIC, and a dial race;
+/// each operator CLI session has an identity of its own).
 const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 /// Incoming connections, at most: a coordinator's whole fleet and its
 /// operators.
@@ -1568,7 +1569,7 @@ mod tests {
             // The first connection is up already; every further dial ends
             // established or failed, and those past the limit are closed.
             let (mut open, mut ended, mut closed) = (1u32, 1u32, 0u32);
-            // Four: TCP and QUIC, and a dial race.
+            // Written out, not the constant: a higher limit must fail here.
             while ended < DIALS || open - closed > 4 {
                 match client.select_next_some().await {
                     SwarmEvent::ConnectionEstablished { .. } => {

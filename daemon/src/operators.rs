@@ -1,10 +1,11 @@
 //! Operators: the principals who publish, stage and read the fleet over
 //! the peer protocol, as distinct from targets.
 //!
-//! An operator key is an ed25519 key (`convoy keygen`). The CLI uses it as
-//! its libp2p identity, so the connection's noise handshake proves that it
-//! holds the key: the coordinator sees the operator's peer id, which is the
-//! key's fingerprint, and checks it against its allow-list. Targets hold
+//! An operator key is an ed25519 key (`convoy keygen`). Each CLI run is a
+//! session with a fresh libp2p identity; the operator key signs that
+//! identity and the coordinator's ([`crate::protocol::operator_proof_bytes`]),
+//! and the coordinator checks the key's id (its fingerprint) against its
+//! allow-list before it acts on the session's operator requests. Targets hold
 //! the fleet key, which only admits a peer to the fleet; the fleet key alone
 //! lets no one publish, upload, stage or list the fleet.
 //!

@@ -382,6 +382,17 @@ pub enum ControlRequest {
     },
     /// A target tells the coordinator how a delivery ended.
     Delivered(DeliveryReport),
+    /// An operator's CLI session proves that it acts for an operator key:
+    /// the key and its signature of [`operator_proof_bytes`] for this
+    /// session's peer id and the coordinator's.
+    Operator {
+        /// The operator's public key, libp2p protobuf encoding.
+        #[serde(with = "serde_bytes_vec")]
+        public_key: Vec<u8>,
+        /// Its signature.
+        #[serde(with = "serde_bytes_vec")]
+        signature: Vec<u8>,
+    },
 }
 
 /// Answers of [`CONTROL_PROTOCOL`].
@@ -480,6 +491,17 @@ pub struct Announcement {
     pub release: ReleaseId,
     /// Their indices (at most [`MAX_HAVE_BATCH`]).
     pub chunks: Vec<u32>,
+}
+
+/// What an operator key signs to let one CLI session (`session`, its peer
+/// id) act for it towards one coordinator: a domain tag and both ids.
+pub fn operator_proof_bytes(session: &[u8], coordinator: &[u8]) -> Vec<u8> {
+    let mut out = b"convoy operator session v1 ".to_vec();
+    out.extend_from_slice(&(session.len() as u32).to_le_bytes());
+    out.extend_from_slice(session);
+    out.extend_from_slice(&(coordinator.len() as u32).to_le_bytes());
+    out.extend_from_slice(coordinator);
+    out
 }
 
 /// Proof that the sender of a [`ControlRequest::Hello`] holds the fleet

@@ -437,3 +437,45 @@ fn a_finished_staging_is_not_recorded_again_at_every_report() {
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "[]");
 }
+
+#[test]
+fn one_operator_key_publishes_from_eight_sessions_at_once() {
+    let fleet = TestFleet::new(&[]);
+    // Each CLI run is a session of its own, with an identity of its own
+    // that the operator key signed: they neither share nor close each
+    // other's connections.
+    let pkgs: Vec<_> = (0..8u64)
+        .map(|i| fleet.package(&format!("p{i}"), 4 << 20, 80 + i))
+        .collect();
+    let operator_key = fleet.coordinator.ready["operator_key_file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::thread::scope(|s| {
+        for (i, pkg) in pkgs.iter().enumerate() {
+            let (fleet, operator_key) = (&fleet, &operator_key);
+            s.spawn(move || {
+                // Each publisher packs into a store of its own.
+                let cli = Convoy::new(&fleet.path().join(format!("cli-store-{i}")));
+                cli.run(&[
+                    "--coordinator",
+                    &fleet.coordinator.addr,
+                    "--fleet-key-file",
+                    fleet.key.to_str().unwrap(),
+                    "--operator-key-file",
+                    operator_key,
+                    "publish",
+                    pkg.to_str().unwrap(),
+                    &format!("app{i}@1"),
+                ])
+                .success();
+            });
+        }
+    });
+    let history = fleet
+        .operator(&["history", "app7", "--json"])
+        .success()
+        .json();
+    let by = history["history"][0]["by"].as_str().unwrap().to_string();
+    assert!(by.starts_with("operator local (12D3"), "{by}");
+}

@@ -4,9 +4,11 @@
 //! stage, read a staging, list the fleet or call the operator API.
 
 use convoy_chunker::{ChunkHash, Manifest};
-use convoy_daemon::client::Client;
+use convoy_daemon::client::parse_peer_addr;
+use convoy_daemon::net::{self, NetConfig, NetEvent};
 use convoy_daemon::protocol::{
-    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode, WireChunk,
+    operator_proof_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
+    DistributionMode, WireChunk,
 };
 use convoy_tests::{http, Convoy, TestFleet};
 use libp2p::identity::Keypair;
@@ -61,9 +63,23 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = Client::connect(&fleet.coordinator.addr, fleet_key, identity)
-            .await
-            .expect("the fleet key admits it to the fleet");
+        // The target's own identity and the fleet key, as its daemon uses them.
+        let (coordinator, addr) = parse_peer_addr(&fleet.coordinator.addr).unwrap();
+        let (client, mut events) = net::start(NetConfig {
+            keypair: identity.clone(),
+            listen: Vec::new(),
+            fleet_key,
+            request_timeout: std::time::Duration::from_secs(30),
+        })
+        .unwrap();
+        client.add_addresses(coordinator, vec![addr]).await;
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let NetEvent::Control { reply, .. } = ev {
+                    reply.send(ControlResponse::Denied).await;
+                }
+            }
+        });
         let asks = [
             ("missing-chunks", ControlRequest::MissingChunks(vec![hash])),
             ("publish", ControlRequest::Publish { manifest }),
@@ -79,7 +95,7 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
             ("fleet", ControlRequest::Fleet),
         ];
         for (what, ask) in asks {
-            let answer = client.control(ask).await.expect("an answer");
+            let answer = client.control(coordinator, ask).await.expect("an answer");
             assert_eq!(answer, ControlResponse::Denied, "{what} was not refused");
         }
         let upload = ChunkRequest::Upload {
@@ -90,12 +106,27 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
                 bytes: bytes.clone(),
             },
         };
-        let answer = client.chunk(upload).await.expect("an answer");
+        let answer = client.chunk(coordinator, upload).await.expect("an answer");
         assert_eq!(answer, ChunkResponse::Denied, "upload was not refused");
-        client.close().await;
+        // Nor can the target's key open an operator session for itself.
+        let proof = operator_proof_bytes(&thief.to_bytes(), &coordinator.to_bytes());
+        let session = ControlRequest::Operator {
+            public_key: identity.public().encode_protobuf(),
+            signature: identity.sign(&proof).unwrap(),
+        };
+        let answer = client
+            .control(coordinator, session)
+            .await
+            .expect("an answer");
+        assert_eq!(
+            answer,
+            ControlResponse::Denied,
+            "the target's key opened a session"
+        );
+        client.shutdown().await;
     });
 
-    assert_eq!(refused(&fleet, "not_operator"), refusals_before + 6);
+    assert_eq!(refused(&fleet, "not_operator"), refusals_before + 7);
     let log = fleet.coordinator.log_text();
     for what in ["publish", "upload", "missing-chunks", "stage", "fleet"] {
         assert!(

@@ -44,6 +44,8 @@ const MAX_MEMBERS: usize = 10_000;
 const MAX_RUNS: usize = 256;
 /// Roll-out orders kept per target that has not reported yet.
 const MAX_DEFERRED: usize = 64;
+/// Operator CLI sessions open at once, at most.
+const MAX_SESSIONS: usize = 1024;
 
 /// How a coordinator is set up.
 pub struct CoordinatorConfig {
@@ -175,6 +177,9 @@ struct Coordinator {
     collector: Collector<Waiting>,
     /// The unfinished stagings `stagings.json` records, by id.
     saved_runs: Vec<u64>,
+    /// Operator CLI sessions by their peer id: who they act for, as
+    /// history records it (see [`ControlRequest::Operator`]).
+    sessions: HashMap<PeerId, String>,
 }
 
 /// A request that waits for a collection pass.
@@ -216,6 +221,7 @@ pub async fn run(
         deferred: HashMap::new(),
         collector: Collector::default(),
         saved_runs: Vec::new(),
+        sessions: HashMap::new(),
     };
     c.load_runs();
     let mut flush = tokio::time::interval(Duration::from_secs(1));
@@ -439,6 +445,7 @@ impl Coordinator {
         match event {
             NetEvent::Listening(_) | NetEvent::Admitted(_) => {}
             NetEvent::Disconnected(peer) => {
+                self.sessions.remove(&peer);
                 if let Some(m) = self.members.get_mut(&peer) {
                     m.connected = false;
                 }
@@ -606,12 +613,47 @@ impl Coordinator {
     /// the refusal of its `what`: only an allow-listed operator key may ask
     /// for operator actions; the fleet key alone is not enough.
     fn operator(&self, peer: PeerId, what: &str) -> Option<String> {
-        let name = self.config.operators.name(&peer).map(str::to_string);
-        if name.is_none() {
+        let by = self.sessions.get(&peer).cloned();
+        if by.is_none() {
             warn!(%peer, what, "refused: not an operator (the fleet key alone may not ask for this)");
             Refusals::count(&self.config.refusals.not_operator);
         }
-        name
+        by
+    }
+
+    /// A CLI session proves it acts for an operator key: the key must be
+    /// listed and must have signed this session's id and ours.
+    fn open_session(
+        &mut self,
+        peer: PeerId,
+        public_key: &[u8],
+        signature: &[u8],
+    ) -> ControlResponse {
+        let refuse = |why: &str| {
+            warn!(%peer, "refused an operator session: {why}");
+            Refusals::count(&self.config.refusals.not_operator);
+            ControlResponse::Denied
+        };
+        let Ok(key) = libp2p::identity::PublicKey::try_decode_protobuf(public_key) else {
+            return refuse("not a public key");
+        };
+        let id = key.to_peer_id();
+        let Some(name) = self.config.operators.name(&id) else {
+            return refuse(&format!("operator key {id} is not in the operators file"));
+        };
+        let proof =
+            crate::protocol::operator_proof_bytes(&peer.to_bytes(), &self.net.peer_id().to_bytes());
+        if !key.verify(&proof, signature) {
+            return refuse(&format!(
+                "the signature of operator key {id} does not cover this session"
+            ));
+        }
+        if !self.sessions.contains_key(&peer) && self.sessions.len() >= MAX_SESSIONS {
+            return ControlResponse::Error("too many operator sessions; try again".into());
+        }
+        self.sessions
+            .insert(peer, format!("operator {name} ({id})"));
+        ControlResponse::Ok
     }
 
     async fn on_control(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
@@ -630,12 +672,7 @@ impl Coordinator {
             },
             None => None,
         };
-        let by = || {
-            format!(
-                "operator {} ({peer})",
-                operator.as_deref().unwrap_or_default()
-            )
-        };
+        let by = || operator.clone().unwrap_or_default();
         match request {
             ControlRequest::Report(report) => self.on_report(peer, report),
             ControlRequest::Bitfield { release, len, bits } => {
@@ -706,6 +743,10 @@ impl Coordinator {
                 ControlResponse::Ok
             }
             ControlRequest::Hello { .. } => ControlResponse::Error("already admitted".into()),
+            ControlRequest::Operator {
+                public_key,
+                signature,
+            } => self.open_session(peer, &public_key, &signature),
             ControlRequest::Stage(_)
             | ControlRequest::Peers { .. }
             | ControlRequest::Deliver { .. }
