@@ -455,14 +455,6 @@ pub fn load_or_create_tokens(path: &std::path::Path) -> std::io::Result<Tokens> 
     let mut bytes = [0u8; 24];
     rand::rng().fill_bytes(&mut bytes);
     let token = hex::encode(bytes);
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(format!("{token}\n").as_bytes())?;
-    f.sync_all()?;
+    crate::durable::create_private(path, format!("{token}\n").as_bytes())?;
     Tokens::parse(&token).map_err(invalid)
 }

@@ -32,6 +32,25 @@ pub fn create_dir_all(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates a new file holding `bytes`, readable by its owner only from the
+/// moment it exists, and makes it durable; never replaces a file (the
+/// error's kind is then `AlreadyExists`). For keys and tokens.
+pub fn create_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    sync_dir(
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
+}
+
 /// Writes a file so that a crash or a power cut leaves the old content or
 /// the new, never half: a synced temporary file renamed over it, then the
 /// directory synced. The file is readable by its owner only.

@@ -1,6 +1,5 @@
 //! The fleet key: 32 random bytes every member holds, kept as 64 hex digits.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -23,24 +22,18 @@ pub fn read(path: &Path) -> Result<[u8; 32]> {
 
 /// Writes a new random key to `path`, readable by its owner only.
 pub fn generate(path: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if path.exists() {
-        bail!(
-            "{} exists; a fleet key is never overwritten",
-            path.display()
-        );
-    }
     let mut key = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(f, "{}", hex::encode(key))?;
-    f.sync_all()?;
-    Ok(())
+    let text = format!("{}\n", hex::encode(key));
+    match crate::durable::create_private(path, text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            bail!(
+                "{} exists; a fleet key is never overwritten",
+                path.display()
+            )
+        }
+        other => other.with_context(|| format!("cannot create {}", path.display())),
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 //! blank lines and `#` comments are skipped.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -119,14 +118,9 @@ impl Operators {
 /// `path`, readable by its owner only from the moment it exists, and
 /// returns the operator id it proves.
 pub fn generate_key(path: &Path) -> Result<PeerId> {
-    use std::os::unix::fs::OpenOptionsExt;
     let key = libp2p::identity::ed25519::Keypair::generate();
-    let opened = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path);
-    let mut f = match opened {
+    let text = format!("{}\n", hex::encode(key.secret().as_ref()));
+    match crate::durable::create_private(path, text.as_bytes()) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             bail!(
                 "{} exists; an operator key is never overwritten",
@@ -134,10 +128,7 @@ pub fn generate_key(path: &Path) -> Result<PeerId> {
             )
         }
         other => other.with_context(|| format!("cannot create {}", path.display()))?,
-    };
-    writeln!(f, "{}", hex::encode(key.secret().as_ref()))
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(Keypair::from(key).public().to_peer_id())
 }
 
