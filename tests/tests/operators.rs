@@ -123,10 +123,32 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
             ControlResponse::Denied,
             "the target's key opened a session"
         );
+        // Nor with a listed operator's proof for another session (replayed):
+        // the signature covers the session's own id.
+        let operator_key = fleet.coordinator.ready["operator_key_file"]
+            .as_str()
+            .unwrap();
+        let operator =
+            convoy_daemon::operators::read_key(std::path::Path::new(operator_key)).unwrap();
+        let elsewhere = Keypair::generate_ed25519().public().to_peer_id();
+        let replayed = operator_proof_bytes(&elsewhere.to_bytes(), &coordinator.to_bytes());
+        let session = ControlRequest::Operator {
+            public_key: operator.public().encode_protobuf(),
+            signature: operator.sign(&replayed).unwrap(),
+        };
+        let answer = client
+            .control(coordinator, session)
+            .await
+            .expect("an answer");
+        assert_eq!(
+            answer,
+            ControlResponse::Denied,
+            "a replayed proof opened a session"
+        );
         client.shutdown().await;
     });
 
-    assert_eq!(refused(&fleet, "not_operator"), refusals_before + 7);
+    assert_eq!(refused(&fleet, "not_operator"), refusals_before + 8);
     let log = fleet.coordinator.log_text();
     for what in ["publish", "upload", "missing-chunks", "stage", "fleet"] {
         assert!(
