@@ -29,9 +29,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
+
+pub use convoy_protocol::api::{DeployRequest, PromoteRequest, RollbackRequest};
 
 use crate::operators::Refusals;
 
@@ -69,48 +70,6 @@ pub enum Steer {
     Resume,
     /// Roll back and stop.
     Abort,
-}
-
-/// `POST /v1/promotions`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PromoteRequest {
-    /// `app@version`.
-    pub release: String,
-    /// The environment.
-    pub env: String,
-    /// Skip the pipeline's order (recorded).
-    #[serde(default)]
-    pub force: bool,
-}
-
-/// `POST /v1/deployments`; unset fields take the app's defaults.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct DeployRequest {
-    /// `app@version`.
-    pub release: String,
-    /// The environment.
-    pub env: String,
-    /// live, rolling or blue-green.
-    pub strategy: Option<String>,
-    /// `1,10%,50%,100%`.
-    pub waves: Option<String>,
-    /// swarm, push or pull.
-    pub mode: Option<String>,
-    /// A count or a percentage.
-    pub max_failures: Option<String>,
-    /// How long rolling targets drain.
-    pub drain_seconds: Option<f64>,
-    /// No progress this long: slow; twice: failed.
-    pub progress_deadline_seconds: Option<f64>,
-}
-
-/// `POST /v1/rollbacks`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RollbackRequest {
-    /// The app.
-    pub app: String,
-    /// The environment.
-    pub env: String,
 }
 
 /// A refusal: an HTTP status and why.

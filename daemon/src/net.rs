@@ -43,16 +43,20 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, Respons
 use libp2p::swarm::{dial_opts::DialOpts, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     allow_block_list, connection_limits, identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId,
-    Swarm,
+    StreamProtocol, Swarm,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::protocol::{
-    fleet_proof, read_frame, write_frame, Announcement, ChunkRequest, ChunkResponse, ControlCodec,
-    ControlRequest, ControlResponse, Tagged, CHUNK_PROTOCOL, CONTROL_PROTOCOL, HAVE_PROTOCOL,
-    MAX_CHUNK_FRAME, MAX_HAVE_BATCH, MAX_HAVE_FRAME,
+    self as wire, fleet_proof, read_frame, write_frame, Announcement, ChunkRequest, ChunkResponse,
+    ControlRequest, ControlResponse, Tagged, MAX_CHUNK_FRAME, MAX_CONTROL_FRAME, MAX_HAVE_BATCH,
+    MAX_HAVE_FRAME,
 };
+
+const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::CHUNK_PROTOCOL);
+const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::CONTROL_PROTOCOL);
+const HAVE_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::HAVE_PROTOCOL);
 
 /// Requests parked per peer while it has not proved membership.
 const MAX_PARKED_PER_PEER: usize = 256;
@@ -1155,6 +1159,64 @@ fn serve_chunk_stream(peer: PeerId, stream: libp2p::Stream, commands: mpsc::Send
     });
 }
 
+/// The libp2p codec of [`CONTROL_PROTOCOL`]: one frame each way.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ControlCodec;
+
+impl request_response::Codec for ControlCodec {
+    type Protocol = StreamProtocol;
+    type Request = ControlRequest;
+    type Response = ControlResponse;
+
+    async fn read_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<ControlRequest>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame::<ControlRequest, T, { MAX_CONTROL_FRAME }>(io).await
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<ControlResponse>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        read_frame::<ControlResponse, T, { MAX_CONTROL_FRAME }>(io).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: ControlRequest,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame::<ControlRequest, T, { MAX_CONTROL_FRAME }>(io, &req).await?;
+        futures::AsyncWriteExt::close(io).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        resp: ControlResponse,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame::<ControlResponse, T, { MAX_CONTROL_FRAME }>(io, &resp).await?;
+        futures::AsyncWriteExt::close(io).await
+    }
+}
+
 fn outbound_error(peer: PeerId, error: request_response::OutboundFailure) -> RequestError {
     use request_response::OutboundFailure as F;
     match error {
@@ -1171,9 +1233,8 @@ fn outbound_error(peer: PeerId, error: request_response::OutboundFailure) -> Req
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{encode_frame, WireChunk, MAX_CONTROL_FRAME};
+    use crate::protocol::{encode_frame, WireChunk};
     use futures::{AsyncReadExt, AsyncWriteExt};
-    use libp2p::StreamProtocol;
 
     /// Writes requests as the raw bytes given: what no correct peer sends.
     #[derive(Clone, Default)]

@@ -190,25 +190,7 @@ impl Coordinator {
         self.deployments
             .deployable(pipelines, &app, &version, &r.env)
             .map_err(ApiError::bad)?;
-        let mut o = pipelines.app(&app).map_err(ApiError::bad)?.rollout.clone();
-        if let Some(v) = r.strategy {
-            o.strategy = v;
-        }
-        if let Some(v) = r.waves {
-            o.waves = v;
-        }
-        if let Some(v) = r.mode {
-            o.mode = v;
-        }
-        if let Some(v) = r.max_failures {
-            o.max_failures = v;
-        }
-        if let Some(v) = r.drain_seconds {
-            o.drain_seconds = v;
-        }
-        if let Some(v) = r.progress_deadline_seconds {
-            o.progress_deadline_seconds = v;
-        }
+        let o = r.over(&pipelines.app(&app).map_err(ApiError::bad)?.rollout);
         let settings = pipelines
             .settings(&app, &r.env, &o)
             .map_err(ApiError::bad)?;

@@ -12,7 +12,8 @@
 //!   the streams cost more CPU than the chunks: on a 50-target swarm on
 //!   two cores (five runs each, in turn) fleet CPU fell from 19.3–20.7 s
 //!   to 18.3–18.6 s and p99 from 1.29–1.38× the bound to 1.22–1.25×.
-//! - [`CONTROL_PROTOCOL`] is request–response, a stream each request: the
+//! - [`CONTROL_PROTOCOL`] is request–response (the daemon's codec reads
+//!   and writes one frame each way), a stream each request: the
 //!   fleet handshake, registration and heartbeats, staging orders,
 //!   have-sets, and the operator's requests to the coordinator.
 //!
@@ -34,15 +35,14 @@ use std::io;
 
 use convoy_chunker::{ChunkHash, ReleaseId, MAX_CHUNK_SIZE};
 use futures::prelude::*;
-use libp2p::StreamProtocol;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Chunk bodies.
-pub const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new("/convoy/chunk/3");
+pub const CHUNK_PROTOCOL: &str = "/convoy/chunk/3";
 /// Control messages.
-pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/convoy/control/2");
+pub const CONTROL_PROTOCOL: &str = "/convoy/control/2";
 /// Have announcements: a stream of [`Announcement`] frames.
-pub const HAVE_PROTOCOL: StreamProtocol = StreamProtocol::new("/convoy/have/1");
+pub const HAVE_PROTOCOL: &str = "/convoy/have/1";
 
 /// Most chunks one [`ChunkRequest::Get`] asks for: fewer, larger frames
 /// cost less CPU per chunk. Four 64 KiB chunks take 128 ms at 2 MiB/s,
@@ -313,7 +313,7 @@ pub enum ControlRequest {
     Stage(StageOrder),
     /// The coordinator tells a target whom to fetch a release from, and its
     /// import rank in its data centre (see
-    /// [`FetchConfig::import_rank`](crate::transfer::FetchConfig)).
+    /// the daemon's `FetchConfig::import_rank`).
     Peers {
         /// The release.
         release: ReleaseId,
@@ -593,64 +593,6 @@ where
     W: AsyncWrite + Unpin + Send,
 {
     io.write_all(&encode_frame::<T, LIMIT>(value)?).await
-}
-
-/// The libp2p codec of [`CONTROL_PROTOCOL`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ControlCodec;
-
-impl libp2p::request_response::Codec for ControlCodec {
-    type Protocol = StreamProtocol;
-    type Request = ControlRequest;
-    type Response = ControlResponse;
-
-    async fn read_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<ControlRequest>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame::<ControlRequest, T, { MAX_CONTROL_FRAME }>(io).await
-    }
-
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<ControlResponse>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame::<ControlResponse, T, { MAX_CONTROL_FRAME }>(io).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: ControlRequest,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame::<ControlRequest, T, { MAX_CONTROL_FRAME }>(io, &req).await?;
-        io.close().await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        resp: ControlResponse,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame::<ControlResponse, T, { MAX_CONTROL_FRAME }>(io, &resp).await?;
-        io.close().await
-    }
 }
 
 /// Byte vectors as one bincode length and the raw bytes (serde's default

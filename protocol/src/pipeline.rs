@@ -30,8 +30,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{DistributionMode, Labels};
-use crate::rollout::{parse_waves, Amount, Strategy};
+use crate::plan::{parse_waves, Amount, Strategy};
+use crate::wire::{DistributionMode, Labels};
 
 /// A set of targets, by labels.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
