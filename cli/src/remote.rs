@@ -21,6 +21,8 @@ use crate::Output;
 
 /// Uploads in flight at once during publish.
 const UPLOAD_WINDOW: usize = 16;
+/// How long an upload the coordinator answers busy is tried again.
+const UPLOAD_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Where the coordinator is, the key to join its fleet and the operator
 /// key it acts for.
@@ -176,7 +178,17 @@ async fn upload(client: &Client, store: &RocksStore, manifest: &Manifest) -> Res
                     bytes: stored.bytes,
                 },
             };
-            match client.chunk(req).await? {
+            let mut answer = client.chunk(req.clone()).await?;
+            let deadline = std::time::Instant::now() + UPLOAD_PATIENCE;
+            while let ChunkResponse::Busy { retry_ms } = answer {
+                if std::time::Instant::now() > deadline {
+                    bail!("the coordinator stayed busy for {UPLOAD_PATIENCE:?}: chunk {} not uploaded", c.hash);
+                }
+                let wait = Duration::from_millis(u64::from(retry_ms).clamp(5, 1000));
+                tokio::time::sleep(wait).await;
+                answer = client.chunk(req.clone()).await?;
+            }
+            match answer {
                 ChunkResponse::Stored => {
                     convoy_chunker::Progress::advance(&*bar, n);
                     Ok(n)

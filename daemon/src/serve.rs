@@ -18,6 +18,9 @@ const MAX_UPLOAD_BACKLOG: Duration = Duration::from_millis(500);
 const MAX_SERVES: usize = 128;
 /// Releases whose chunk lists are kept in memory.
 const MAX_RELEASES: usize = 64;
+/// Operator uploads being verified and stored at once, whoever sends
+/// them; more are answered busy. Each holds a chunk of up to 1 MiB.
+pub const MAX_UPLOADS: usize = 32;
 
 /// A release's distinct chunks, in index order.
 pub type ChunkList = Arc<Vec<ChunkRef>>;
@@ -38,6 +41,7 @@ pub struct Chunks {
     pub bytes_received: AtomicU64,
     /// Fault injection for tests: serve every chunk with a byte flipped.
     pub corrupt_uploads: std::sync::atomic::AtomicBool,
+    uploads: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a received chunk was not stored.
@@ -64,7 +68,14 @@ impl Chunks {
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             corrupt_uploads: Default::default(),
+            uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS)),
         })
+    }
+
+    /// One of the [`MAX_UPLOADS`] slots for an operator's upload, held
+    /// until it is stored; `None` when all are taken: answer busy.
+    pub fn upload_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.uploads.clone().try_acquire_owned().ok()
     }
 
     /// Remembers a release's chunk list, so its chunks can be named by index.
@@ -259,5 +270,22 @@ impl Chunks {
         tokio::task::spawn_blocking(move || store.flush().map_err(|e| e.to_string()))
             .await
             .map_err(|e| e.to_string())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn uploads_past_the_limit_find_no_slot_until_one_is_stored() {
+        let chunks = Chunks::new(Arc::new(MemoryStore::new()), None, None);
+        // Written out, not the constant: a higher limit must fail here.
+        let held: Vec<_> = (0..32).map(|_| chunks.upload_slot()).collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(chunks.upload_slot().is_none(), "a 33rd upload at once");
+        drop(held);
+        assert!(chunks.upload_slot().is_some());
     }
 }

@@ -29,7 +29,7 @@ use crate::durable::write_atomically;
 use crate::net::{ChunkAnswer, NetEvent, NetHandle, Reply};
 use crate::operators::{Operators, Refusals};
 use crate::protocol::{
-    signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
+    busy, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
     DistributionMode, FleetMember, Labels, PeerInfo, StageOrder, StageProgress, StageState,
     StagingReport, TargetReport, TargetStaging, MAX_HASHES_PER_QUERY, MAX_LABELS, MAX_LABEL_BYTES,
     MAX_PEERS_PER_LIST,
@@ -46,6 +46,9 @@ const MAX_RUNS: usize = 256;
 const MAX_DEFERRED: usize = 64;
 /// Operator CLI sessions open at once, at most.
 const MAX_SESSIONS: usize = 1024;
+/// How long an operator waits before it sends an upload answered busy
+/// (all [`MAX_UPLOADS`](crate::serve::MAX_UPLOADS) slots taken) again.
+const UPLOAD_RETRY: Duration = Duration::from_millis(20);
 
 /// How a coordinator is set up.
 pub struct CoordinatorConfig {
@@ -560,10 +563,14 @@ impl Coordinator {
                 if self.operator(peer, "upload").is_none() {
                     return reply.send(ChunkResponse::Denied).await;
                 }
+                let Some(slot) = self.chunks.upload_slot() else {
+                    return reply.send(busy(UPLOAD_RETRY)).await;
+                };
                 let chunks = self.chunks.clone();
                 self.dirty = true;
                 tokio::spawn(async move {
                     let r = chunks.receive(ChunkRef { hash, len }, chunk).await;
+                    drop(slot);
                     reply
                         .send(match r {
                             Ok(_) => ChunkResponse::Stored,
