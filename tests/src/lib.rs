@@ -392,6 +392,18 @@ impl TestFleet {
         self.path().join(format!("target-{i}"))
     }
 
+    /// `convoy_refused_total{what="WHAT"}` in the coordinator's metrics.
+    pub fn refused(&self, what: &str) -> u64 {
+        let (status, text) = http(&self.api_addr(), "GET", "/metrics", Some(&self.api_token()));
+        assert_eq!(status, 200, "{text}");
+        let line = format!("convoy_refused_total{{what=\"{what}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line} in the metrics:\n{text}"))
+            .parse()
+            .expect("a count")
+    }
+
     /// The API's bearer token.
     pub fn api_token(&self) -> String {
         let file = self.coordinator.ready["api_token_file"]

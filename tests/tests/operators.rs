@@ -13,23 +13,6 @@ use convoy_daemon::protocol::{
 use convoy_tests::{http, Convoy, TestFleet};
 use libp2p::identity::Keypair;
 
-/// `convoy_refused_total{what="WHAT"}` in the coordinator's metrics.
-fn refused(fleet: &TestFleet, what: &str) -> u64 {
-    let (status, text) = http(
-        &fleet.api_addr(),
-        "GET",
-        "/metrics",
-        Some(&fleet.api_token()),
-    );
-    assert_eq!(status, 200, "{text}");
-    let line = format!("convoy_refused_total{{what=\"{what}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .unwrap_or_else(|| panic!("no {line} in the metrics:\n{text}"))
-        .parse()
-        .expect("a count")
-}
-
 fn history(fleet: &TestFleet, app: &str) -> Vec<serde_json::Value> {
     let path = format!("/v1/apps/{app}/history");
     let (status, body) = http(&fleet.api_addr(), "GET", &path, Some(&fleet.api_token()));
@@ -59,7 +42,7 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
     let manifest = Manifest::new("web", "1.5", vec![])
         .expect("a manifest")
         .encode();
-    let refusals_before = refused(&fleet, "not_operator");
+    let refusals_before = fleet.refused("not_operator");
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -148,7 +131,7 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
         client.shutdown().await;
     });
 
-    assert_eq!(refused(&fleet, "not_operator"), refusals_before + 8);
+    assert_eq!(fleet.refused("not_operator"), refusals_before + 8);
     let log = fleet.coordinator.log_text();
     for what in ["publish", "upload", "missing-chunks", "stage", "fleet"] {
         assert!(
@@ -170,7 +153,7 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
     );
 
     // Neither the fleet key nor no token opens any API route.
-    let bad_tokens_before = refused(&fleet, "bad_token");
+    let bad_tokens_before = fleet.refused("bad_token");
     let wrong = std::fs::read_to_string(&fleet.key).unwrap();
     let routes = [
         ("GET", "/v1/pipelines"),
@@ -193,7 +176,7 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
         }
     }
     assert_eq!(
-        refused(&fleet, "bad_token"),
+        fleet.refused("bad_token"),
         bad_tokens_before + 2 * routes.len() as u64
     );
 }
