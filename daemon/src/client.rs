@@ -54,6 +54,7 @@ impl Client {
             listen: Vec::new(),
             fleet_key,
             request_timeout: Duration::from_secs(120),
+            admission_timeout: net::ADMISSION_TIMEOUT,
         })
         .map_err(|e: NetError| e.to_string())?;
         net.add_addresses(coordinator, vec![addr]).await;

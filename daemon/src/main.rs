@@ -612,6 +612,7 @@ async fn start(s: &Settings, role: &str, extra: serde_json::Value) -> Result<Sta
         listen: s.listen.clone(),
         fleet_key: s.fleet_key,
         request_timeout: Duration::from_secs(60),
+        admission_timeout: net::ADMISSION_TIMEOUT,
     })?;
     let peer_id = handle.peer_id();
     let mut listening = Vec::new();

@@ -1,8 +1,14 @@
 //! Every message that crosses the wire, in one place.
 //!
-//! Three protocols run over each libp2p connection (noise encrypted, yamux
+//! Four protocols run over each libp2p connection (noise encrypted, yamux
 //! multiplexed, over TCP or QUIC):
 //!
+//! - [`HELLO_PROTOCOL`] is the fleet handshake: on each new connection
+//!   each side sends a [`Hello`] with a proof of the fleet key bound to
+//!   both peer ids ([`fleet_proof`]) and the other answers [`Welcome`].
+//!   It is the only protocol a peer may speak before it is admitted, and
+//!   its frames are at most [`MAX_HELLO_FRAME`] bytes: a peer without the
+//!   fleet key can make a daemon read no more than that.
 //! - [`CHUNK_PROTOCOL`] carries chunk bodies: a target asking a peer for a
 //!   few chunks ([`ChunkRequest::Get`]), and the origin or an operator
 //!   sending one ([`ChunkRequest::Put`]). One long-lived stream per peer
@@ -12,23 +18,23 @@
 //!   the streams cost more CPU than the chunks: on a 50-target swarm on
 //!   two cores (five runs each, in turn) fleet CPU fell from 19.3–20.7 s
 //!   to 18.3–18.6 s and p99 from 1.29–1.38× the bound to 1.22–1.25×.
-//! - [`CONTROL_PROTOCOL`] is request–response (the daemon's codec reads
-//!   and writes one frame each way), a stream each request: the
-//!   fleet handshake, registration and heartbeats, staging orders,
-//!   have-sets, and the operator's requests to the coordinator.
-//!
-//! The third, [`HAVE_PROTOCOL`], is one long-lived stream each way between
-//! two peers that carries [`Announcement`]s, unanswered: a swarm target
-//! announces every few hundred milliseconds to each of its peers, and as
-//! requests those were the largest count of streams in a 50-target swarm,
-//! each with its own negotiation, timer and wake-ups.
+//! - [`CONTROL_PROTOCOL`] is a stream per request, one [`ControlRequest`]
+//!   frame one way and one [`ControlResponse`] frame back: registration
+//!   and heartbeats, staging orders, have-sets, and the operator's
+//!   requests to the coordinator.
+//! - [`HAVE_PROTOCOL`] is one long-lived stream each way between two
+//!   peers that carries [`Announcement`]s, unanswered: a swarm target
+//!   announces every few hundred milliseconds to each of its peers, and as
+//!   requests those were the largest count of streams in a 50-target swarm,
+//!   each with its own negotiation, timer and wake-ups.
 //!
 //! A frame is a little-endian `u32` length and a bincode 2 body (standard
 //! configuration). The reader refuses a frame over the protocol's limit
-//! ([`MAX_CHUNK_FRAME`], [`MAX_CONTROL_FRAME`]) before it allocates, and
-//! bincode checks every inner length against the same limit; a refused or
-//! undecodable frame fails that stream only. Requests are enums that leave
-//! room to grow: a new variant is a new protocol version (`/1` → `/2`).
+//! ([`MAX_HELLO_FRAME`], [`MAX_CHUNK_FRAME`], [`MAX_CONTROL_FRAME`],
+//! [`MAX_HAVE_FRAME`]) before it allocates, and bincode checks every inner
+//! length against the same limit; a refused or undecodable frame fails
+//! that stream only. Requests are enums that leave room to grow: a new
+//! variant is a new protocol version (`/1` → `/2`).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -37,12 +43,18 @@ use convoy_chunker::{ChunkHash, ReleaseId, MAX_CHUNK_SIZE};
 use futures::prelude::*;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+/// The fleet handshake: a [`Hello`], answered by a [`Welcome`].
+pub const HELLO_PROTOCOL: &str = "/convoy/hello/1";
 /// Chunk bodies.
 pub const CHUNK_PROTOCOL: &str = "/convoy/chunk/3";
 /// Control messages.
-pub const CONTROL_PROTOCOL: &str = "/convoy/control/2";
+pub const CONTROL_PROTOCOL: &str = "/convoy/control/3";
 /// Have announcements: a stream of [`Announcement`] frames.
 pub const HAVE_PROTOCOL: &str = "/convoy/have/1";
+
+/// Largest [`Hello`] or [`Welcome`] frame: the most a daemon reads from a
+/// peer that has not proved fleet membership.
+pub const MAX_HELLO_FRAME: usize = 64;
 
 /// Most chunks one [`ChunkRequest::Get`] asks for: fewer, larger frames
 /// cost less CPU per chunk. Four 64 KiB chunks take 128 ms at 2 MiB/s,
@@ -298,15 +310,29 @@ pub struct DeliveryReport {
     pub total_ms: u64,
 }
 
+/// The first message each side of a connection sends, on
+/// [`HELLO_PROTOCOL`]: proof that it holds the fleet key ([`fleet_proof`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The proof.
+    pub proof: [u8; 32],
+}
+
+/// The answer to a [`Hello`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Welcome {
+    /// The proof was right; here is ours.
+    Member {
+        /// The answering side's proof.
+        proof: [u8; 32],
+    },
+    /// The proof was wrong: the connection closes.
+    Denied,
+}
+
 /// Requests of [`CONTROL_PROTOCOL`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlRequest {
-    /// The first message each side of a connection sends: proof that it
-    /// holds the fleet key ([`fleet_proof`]).
-    Hello {
-        /// The proof.
-        proof: [u8; 32],
-    },
     /// A target (re)joins the fleet, or keeps its place (heartbeat).
     Report(TargetReport),
     /// The coordinator orders a target to stage a release.
@@ -400,11 +426,6 @@ pub enum ControlRequest {
 pub enum ControlResponse {
     /// Done.
     Ok,
-    /// The answer to [`ControlRequest::Hello`]: the other side's proof.
-    Welcome {
-        /// The proof.
-        proof: [u8; 32],
-    },
     /// Registration accepted; heartbeat this often.
     Registered {
         /// Milliseconds between heartbeats.
@@ -504,7 +525,7 @@ pub fn operator_proof_bytes(session: &[u8], coordinator: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Proof that the sender of a [`ControlRequest::Hello`] holds the fleet
+/// Proof that the sender of a [`Hello`] holds the fleet
 /// key: a keyed BLAKE3 hash of a domain tag and both peer ids (which noise
 /// has authenticated), so it cannot be replayed on another connection.
 pub fn fleet_proof(fleet_key: &[u8; 32], sender: &[u8], receiver: &[u8]) -> [u8; 32] {
@@ -688,10 +709,13 @@ mod tests {
 
     #[test]
     fn golden_hello() {
-        let req = ControlRequest::Hello { proof: [9; 32] };
-        let bytes = frame::<_, MAX_CONTROL_FRAME>(&req);
+        let bytes = frame::<_, MAX_HELLO_FRAME>(&Hello { proof: [9; 32] });
+        assert_eq!(&bytes[..4], &[32, 0, 0, 0]);
+        assert_eq!(&bytes[4..], &[9; 32]);
+        let bytes = frame::<_, MAX_HELLO_FRAME>(&Welcome::Member { proof: [8; 32] });
         assert_eq!(&bytes[..5], &[33, 0, 0, 0, 0]);
-        assert_eq!(&bytes[5..], &[9; 32]);
+        assert_eq!(&bytes[5..], &[8; 32]);
+        assert!(bytes.len() <= MAX_HELLO_FRAME);
     }
 
     #[test]

@@ -53,6 +53,7 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
             listen: Vec::new(),
             fleet_key,
             request_timeout: std::time::Duration::from_secs(30),
+            admission_timeout: net::ADMISSION_TIMEOUT,
         })
         .unwrap();
         client.add_addresses(coordinator, vec![addr]).await;

@@ -749,7 +749,6 @@ impl Coordinator {
                 self.on_delivered(peer, report);
                 ControlResponse::Ok
             }
-            ControlRequest::Hello { .. } => ControlResponse::Error("already admitted".into()),
             ControlRequest::Operator {
                 public_key,
                 signature,

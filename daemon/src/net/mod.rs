@@ -1,35 +1,40 @@
 //! The libp2p network: one event loop owns the `Swarm`.
 //!
-//! [`start`] builds the swarm (TCP and QUIC, noise, yamux, the three
-//! protocols of [`protocol`](crate::protocol), a block list for banned
-//! peers) and spawns its loop. The rest of the process talks to it through
+//! [`start`] builds the swarm (TCP and QUIC, noise, yamux, the four
+//! protocols of [`protocol`](crate::protocol) on the stream behaviour of
+//! [`streams`], a block list for banned peers) and spawns its loop. The rest of the process talks to it through
 //! a cloneable [`NetHandle`] (bounded command channel, a oneshot per reply)
 //! and receives [`NetEvent`]s on a bounded channel.
 //!
-//! Fleet membership: on every new connection each side sends
-//! [`ControlRequest::Hello`] with a proof of the fleet key bound to both
-//! peer ids ([`fleet_proof`]). A peer is *admitted* once it has proved
-//! itself (in its Hello, or in the Welcome that answers ours). Until then
-//! its requests wait (a few, for a few seconds) and ours to it wait too; a
-//! wrong proof, or none in time, gets every waiting request denied and the
-//! connection closed. Nothing else the loop receives reaches the daemon
-//! from a peer that is not admitted.
+//! Fleet membership: on every new connection each side sends a [`Hello`]
+//! ([`HELLO_PROTOCOL`]) with a proof of the fleet key bound to both peer
+//! ids ([`fleet_proof`]). A peer is *admitted* once it has proved itself
+//! (in its Hello, or in the [`Welcome`] that answers ours): from then on
+//! the streams it opens are read. Our requests to it wait until it has
+//! also welcomed our Hello, so that it has admitted us before they reach
+//! it. Before that, a peer can make the daemon read one Hello of at most
+//! [`MAX_HELLO_FRAME`] bytes: the hello is the only protocol offered to
+//! it, so any other stream it opens fails its negotiation unread; a
+//! wrong, oversized or malformed proof, or none in time, closes the
+//! connection.
+//!
+//! Control requests ([`NetHandle::control`]) go on a [`CONTROL_PROTOCOL`]
+//! stream each: one request frame, one answer frame. A peer may have at
+//! most [`MAX_CONTROL_IN_FLIGHT`] of them open to us; more are reset.
 //!
 //! Chunk requests ([`NetHandle::chunk`]) go on one [`CHUNK_PROTOCOL`]
 //! stream per peer and direction, tagged with an id so that answers may
 //! come back in any order: a task writes the requests and another reads
 //! the answers; on the serving side a task reads requests and hands them
-//! to the loop (parked, as every request, until the peer is admitted) and
-//! another writes the answers. A stream per request, as request–response
-//! opens, cost a negotiation, a timer thread's wake-ups and several small
+//! to the loop and another writes the answers. A stream per request, as
+//! request–response opens, cost a negotiation, a timer thread's wake-ups and several small
 //! writes per chunk. A malformed or oversized frame ends that stream
 //! only; requests still waiting on it fail and the next opens another.
 //!
 //! Announcements ([`NetHandle::announce`]) do not go as requests: the loop
 //! keeps one outbound [`HAVE_PROTOCOL`] stream per admitted peer, written
 //! by a task of its own, and a task per inbound stream reads frames and
-//! hands them back to the loop, which treats them as it treats requests
-//! (parked until the peer is admitted). An announcement is advisory: one
+//! hands them back to the loop. An announcement is advisory: one
 //! that cannot be queued or written is dropped, as an unanswered request
 //! was before.
 
@@ -39,7 +44,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{dial_opts::DialOpts, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     allow_block_list, connection_limits, identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId,
@@ -48,26 +52,35 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+pub mod streams;
+
+pub use streams::OpenError;
+use streams::{Inbound, Opener};
+
 use crate::protocol::{
     self as wire, fleet_proof, read_frame, write_frame, Announcement, ChunkRequest, ChunkResponse,
-    ControlRequest, ControlResponse, Tagged, MAX_CHUNK_FRAME, MAX_CONTROL_FRAME, MAX_HAVE_BATCH,
-    MAX_HAVE_FRAME,
+    ControlRequest, ControlResponse, Hello, Tagged, Welcome, MAX_CHUNK_FRAME, MAX_CONTROL_FRAME,
+    MAX_HAVE_BATCH, MAX_HAVE_FRAME, MAX_HELLO_FRAME,
 };
 
+const HELLO_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::HELLO_PROTOCOL);
 const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::CHUNK_PROTOCOL);
 const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::CONTROL_PROTOCOL);
 const HAVE_PROTOCOL: StreamProtocol = StreamProtocol::new(wire::HAVE_PROTOCOL);
 
-/// Requests parked per peer while it has not proved membership.
+/// Our requests parked per peer until it has admitted us.
 const MAX_PARKED_PER_PEER: usize = 256;
-/// How long a connected peer has to prove membership.
-const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control requests one peer may have open to us at once; past this its
+/// control streams are reset unread.
+pub const MAX_CONTROL_IN_FLIGHT: usize = 32;
+/// Hello streams one peer may have open to us at once; more are reset.
+const MAX_HELLOS_IN_FLIGHT: usize = 4;
+/// How long a connected peer has to prove membership, by default.
+pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Commands and events waiting between the loop and the daemon.
 const CHANNEL_CAPACITY: usize = 4096;
 /// Peers whose addresses the loop remembers.
 const MAX_ADDRESS_BOOK: usize = 8192;
-/// Streams per connection and protocol.
-const MAX_STREAMS: usize = 512;
 /// Announcements queued for one peer's stream; more are dropped.
 const ANNOUNCE_QUEUE: usize = 256;
 /// Chunk requests waiting to be written on one peer's chunk stream, and
@@ -103,6 +116,9 @@ pub struct NetConfig {
     pub fleet_key: [u8; 32],
     /// A request unanswered this long fails.
     pub request_timeout: Duration,
+    /// A connected peer that has not proved membership this long is
+    /// refused ([`ADMISSION_TIMEOUT`]).
+    pub admission_timeout: Duration,
 }
 
 /// Why a request to a peer failed.
@@ -162,21 +178,23 @@ pub enum NetEvent {
     },
 }
 
-/// The way back for one inbound control request. Dropping it without
-/// answering resets the stream, which the requester sees as a failure.
+/// The way back for one inbound control request: the task that holds its
+/// stream writes the answer. Dropping it without answering resets the
+/// stream, which the requester sees as a failure.
 #[derive(Debug)]
 pub struct Reply<T> {
-    channel: ResponseChannel<T>,
-    commands: mpsc::Sender<Command>,
+    answer: oneshot::Sender<T>,
 }
 
-impl Reply<ControlResponse> {
+impl<T> Reply<T> {
     /// Sends the answer.
-    pub async fn send(self, response: ControlResponse) {
-        let _ = self
-            .commands
-            .send(Command::RespondControl(self.channel, response))
-            .await;
+    pub async fn send(self, response: T) {
+        self.send_now(response);
+    }
+
+    /// Sends the answer from synchronous code.
+    fn send_now(self, response: T) {
+        let _ = self.answer.send(response);
     }
 }
 
@@ -232,7 +250,13 @@ enum Command {
     Announced(PeerId, Announcement),
     /// A peer's chunk request, read from its chunk stream.
     ChunkAsked(PeerId, ChunkRequest, ChunkAnswer),
-    RespondControl(ResponseChannel<ControlResponse>, ControlResponse),
+    /// A peer's control request, read from its control stream.
+    ControlAsked(PeerId, ControlRequest, Reply<ControlResponse>),
+    /// A peer's Hello, read (or not) from the stream it opened; the
+    /// Welcome goes back on that stream.
+    HelloRead(PeerId, std::io::Result<Hello>, libp2p::Stream),
+    /// The peer's answer to our Hello.
+    Welcomed(PeerId, std::io::Result<Welcome>),
     Ban(PeerId),
     Shutdown,
 }
@@ -247,8 +271,8 @@ pub struct NetHandle {
 }
 
 impl NetHandle {
-    /// Peers refused so far: wrong or missing fleet key, no proof in
-    /// time, too many requests before proving membership.
+    /// Peers refused so far: wrong, malformed or missing fleet key proof,
+    /// or none in time.
     pub fn peers_refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
@@ -336,9 +360,8 @@ struct Behaviour {
     /// Bounds connections before anything else sees them.
     limits: connection_limits::Behaviour,
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
-    control: request_response::Behaviour<ControlCodec>,
-    /// Chunk streams and announcement streams.
-    streams: libp2p_stream::Behaviour,
+    /// Hello, control, chunk and announcement streams.
+    streams: streams::Behaviour,
 }
 
 /// Why the network could not start.
@@ -360,9 +383,6 @@ pub enum NetError {
 
 /// Starts the network loop on the current tokio runtime.
 pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
-    let rr_config = request_response::Config::default()
-        .with_request_timeout(config.request_timeout)
-        .with_max_concurrent_streams(MAX_STREAMS);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -380,11 +400,10 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
                     .with_max_established_incoming(Some(MAX_ESTABLISHED_INCOMING)),
             ),
             blocked: Default::default(),
-            control: request_response::Behaviour::new(
-                [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
-                rr_config,
+            streams: streams::Behaviour::new(
+                vec![HELLO_PROTOCOL],
+                vec![CONTROL_PROTOCOL, CHUNK_PROTOCOL, HAVE_PROTOCOL],
             ),
-            streams: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| NetError::Transport("behaviour", e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
@@ -397,13 +416,7 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
                 reason: e.to_string(),
             })?;
     }
-    let mut streams = swarm.behaviour().streams.new_control();
-    let incoming = streams
-        .accept(HAVE_PROTOCOL)
-        .expect("a new behaviour has no protocol registered");
-    let incoming_chunks = streams
-        .accept(CHUNK_PROTOCOL)
-        .expect("each protocol is registered once");
+    let streams = swarm.behaviour().streams.opener();
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let peer_id = *swarm.local_peer_id();
@@ -417,11 +430,9 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
         events: ev_tx,
         peers: HashMap::new(),
         addresses: HashMap::new(),
-        control_pending: HashMap::new(),
-        hellos: HashMap::new(),
         streams,
-        incoming,
-        incoming_chunks,
+        request_timeout: config.request_timeout,
+        admission_timeout: config.admission_timeout,
         announcers: HashMap::new(),
         links: HashMap::new(),
     };
@@ -437,23 +448,42 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
     ))
 }
 
+/// Our request to a peer that has not admitted us yet.
 enum Parked {
-    InChunk(ChunkRequest, ChunkAnswer),
-    InControl(ControlRequest, ResponseChannel<ControlResponse>),
-    OutChunk(ChunkRequest, ChunkReply),
-    OutControl(ControlRequest, ControlReply),
-    InHave(Announcement),
-    OutHave(Announcement),
+    Chunk(ChunkRequest, ChunkReply),
+    Control(ControlRequest, ControlReply),
+    Have(Announcement),
 }
 
-#[derive(Default)]
 struct PeerState {
     connections: usize,
+    /// It proved the fleet key: the streams it opens are read.
     admitted: bool,
-    /// When it connected (or we started dialling) without being admitted yet.
+    /// It welcomed our Hello, so it has admitted us: our requests go.
+    welcomed: bool,
+    /// When it connected (or we started dialling) without both yet.
     since: Option<Instant>,
     parked: VecDeque<Parked>,
     dialing: bool,
+    /// Its control requests being read or answered.
+    control_slots: Arc<Semaphore>,
+    /// Its Hello streams being read.
+    hellos_in_flight: usize,
+}
+
+impl Default for PeerState {
+    fn default() -> Self {
+        Self {
+            connections: 0,
+            admitted: false,
+            welcomed: false,
+            since: None,
+            parked: VecDeque::new(),
+            dialing: false,
+            control_slots: Arc::new(Semaphore::new(MAX_CONTROL_IN_FLIGHT)),
+            hellos_in_flight: 0,
+        }
+    }
 }
 
 struct EventLoop {
@@ -466,17 +496,14 @@ struct EventLoop {
     events: mpsc::Sender<NetEvent>,
     peers: HashMap<PeerId, PeerState>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
-    control_pending: HashMap<OutboundRequestId, ControlReply>,
-    /// Our Hello requests in flight, by id, to the peer they went to.
-    hellos: HashMap<OutboundRequestId, PeerId>,
-    /// Opens announcement streams.
-    streams: libp2p_stream::Control,
-    /// Announcement streams peers open to us.
-    incoming: libp2p_stream::IncomingStreams,
+    /// Opens streams.
+    streams: Opener,
     /// The queue of each peer's announcement stream writer.
     announcers: HashMap<PeerId, mpsc::Sender<Announcement>>,
-    /// Chunk streams peers open to us.
-    incoming_chunks: libp2p_stream::IncomingStreams,
+    /// Our control requests unanswered this long fail.
+    request_timeout: Duration,
+    /// See [`NetConfig::admission_timeout`].
+    admission_timeout: Duration,
     /// The queue of each peer's chunk stream writer.
     links: HashMap<PeerId, mpsc::Sender<(ChunkRequest, ChunkReply)>>,
 }
@@ -491,12 +518,6 @@ impl EventLoop {
                     Some(Command::Shutdown) | None => break,
                     Some(c) => self.on_command(c),
                 },
-                Some((peer, stream)) = self.incoming.next() => {
-                    tokio::spawn(read_announcements(peer, stream, self.commands_tx.clone()));
-                }
-                Some((peer, stream)) = self.incoming_chunks.next() => {
-                    serve_chunk_stream(peer, stream, self.commands_tx.clone());
-                }
                 _ = tick.tick() => self.expire_admissions(),
             }
         }
@@ -525,23 +546,74 @@ impl EventLoop {
 
     /// Answers an inbound request the daemon will not see.
     fn refuse(&self, event: NetEvent, denied: bool) {
-        let tx = self.commands_tx.clone();
         match event {
             NetEvent::Chunk { reply, .. } => reply.send_now(if denied {
                 ChunkResponse::Denied
             } else {
                 ChunkResponse::Busy { retry_ms: 0 }
             }),
-            NetEvent::Control { reply, .. } => {
-                let resp = if denied {
-                    ControlResponse::Denied
-                } else {
-                    ControlResponse::Error("busy; try again".into())
-                };
-                let _ = tx.try_send(Command::RespondControl(reply.channel, resp));
-            }
+            NetEvent::Control { reply, .. } => reply.send_now(if denied {
+                ControlResponse::Denied
+            } else {
+                ControlResponse::Error("busy; try again".into())
+            }),
             _ => {}
         }
+    }
+
+    /// Takes a stream a peer opened.
+    fn on_inbound(
+        &mut self,
+        Inbound {
+            peer,
+            protocol,
+            stream,
+        }: Inbound,
+    ) {
+        if protocol == HELLO_PROTOCOL {
+            self.read_hello(peer, stream);
+        } else if protocol == CONTROL_PROTOCOL {
+            self.serve_control(peer, stream);
+        } else if protocol == CHUNK_PROTOCOL {
+            if self.reads_from(peer, "chunk") {
+                serve_chunk_stream(peer, stream, self.commands_tx.clone());
+            }
+        } else if protocol == HAVE_PROTOCOL && self.reads_from(peer, "announcement") {
+            tokio::spawn(read_announcements(peer, stream, self.commands_tx.clone()));
+        }
+    }
+
+    /// Whether the streams `peer` opens are read; when not, the caller
+    /// drops (resets) the stream unread.
+    fn reads_from(&self, peer: PeerId, what: &str) -> bool {
+        let admitted = self.peers.get(&peer).is_some_and(|s| s.admitted);
+        if !admitted {
+            debug!(%peer, "{what} stream before proof of fleet membership: reset unread");
+        }
+        admitted
+    }
+
+    /// Reads one control request from a stream `peer` opened, hands it to
+    /// the daemon and writes the answer, in a task of its own.
+    fn serve_control(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        if !self.reads_from(peer, "control") {
+            return;
+        }
+        let slots = &self
+            .peers
+            .get(&peer)
+            .expect("admitted peers are known")
+            .control_slots;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "more than {MAX_CONTROL_IN_FLIGHT} control requests at once: one reset unread");
+            return;
+        };
+        let commands = self.commands_tx.clone();
+        let timeout = self.request_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            answer_control(peer, stream, commands, timeout).await;
+        });
     }
 
     fn on_command(&mut self, command: Command) {
@@ -559,18 +631,40 @@ impl EventLoop {
                 }
                 known.truncate(16);
             }
-            Command::Chunk(peer, req, reply) => self.outbound(peer, Parked::OutChunk(req, reply)),
-            Command::Control(peer, req, reply) => {
-                self.outbound(peer, Parked::OutControl(req, reply))
+            Command::Chunk(peer, req, reply) => self.outbound(peer, Parked::Chunk(req, reply)),
+            Command::Control(peer, req, reply) => self.outbound(peer, Parked::Control(req, reply)),
+            Command::Announce(peer, a) => self.outbound(peer, Parked::Have(a)),
+            Command::Announced(peer, announcement) => {
+                if self.peers.get(&peer).is_some_and(|s| s.admitted) {
+                    self.emit(NetEvent::Have { peer, announcement });
+                }
             }
-            Command::Announce(peer, a) => self.outbound(peer, Parked::OutHave(a)),
-            Command::Announced(peer, a) => self.inbound(peer, Parked::InHave(a)),
-            Command::ChunkAsked(peer, req, reply) => {
-                self.inbound(peer, Parked::InChunk(req, reply))
+            Command::ChunkAsked(peer, request, reply) => {
+                let event = NetEvent::Chunk {
+                    peer,
+                    request,
+                    reply,
+                };
+                if self.peers.get(&peer).is_some_and(|s| s.admitted) {
+                    self.emit(event);
+                } else {
+                    self.refuse(event, true);
+                }
             }
-            Command::RespondControl(ch, resp) => {
-                let _ = self.swarm.behaviour_mut().control.send_response(ch, resp);
+            Command::ControlAsked(peer, request, reply) => {
+                let event = NetEvent::Control {
+                    peer,
+                    request,
+                    reply,
+                };
+                if self.peers.get(&peer).is_some_and(|s| s.admitted) {
+                    self.emit(event);
+                } else {
+                    self.refuse(event, true);
+                }
             }
+            Command::HelloRead(peer, hello, stream) => self.on_hello(peer, hello, stream),
+            Command::Welcomed(peer, welcome) => self.on_welcome(peer, welcome),
             Command::Ban(peer) => {
                 warn!(%peer, "banning peer");
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
@@ -591,7 +685,7 @@ impl EventLoop {
             return;
         }
         let state = self.peers.entry(peer).or_default();
-        if state.admitted {
+        if state.admitted && state.welcomed {
             self.send_now(peer, request);
             return;
         }
@@ -616,30 +710,17 @@ impl EventLoop {
     }
 
     fn send_now(&mut self, peer: PeerId, request: Parked) {
-        let b = self.swarm.behaviour_mut();
         match request {
-            Parked::OutChunk(req, reply) => self.send_chunk_request(peer, req, reply),
-            Parked::OutControl(req, reply) => {
-                let id = b.control.send_request(&peer, req);
-                self.control_pending.insert(id, reply);
+            Parked::Chunk(req, reply) => self.send_chunk_request(peer, req, reply),
+            Parked::Control(req, reply) => {
+                let streams = self.streams.clone();
+                let timeout = self.request_timeout;
+                tokio::spawn(async move {
+                    let answer = tokio::time::timeout(timeout, ask(streams, peer, req)).await;
+                    let _ = reply.send(answer.unwrap_or(Err(RequestError::Timeout(peer))));
+                });
             }
-            Parked::InChunk(request, reply) => self.emit(NetEvent::Chunk {
-                peer,
-                request,
-                reply,
-            }),
-            Parked::InControl(request, channel) => self.emit(NetEvent::Control {
-                peer,
-                request,
-                reply: Reply {
-                    channel,
-                    commands: self.commands_tx.clone(),
-                },
-            }),
-            Parked::OutHave(announcement) => self.announce(peer, announcement),
-            Parked::InHave(announcement) => {
-                self.emit(NetEvent::Have { peer, announcement });
-            }
+            Parked::Have(announcement) => self.announce(peer, announcement),
         }
     }
 
@@ -691,39 +772,46 @@ impl EventLoop {
         }
     }
 
-    /// Fails or denies everything waiting on `peer`.
+    /// Fails everything waiting on `peer`.
     fn fail_parked(&mut self, peer: PeerId, why: impl Fn(PeerId) -> RequestError) {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
         state.dialing = false;
         state.since = None;
-        let parked: Vec<_> = state.parked.drain(..).collect();
-        for p in parked {
-            match p {
-                Parked::InChunk(_, reply) => reply.send_now(ChunkResponse::Denied),
-                Parked::InControl(_, ch) => {
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .control
-                        .send_response(ch, ControlResponse::Denied);
-                }
-                other => fail(other, why(peer)),
-            }
+        for p in state.parked.drain(..) {
+            fail(p, why(peer));
         }
     }
 
+    /// `peer` proved the fleet key: its streams are read from now on.
     fn admit(&mut self, peer: PeerId) {
         let state = self.peers.entry(peer).or_default();
         if state.admitted {
             return;
         }
         state.admitted = true;
-        state.since = None;
-        let parked: Vec<_> = state.parked.drain(..).collect();
+        self.swarm.behaviour_mut().streams.admit(peer);
         debug!(%peer, "peer admitted");
         self.emit(NetEvent::Admitted(peer));
+        self.release_parked(peer);
+    }
+
+    /// `peer` welcomed our Hello (and proved itself in the welcome).
+    fn welcomed(&mut self, peer: PeerId) {
+        self.admit(peer);
+        self.peers.entry(peer).or_default().welcomed = true;
+        self.release_parked(peer);
+    }
+
+    /// Sends what waits for `peer` once both sides have admitted each other.
+    fn release_parked(&mut self, peer: PeerId) {
+        let state = self.peers.entry(peer).or_default();
+        if !(state.admitted && state.welcomed) {
+            return;
+        }
+        state.since = None;
+        let parked: Vec<_> = state.parked.drain(..).collect();
         for p in parked {
             self.send_now(peer, p);
         }
@@ -741,7 +829,8 @@ impl EventLoop {
         let late: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, s)| !s.admitted && s.since.is_some_and(|t| now - t > ADMISSION_TIMEOUT))
+            .filter(|(_, s)| !(s.admitted && s.welcomed))
+            .filter(|(_, s)| s.since.is_some_and(|t| now - t > self.admission_timeout))
             .map(|(p, _)| *p)
             .collect();
         for peer in late {
@@ -774,13 +863,16 @@ impl EventLoop {
                 state.dialing = false;
                 if num_established.get() == 1 {
                     state.since.get_or_insert_with(Instant::now);
-                    let proof = self.proof_from(&self.local(), &peer_id);
-                    let id = self
-                        .swarm
-                        .behaviour_mut()
-                        .control
-                        .send_request(&peer_id, ControlRequest::Hello { proof });
-                    self.hellos.insert(id, peer_id);
+                    let hello = Hello {
+                        proof: self.proof_from(&self.local(), &peer_id),
+                    };
+                    let streams = self.streams.clone();
+                    let commands = self.commands_tx.clone();
+                    let timeout = self.admission_timeout;
+                    tokio::spawn(async move {
+                        let welcome = say_hello(streams, peer_id, hello, timeout).await;
+                        let _ = commands.send(Command::Welcomed(peer_id, welcome)).await;
+                    });
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -797,7 +889,9 @@ impl EventLoop {
                 self.links.remove(&peer_id);
                 if let Some(state) = self.peers.get_mut(&peer_id) {
                     state.connections = 0;
+                    state.welcomed = false;
                     let was_admitted = std::mem::take(&mut state.admitted);
+                    self.swarm.behaviour_mut().streams.forget(peer_id);
                     // A member proves itself as soon as it connects: a
                     // connection that closes first is a refusal.
                     self.fail_parked(peer_id, |p| {
@@ -812,6 +906,7 @@ impl EventLoop {
                     }
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Streams(inbound)) => self.on_inbound(inbound),
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
                 error,
@@ -824,123 +919,188 @@ impl EventLoop {
                     self.fail_parked(peer, |p| RequestError::Unreachable(p, reason.clone()));
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Control(e)) => self.on_control(e),
             _ => {}
         }
     }
 
-    fn on_control(&mut self, event: request_response::Event<ControlRequest, ControlResponse>) {
-        use request_response::{Event, Message};
-        match event {
-            Event::Message {
-                peer,
-                message:
-                    Message::Request {
-                        request: ControlRequest::Hello { proof },
-                        channel,
-                        ..
-                    },
-                ..
-            } => {
-                if proof == self.proof_from(&peer, &self.local()) {
-                    let answer = self.proof_from(&self.local(), &peer);
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .control
-                        .send_response(channel, ControlResponse::Welcome { proof: answer });
-                    self.admit(peer);
-                } else {
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .control
-                        .send_response(channel, ControlResponse::Denied);
-                    self.reject(peer, "wrong fleet key");
-                }
-            }
-            Event::Message {
-                peer,
-                message:
-                    Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => self.inbound(peer, Parked::InControl(request, channel)),
-            Event::Message {
-                peer,
-                message:
-                    Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if self.hellos.remove(&request_id).is_some() {
-                    match response {
-                        ControlResponse::Welcome { proof }
-                            if proof == self.proof_from(&peer, &self.local()) =>
-                        {
-                            self.admit(peer)
-                        }
-                        _ => self.reject(peer, "it refused our fleet key or proved none"),
-                    }
-                } else if let Some(reply) = self.control_pending.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if self.hellos.remove(&request_id).is_some() {
-                    debug!(%peer, "hello failed: {error}");
-                } else if let Some(reply) = self.control_pending.remove(&request_id) {
-                    let _ = reply.send(Err(outbound_error(peer, error)));
-                }
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, "inbound control stream failed: {error}");
-            }
-            Event::ResponseSent { .. } => {}
+    /// Reads the Hello of a stream `peer` opened, in a task of its own.
+    fn read_hello(&mut self, peer: PeerId, mut stream: libp2p::Stream) {
+        let state = self.peers.entry(peer).or_default();
+        if state.hellos_in_flight >= MAX_HELLOS_IN_FLIGHT {
+            debug!(%peer, "more than {MAX_HELLOS_IN_FLIGHT} hellos at once: one reset unread");
+            return;
         }
+        state.hellos_in_flight += 1;
+        let commands = self.commands_tx.clone();
+        let timeout = self.admission_timeout;
+        tokio::spawn(async move {
+            let hello = tokio::time::timeout(
+                timeout,
+                read_frame::<Hello, _, MAX_HELLO_FRAME>(&mut stream),
+            )
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+            let _ = commands.send(Command::HelloRead(peer, hello, stream)).await;
+        });
     }
 
-    fn inbound(&mut self, peer: PeerId, request: Parked) {
-        let state = self.peers.entry(peer).or_default();
-        if state.admitted {
-            self.send_now(peer, request);
-        } else if state.parked.len() < MAX_PARKED_PER_PEER {
-            state.since.get_or_insert_with(Instant::now);
-            state.parked.push_back(request);
-        } else {
-            self.reject(peer, "too many requests before proving membership");
+    /// Answers a Hello that was read: welcome and admit, or deny and refuse.
+    fn on_hello(&mut self, peer: PeerId, hello: std::io::Result<Hello>, stream: libp2p::Stream) {
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.hellos_in_flight = state.hellos_in_flight.saturating_sub(1);
+        }
+        let welcome = match hello {
+            Ok(Hello { proof }) if proof == self.proof_from(&peer, &self.local()) => {
+                // Admitted before it is welcomed: what it sends once
+                // welcomed finds it admitted.
+                self.admit(peer);
+                Welcome::Member {
+                    proof: self.proof_from(&self.local(), &peer),
+                }
+            }
+            Ok(_) => {
+                self.reject(peer, "wrong fleet key");
+                Welcome::Denied
+            }
+            Err(e) => {
+                // Oversized, malformed or late: no member sends that.
+                self.reject(peer, &format!("no hello read: {e}"));
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            let mut stream = stream;
+            if write_frame::<_, _, MAX_HELLO_FRAME>(&mut stream, &welcome)
+                .await
+                .is_ok()
+            {
+                let _ = futures::AsyncWriteExt::close(&mut stream).await;
+            }
+        });
+    }
+
+    /// Takes `peer`'s answer to our Hello.
+    fn on_welcome(&mut self, peer: PeerId, welcome: std::io::Result<Welcome>) {
+        match welcome {
+            Ok(Welcome::Member { proof }) if proof == self.proof_from(&peer, &self.local()) => {
+                self.welcomed(peer)
+            }
+            Ok(_) => self.reject(peer, "it refused our fleet key or proved none"),
+            // The connection closed, or the stream failed: the admission
+            // timer decides.
+            Err(e) => debug!(%peer, "hello failed: {e}"),
         }
     }
 }
 
 fn fail(request: Parked, error: RequestError) {
     match request {
-        Parked::OutChunk(_, reply) => {
+        Parked::Chunk(_, reply) => {
             let _ = reply.send(Err(error));
         }
-        Parked::OutControl(_, reply) => {
+        Parked::Control(_, reply) => {
             let _ = reply.send(Err(error));
         }
-        Parked::InChunk(..) | Parked::InControl(..) | Parked::InHave(..) | Parked::OutHave(..) => {}
+        Parked::Have(..) => {}
     }
+}
+
+/// Sends one control request on a stream of its own and reads the answer.
+async fn ask(
+    streams: Opener,
+    peer: PeerId,
+    request: ControlRequest,
+) -> Result<ControlResponse, RequestError> {
+    let mut stream = match streams.open(peer, CONTROL_PROTOCOL).await {
+        Ok(s) => s,
+        Err(OpenError::Unsupported(_)) => {
+            let why = "does not speak the Convoy protocol".into();
+            return Err(RequestError::Stream(peer, why));
+        }
+        Err(e) => return Err(RequestError::Unreachable(peer, e.to_string())),
+    };
+    let stream_error = |e: std::io::Error| RequestError::Stream(peer, e.to_string());
+    write_frame::<_, _, MAX_CONTROL_FRAME>(&mut stream, &request)
+        .await
+        .map_err(stream_error)?;
+    futures::AsyncWriteExt::close(&mut stream)
+        .await
+        .map_err(stream_error)?;
+    read_frame::<ControlResponse, _, MAX_CONTROL_FRAME>(&mut stream)
+        .await
+        .map_err(stream_error)
+}
+
+/// Reads the one control request of a stream `peer` opened, hands it to
+/// the loop and writes the answer. A malformed or oversized frame, or a
+/// request not read or answered in `timeout`, resets the stream.
+async fn answer_control(
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    commands: mpsc::Sender<Command>,
+    timeout: Duration,
+) {
+    let request = tokio::time::timeout(
+        timeout,
+        read_frame::<ControlRequest, _, MAX_CONTROL_FRAME>(&mut stream),
+    )
+    .await;
+    let request = match request {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            debug!(%peer, "control stream failed: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "control request not sent in time");
+            return;
+        }
+    };
+    let (answer, answered) = oneshot::channel();
+    let asked = Command::ControlAsked(peer, request, Reply { answer });
+    if commands.send(asked).await.is_err() {
+        return;
+    }
+    let Ok(Ok(response)) = tokio::time::timeout(timeout, answered).await else {
+        return;
+    };
+    let written = write_frame::<_, _, MAX_CONTROL_FRAME>(&mut stream, &response).await;
+    if let Err(e) = written {
+        debug!(%peer, "control answer not written: {e}");
+        return;
+    }
+    let _ = futures::AsyncWriteExt::close(&mut stream).await;
+}
+
+/// Sends our Hello on a stream of its own and reads the Welcome.
+async fn say_hello(
+    streams: Opener,
+    peer: PeerId,
+    hello: Hello,
+    timeout: Duration,
+) -> std::io::Result<Welcome> {
+    let exchange = async {
+        let mut stream = streams
+            .open(peer, HELLO_PROTOCOL)
+            .await
+            .map_err(std::io::Error::other)?;
+        write_frame::<_, _, MAX_HELLO_FRAME>(&mut stream, &hello).await?;
+        futures::AsyncWriteExt::close(&mut stream).await?;
+        read_frame::<Welcome, _, MAX_HELLO_FRAME>(&mut stream).await
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Writes `peer`'s announcements on one stream until the queue closes or
 /// the stream fails (the next announcement then starts another writer).
 async fn write_announcements(
-    mut streams: libp2p_stream::Control,
+    streams: Opener,
     peer: PeerId,
     mut queue: mpsc::Receiver<Announcement>,
 ) {
-    let mut stream = match streams.open_stream(peer, HAVE_PROTOCOL).await {
+    let mut stream = match streams.open(peer, HAVE_PROTOCOL).await {
         Ok(s) => s,
         Err(e) => {
             debug!(%peer, "cannot open an announcement stream: {e}");
@@ -1004,12 +1164,12 @@ impl InFlight {
 /// each answer to its requester, until the queue closes (the connection
 /// closed) or the stream fails (the next request then opens another).
 async fn run_chunk_link(
-    mut streams: libp2p_stream::Control,
+    streams: Opener,
     peer: PeerId,
     mut queue: mpsc::Receiver<(ChunkRequest, ChunkReply)>,
 ) {
     use futures::AsyncReadExt;
-    let stream = match streams.open_stream(peer, CHUNK_PROTOCOL).await {
+    let stream = match streams.open(peer, CHUNK_PROTOCOL).await {
         Ok(s) => s,
         Err(e) => {
             let why = format!("cannot open a chunk stream: {e}");
@@ -1159,190 +1319,149 @@ fn serve_chunk_stream(peer: PeerId, stream: libp2p::Stream, commands: mpsc::Send
     });
 }
 
-/// The libp2p codec of [`CONTROL_PROTOCOL`]: one frame each way.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ControlCodec;
-
-impl request_response::Codec for ControlCodec {
-    type Protocol = StreamProtocol;
-    type Request = ControlRequest;
-    type Response = ControlResponse;
-
-    async fn read_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> std::io::Result<ControlRequest>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        read_frame::<ControlRequest, T, { MAX_CONTROL_FRAME }>(io).await
-    }
-
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> std::io::Result<ControlResponse>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        read_frame::<ControlResponse, T, { MAX_CONTROL_FRAME }>(io).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: ControlRequest,
-    ) -> std::io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        write_frame::<ControlRequest, T, { MAX_CONTROL_FRAME }>(io, &req).await?;
-        futures::AsyncWriteExt::close(io).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        resp: ControlResponse,
-    ) -> std::io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        write_frame::<ControlResponse, T, { MAX_CONTROL_FRAME }>(io, &resp).await?;
-        futures::AsyncWriteExt::close(io).await
-    }
-}
-
-fn outbound_error(peer: PeerId, error: request_response::OutboundFailure) -> RequestError {
-    use request_response::OutboundFailure as F;
-    match error {
-        F::DialFailure => RequestError::Unreachable(peer, "dial failed".into()),
-        F::Timeout => RequestError::Timeout(peer),
-        F::ConnectionClosed => RequestError::Unreachable(peer, "connection closed".into()),
-        F::UnsupportedProtocols => {
-            RequestError::Stream(peer, "does not speak the Convoy protocol".into())
-        }
-        F::Io(e) => RequestError::Stream(peer, e.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::{encode_frame, WireChunk};
     use futures::{AsyncReadExt, AsyncWriteExt};
 
-    /// Writes requests as the raw bytes given: what no correct peer sends.
-    #[derive(Clone, Default)]
-    struct RawCodec;
-
-    impl request_response::Codec for RawCodec {
-        type Protocol = StreamProtocol;
-        type Request = Vec<u8>;
-        type Response = Vec<u8>;
-
-        async fn read_request<T>(
-            &mut self,
-            _: &StreamProtocol,
-            io: &mut T,
-        ) -> std::io::Result<Vec<u8>>
-        where
-            T: futures::AsyncRead + Unpin + Send,
-        {
-            let mut v = Vec::new();
-            io.take(1 << 20).read_to_end(&mut v).await?;
-            Ok(v)
-        }
-
-        async fn read_response<T>(
-            &mut self,
-            p: &StreamProtocol,
-            io: &mut T,
-        ) -> std::io::Result<Vec<u8>>
-        where
-            T: futures::AsyncRead + Unpin + Send,
-        {
-            self.read_request(p, io).await
-        }
-
-        async fn write_request<T>(
-            &mut self,
-            _: &StreamProtocol,
-            io: &mut T,
-            req: Vec<u8>,
-        ) -> std::io::Result<()>
-        where
-            T: futures::AsyncWrite + Unpin + Send,
-        {
-            io.write_all(&req).await?;
-            io.close().await
-        }
-
-        async fn write_response<T>(
-            &mut self,
-            p: &StreamProtocol,
-            io: &mut T,
-            r: Vec<u8>,
-        ) -> std::io::Result<()>
-        where
-            T: futures::AsyncWrite + Unpin + Send,
-        {
-            self.write_request(p, io, r).await
-        }
-    }
-
     fn framed<T: serde::Serialize>(v: &T) -> Vec<u8> {
         encode_frame::<_, MAX_CONTROL_FRAME>(v).unwrap()
     }
 
-    /// A peer that writes whatever bytes it is given.
-    #[derive(NetworkBehaviour)]
+    /// A peer that writes whatever bytes it is given, and answers the
+    /// server's Hellos with the bytes it was told to.
     struct RawPeer {
-        control: request_response::Behaviour<RawCodec>,
-        streams: libp2p_stream::Behaviour,
+        swarm: Swarm<libp2p_stream::Behaviour>,
+        streams: libp2p_stream::Control,
+        hellos: libp2p_stream::IncomingStreams,
     }
 
-    /// Sends one raw request and waits for its outcome.
-    async fn exchange(
-        swarm: &mut Swarm<RawPeer>,
-        peer: PeerId,
-        bytes: Vec<u8>,
-        welcome: &[u8],
-    ) -> Result<Vec<u8>, String> {
-        use request_response::{Event, Message};
-        let id = swarm.behaviour_mut().control.send_request(&peer, bytes);
-        loop {
-            match swarm.select_next_some().await {
-                SwarmEvent::Behaviour(RawPeerEvent::Control(Event::Message {
-                    message: Message::Request { channel, .. },
-                    ..
-                })) => {
-                    // The server's own Hello: answer it as a member would.
-                    let _ = swarm
-                        .behaviour_mut()
-                        .control
-                        .send_response(channel, welcome.to_vec());
+    impl RawPeer {
+        /// A new identity, connected to `addr`, that has sent nothing yet.
+        async fn connect(addr: Multiaddr) -> Self {
+            let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+                .with_tokio()
+                .with_tcp(
+                    tcp::Config::default(),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )
+                .unwrap()
+                .with_behaviour(|_| libp2p_stream::Behaviour::new())
+                .unwrap()
+                // Connections stay open unused: only the server closes them.
+                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+                .build();
+            let mut streams = swarm.behaviour().new_control();
+            let hellos = streams.accept(HELLO_PROTOCOL).unwrap();
+            swarm.dial(addr).unwrap();
+            loop {
+                if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
+                    return Self {
+                        swarm,
+                        streams,
+                        hellos,
+                    };
                 }
-                SwarmEvent::Behaviour(RawPeerEvent::Control(Event::Message {
-                    message:
-                        Message::Response {
-                            request_id,
-                            response,
-                        },
-                    ..
-                })) if request_id == id => return Ok(response),
-                SwarmEvent::Behaviour(RawPeerEvent::Control(Event::OutboundFailure {
-                    request_id,
-                    error,
-                    ..
-                })) if request_id == id => return Err(error.to_string()),
-                _ => {}
             }
         }
+
+        /// Connected to `them` at `addr` and admitted to the fleet of
+        /// `key`; returns it and the welcome it gives the server's hellos.
+        async fn member(key: [u8; 32], them: PeerId, addr: Multiaddr) -> (Self, Vec<u8>) {
+            let mut peer = Self::connect(addr).await;
+            let me = *peer.swarm.local_peer_id();
+            let proof = fleet_proof(&key, &me.to_bytes(), &them.to_bytes());
+            let welcome = framed(&Welcome::Member { proof });
+            let hello = framed(&Hello { proof });
+            let answer = peer
+                .exchange(them, HELLO_PROTOCOL, &hello, &welcome)
+                .await
+                .unwrap();
+            assert!(!answer.is_empty(), "no welcome");
+            (peer, welcome)
+        }
+
+        /// Sends `bytes` on a `protocol` stream of their own and returns
+        /// the answer, driving the swarm meanwhile.
+        async fn exchange(
+            &mut self,
+            them: PeerId,
+            protocol: StreamProtocol,
+            bytes: &[u8],
+            welcome: &[u8],
+        ) -> Result<Vec<u8>, String> {
+            let ask = ask_raw(self.streams.clone(), them, protocol, bytes.to_vec());
+            let mut ask = std::pin::pin!(ask);
+            loop {
+                tokio::select! {
+                    answer = &mut ask => return answer,
+                    _ = self.swarm.select_next_some() => {}
+                    Some((_, stream)) = self.hellos.next() => {
+                        tokio::spawn(answer_hello(stream, welcome.to_vec()));
+                    }
+                }
+            }
+        }
+
+        /// Drives the swarm in a task; returns a handle to open streams.
+        fn drive(
+            mut self,
+            welcome: Vec<u8>,
+        ) -> (libp2p_stream::Control, tokio::task::JoinHandle<()>) {
+            let streams = self.streams.clone();
+            let driver = tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = self.swarm.select_next_some() => {}
+                        Some((_, stream)) = self.hellos.next() => {
+                            tokio::spawn(answer_hello(stream, welcome.clone()));
+                        }
+                    }
+                }
+            });
+            (streams, driver)
+        }
+    }
+
+    /// Answers a server's Hello with `welcome`, whatever it said.
+    async fn answer_hello(mut stream: libp2p::Stream, welcome: Vec<u8>) {
+        let mut hello = Vec::new();
+        let _ = (&mut stream).take(1024).read_to_end(&mut hello).await;
+        let _ = stream.write_all(&welcome).await;
+        let _ = stream.close().await;
+    }
+
+    /// Sends `bytes` on a `protocol` stream of their own, closes our half
+    /// and returns what comes back, or why nothing does.
+    async fn ask_raw(
+        mut streams: libp2p_stream::Control,
+        peer: PeerId,
+        protocol: StreamProtocol,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        let mut stream = streams
+            .open_stream(peer, protocol)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        stream.close().await.map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(answer)
+    }
+
+    /// Asks `peer` a raw control request.
+    async fn control_raw(
+        streams: &libp2p_stream::Control,
+        peer: PeerId,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        ask_raw(streams.clone(), peer, CONTROL_PROTOCOL, bytes.to_vec()).await
     }
 
     /// Opens a `protocol` stream, writes `bytes` and says whether the
@@ -1353,54 +1472,16 @@ mod tests {
         protocol: StreamProtocol,
         bytes: &[u8],
     ) -> bool {
-        let mut stream = streams.open_stream(peer, protocol).await.unwrap();
-        stream.write_all(bytes).await.unwrap();
-        stream.flush().await.unwrap();
+        let Ok(mut stream) = streams.open_stream(peer, protocol).await else {
+            return true; // Refused at negotiation: nothing was read.
+        };
+        if stream.write_all(bytes).await.is_err() || stream.flush().await.is_err() {
+            return true; // Reset before it was all written.
+        }
         let mut rest = Vec::new();
         // A reset is an error, a close an empty read: either ends it.
         let ended = stream.read_to_end(&mut rest).await;
         ended.is_err() || rest.is_empty()
-    }
-
-    /// A peer that speaks raw bytes, connected to `them` at `addr` and
-    /// admitted to the fleet of `key`; returns it and the welcome it gives
-    /// to the server's own hello.
-    async fn raw_member(key: [u8; 32], them: PeerId, addr: Multiaddr) -> (Swarm<RawPeer>, Vec<u8>) {
-        let mut client = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .unwrap()
-            .with_behaviour(|_| RawPeer {
-                control: request_response::Behaviour::<RawCodec>::new(
-                    [(CONTROL_PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default(),
-                ),
-                streams: libp2p_stream::Behaviour::new(),
-            })
-            .unwrap()
-            // Connections stay open unused: only the server closes them.
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
-        let me = *client.local_peer_id();
-        client.dial(addr).unwrap();
-        loop {
-            if let SwarmEvent::ConnectionEstablished { .. } = client.select_next_some().await {
-                break;
-            }
-        }
-        let welcome = framed(&ControlResponse::Welcome {
-            proof: fleet_proof(&key, &me.to_bytes(), &them.to_bytes()),
-        });
-        let hello = framed(&ControlRequest::Hello {
-            proof: fleet_proof(&key, &me.to_bytes(), &them.to_bytes()),
-        });
-        let answer = exchange(&mut client, them, hello, &welcome).await.unwrap();
-        assert!(!answer.is_empty(), "no welcome");
-        (client, welcome)
     }
 
     /// A new identity on a free loopback port, in the fleet of `fleet_key`.
@@ -1410,6 +1491,7 @@ mod tests {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
             fleet_key,
             request_timeout: Duration::from_secs(10),
+            admission_timeout: ADMISSION_TIMEOUT,
         }
     }
 
@@ -1451,41 +1533,22 @@ mod tests {
         });
         let them = server.peer_id();
         let test = async {
-            let (mut client, welcome) = raw_member(key, them, addr).await;
+            let (client, welcome) = RawPeer::member(key, them, addr).await;
+            let (mut streams, driver) = client.drive(welcome);
             // A length over the limit: the stream fails, nothing is allocated.
-            let oversized =
-                exchange(&mut client, them, u32::MAX.to_le_bytes().to_vec(), &welcome).await;
-            assert!(
-                oversized.is_err() || oversized == Ok(Vec::new()),
-                "{oversized:?}"
-            );
+            let oversized = ((MAX_CONTROL_FRAME + 1) as u32).to_le_bytes();
+            let answer = control_raw(&streams, them, &oversized).await;
+            assert!(answer.is_err() || answer == Ok(Vec::new()), "{answer:?}");
             // A body that is not a message.
-            let malformed = exchange(
-                &mut client,
-                them,
-                vec![3, 0, 0, 0, 0xff, 0xff, 0xff],
-                &welcome,
-            )
-            .await;
-            assert!(
-                malformed.is_err() || malformed == Ok(Vec::new()),
-                "{malformed:?}"
-            );
+            let malformed = [3, 0, 0, 0, 0xff, 0xff, 0xff];
+            let answer = control_raw(&streams, them, &malformed).await;
+            assert!(answer.is_err() || answer == Ok(Vec::new()), "{answer:?}");
             // The same peer, on the same connection, is still served.
-            let fleet = exchange(&mut client, them, framed(&ControlRequest::Fleet), &welcome)
-                .await
-                .unwrap();
-            assert_eq!(fleet, framed(&ControlResponse::Fleet(Vec::new())));
+            let fleet = control_raw(&streams, them, &framed(&ControlRequest::Fleet)).await;
+            assert_eq!(fleet, Ok(framed(&ControlResponse::Fleet(Vec::new()))));
 
             // Announcements: each bad stream is ended, a good one still heard.
-            let mut streams = client.behaviour().streams.new_control();
-            let driver = tokio::spawn(async move {
-                loop {
-                    client.select_next_some().await;
-                }
-            });
             let oversized = ((MAX_HAVE_FRAME + 1) as u32).to_le_bytes();
-            let malformed = [3, 0, 0, 0, 0xff, 0xff, 0xff];
             assert!(write_raw(&mut streams, them, HAVE_PROTOCOL, &oversized).await);
             assert!(write_raw(&mut streams, them, HAVE_PROTOCOL, &malformed).await);
             // Chunk streams: each bad one is ended, a good one still answered.
@@ -1533,6 +1596,223 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn before_its_proof_a_peer_is_read_one_small_hello_and_nothing_else() {
+        let key = [4u8; 32];
+        let config = NetConfig {
+            // What refuses a stranger below is what it sent, not the timer.
+            admission_timeout: Duration::from_secs(3600),
+            ..loopback(key)
+        };
+        let (server, mut events, addr) = listening(config).await;
+        let them = server.peer_id();
+        let reached = tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(ev) = events.recv().await {
+                if let NetEvent::Control { reply, .. } = ev {
+                    reply.send(ControlResponse::Ok).await;
+                    n += 1;
+                } else if matches!(ev, NetEvent::Chunk { .. } | NetEvent::Have { .. }) {
+                    n += 1;
+                }
+            }
+            n
+        });
+        let test = async {
+            // Well-formed requests on every protocol, but no Hello first:
+            // each stream is reset unread.
+            let stranger = RawPeer::connect(addr.clone()).await;
+            let (mut streams, driver) = stranger.drive(Vec::new());
+            let answer = control_raw(&streams, them, &framed(&ControlRequest::Fleet)).await;
+            assert!(answer.is_err() || answer == Ok(Vec::new()), "{answer:?}");
+            let get = Tagged::new(
+                1,
+                ChunkRequest::Get {
+                    release: convoy_chunker::ReleaseId([4; 32]),
+                    indices: vec![7],
+                },
+            );
+            let frame = encode_frame::<_, MAX_CHUNK_FRAME>(&get).unwrap();
+            assert!(write_raw(&mut streams, them, CHUNK_PROTOCOL, &frame).await);
+            let have = Announcement {
+                release: convoy_chunker::ReleaseId([4; 32]),
+                chunks: vec![1],
+            };
+            let frame = encode_frame::<_, MAX_HAVE_FRAME>(&have).unwrap();
+            assert!(write_raw(&mut streams, them, HAVE_PROTOCOL, &frame).await);
+            driver.abort();
+            assert_eq!(server.peers_refused(), 0);
+
+            // A Hello longer than a Hello can be: refused at its length,
+            // and the peer with it.
+            let mut stranger = RawPeer::connect(addr.clone()).await;
+            let mut oversized = ((MAX_HELLO_FRAME + 1) as u32).to_le_bytes().to_vec();
+            oversized.extend([0; MAX_HELLO_FRAME + 1]);
+            let answer = stranger
+                .exchange(them, HELLO_PROTOCOL, &oversized, &[])
+                .await;
+            assert!(answer.is_err() || answer == Ok(Vec::new()), "{answer:?}");
+            while server.peers_refused() < 1 {
+                if let SwarmEvent::ConnectionClosed { .. } = stranger.swarm.select_next_some().await
+                {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), test)
+            .await
+            .expect("bounded");
+        assert_eq!(server.peers_refused(), 1);
+        server.shutdown().await;
+        assert_eq!(reached.await.unwrap(), 0, "a stranger's request was read");
+    }
+
+    #[tokio::test]
+    async fn our_requests_wait_until_the_peer_has_welcomed_us() {
+        let key = [8u8; 32];
+        let (server, _events, addr) = listening(loopback(key)).await;
+        let them = server.peer_id();
+        let test = async {
+            let RawPeer {
+                mut swarm,
+                mut streams,
+                mut hellos,
+            } = RawPeer::connect(addr).await;
+            let me = *swarm.local_peer_id();
+            let mut controls = streams.accept(CONTROL_PROTOCOL).unwrap();
+            let driver = tokio::spawn(async move {
+                loop {
+                    swarm.select_next_some().await;
+                }
+            });
+            // The peer proves itself, so the server admits it...
+            let proof = fleet_proof(&key, &me.to_bytes(), &them.to_bytes());
+            let hello = framed(&Hello { proof });
+            let welcome = ask_raw(streams.clone(), them, HELLO_PROTOCOL, hello).await;
+            assert!(!welcome.unwrap().is_empty());
+            // ...but has not answered the server's Hello yet.
+            let (_, unanswered) = hellos.next().await.unwrap();
+            let asking = tokio::spawn({
+                let server = server.clone();
+                async move { server.control(me, ControlRequest::Fleet).await }
+            });
+            let early = tokio::time::timeout(Duration::from_secs(2), controls.next()).await;
+            assert!(
+                early.is_err(),
+                "a request came before its sender was welcomed"
+            );
+            answer_hello(unanswered, framed(&Welcome::Member { proof })).await;
+            let (_, mut stream) = controls.next().await.unwrap();
+            let request = read_frame::<ControlRequest, _, MAX_CONTROL_FRAME>(&mut stream).await;
+            assert_eq!(request.unwrap(), ControlRequest::Fleet);
+            write_frame::<_, _, MAX_CONTROL_FRAME>(&mut stream, &ControlResponse::Ok)
+                .await
+                .unwrap();
+            stream.close().await.unwrap();
+            assert_eq!(asking.await.unwrap(), Ok(ControlResponse::Ok));
+            driver.abort();
+        };
+        tokio::time::timeout(Duration::from_secs(30), test)
+            .await
+            .expect("bounded");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_control_requests_from_several_members_is_answered_whole() {
+        let key = [2u8; 32];
+        let (server, mut events, addr) = listening(loopback(key)).await;
+        let them = server.peer_id();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let NetEvent::Control { reply, .. } = ev {
+                    reply.send(ControlResponse::Ok).await;
+                }
+            }
+        });
+        let mut members = Vec::new();
+        for _ in 0..4 {
+            let (member, _events) = start(loopback(key)).unwrap();
+            member.add_addresses(them, vec![addr.clone()]).await;
+            assert_eq!(
+                member.control(them, ControlRequest::Fleet).await,
+                Ok(ControlResponse::Ok)
+            );
+            members.push((member, _events));
+        }
+        // All at once: many arrive at the server in the same instant.
+        let asks = members.iter().flat_map(|(member, _)| {
+            (0..30).map(move |_| member.control(them, ControlRequest::Fleet))
+        });
+        let answers =
+            tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(asks))
+                .await
+                .expect("bounded");
+        let failed: Vec<_> = answers
+            .iter()
+            .filter(|a| **a != Ok(ControlResponse::Ok))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} of 120 failed: {:?}",
+            failed.len(),
+            failed.first()
+        );
+        for (member, _) in &members {
+            member.shutdown().await;
+        }
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn control_requests_past_the_limit_are_reset_unread() {
+        let key = [3u8; 32];
+        let (server, mut events, addr) = listening(loopback(key)).await;
+        let them = server.peer_id();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let NetEvent::Control { reply, .. } = ev {
+                    reply.send(ControlResponse::Ok).await;
+                }
+            }
+        });
+        let test = async {
+            let (client, welcome) = RawPeer::member(key, them, addr).await;
+            let (mut streams, driver) = client.drive(welcome);
+            // Requests that never finish: a length and half a body.
+            let mut unfinished = framed(&ControlRequest::Fleet);
+            unfinished[0] += 8;
+            let mut held = Vec::new();
+            // Written out, not the constant: a higher limit must fail here.
+            for _ in 0..32 {
+                let mut stream = streams.open_stream(them, CONTROL_PROTOCOL).await.unwrap();
+                stream.write_all(&unfinished).await.unwrap();
+                stream.flush().await.unwrap();
+                held.push(stream);
+            }
+            let answer = control_raw(&streams, them, &framed(&ControlRequest::Fleet)).await;
+            assert!(answer.is_err() || answer == Ok(Vec::new()), "{answer:?}");
+            // One slot free again: served.
+            drop(held.pop());
+            let mut answer = Err(String::new());
+            for _ in 0..100 {
+                answer = control_raw(&streams, them, &framed(&ControlRequest::Fleet)).await;
+                if answer.is_ok() {
+                    break;
+                }
+                // The reset of the dropped stream reaches the server
+                // after our next request may have: ask again.
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(answer, Ok(framed(&ControlResponse::Ok)));
+            driver.abort();
+        };
+        tokio::time::timeout(Duration::from_secs(30), test)
+            .await
+            .expect("bounded");
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn a_member_that_floods_requests_and_never_reads_stalls_nobody_else() {
         let key = [9u8; 32];
         let (server, mut events, addr) = listening(loopback(key)).await;
@@ -1560,14 +1840,9 @@ mod tests {
             }
         });
         let test = async {
-            let (mut flooder, _) = raw_member(key, them, addr.clone()).await;
-            let flooder_id = *flooder.local_peer_id();
-            let mut streams = flooder.behaviour().streams.new_control();
-            let driver = tokio::spawn(async move {
-                loop {
-                    flooder.select_next_some().await;
-                }
-            });
+            let (flooder, welcome) = RawPeer::member(key, them, addr.clone()).await;
+            let flooder_id = *flooder.swarm.local_peer_id();
+            let (mut streams, driver) = flooder.drive(welcome);
             let mut stream = streams.open_stream(them, CHUNK_PROTOCOL).await.unwrap();
             let get = ChunkRequest::Get {
                 release: convoy_chunker::ReleaseId([4; 32]),
@@ -1618,7 +1893,8 @@ mod tests {
         let (server, _events, addr) = listening(loopback(key)).await;
         let them = server.peer_id();
         let test = async {
-            let (mut client, _) = raw_member(key, them, addr.clone()).await;
+            let (client, _) = RawPeer::member(key, them, addr.clone()).await;
+            let mut client = client.swarm;
             const DIALS: u32 = 10;
             for _ in 1..DIALS {
                 let opts = DialOpts::peer_id(them)
