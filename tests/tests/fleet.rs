@@ -439,7 +439,6 @@ fn a_finished_staging_is_not_recorded_again_at_every_report() {
 }
 
 #[test]
-#[ignore = "known bug (issue 14): under the full suite's load some of eight parallel publishes fail with 'chunk stream failed: connection is closed'; run with --ignored"]
 fn one_operator_key_publishes_from_eight_sessions_at_once() {
     let fleet = TestFleet::new(&[]);
     // Each CLI run is a session of its own, with an identity of its own
