@@ -1,8 +1,9 @@
 //! What a peer without the fleet key costs a daemon: a thousand
-//! connections, each sending an oversized Hello and oversized frames on
-//! every other protocol before proving anything, leave the coordinator's
-//! memory within 32 MiB of idle; each is refused, and the coordinator
-//! still serves its operators.
+//! connections, each sending the largest frames each other protocol
+//! allows and then an oversized Hello, before proving anything, leave the
+//! coordinator's memory within 32 MiB of idle; each is refused, and the
+//! coordinator still serves its operators. (Were those frames read, fifty
+//! strangers at once would hold over 100 MiB.)
 
 use std::time::{Duration, Instant};
 
@@ -45,10 +46,10 @@ async fn send(
     Some(stream)
 }
 
-/// One stranger: connects with a new identity, writes a frame that claims
-/// a huge length and 256 KiB of it on the control and chunk protocols,
-/// then a Hello of 64 MiB, and waits for the daemon to close the
-/// connection. Returns whether it did.
+/// One stranger: connects with a new identity, writes on the control,
+/// chunk and have protocols a frame as long as each allows (up to 1 MiB of
+/// it), then a Hello that claims 4 GiB, and waits for the daemon to close
+/// the connection. Returns whether it did.
 async fn stranger(them: PeerId, addr: Multiaddr) -> bool {
     use convoy_daemon::protocol as wire;
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
@@ -67,17 +68,21 @@ async fn stranger(them: PeerId, addr: Multiaddr) -> bool {
     if swarm.dial(addr).is_err() {
         return false;
     }
-    let mut junk = (u32::MAX - 1).to_le_bytes().to_vec();
-    junk.resize(256 << 10, 0xab);
+    // A length prefix and as much of the body as the limit allows.
+    let frame = |claimed: usize| {
+        let mut f = (claimed as u32).to_le_bytes().to_vec();
+        f.resize(4 + claimed.min(1 << 20), 0xab);
+        f
+    };
     let attack = async move {
         let mut held = Vec::new();
-        for protocol in [
-            wire::CONTROL_PROTOCOL,
-            wire::CHUNK_PROTOCOL,
-            wire::HAVE_PROTOCOL,
-            wire::HELLO_PROTOCOL,
+        for (protocol, claimed) in [
+            (wire::CONTROL_PROTOCOL, wire::MAX_CONTROL_FRAME),
+            (wire::CHUNK_PROTOCOL, wire::MAX_CHUNK_FRAME),
+            (wire::HAVE_PROTOCOL, wire::MAX_HAVE_FRAME),
+            (wire::HELLO_PROTOCOL, u32::MAX as usize - 1),
         ] {
-            held.extend(send(&mut streams, them, protocol, &junk).await);
+            held.extend(send(&mut streams, them, protocol, &frame(claimed)).await);
         }
         std::future::pending::<()>().await;
         drop(held);

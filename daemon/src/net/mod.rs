@@ -1618,27 +1618,20 @@ mod tests {
             n
         });
         let test = async {
-            // Well-formed requests on every protocol, but no Hello first:
-            // each stream is reset unread.
+            // No Hello first: no other protocol is even offered, so
+            // nothing a stranger writes is read.
             let stranger = RawPeer::connect(addr.clone()).await;
             let (mut streams, driver) = stranger.drive(Vec::new());
-            let answer = control_raw(&streams, them, &framed(&ControlRequest::Fleet)).await;
-            assert!(answer.is_err() || answer == Ok(Vec::new()), "{answer:?}");
-            let get = Tagged::new(
-                1,
-                ChunkRequest::Get {
-                    release: convoy_chunker::ReleaseId([4; 32]),
-                    indices: vec![7],
-                },
-            );
-            let frame = encode_frame::<_, MAX_CHUNK_FRAME>(&get).unwrap();
-            assert!(write_raw(&mut streams, them, CHUNK_PROTOCOL, &frame).await);
-            let have = Announcement {
-                release: convoy_chunker::ReleaseId([4; 32]),
-                chunks: vec![1],
-            };
-            let frame = encode_frame::<_, MAX_HAVE_FRAME>(&have).unwrap();
-            assert!(write_raw(&mut streams, them, HAVE_PROTOCOL, &frame).await);
+            for protocol in [CONTROL_PROTOCOL, CHUNK_PROTOCOL, HAVE_PROTOCOL] {
+                let opened = streams.open_stream(them, protocol.clone()).await;
+                assert!(
+                    matches!(
+                        opened,
+                        Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))
+                    ),
+                    "{protocol} was offered to a stranger"
+                );
+            }
             driver.abort();
             assert_eq!(server.peers_refused(), 0);
 
