@@ -8,7 +8,8 @@ use std::fmt::Debug;
 
 use convoy_protocol::wire::{
     encode_frame, read_frame, Announcement, ChunkRequest, ChunkResponse, ControlRequest,
-    ControlResponse, Tagged, MAX_CHUNK_FRAME, MAX_CONTROL_FRAME, MAX_HAVE_BATCH, MAX_HAVE_FRAME,
+    ControlResponse, Hello, Tagged, Welcome, MAX_CHUNK_FRAME, MAX_CONTROL_FRAME, MAX_HAVE_BATCH,
+    MAX_HAVE_FRAME, MAX_HELLO_FRAME,
 };
 use libfuzzer_sys::fuzz_target;
 use serde::{de::DeserializeOwned, Serialize};
@@ -33,11 +34,13 @@ fuzz_target!(|data: &[u8]| {
     let Some((&kind, stream)) = data.split_first() else {
         return;
     };
-    match kind % 5 {
-        0 => frame::<ControlRequest, MAX_CONTROL_FRAME>(stream),
-        1 => frame::<ControlResponse, MAX_CONTROL_FRAME>(stream),
-        2 => frame::<Tagged<ChunkRequest>, MAX_CHUNK_FRAME>(stream),
-        3 => frame::<Tagged<ChunkResponse>, MAX_CHUNK_FRAME>(stream),
+    match kind % 7 {
+        0 => frame::<Hello, MAX_HELLO_FRAME>(stream),
+        1 => frame::<Welcome, MAX_HELLO_FRAME>(stream),
+        2 => frame::<ControlRequest, MAX_CONTROL_FRAME>(stream),
+        3 => frame::<ControlResponse, MAX_CONTROL_FRAME>(stream),
+        4 => frame::<Tagged<ChunkRequest>, MAX_CHUNK_FRAME>(stream),
+        5 => frame::<Tagged<ChunkResponse>, MAX_CHUNK_FRAME>(stream),
         _ => {
             frame::<Announcement, MAX_HAVE_FRAME>(stream);
             // The reader's check after decoding: the frame limit allows
