@@ -25,14 +25,16 @@ use tracing::{debug, info, warn};
 
 use crate::deliver::Releases;
 use crate::health::Load;
-use crate::net::{NetEvent, NetHandle, RequestError};
+use crate::net::{NetEvent, NetHandle, Reply, RequestError};
 use crate::protocol::{
     self, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
     DeliveryReport, DistributionMode, Labels, StageOrder, StageProgress, StageState, TargetReport,
     MAX_CONTROL_FRAME,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
-use crate::store::{collect, compact_in_background, Collector, Pass, Retention, StoreSource};
+use crate::store::{
+    collect, compact_in_background, Collector, Pass, Retention, Store, StoreSource,
+};
 use crate::transfer::{FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode};
 
 /// How often newly held chunks are announced to peers. An announcement
@@ -113,6 +115,21 @@ enum Internal {
     Registered(Result<ControlResponse, RequestError>),
     /// A collection pass ended.
     Collected(Pass),
+    /// An order was checked and its chunks looked up off the loop; the
+    /// reply, if any, waits for it to be installed.
+    Prepared(Result<Prepared, String>, Option<Reply<ControlResponse>>),
+}
+
+/// An order checked against the coordinator's key, with what the store
+/// holds of it: everything accepting it needs from the disk.
+struct Prepared {
+    order: StageOrder,
+    manifest: Manifest,
+    id: ReleaseId,
+    chunks: ChunkList,
+    held: Vec<bool>,
+    /// The release its name resolves to here.
+    already: Option<ReleaseId>,
 }
 
 enum Outcome {
@@ -182,6 +199,9 @@ struct Target {
     /// Collection passes: while one runs, orders to stage or deliver wait
     /// (with their source) until it ends, so it never drops what they need.
     collector: Collector<(PeerId, ControlRequest)>,
+    /// Orders being prepared off the loop: no collection pass starts
+    /// meanwhile, since their chunks are not pinned yet.
+    preparing: usize,
 }
 
 /// Runs the target until `shutdown` completes.
@@ -217,6 +237,7 @@ pub async fn run(
         delivering: Arc::default(),
         delivery_lock: Arc::default(),
         collector: Collector::default(),
+        preparing: 0,
         config,
     };
     t.resume_orders();
@@ -332,6 +353,45 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// Checks an order against the coordinator's key and reads what the store
+/// holds of it; with `record` (the data directory) records the order
+/// first, unless its release is already the one its name resolves to.
+/// Blocking: reads the store and syncs a file.
+fn prepare(
+    order: StageOrder,
+    store: &dyn Store,
+    chunks: &Chunks,
+    coordinator_key: &PublicKey,
+    record: Option<&Path>,
+) -> Result<Prepared, String> {
+    let manifest = Manifest::decode(&order.manifest).map_err(|e| e.to_string())?;
+    let id = manifest.release_id();
+    if !coordinator_key.verify(&signed_bytes(&id), &order.signature) {
+        return Err(format!(
+            "release {id}: the manifest is not signed by the coordinator this target trusts"
+        ));
+    }
+    let already = store
+        .resolve(manifest.app(), manifest.version())
+        .map_err(|e| e.to_string())?;
+    let list = chunks.add_release(&manifest);
+    let hashes: Vec<_> = list.iter().map(|c| c.hash).collect();
+    let held = store.contains_chunks(&hashes).map_err(|e| e.to_string())?;
+    if let Some(dir) = record.filter(|_| already != Some(id)) {
+        let bytes = protocol::encode::<_, MAX_CONTROL_FRAME>(&order).map_err(|e| e.to_string())?;
+        crate::durable::write_atomically(&order_path(dir, &id), &bytes)
+            .map_err(|e| format!("cannot record the order: {e}"))?;
+    }
+    Ok(Prepared {
+        order,
+        manifest,
+        id,
+        chunks: list,
+        held,
+        already,
+    })
+}
+
 fn order_path(dir: &Path, release: &ReleaseId) -> PathBuf {
     dir.join("staging")
         .join(format!("{}.order", release.to_hex()))
@@ -403,7 +463,7 @@ impl Target {
                 .and_then(|b| {
                     protocol::decode::<StageOrder, MAX_CONTROL_FRAME>(&b).map_err(|e| e.to_string())
                 });
-            match order.and_then(|o| self.accept(o, false)) {
+            match order.and_then(|o| self.accept(o)) {
                 Ok(id) => info!(release = %id, "resuming staging"),
                 Err(e) => {
                     warn!(path = %path.display(), "dropping an unreadable order: {e}");
@@ -419,11 +479,28 @@ impl Target {
             return;
         }
         self.registering = true;
-        let report = self.report();
+        let mut report = self.report();
+        let (store, load, releases) = (
+            self.chunks.store.clone(),
+            self.config.load.clone(),
+            self.config.releases.clone(),
+        );
         let net = self.net.clone();
         let coordinator = self.config.coordinator;
         let tx = self.internal.clone();
         tokio::spawn(async move {
+            // What the disk says is read off the loop.
+            let from_disk = tokio::task::spawn_blocking(move || {
+                let held = store
+                    .releases()
+                    .map(|rs| rs.into_iter().map(|r| r.id).collect())
+                    .unwrap_or_default();
+                (held, crate::health::health(&load, &releases).active)
+            })
+            .await;
+            if let Ok((held, active)) = from_disk {
+                (report.releases, report.active) = (held, active);
+            }
             let r = net
                 .control(coordinator, ControlRequest::Report(report))
                 .await;
@@ -431,21 +508,17 @@ impl Target {
         });
     }
 
+    /// What the loop knows for a report; the releases held and active
+    /// are filled in from the disk by [`Target::register`].
     fn report(&self) -> TargetReport {
-        let releases = self
-            .chunks
-            .store
-            .releases()
-            .map(|rs| rs.into_iter().map(|r| r.id).collect())
-            .unwrap_or_default();
         TargetReport {
             labels: self.config.labels.clone(),
             addrs: self.listen.iter().map(|a| a.to_string()).collect(),
-            releases,
+            releases: Vec::new(),
             stagings: self.stagings.iter().map(|(r, s)| s.progress(*r)).collect(),
             bytes_sent: self.chunks.bytes_sent.load(Ordering::Relaxed),
             bytes_received: self.chunks.bytes_received.load(Ordering::Relaxed),
-            active: crate::health::health(&self.config.load, &self.config.releases).active,
+            active: Default::default(),
             in_load: self.config.load.in_load(),
             health: self.config.health_addr.clone(),
         }
@@ -563,10 +636,7 @@ impl Target {
                 peer,
                 request,
                 reply,
-            } => {
-                let response = self.on_control(peer, request);
-                reply.send(response).await;
-            }
+            } => self.on_control(peer, request, Some(reply)),
             NetEvent::Have { peer, announcement } => self.on_have(peer, announcement),
         }
     }
@@ -592,6 +662,9 @@ impl Target {
     /// `--retain` releases of each app, those delivered here (trees kept)
     /// or being delivered, and the chunks of releases being staged.
     fn collect_garbage(&mut self) {
+        if self.preparing > 0 {
+            return; // The next tick: their chunks are not pinned yet.
+        }
         let Some(unused) = self.collector.start() else {
             return;
         };
@@ -644,7 +717,24 @@ impl Target {
         });
     }
 
-    fn on_control(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
+    /// Answers a control request on `reply` (`None`: an order replayed
+    /// after a collection pass, already answered; a failure is logged).
+    /// What needs the disk is done off the loop and answered from there.
+    fn on_control(
+        &mut self,
+        peer: PeerId,
+        request: ControlRequest,
+        reply: Option<Reply<ControlResponse>>,
+    ) {
+        let answer = |reply: Option<Reply<ControlResponse>>, response: ControlResponse| match (
+            reply, response,
+        ) {
+            (Some(reply), response) => reply.answer(response),
+            (None, ControlResponse::Error(e)) => {
+                warn!("an order that waited for garbage collection failed: {e}")
+            }
+            (None, _) => {}
+        };
         let from_coordinator = peer == self.config.coordinator;
         let order = matches!(
             request,
@@ -652,20 +742,50 @@ impl Target {
         );
         if from_coordinator && order && self.collector.running() {
             if self.collector.full() {
-                return ControlResponse::Error(
-                    "collecting garbage, with too many orders waiting; try again".into(),
-                );
+                let why = "collecting garbage, with too many orders waiting; try again";
+                return answer(reply, ControlResponse::Error(why.into()));
             }
             // Answered now, carried out when the pass ends; its outcome is
             // reported as for any order.
             self.collector.hold((peer, request));
-            return ControlResponse::Ok;
+            return answer(reply, ControlResponse::Ok);
         }
         match request {
-            ControlRequest::Stage(order) if from_coordinator => match self.accept(order, true) {
-                Ok(_) => ControlResponse::Ok,
-                Err(e) => ControlResponse::Error(e),
-            },
+            ControlRequest::Stage(order) if from_coordinator => self.accept_off_loop(order, reply),
+            ControlRequest::Deliver { release, drain_ms } if from_coordinator => {
+                self.deliver(release, drain_ms.map(Duration::from_millis), reply)
+            }
+            ControlRequest::Rollback { app } if from_coordinator => self.rollback(app, reply),
+            ControlRequest::SetLoad { in_load } if from_coordinator => {
+                let load = self.config.load.clone();
+                tokio::spawn(async move {
+                    let set = tokio::task::spawn_blocking(move || load.set(in_load)).await;
+                    answer(
+                        reply,
+                        match set {
+                            Ok(Ok(())) => {
+                                info!(in_load, "load changed");
+                                ControlResponse::Ok
+                            }
+                            Ok(Err(e)) => {
+                                ControlResponse::Error(format!("cannot record the load state: {e}"))
+                            }
+                            Err(e) => ControlResponse::Error(format!("cannot set the load: {e}")),
+                        },
+                    )
+                });
+            }
+            request => {
+                let response = self.answer_now(peer, request);
+                answer(reply, response);
+            }
+        }
+    }
+
+    /// Answers what needs nothing from the disk.
+    fn answer_now(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
+        let from_coordinator = peer == self.config.coordinator;
+        match request {
             ControlRequest::Peers {
                 release,
                 peers,
@@ -674,19 +794,6 @@ impl Target {
             } if from_coordinator => {
                 self.on_peers(release, peers, rank, dc_size);
                 ControlResponse::Ok
-            }
-            ControlRequest::Deliver { release, drain_ms } if from_coordinator => {
-                self.deliver(release, drain_ms.map(Duration::from_millis))
-            }
-            ControlRequest::Rollback { app } if from_coordinator => self.rollback(&app),
-            ControlRequest::SetLoad { in_load } if from_coordinator => {
-                match self.config.load.set(in_load) {
-                    Ok(()) => {
-                        info!(in_load, "load changed");
-                        ControlResponse::Ok
-                    }
-                    Err(e) => ControlResponse::Error(format!("cannot record the load state: {e}")),
-                }
             }
             ControlRequest::Stage(_)
             | ControlRequest::Peers { .. }
@@ -704,40 +811,71 @@ impl Target {
         }
     }
 
-    /// Starts delivering a staged release, unless it is being delivered.
-    fn deliver(&mut self, release: ReleaseId, drain: Option<Duration>) -> ControlResponse {
+    /// Starts delivering a staged release, unless it is being delivered;
+    /// answers once its manifest is read (off the loop).
+    fn deliver(
+        &mut self,
+        release: ReleaseId,
+        drain: Option<Duration>,
+        reply: Option<Reply<ControlResponse>>,
+    ) {
+        let answer = move |response: ControlResponse| match reply {
+            Some(reply) => reply.answer(response),
+            None => {
+                if let ControlResponse::Error(e) = response {
+                    warn!("an order that waited for garbage collection failed: {e}");
+                }
+            }
+        };
         if self
             .stagings
             .get(&release)
             .is_some_and(|s| s.state != StageState::Staged)
         {
-            return ControlResponse::Error(format!("{release} is still being staged here"));
+            return answer(ControlResponse::Error(format!(
+                "{release} is still being staged here"
+            )));
         }
-        let manifest = match self.chunks.store.get_manifest(&release) {
-            Ok(Some(m)) => m,
-            Ok(None) => return ControlResponse::Error(format!("{release} is not staged here")),
-            Err(e) => return ControlResponse::Error(e.to_string()),
-        };
         if !self
             .delivering
             .lock()
             .expect("not poisoned")
             .insert(release)
         {
-            return ControlResponse::Ok;
+            return answer(ControlResponse::Ok);
         }
-        let task = DeliveryTask {
-            manifest,
-            drain,
-            releases: self.config.releases.clone(),
-            load: self.config.load.clone(),
-            store: self.chunks.store.clone(),
-            lock: self.delivery_lock.clone(),
-        };
+        let (store, releases, load) = (
+            self.chunks.store.clone(),
+            self.config.releases.clone(),
+            self.config.load.clone(),
+        );
+        let lock = self.delivery_lock.clone();
         let delivering = self.delivering.clone();
         let net = self.net.clone();
         let coordinator = self.config.coordinator;
         tokio::spawn(async move {
+            let read = store.clone();
+            let manifest = tokio::task::spawn_blocking(move || read.get_manifest(&release)).await;
+            let manifest = manifest
+                .map_err(|e| e.to_string())
+                .and_then(|read| read.map_err(|e| e.to_string()))
+                .and_then(|m| m.ok_or_else(|| format!("{release} is not staged here")));
+            let manifest = match manifest {
+                Ok(m) => m,
+                Err(e) => {
+                    delivering.lock().expect("not poisoned").remove(&release);
+                    return answer(ControlResponse::Error(e));
+                }
+            };
+            answer(ControlResponse::Ok);
+            let task = DeliveryTask {
+                manifest,
+                drain,
+                releases,
+                load,
+                store,
+                lock,
+            };
             let report = task.run().await;
             delivering.lock().expect("not poisoned").remove(&release);
             // The coordinator may be restarting: it then orders again, and
@@ -755,51 +893,85 @@ impl Target {
                 }
             }
         });
-        ControlResponse::Ok
     }
 
-    /// Makes an app's previous release active again.
-    fn rollback(&mut self, app: &str) -> ControlResponse {
-        let Ok(_guard) = self.delivery_lock.try_lock() else {
-            return ControlResponse::Error("a delivery is running; try again".into());
-        };
-        match self.config.releases.rollback(app) {
-            Ok(version) => {
-                info!(app, version, "rolled back");
-                ControlResponse::Ok
+    /// Makes an app's previous release active again, off the loop.
+    fn rollback(&mut self, app: String, reply: Option<Reply<ControlResponse>>) {
+        let Ok(guard) = self.delivery_lock.clone().try_lock_owned() else {
+            let busy = ControlResponse::Error("a delivery is running; try again".into());
+            if let Some(reply) = reply {
+                reply.answer(busy);
             }
-            Err(e) => ControlResponse::Error(e.to_string()),
-        }
+            return;
+        };
+        let releases = self.config.releases.clone();
+        tokio::spawn(async move {
+            let rolled = tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                releases.rollback(&app).map(|version| (app, version))
+            })
+            .await;
+            let response = match rolled {
+                Ok(Ok((app, version))) => {
+                    info!(app, version, "rolled back");
+                    ControlResponse::Ok
+                }
+                Ok(Err(e)) => ControlResponse::Error(e.to_string()),
+                Err(e) => ControlResponse::Error(e.to_string()),
+            };
+            if let Some(reply) = reply {
+                reply.answer(response);
+            }
+        });
     }
 
-    /// Checks an order (the coordinator's signature) and starts or resumes it.
-    fn accept(&mut self, order: StageOrder, persist: bool) -> Result<ReleaseId, String> {
-        let manifest = Manifest::decode(&order.manifest).map_err(|e| e.to_string())?;
-        let id = manifest.release_id();
-        if !self
-            .coordinator_key
-            .verify(&signed_bytes(&id), &order.signature)
-        {
-            return Err(format!(
-                "release {id}: the manifest is not signed by the coordinator this target trusts"
-            ));
-        }
+    /// Prepares an order off the loop (signature, manifest, what the store
+    /// holds, the order recorded) and installs it when that is done.
+    fn accept_off_loop(&mut self, order: StageOrder, reply: Option<Reply<ControlResponse>>) {
+        self.preparing += 1;
+        let (store, chunks) = (self.chunks.store.clone(), self.chunks.clone());
+        let key = self.coordinator_key.clone();
+        let record = self.config.data_dir.clone();
+        let tx = self.internal.clone();
+        tokio::spawn(async move {
+            let prepared = tokio::task::spawn_blocking(move || {
+                prepare(order, &*store, &chunks, &key, Some(&record))
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("cannot prepare the order: {e}")));
+            let _ = tx.send(Internal::Prepared(prepared, reply)).await;
+        });
+    }
+
+    /// Checks an order and starts or resumes it, on the loop: for orders
+    /// read back at start, before the loop runs.
+    fn accept(&mut self, order: StageOrder) -> Result<ReleaseId, String> {
+        let store = self.chunks.store.clone();
+        let prepared = prepare(order, &*store, &self.chunks, &self.coordinator_key, None)?;
+        self.install(prepared)
+    }
+
+    /// Starts or resumes a prepared order.
+    fn install(&mut self, prepared: Prepared) -> Result<ReleaseId, String> {
+        let Prepared {
+            order,
+            manifest,
+            id,
+            chunks,
+            held,
+            already,
+        } = prepared;
         if self.stagings.contains_key(&id) {
             return Ok(id);
         }
         if self.stagings.len() >= MAX_STAGINGS {
             self.stagings.retain(|_, s| s.state == StageState::Running);
             if self.stagings.len() >= MAX_STAGINGS {
+                // Not started: not resumed at the next start either.
+                let _ = std::fs::remove_file(order_path(&self.config.data_dir, &id));
                 return Err(format!("already staging {MAX_STAGINGS} releases"));
             }
         }
-        let store = &self.chunks.store;
-        let already = store
-            .resolve(manifest.app(), manifest.version())
-            .map_err(|e| e.to_string())?;
-        let chunks = self.chunks.add_release(&manifest);
-        let hashes: Vec<_> = chunks.iter().map(|c| c.hash).collect();
-        let held = store.contains_chunks(&hashes).map_err(|e| e.to_string())?;
         let have = HaveSet::from_indices(
             chunks.len(),
             held.iter()
@@ -807,12 +979,6 @@ impl Target {
                 .filter(|(_, h)| **h)
                 .map(|(i, _)| i as u32),
         );
-        if persist && already != Some(id) {
-            crate::durable::write_atomically(&order_path(&self.config.data_dir, &id), &{
-                protocol::encode::<_, MAX_CONTROL_FRAME>(&order).map_err(|e| e.to_string())?
-            })
-            .map_err(|e| format!("cannot record the order: {e}"))?;
-        }
         let origin_in_my_dc = label(&order.origin_labels, "dc") == self.my_place().0;
         let fetcher = match order.mode {
             DistributionMode::Push => None,
@@ -1174,9 +1340,21 @@ impl Target {
             }
             Internal::Collected(pass) => {
                 for (peer, request) in self.collector.finish(pass) {
-                    let response = self.on_control(peer, request);
-                    if let ControlResponse::Error(e) = response {
-                        warn!("an order that waited for garbage collection failed: {e}");
+                    self.on_control(peer, request, None);
+                }
+            }
+            Internal::Prepared(prepared, reply) => {
+                self.preparing -= 1;
+                let response = match prepared.and_then(|p| self.install(p)) {
+                    Ok(_) => ControlResponse::Ok,
+                    Err(e) => ControlResponse::Error(e),
+                };
+                match reply {
+                    Some(reply) => reply.answer(response),
+                    None => {
+                        if let ControlResponse::Error(e) = response {
+                            warn!("an order that waited for garbage collection failed: {e}");
+                        }
                     }
                 }
             }

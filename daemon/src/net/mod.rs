@@ -189,11 +189,11 @@ pub struct Reply<T> {
 impl<T> Reply<T> {
     /// Sends the answer.
     pub async fn send(self, response: T) {
-        self.send_now(response);
+        self.answer(response);
     }
 
     /// Sends the answer from synchronous code.
-    fn send_now(self, response: T) {
+    pub fn answer(self, response: T) {
         let _ = self.answer.send(response);
     }
 }
@@ -552,7 +552,7 @@ impl EventLoop {
             } else {
                 ChunkResponse::Busy { retry_ms: 0 }
             }),
-            NetEvent::Control { reply, .. } => reply.send_now(if denied {
+            NetEvent::Control { reply, .. } => reply.answer(if denied {
                 ControlResponse::Denied
             } else {
                 ControlResponse::Error("busy; try again".into())
