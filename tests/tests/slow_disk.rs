@@ -1,0 +1,262 @@
+//! A target whose disk hangs while it accepts an order, or reads the
+//! manifest of a release it is told to deliver, keeps its place in the
+//! fleet: what needs the disk runs off the target's event loop, so its
+//! heartbeats go on (the coordinator would otherwise mark it down).
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId, StoredChunk};
+use convoy_daemon::deliver::Releases;
+use convoy_daemon::health::Load;
+use convoy_daemon::net::{self, NetConfig, NetEvent, NetHandle, RequestError};
+use convoy_daemon::protocol::{
+    signed_bytes, ControlRequest, ControlResponse, DistributionMode, Labels, StageOrder,
+    StageProgress, StageState, TargetReport,
+};
+use convoy_daemon::serve::Chunks;
+use convoy_daemon::store::{ChunkInfo, MemoryStore, Release, Store, StoreError};
+use convoy_daemon::target::{self, TargetConfig};
+use libp2p::identity::Keypair;
+use libp2p::PeerId;
+use tokio::sync::mpsc;
+
+/// Shut: whoever passes waits until it opens.
+#[derive(Default)]
+struct Gate {
+    /// Shut, and whether someone waits at it.
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn pass(&self) {
+        let mut s = self.state.lock().unwrap();
+        while s.0 {
+            s.1 = true;
+            self.changed.notify_all();
+            s = self.changed.wait(s).unwrap();
+        }
+    }
+
+    fn shut(&self) {
+        *self.state.lock().unwrap() = (true, false);
+    }
+
+    fn open(&self) {
+        self.state.lock().unwrap().0 = false;
+        self.changed.notify_all();
+    }
+
+    /// Waits (at most `limit`) until someone waits at the gate.
+    fn someone_waits(&self, limit: Duration) -> bool {
+        let s = self.state.lock().unwrap();
+        let (s, _) = self.changed.wait_timeout_while(s, limit, |s| !s.1).unwrap();
+        s.1
+    }
+}
+
+/// A memory store whose chunk lookups hang while the gate is shut, as a
+/// disk that stops answering.
+struct Hanging {
+    inner: MemoryStore,
+    gate: Arc<Gate>,
+}
+
+impl Store for Hanging {
+    fn put_chunks(&self, chunks: &[(ChunkRef, StoredChunk)]) -> Result<(), StoreError> {
+        self.inner.put_chunks(chunks)
+    }
+    fn get_chunk(&self, hash: &ChunkHash) -> Result<Option<StoredChunk>, StoreError> {
+        self.inner.get_chunk(hash)
+    }
+    fn chunk_info(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<ChunkInfo>>, StoreError> {
+        self.gate.pass();
+        self.inner.chunk_info(hashes)
+    }
+    fn chunk_hashes(&self) -> Result<Vec<ChunkHash>, StoreError> {
+        self.inner.chunk_hashes()
+    }
+    fn delete_chunks(&self, hashes: &[ChunkHash]) -> Result<(), StoreError> {
+        self.inner.delete_chunks(hashes)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+    fn put_release(&self, manifest: &Manifest) -> Result<ReleaseId, StoreError> {
+        self.inner.put_release(manifest)
+    }
+    fn get_manifest(&self, id: &ReleaseId) -> Result<Option<Manifest>, StoreError> {
+        self.gate.pass();
+        self.inner.get_manifest(id)
+    }
+    fn resolve(&self, app: &str, version: &str) -> Result<Option<ReleaseId>, StoreError> {
+        self.inner.resolve(app, version)
+    }
+    fn releases(&self) -> Result<Vec<Release>, StoreError> {
+        self.inner.releases()
+    }
+    fn delete_release(&self, app: &str, version: &str) -> Result<(), StoreError> {
+        self.inner.delete_release(app, version)
+    }
+    fn compact(&self) -> Result<(), StoreError> {
+        self.inner.compact()
+    }
+    fn append_record(&self, log: &str, record: &[u8]) -> Result<u64, StoreError> {
+        self.inner.append_record(log, record)
+    }
+    fn records(&self, log: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.inner.records(log)
+    }
+    fn logs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.logs(prefix)
+    }
+}
+
+fn loopback(keypair: Keypair, fleet_key: [u8; 32]) -> NetConfig {
+    NetConfig {
+        keypair,
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        fleet_key,
+        request_timeout: Duration::from_secs(30),
+        admission_timeout: net::ADMISSION_TIMEOUT,
+    }
+}
+
+/// While `gate` is shut, sends `request` to the target, waits until the
+/// target waits at the gate, and says whether three heartbeats came
+/// meanwhile; then opens the gate and returns the answer.
+async fn heartbeats_while_hung(
+    gate: &Arc<Gate>,
+    reports: &mut mpsc::UnboundedReceiver<TargetReport>,
+    coordinator: &NetHandle,
+    target: PeerId,
+    request: ControlRequest,
+) -> (bool, Result<ControlResponse, RequestError>) {
+    gate.shut();
+    let asking = tokio::spawn({
+        let coordinator = coordinator.clone();
+        async move { coordinator.control(target, request).await }
+    });
+    let waits = tokio::task::spawn_blocking({
+        let gate = gate.clone();
+        move || gate.someone_waits(Duration::from_secs(20))
+    });
+    assert!(waits.await.unwrap(), "the request never reached the store");
+    while reports.try_recv().is_ok() {}
+    let heartbeats = async {
+        for _ in 0..3 {
+            reports.recv().await.expect("reports");
+        }
+    };
+    let went_on = tokio::time::timeout(Duration::from_secs(20), heartbeats)
+        .await
+        .is_ok();
+    gate.open();
+    (went_on, asking.await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
+    let fleet_key = [6u8; 32];
+    let dir = tempfile::tempdir().unwrap();
+
+    // A coordinator of our own: answers reports, counts them.
+    let coordinator_key = Keypair::generate_ed25519();
+    let (coordinator, mut events) =
+        net::start(loopback(coordinator_key.clone(), fleet_key)).unwrap();
+    let addr = loop {
+        if let Some(NetEvent::Listening(a)) = events.recv().await {
+            break a;
+        }
+    };
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if let NetEvent::Control { request, reply, .. } = event {
+                if let ControlRequest::Report(report) = request {
+                    let _ = reports_tx.send(report);
+                    reply
+                        .send(ControlResponse::Registered { heartbeat_ms: 50 })
+                        .await;
+                } else {
+                    reply.send(ControlResponse::Ok).await;
+                }
+            }
+        }
+    });
+
+    // The target, on a store whose lookups may hang.
+    let gate = Arc::new(Gate::default());
+    let store = Hanging {
+        inner: MemoryStore::new(),
+        gate: gate.clone(),
+    };
+    let chunks = Chunks::new(Arc::new(store), None, None);
+    let target_key = Keypair::generate_ed25519();
+    let target_id = target_key.public().to_peer_id();
+    let (target_net, target_events) = net::start(loopback(target_key, fleet_key)).unwrap();
+    let config = TargetConfig {
+        coordinator: coordinator.peer_id(),
+        coordinator_addrs: vec![addr],
+        listening: Vec::new(),
+        labels: Labels::new(),
+        data_dir: dir.path().to_path_buf(),
+        releases: Arc::new(
+            Releases::open(&dir.path().join("releases"), 5, Duration::from_secs(60)).unwrap(),
+        ),
+        load: Arc::new(Load::open(&dir.path().join("load")).unwrap()),
+        health_addr: None,
+        gc_every: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(target::run(
+        config,
+        chunks,
+        target_net,
+        target_events,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let test = async {
+        reports.recv().await.expect("the target registers");
+        // Its disk hangs as the order comes.
+        let manifest = Manifest::new("web", "1", vec![]).unwrap();
+        let release = manifest.release_id();
+        let order = StageOrder {
+            signature: coordinator_key.sign(&signed_bytes(&release)).unwrap(),
+            manifest: manifest.encode(),
+            mode: DistributionMode::Pull,
+            origin_labels: Labels::new(),
+        };
+        let request = ControlRequest::Stage(order);
+        let (went_on, answer) =
+            heartbeats_while_hung(&gate, &mut reports, &coordinator, target_id, request).await;
+        assert!(went_on, "no heartbeat while the disk hung under an order");
+        assert_eq!(answer, Ok(ControlResponse::Ok));
+        // Staged: then told to deliver it, as its disk hangs again.
+        loop {
+            let report = reports.recv().await.expect("reports");
+            let staged = |s: &StageProgress| s.release == release && s.state == StageState::Staged;
+            if report.stagings.iter().any(staged) {
+                break;
+            }
+        }
+        let request = ControlRequest::Deliver {
+            release,
+            drain_ms: None,
+        };
+        let (went_on, answer) =
+            heartbeats_while_hung(&gate, &mut reports, &coordinator, target_id, request).await;
+        assert!(went_on, "no heartbeat while the disk hung under a delivery");
+        assert_eq!(answer, Ok(ControlResponse::Ok));
+    };
+    tokio::time::timeout(Duration::from_secs(90), test)
+        .await
+        .expect("bounded");
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    coordinator.shutdown().await;
+}
