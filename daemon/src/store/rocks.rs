@@ -200,13 +200,21 @@ impl RocksStore {
     }
 
     /// Writes `batch` durably, and with it every pending index entry,
-    /// after the packs those point into are synced. A failure stops the
+    /// after the packs those point into are synced. The entries leave
+    /// `pending` only once RocksDB has them, so that a read during the
+    /// sync finds each chunk in one or the other. A failure stops the
     /// store's writes (see [`RocksStore::stopped`]) and keeps the entries
     /// pending, so that reads still find the chunks this process wrote.
     fn write_synced(&self, mut batch: WriteBatch) -> Result<(), StoreError> {
         let _one_sync = self.sync_lock.lock().expect("sync lock poisoned");
         self.check_writable()?;
-        let pending = std::mem::take(&mut *self.pending.lock().expect("pending poisoned"));
+        let pending: Vec<(ChunkHash, (ChunkInfo, Location))> = self
+            .pending
+            .lock()
+            .expect("pending poisoned")
+            .iter()
+            .map(|(hash, entry)| (*hash, *entry))
+            .collect();
         let index = self.cf(CF_CHUNK_INFO);
         for (hash, (info, at)) in &pending {
             batch.put_cf(index, hash.0, encode_index(*info, *at));
@@ -222,15 +230,18 @@ impl RocksStore {
             });
         if let Err(reason) = result {
             tracing::error!(path = %self.path.display(), "store stops taking writes: {reason}");
-            let mut kept = self.pending.lock().expect("pending poisoned");
-            for (hash, entry) in pending {
-                kept.entry(hash).or_insert(entry);
-            }
             *self.stopped.lock().expect("stopped flag poisoned") = Some(reason.clone());
             return Err(StoreError::Stopped {
                 path: self.path.display().to_string(),
                 reason,
             });
+        }
+        // Entries put again meanwhile (or deleted) are not this sync's.
+        let mut left = self.pending.lock().expect("pending poisoned");
+        for (hash, entry) in pending {
+            if left.get(&hash) == Some(&entry) {
+                left.remove(&hash);
+            }
         }
         Ok(())
     }
@@ -737,6 +748,35 @@ mod tests {
         store.put_chunks(std::slice::from_ref(&unsynced)).unwrap();
         store.flush().unwrap();
         assert!(store.contains_chunk(&unsynced.0.hash).unwrap());
+    }
+
+    #[test]
+    fn chunks_are_found_while_a_flush_syncs_them() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(RocksStore::open(dir.path()).unwrap());
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flusher = std::thread::spawn({
+            let (store, stop) = (store.clone(), stop.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    store.flush().unwrap();
+                }
+            }
+        });
+        for i in 0..500u32 {
+            let c = chunk(&i.to_le_bytes());
+            store.put_chunks(std::slice::from_ref(&c)).unwrap();
+            // Each check may fall in a sync of the flusher's.
+            for _ in 0..50 {
+                assert!(
+                    store.contains_chunk(&c.0.hash).unwrap(),
+                    "chunk {i} not found while a flush ran"
+                );
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flusher.join().unwrap();
     }
 
     #[test]
