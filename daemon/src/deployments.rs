@@ -471,10 +471,7 @@ impl Deployments {
 
     /// Appends a line to an app's history.
     pub fn record(&self, app: &str, entry: &HistoryEntry) {
-        let bytes = serde_json::to_vec(entry).expect("encodes");
-        if let Err(e) = self.store.append_record(&format!("history/{app}"), &bytes) {
-            warn!(app, "cannot record history: {e}");
-        }
+        record(&*self.store, app, entry);
     }
 
     /// An app's history, oldest first.
@@ -486,6 +483,15 @@ impl Deployments {
             .iter()
             .filter_map(|r| serde_json::from_slice(r).ok())
             .collect())
+    }
+}
+
+/// Appends `entry` to `app`'s history in `store` (blocking: a synced
+/// write); a failure is logged.
+pub fn record(store: &dyn Store, app: &str, entry: &HistoryEntry) {
+    let bytes = serde_json::to_vec(entry).expect("encodes");
+    if let Err(e) = store.append_record(&format!("history/{app}"), &bytes) {
+        warn!(app, "cannot record history: {e}");
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use convoy_chunker::{ChunkRef, Manifest, ReleaseId};
+use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
@@ -154,6 +154,14 @@ enum Internal {
         peer: PeerId,
         request: ControlRequest,
     },
+    /// An operator's request that needed the disk, answered off the loop:
+    /// the chunks it told the operator the origin holds (spared by the
+    /// next collection pass), and the answer.
+    Answered {
+        spare: Vec<ChunkHash>,
+        reply: Reply<ControlResponse>,
+        response: ControlResponse,
+    },
 }
 
 struct Coordinator {
@@ -178,6 +186,9 @@ struct Coordinator {
     /// Collection passes: while one runs, what would name or stage a
     /// release waits until it ends, so the pass never drops what it needs.
     collector: Collector<Waiting>,
+    /// Operator requests being answered off the loop: no collection pass
+    /// starts meanwhile, since what they read is not spared yet.
+    off_loop: usize,
     /// The unfinished stagings `stagings.json` records, by id.
     saved_runs: Vec<u64>,
     /// Operator CLI sessions by their peer id: who they act for, as
@@ -223,6 +234,7 @@ pub async fn run(
         bytes_by_mode: BTreeMap::new(),
         deferred: HashMap::new(),
         collector: Collector::default(),
+        off_loop: 0,
         saved_runs: Vec::new(),
         sessions: HashMap::new(),
     };
@@ -485,8 +497,7 @@ impl Coordinator {
                     }
                     return self.collector.hold(Waiting::Control(peer, request, reply));
                 }
-                let response = self.on_control(peer, request).await;
-                reply.send(response).await;
+                self.on_control(peer, request, reply);
             }
             NetEvent::Have {
                 peer,
@@ -588,6 +599,9 @@ impl Coordinator {
     /// newest `retain` releases of each app and every release of a staging
     /// or roll-out it remembers.
     fn collect_garbage(&mut self) {
+        if self.off_loop > 0 {
+            return; // The next tick: what they read is not spared yet.
+        }
         let Some(unused) = self.collector.start() else {
             return;
         };
@@ -663,7 +677,9 @@ impl Coordinator {
         ControlResponse::Ok
     }
 
-    async fn on_control(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
+    /// Answers `request` on `reply`: at once, or, for what needs the disk
+    /// (which chunks the origin lacks, a publish), from a blocking task.
+    fn on_control(&mut self, peer: PeerId, request: ControlRequest, reply: Reply<ControlResponse>) {
         let operator_action = match &request {
             ControlRequest::MissingChunks(_) => Some("missing-chunks"),
             ControlRequest::Publish { .. } => Some("publish"),
@@ -675,11 +691,25 @@ impl Coordinator {
         let operator = match operator_action {
             Some(what) => match self.operator(peer, what) {
                 Some(name) => Some(name),
-                None => return ControlResponse::Denied,
+                None => return reply.answer(ControlResponse::Denied),
             },
             None => None,
         };
-        let by = || operator.clone().unwrap_or_default();
+        let by = operator.unwrap_or_default();
+        match request {
+            ControlRequest::MissingChunks(hashes) => self.missing_chunks(hashes, reply),
+            ControlRequest::Publish { manifest } => self.publish(by, manifest, reply),
+            request => {
+                let response = self.answer_now(peer, request, &by);
+                reply.answer(response);
+            }
+        }
+    }
+
+    /// The answer to a request that needs nothing from the disk, from an
+    /// operator session of `by` (empty for a target).
+    fn answer_now(&mut self, peer: PeerId, request: ControlRequest, by: &str) -> ControlResponse {
+        let by = || by.to_string();
         match request {
             ControlRequest::Report(report) => self.on_report(peer, report),
             ControlRequest::Bitfield { release, len, bits } => {
@@ -713,28 +743,9 @@ impl Coordinator {
                 self.drive_gifts();
                 ControlResponse::Ok
             }
-            ControlRequest::MissingChunks(hashes) => {
-                if hashes.len() > MAX_HASHES_PER_QUERY {
-                    return ControlResponse::Error(format!(
-                        "at most {MAX_HASHES_PER_QUERY} hashes per query"
-                    ));
-                }
-                match self.chunks.store.contains_chunks(&hashes) {
-                    // What an operator is told the origin holds is not
-                    // dropped by the next pass: a publish is under way.
-                    Ok(held) => ControlResponse::Missing({
-                        let spared = hashes.iter().zip(&held).filter(|(_, held)| **held);
-                        self.collector.spare(spared.map(|(h, _)| *h));
-                        held.iter()
-                            .enumerate()
-                            .filter(|(_, h)| !**h)
-                            .map(|(i, _)| i as u32)
-                            .collect()
-                    }),
-                    Err(e) => ControlResponse::Error(e.to_string()),
-                }
+            ControlRequest::MissingChunks(_) | ControlRequest::Publish { .. } => {
+                unreachable!("answered off the loop by on_control")
             }
-            ControlRequest::Publish { manifest } => self.publish(&by(), &manifest).await,
             ControlRequest::StartStaging {
                 release,
                 selector,
@@ -759,6 +770,52 @@ impl Coordinator {
             | ControlRequest::Rollback { .. }
             | ControlRequest::SetLoad { .. } => ControlResponse::Denied,
         }
+    }
+
+    /// Answers which of `hashes` the origin lacks, from a blocking task.
+    fn missing_chunks(&mut self, hashes: Vec<ChunkHash>, reply: Reply<ControlResponse>) {
+        if hashes.len() > MAX_HASHES_PER_QUERY {
+            return reply.answer(ControlResponse::Error(format!(
+                "at most {MAX_HASHES_PER_QUERY} hashes per query"
+            )));
+        }
+        self.off_loop += 1;
+        let (store, tx) = (self.chunks.store.clone(), self.internal.clone());
+        tokio::spawn(async move {
+            let looked = tokio::task::spawn_blocking(move || {
+                let held = store.contains_chunks(&hashes).map_err(|e| e.to_string())?;
+                Ok::<_, String>((hashes, held))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let (spare, response) = match looked {
+                // What an operator is told the origin holds is not
+                // dropped by the next pass: a publish is under way.
+                Ok((hashes, held)) => (
+                    hashes
+                        .iter()
+                        .zip(&held)
+                        .filter(|(_, h)| **h)
+                        .map(|(c, _)| *c)
+                        .collect(),
+                    ControlResponse::Missing(
+                        held.iter()
+                            .enumerate()
+                            .filter(|(_, h)| !**h)
+                            .map(|(i, _)| i as u32)
+                            .collect(),
+                    ),
+                ),
+                Err(e) => (Vec::new(), ControlResponse::Error(e)),
+            };
+            let _ = tx
+                .send(Internal::Answered {
+                    spare,
+                    reply,
+                    response,
+                })
+                .await;
+        });
     }
 
     /// Keeps a roll-out order until `peer` reports; the oldest go first
@@ -870,47 +927,55 @@ impl Coordinator {
         }
     }
 
-    async fn publish(&mut self, by: &str, bytes: &[u8]) -> ControlResponse {
-        let manifest = match Manifest::decode(bytes) {
-            Ok(m) => m,
-            Err(e) => return ControlResponse::Error(e.to_string()),
-        };
-        let (app, version) = (manifest.app().to_string(), manifest.version().to_string());
-        let store = self.chunks.store.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let hashes: Vec<_> = manifest.unique_chunks().iter().map(|c| c.hash).collect();
-            let missing = store
-                .contains_chunks(&hashes)
-                .map_err(|e| e.to_string())?
-                .iter()
-                .filter(|h| !**h)
-                .count();
-            if missing > 0 {
-                return Err(format!(
-                    "{missing} of the release's chunks are not on the origin; upload them first"
-                ));
-            }
-            store.flush().map_err(|e| e.to_string())?;
-            store.put_release(&manifest).map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-        match result {
-            Ok(id) => {
+    /// Names a release whose chunks the origin holds, from a blocking
+    /// task: the manifest is decoded, its chunks looked up, the store
+    /// synced and the name and history written there.
+    fn publish(&mut self, by: String, bytes: Vec<u8>, reply: Reply<ControlResponse>) {
+        self.off_loop += 1;
+        let (store, tx) = (self.chunks.store.clone(), self.internal.clone());
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || {
+                let manifest = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+                let hashes: Vec<_> = manifest.unique_chunks().iter().map(|c| c.hash).collect();
+                let missing = store
+                    .contains_chunks(&hashes)
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .filter(|h| !**h)
+                    .count();
+                if missing > 0 {
+                    return Err(format!(
+                        "{missing} of the release's chunks are not on the origin; upload them first"
+                    ));
+                }
+                store.flush().map_err(|e| e.to_string())?;
+                let id = store.put_release(&manifest).map_err(|e| e.to_string())?;
                 info!(release = %id, by, "published");
                 let h = crate::deployments::HistoryEntry::new(
                     "publish",
-                    by,
+                    &by,
                     format!("release {id}"),
-                    Some(&version),
+                    Some(manifest.version()),
                     None,
                     None,
                 );
-                self.deployments.record(&app, &h);
-                ControlResponse::Published(id)
-            }
-            Err(e) => ControlResponse::Error(e),
-        }
+                crate::deployments::record(&*store, manifest.app(), &h);
+                Ok(id)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let response = match result {
+                Ok(id) => ControlResponse::Published(id),
+                Err(e) => ControlResponse::Error(e),
+            };
+            let _ = tx
+                .send(Internal::Answered {
+                    spare: Vec::new(),
+                    reply,
+                    response,
+                })
+                .await;
+        });
     }
 
     fn start_staging(
@@ -1135,8 +1200,7 @@ impl Coordinator {
                 for w in self.collector.finish(pass) {
                     match w {
                         Waiting::Control(peer, request, reply) => {
-                            let response = self.on_control(peer, request).await;
-                            reply.send(response).await;
+                            self.on_control(peer, request, reply)
                         }
                         Waiting::Api(call) => self.on_api(call),
                     }
@@ -1183,6 +1247,15 @@ impl Coordinator {
                 }
             }
             Internal::Ordered { run } => debug!(run, "orders delivered"),
+            Internal::Answered {
+                spare,
+                reply,
+                response,
+            } => {
+                self.off_loop -= 1;
+                self.collector.spare(spare);
+                reply.answer(response);
+            }
             Internal::Rollout { id, event } => self.rollout_event(id, event),
             Internal::Undelivered { id, peer, request } => self.defer(peer, id, request),
         }
