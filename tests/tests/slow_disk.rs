@@ -1,18 +1,22 @@
-//! A target whose disk hangs while it accepts an order, or reads the
-//! manifest of a release it is told to deliver, keeps its place in the
-//! fleet: what needs the disk runs off the target's event loop, so its
-//! heartbeats go on (the coordinator would otherwise mark it down).
+//! A daemon whose disk hangs keeps serving its fleet: a target that
+//! accepts an order, or reads the manifest of a release it is told to
+//! deliver, goes on heartbeating (the coordinator would otherwise mark it
+//! down); a coordinator that looks up an operator's chunks or publishes
+//! goes on answering its targets. What needs the disk runs off their
+//! event loops.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId, StoredChunk};
+use convoy_daemon::coordinator::{self, CoordinatorConfig};
 use convoy_daemon::deliver::Releases;
 use convoy_daemon::health::Load;
 use convoy_daemon::net::{self, NetConfig, NetEvent, NetHandle, RequestError};
+use convoy_daemon::operators::Operators;
 use convoy_daemon::protocol::{
-    signed_bytes, ControlRequest, ControlResponse, DistributionMode, Labels, StageOrder,
-    StageProgress, StageState, TargetReport,
+    operator_proof_bytes, signed_bytes, ControlRequest, ControlResponse, DistributionMode, Labels,
+    StageOrder, StageProgress, StageState, TargetReport,
 };
 use convoy_daemon::serve::Chunks;
 use convoy_daemon::store::{ChunkInfo, MemoryStore, Release, Store, StoreError};
@@ -259,4 +263,143 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
     coordinator.shutdown().await;
+}
+
+/// A report as a target with nothing sends it.
+fn empty_report() -> TargetReport {
+    TargetReport {
+        labels: Labels::new(),
+        addrs: Vec::new(),
+        releases: Vec::new(),
+        stagings: Vec::new(),
+        bytes_sent: 0,
+        bytes_received: 0,
+        active: Default::default(),
+        in_load: true,
+        health: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_targets() {
+    let fleet_key = [7u8; 32];
+    let dir = tempfile::tempdir().unwrap();
+    let operator_key = Keypair::generate_ed25519();
+    let operators =
+        Operators::parse(&format!("alice {}", operator_key.public().to_peer_id())).unwrap();
+
+    // The coordinator, on a store whose lookups may hang.
+    let gate = Arc::new(Gate::default());
+    let store = Hanging {
+        inner: MemoryStore::new(),
+        gate: gate.clone(),
+    };
+    let chunks = Chunks::new(Arc::new(store), None, None);
+    let coordinator_key = Keypair::generate_ed25519();
+    let coordinator_id = coordinator_key.public().to_peer_id();
+    let (net, mut events) = net::start(loopback(coordinator_key.clone(), fleet_key)).unwrap();
+    let addr = loop {
+        if let Some(NetEvent::Listening(a)) = events.recv().await {
+            break a;
+        }
+    };
+    let config = CoordinatorConfig {
+        keypair: coordinator_key,
+        data_dir: dir.path().to_path_buf(),
+        labels: Labels::new(),
+        push_parallel: 4,
+        swarm_degree: 4,
+        heartbeat: Duration::from_millis(50),
+        pipelines: Default::default(),
+        operators,
+        refusals: Default::default(),
+        retain: 10,
+        gc_every: None,
+    };
+    let (_calls_tx, calls) = mpsc::channel(16);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(coordinator::run(
+        config,
+        chunks,
+        net,
+        events,
+        calls,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    // A target and an operator's session, each a member of the fleet.
+    let member = |key: Keypair| {
+        let (handle, mut events) = net::start(loopback(key, fleet_key)).unwrap();
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        handle
+    };
+    let target = member(Keypair::generate_ed25519());
+    target
+        .add_addresses(coordinator_id, vec![addr.clone()])
+        .await;
+    let session_key = Keypair::generate_ed25519();
+    let session_id = session_key.public().to_peer_id();
+    let session = member(session_key);
+    session.add_addresses(coordinator_id, vec![addr]).await;
+
+    let test = async {
+        let report = ControlRequest::Report(empty_report());
+        let registered = target.control(coordinator_id, report.clone()).await;
+        assert!(
+            matches!(registered, Ok(ControlResponse::Registered { .. })),
+            "{registered:?}"
+        );
+        let proof = operator_proof_bytes(&session_id.to_bytes(), &coordinator_id.to_bytes());
+        let open = ControlRequest::Operator {
+            public_key: operator_key.public().encode_protobuf(),
+            signature: operator_key.sign(&proof).unwrap(),
+        };
+        assert_eq!(
+            session.control(coordinator_id, open).await,
+            Ok(ControlResponse::Ok)
+        );
+        for request in [
+            ControlRequest::MissingChunks(vec![ChunkHash::of(b"a chunk")]),
+            ControlRequest::Publish {
+                manifest: Manifest::new("web", "1", vec![]).unwrap().encode(),
+            },
+        ] {
+            gate.shut();
+            let asking = tokio::spawn({
+                let session = session.clone();
+                async move { session.control(coordinator_id, request).await }
+            });
+            let waits = tokio::task::spawn_blocking({
+                let gate = gate.clone();
+                move || gate.someone_waits(Duration::from_secs(20))
+            });
+            assert!(waits.await.unwrap(), "the request never reached the store");
+            // The disk hangs under the operator; the target is answered.
+            let answered = tokio::time::timeout(
+                Duration::from_secs(20),
+                target.control(coordinator_id, report.clone()),
+            )
+            .await;
+            gate.open();
+            assert!(
+                matches!(answered, Ok(Ok(ControlResponse::Registered { .. }))),
+                "a target's report was not answered while the disk hung: {answered:?}"
+            );
+            let answer = asking.await.unwrap().unwrap();
+            assert!(
+                matches!(
+                    answer,
+                    ControlResponse::Missing(_) | ControlResponse::Published(_)
+                ),
+                "{answer:?}"
+            );
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), test)
+        .await
+        .expect("bounded");
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
 }
