@@ -1484,6 +1484,17 @@ mod tests {
         ended.is_err() || rest.is_empty()
     }
 
+    /// Answers every control request the network hands over with Ok.
+    fn answer_every_control_request(mut events: mpsc::Receiver<NetEvent>) {
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let NetEvent::Control { reply, .. } = ev {
+                    reply.send(ControlResponse::Ok).await;
+                }
+            }
+        });
+    }
+
     /// A new identity on a free loopback port, in the fleet of `fleet_key`.
     fn loopback(fleet_key: [u8; 32]) -> NetConfig {
         NetConfig {
@@ -1713,15 +1724,9 @@ mod tests {
     #[tokio::test]
     async fn a_burst_of_control_requests_from_several_members_is_answered_whole() {
         let key = [2u8; 32];
-        let (server, mut events, addr) = listening(loopback(key)).await;
+        let (server, events, addr) = listening(loopback(key)).await;
         let them = server.peer_id();
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                if let NetEvent::Control { reply, .. } = ev {
-                    reply.send(ControlResponse::Ok).await;
-                }
-            }
-        });
+        answer_every_control_request(events);
         let mut members = Vec::new();
         for _ in 0..4 {
             let (member, _events) = start(loopback(key)).unwrap();
@@ -1759,15 +1764,9 @@ mod tests {
     #[tokio::test]
     async fn control_requests_past_the_limit_are_reset_unread() {
         let key = [3u8; 32];
-        let (server, mut events, addr) = listening(loopback(key)).await;
+        let (server, events, addr) = listening(loopback(key)).await;
         let them = server.peer_id();
-        tokio::spawn(async move {
-            while let Some(ev) = events.recv().await {
-                if let NetEvent::Control { reply, .. } = ev {
-                    reply.send(ControlResponse::Ok).await;
-                }
-            }
-        });
+        answer_every_control_request(events);
         let test = async {
             let (client, welcome) = RawPeer::member(key, them, addr).await;
             let (mut streams, driver) = client.drive(welcome);
