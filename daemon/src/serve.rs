@@ -1,6 +1,6 @@
 //! Serving and receiving chunk bodies: what both roles do with the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +18,11 @@ const MAX_UPLOAD_BACKLOG: Duration = Duration::from_millis(500);
 const MAX_SERVES: usize = 128;
 /// Releases whose chunk lists are kept in memory.
 const MAX_RELEASES: usize = 64;
+/// Releases remembered as not in the store, so that requests for them are
+/// refused without reading it again.
+const MAX_ABSENT: usize = 1024;
+/// How long a peer is asked to wait while a release's manifest is read.
+const LOADING_RETRY: Duration = Duration::from_millis(20);
 /// Operator uploads being verified and stored at once, whoever sends
 /// them; more are answered busy. Each holds a chunk of up to 1 MiB.
 pub const MAX_UPLOADS: usize = 32;
@@ -34,6 +39,9 @@ pub struct Chunks {
     /// Download cap.
     pub download: Pacer,
     lists: Mutex<HashMap<ReleaseId, ChunkList>>,
+    /// Releases whose manifests are being read off the loop, and those
+    /// the store did not have.
+    loading: Mutex<(HashSet<ReleaseId>, HashSet<ReleaseId>)>,
     serving: AtomicUsize,
     /// Chunk body bytes sent.
     pub bytes_sent: AtomicU64,
@@ -64,6 +72,7 @@ impl Chunks {
             upload: Pacer::new(upload),
             download: Pacer::new(download),
             lists: Mutex::new(HashMap::new()),
+            loading: Mutex::default(),
             serving: AtomicUsize::new(0),
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
@@ -90,17 +99,45 @@ impl Chunks {
         }
         let list = Arc::new(manifest.unique_chunks());
         lists.insert(id, list.clone());
+        self.loading.lock().expect("loading lock").1.remove(&id);
         list
     }
 
-    /// The chunk list of a release this process knows, loading its
-    /// manifest from the store if need be.
-    pub fn list(&self, release: &ReleaseId) -> Option<ChunkList> {
+    /// The chunk list of a release, if it is in memory; if not, starts
+    /// reading its manifest from the store in a blocking task and says
+    /// what to answer meanwhile: busy for a moment, or refused when the
+    /// store did not have it the last time it was read.
+    fn list_or_load(self: &Arc<Self>, release: &ReleaseId) -> Result<ChunkList, ChunkResponse> {
         if let Some(l) = self.lists.lock().expect("lists lock").get(release) {
-            return Some(l.clone());
+            return Ok(l.clone());
         }
-        let manifest = self.store.get_manifest(release).ok()??;
-        Some(self.add_release(&manifest))
+        let mut loading = self.loading.lock().expect("loading lock");
+        if loading.1.contains(release) {
+            return Err(ChunkResponse::Refused);
+        }
+        if loading.0.insert(*release) {
+            let (me, release) = (self.clone(), *release);
+            tokio::task::spawn_blocking(move || {
+                let manifest = me.store.get_manifest(&release);
+                let mut loading = me.loading.lock().expect("loading lock");
+                loading.0.remove(&release);
+                match manifest {
+                    Ok(Some(m)) => {
+                        drop(loading);
+                        me.add_release(&m);
+                    }
+                    Ok(None) => {
+                        if loading.1.len() >= MAX_ABSENT {
+                            loading.1.clear();
+                        }
+                        loading.1.insert(release);
+                    }
+                    // Read again at the next request.
+                    Err(e) => tracing::warn!(%release, "cannot read a manifest: {e}"),
+                }
+            });
+        }
+        Err(busy(LOADING_RETRY))
     }
 
     /// Whether the upload queue is full (a request now would wait too
@@ -116,9 +153,10 @@ impl Chunks {
     /// Admits a request for chunks `indices` of `release`: the chunks to
     /// read (`None` for an index outside the release), or the answer to
     /// send instead — rejected (no chunk, or more than
-    /// [`MAX_GET_BATCH`]), refused (release unknown) or busy.
+    /// [`MAX_GET_BATCH`]), refused (release unknown) or busy (the upload
+    /// queue is full, or the release's manifest is being read).
     pub fn admit(
-        &self,
+        self: &Arc<Self>,
         release: &ReleaseId,
         indices: &[u32],
     ) -> Result<Vec<Option<ChunkRef>>, ChunkResponse> {
@@ -128,7 +166,7 @@ impl Chunks {
                 indices.len()
             )));
         }
-        let list = self.list(release).ok_or(ChunkResponse::Refused)?;
+        let list = self.list_or_load(release)?;
         if let Some(wait) = self.busy() {
             return Err(busy(wait));
         }
