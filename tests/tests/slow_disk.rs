@@ -1,6 +1,6 @@
 //! A daemon whose disk hangs keeps serving its fleet: a target that
-//! accepts an order, or reads the manifest of a release it is told to
-//! deliver, goes on heartbeating (the coordinator would otherwise mark it
+//! accepts an order, reads the manifest of a release it is told to
+//! deliver, or of one a peer asks chunks of, goes on heartbeating (the coordinator would otherwise mark it
 //! down); a coordinator that looks up an operator's chunks or publishes
 //! goes on answering its targets. What needs the disk runs off their
 //! event loops.
@@ -15,8 +15,8 @@ use convoy_daemon::health::Load;
 use convoy_daemon::net::{self, NetConfig, NetEvent, NetHandle, RequestError};
 use convoy_daemon::operators::Operators;
 use convoy_daemon::protocol::{
-    operator_proof_bytes, signed_bytes, ControlRequest, ControlResponse, DistributionMode, Labels,
-    StageOrder, StageProgress, StageState, TargetReport,
+    operator_proof_bytes, signed_bytes, ChunkRequest, ChunkResponse, ControlRequest,
+    ControlResponse, DistributionMode, Labels, StageOrder, StageProgress, StageState, TargetReport,
 };
 use convoy_daemon::serve::Chunks;
 use convoy_daemon::store::{ChunkInfo, MemoryStore, Release, Store, StoreError};
@@ -190,12 +190,15 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
         }
     });
 
-    // The target, on a store whose lookups may hang.
+    // The target, on a store whose lookups may hang, that holds a
+    // release it has not read since it started.
     let gate = Arc::new(Gate::default());
     let store = Hanging {
         inner: MemoryStore::new(),
         gate: gate.clone(),
     };
+    let older = Manifest::new("web", "0", vec![]).unwrap();
+    let older_id = store.inner.put_release(&older).unwrap();
     let chunks = Chunks::new(Arc::new(store), None, None);
     let target_key = Keypair::generate_ed25519();
     let target_id = target_key.public().to_peer_id();
@@ -256,6 +259,35 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
             heartbeats_while_hung(&gate, &mut reports, &coordinator, target_id, request).await;
         assert!(went_on, "no heartbeat while the disk hung under a delivery");
         assert_eq!(answer, Ok(ControlResponse::Ok));
+        // A peer asks for chunks of the release not read yet.
+        gate.shut();
+        let asking = tokio::spawn({
+            let coordinator = coordinator.clone();
+            let get = ChunkRequest::Get {
+                release: older_id,
+                indices: vec![0],
+            };
+            async move { coordinator.chunk(target_id, get).await }
+        });
+        let waits = tokio::task::spawn_blocking({
+            let gate = gate.clone();
+            move || gate.someone_waits(Duration::from_secs(20))
+        });
+        assert!(waits.await.unwrap(), "the request never reached the store");
+        while reports.try_recv().is_ok() {}
+        let heartbeats = async {
+            for _ in 0..3 {
+                reports.recv().await.expect("reports");
+            }
+        };
+        let went_on = tokio::time::timeout(Duration::from_secs(20), heartbeats).await;
+        gate.open();
+        assert!(
+            went_on.is_ok(),
+            "no heartbeat while the disk hung under a chunk request"
+        );
+        let answer = asking.await.unwrap().unwrap();
+        assert!(matches!(answer, ChunkResponse::Busy { .. }), "{answer:?}");
     };
     tokio::time::timeout(Duration::from_secs(90), test)
         .await
