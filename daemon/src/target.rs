@@ -199,9 +199,6 @@ struct Target {
     /// Collection passes: while one runs, orders to stage or deliver wait
     /// (with their source) until it ends, so it never drops what they need.
     collector: Collector<(PeerId, ControlRequest)>,
-    /// Orders being prepared off the loop: no collection pass starts
-    /// meanwhile, since their chunks are not pinned yet.
-    preparing: usize,
 }
 
 /// Runs the target until `shutdown` completes.
@@ -237,7 +234,6 @@ pub async fn run(
         delivering: Arc::default(),
         delivery_lock: Arc::default(),
         collector: Collector::default(),
-        preparing: 0,
         config,
     };
     t.resume_orders();
@@ -662,9 +658,6 @@ impl Target {
     /// `--retain` releases of each app, those delivered here (trees kept)
     /// or being delivered, and the chunks of releases being staged.
     fn collect_garbage(&mut self) {
-        if self.preparing > 0 {
-            return; // The next tick: their chunks are not pinned yet.
-        }
         let Some(unused) = self.collector.start() else {
             return;
         };
@@ -928,7 +921,7 @@ impl Target {
     /// Prepares an order off the loop (signature, manifest, what the store
     /// holds, the order recorded) and installs it when that is done.
     fn accept_off_loop(&mut self, order: StageOrder, reply: Option<Reply<ControlResponse>>) {
-        self.preparing += 1;
+        self.collector.reading();
         let (store, chunks) = (self.chunks.store.clone(), self.chunks.clone());
         let key = self.coordinator_key.clone();
         let record = self.config.data_dir.clone();
@@ -1344,7 +1337,7 @@ impl Target {
                 }
             }
             Internal::Prepared(prepared, reply) => {
-                self.preparing -= 1;
+                self.collector.read();
                 let response = match prepared.and_then(|p| self.install(p)) {
                     Ok(_) => ControlResponse::Ok,
                     Err(e) => ControlResponse::Error(e),

@@ -186,9 +186,6 @@ struct Coordinator {
     /// Collection passes: while one runs, what would name or stage a
     /// release waits until it ends, so the pass never drops what it needs.
     collector: Collector<Waiting>,
-    /// Operator requests being answered off the loop: no collection pass
-    /// starts meanwhile, since what they read is not spared yet.
-    off_loop: usize,
     /// The unfinished stagings `stagings.json` records, by id.
     saved_runs: Vec<u64>,
     /// Operator CLI sessions by their peer id: who they act for, as
@@ -234,7 +231,6 @@ pub async fn run(
         bytes_by_mode: BTreeMap::new(),
         deferred: HashMap::new(),
         collector: Collector::default(),
-        off_loop: 0,
         saved_runs: Vec::new(),
         sessions: HashMap::new(),
     };
@@ -599,9 +595,6 @@ impl Coordinator {
     /// newest `retain` releases of each app and every release of a staging
     /// or roll-out it remembers.
     fn collect_garbage(&mut self) {
-        if self.off_loop > 0 {
-            return; // The next tick: what they read is not spared yet.
-        }
         let Some(unused) = self.collector.start() else {
             return;
         };
@@ -779,7 +772,7 @@ impl Coordinator {
                 "at most {MAX_HASHES_PER_QUERY} hashes per query"
             )));
         }
-        self.off_loop += 1;
+        self.collector.reading();
         let (store, tx) = (self.chunks.store.clone(), self.internal.clone());
         tokio::spawn(async move {
             let looked = tokio::task::spawn_blocking(move || {
@@ -931,7 +924,7 @@ impl Coordinator {
     /// task: the manifest is decoded, its chunks looked up, the store
     /// synced and the name and history written there.
     fn publish(&mut self, by: String, bytes: Vec<u8>, reply: Reply<ControlResponse>) {
-        self.off_loop += 1;
+        self.collector.reading();
         let (store, tx) = (self.chunks.store.clone(), self.internal.clone());
         tokio::spawn(async move {
             let result = tokio::task::spawn_blocking(move || {
@@ -1252,7 +1245,7 @@ impl Coordinator {
                 reply,
                 response,
             } => {
-                self.off_loop -= 1;
+                self.collector.read();
                 self.collector.spare(spare);
                 reply.answer(response);
             }

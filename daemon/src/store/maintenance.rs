@@ -162,10 +162,12 @@ pub type Pass = Result<(GcReport, HashSet<ChunkHash>), String>;
 
 /// A daemon's side of its collection passes: whether one runs, the
 /// requests that wait for it (`W`, at most [`Collector::MAX_WAITING`]),
-/// and the chunks the last pass found unused.
+/// the requests read off the loop that a pass must not overlap, and the
+/// chunks the last pass found unused.
 #[derive(Debug)]
 pub struct Collector<W> {
     waiting: Option<Vec<W>>,
+    reading: usize,
     unused: HashSet<ChunkHash>,
 }
 
@@ -173,6 +175,7 @@ impl<W> Default for Collector<W> {
     fn default() -> Self {
         Self {
             waiting: None,
+            reading: 0,
             unused: HashSet::new(),
         }
     }
@@ -182,10 +185,11 @@ impl<W> Collector<W> {
     /// Requests that wait for a pass, at most; past this they are refused.
     pub const MAX_WAITING: usize = 256;
 
-    /// Starts a pass unless one runs; then the chunks the last pass found
+    /// Starts a pass unless one runs or a request is being read off the
+    /// loop ([`Collector::reading`]); then the chunks the last pass found
     /// unused, for [`collect`].
     pub fn start(&mut self) -> Option<HashSet<ChunkHash>> {
-        if self.waiting.is_some() {
+        if self.waiting.is_some() || self.reading > 0 {
             return None;
         }
         self.waiting = Some(Vec::new());
@@ -223,6 +227,19 @@ impl<W> Collector<W> {
             Err(e) => tracing::warn!("collecting garbage: {e}"),
         }
         self.waiting.take().unwrap_or_default()
+    }
+
+    /// A request that names or stages a release is being read off the
+    /// loop (an order prepared, chunks looked up): what it reads is not
+    /// pinned or spared yet, so no pass starts until [`Collector::read`].
+    pub fn reading(&mut self) {
+        debug_assert!(!self.running(), "requests wait while a pass runs");
+        self.reading += 1;
+    }
+
+    /// A request [`Collector::reading`] announced is back on the loop.
+    pub fn read(&mut self) {
+        self.reading = self.reading.checked_sub(1).expect("one reading each");
     }
 
     /// Chunks that are about to be named (an operator was told the store

@@ -398,3 +398,15 @@ fn rocks_store_compacts_while_writers_write() {
     }
     assert!(verify(&*store, &()).unwrap().is_clean());
 }
+
+#[test]
+fn no_pass_starts_while_a_request_is_read_off_the_loop() {
+    let mut collector: Collector<()> = Collector::default();
+    collector.reading();
+    collector.reading();
+    assert!(collector.start().is_none(), "a pass beside a read");
+    collector.read();
+    assert!(collector.start().is_none(), "a pass beside the other read");
+    collector.read();
+    assert!(collector.start().is_some());
+}
