@@ -388,6 +388,18 @@ fn prepare(
     })
 }
 
+/// Sends `response` on `reply`; with no reply (an order replayed after a
+/// collection pass, answered when it was held) logs a failure instead.
+fn answer(reply: Option<Reply<ControlResponse>>, response: ControlResponse) {
+    match (reply, response) {
+        (Some(reply), response) => reply.answer(response),
+        (None, ControlResponse::Error(e)) => {
+            warn!("an order that waited for garbage collection failed: {e}")
+        }
+        (None, _) => {}
+    }
+}
+
 fn order_path(dir: &Path, release: &ReleaseId) -> PathBuf {
     dir.join("staging")
         .join(format!("{}.order", release.to_hex()))
@@ -719,15 +731,6 @@ impl Target {
         request: ControlRequest,
         reply: Option<Reply<ControlResponse>>,
     ) {
-        let answer = |reply: Option<Reply<ControlResponse>>, response: ControlResponse| match (
-            reply, response,
-        ) {
-            (Some(reply), response) => reply.answer(response),
-            (None, ControlResponse::Error(e)) => {
-                warn!("an order that waited for garbage collection failed: {e}")
-            }
-            (None, _) => {}
-        };
         let from_coordinator = peer == self.config.coordinator;
         let order = matches!(
             request,
@@ -812,14 +815,7 @@ impl Target {
         drain: Option<Duration>,
         reply: Option<Reply<ControlResponse>>,
     ) {
-        let answer = move |response: ControlResponse| match reply {
-            Some(reply) => reply.answer(response),
-            None => {
-                if let ControlResponse::Error(e) = response {
-                    warn!("an order that waited for garbage collection failed: {e}");
-                }
-            }
-        };
+        let answer = move |response| answer(reply, response);
         if self
             .stagings
             .get(&release)
@@ -892,10 +888,7 @@ impl Target {
     fn rollback(&mut self, app: String, reply: Option<Reply<ControlResponse>>) {
         let Ok(guard) = self.delivery_lock.clone().try_lock_owned() else {
             let busy = ControlResponse::Error("a delivery is running; try again".into());
-            if let Some(reply) = reply {
-                reply.answer(busy);
-            }
-            return;
+            return answer(reply, busy);
         };
         let releases = self.config.releases.clone();
         tokio::spawn(async move {
@@ -912,9 +905,7 @@ impl Target {
                 Ok(Err(e)) => ControlResponse::Error(e.to_string()),
                 Err(e) => ControlResponse::Error(e.to_string()),
             };
-            if let Some(reply) = reply {
-                reply.answer(response);
-            }
+            answer(reply, response);
         });
     }
 
@@ -1342,14 +1333,7 @@ impl Target {
                     Ok(_) => ControlResponse::Ok,
                     Err(e) => ControlResponse::Error(e),
                 };
-                match reply {
-                    Some(reply) => reply.answer(response),
-                    None => {
-                        if let ControlResponse::Error(e) = response {
-                            warn!("an order that waited for garbage collection failed: {e}");
-                        }
-                    }
-                }
+                answer(reply, response);
             }
             Internal::Registered(result) => {
                 self.registering = false;
