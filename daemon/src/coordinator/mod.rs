@@ -702,7 +702,6 @@ impl Coordinator {
     /// The answer to a request that needs nothing from the disk, from an
     /// operator session of `by` (empty for a target).
     fn answer_now(&mut self, peer: PeerId, request: ControlRequest, by: &str) -> ControlResponse {
-        let by = || by.to_string();
         match request {
             ControlRequest::Report(report) => self.on_report(peer, report),
             ControlRequest::Bitfield { release, len, bits } => {
@@ -743,7 +742,7 @@ impl Coordinator {
                 release,
                 selector,
                 mode,
-            } => self.start_staging(&by(), &release, &selector, mode),
+            } => self.start_staging(by, &release, &selector, mode),
             ControlRequest::StagingStatus { id } => match self.runs.get(&id) {
                 Some(run) => ControlResponse::Staging(self.staging_report(run)),
                 None => ControlResponse::Error(format!("no staging {id}")),
