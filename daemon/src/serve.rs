@@ -23,6 +23,9 @@ const MAX_RELEASES: usize = 64;
 const MAX_ABSENT: usize = 1024;
 /// How long a peer is asked to wait while a release's manifest is read.
 const LOADING_RETRY: Duration = Duration::from_millis(20);
+/// Manifests read off the loop at once; requests for more releases not
+/// in memory are answered busy without reading.
+pub const MAX_LOADING: usize = 16;
 /// Operator uploads being verified and stored at once, whoever sends
 /// them; more are answered busy. Each holds a chunk of up to 1 MiB.
 pub const MAX_UPLOADS: usize = 32;
@@ -39,9 +42,7 @@ pub struct Chunks {
     /// Download cap.
     pub download: Pacer,
     lists: Mutex<HashMap<ReleaseId, ChunkList>>,
-    /// Releases whose manifests are being read off the loop, and those
-    /// the store did not have.
-    loading: Mutex<(HashSet<ReleaseId>, HashSet<ReleaseId>)>,
+    loading: Mutex<Loading>,
     serving: AtomicUsize,
     /// Chunk body bytes sent.
     pub bytes_sent: AtomicU64,
@@ -50,6 +51,15 @@ pub struct Chunks {
     /// Fault injection for tests: serve every chunk with a byte flipped.
     pub corrupt_uploads: std::sync::atomic::AtomicBool,
     uploads: Arc<tokio::sync::Semaphore>,
+}
+
+/// Manifests being read off the loop, and releases the store lacked.
+#[derive(Debug, Default)]
+struct Loading {
+    /// Being read (at most [`MAX_LOADING`]).
+    now: HashSet<ReleaseId>,
+    /// Not in the store when last read (at most [`MAX_ABSENT`]).
+    absent: HashSet<ReleaseId>,
 }
 
 /// Why a received chunk was not stored.
@@ -99,7 +109,11 @@ impl Chunks {
         }
         let list = Arc::new(manifest.unique_chunks());
         lists.insert(id, list.clone());
-        self.loading.lock().expect("loading lock").1.remove(&id);
+        self.loading
+            .lock()
+            .expect("loading lock")
+            .absent
+            .remove(&id);
         list
     }
 
@@ -112,25 +126,25 @@ impl Chunks {
             return Ok(l.clone());
         }
         let mut loading = self.loading.lock().expect("loading lock");
-        if loading.1.contains(release) {
+        if loading.absent.contains(release) {
             return Err(ChunkResponse::Refused);
         }
-        if loading.0.insert(*release) {
+        if loading.now.len() < MAX_LOADING && loading.now.insert(*release) {
             let (me, release) = (self.clone(), *release);
             tokio::task::spawn_blocking(move || {
                 let manifest = me.store.get_manifest(&release);
                 let mut loading = me.loading.lock().expect("loading lock");
-                loading.0.remove(&release);
+                loading.now.remove(&release);
                 match manifest {
                     Ok(Some(m)) => {
                         drop(loading);
                         me.add_release(&m);
                     }
                     Ok(None) => {
-                        if loading.1.len() >= MAX_ABSENT {
-                            loading.1.clear();
+                        if loading.absent.len() >= MAX_ABSENT {
+                            loading.absent.clear();
                         }
-                        loading.1.insert(release);
+                        loading.absent.insert(release);
                     }
                     // Read again at the next request.
                     Err(e) => tracing::warn!(%release, "cannot read a manifest: {e}"),
@@ -138,6 +152,11 @@ impl Chunks {
             });
         }
         Err(busy(LOADING_RETRY))
+    }
+
+    /// Manifests being read off the loop now (see [`MAX_LOADING`]).
+    pub fn manifests_loading(&self) -> usize {
+        self.loading.lock().expect("loading lock").now.len()
     }
 
     /// Whether the upload queue is full (a request now would wait too
