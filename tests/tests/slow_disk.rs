@@ -8,43 +8,44 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId, StoredChunk};
+use convoy_chunker::{ChunkHash, ChunkRef, Encoding, Manifest, ReleaseId, StoredChunk};
 use convoy_daemon::coordinator::{self, CoordinatorConfig};
 use convoy_daemon::deliver::Releases;
 use convoy_daemon::health::Load;
-use convoy_daemon::net::{self, NetConfig, NetEvent, NetHandle, RequestError};
+use convoy_daemon::net::{self, NetConfig, NetEvent};
 use convoy_daemon::operators::Operators;
 use convoy_daemon::protocol::{
     operator_proof_bytes, signed_bytes, ChunkRequest, ChunkResponse, ControlRequest,
     ControlResponse, DistributionMode, Labels, StageOrder, StageProgress, StageState, TargetReport,
+    WireChunk,
 };
 use convoy_daemon::serve::Chunks;
 use convoy_daemon::store::{ChunkInfo, MemoryStore, Release, Store, StoreError};
 use convoy_daemon::target::{self, TargetConfig};
 use libp2p::identity::Keypair;
-use libp2p::PeerId;
 use tokio::sync::mpsc;
 
 /// Shut: whoever passes waits until it opens.
 #[derive(Default)]
 struct Gate {
-    /// Shut, and whether someone waits at it.
-    state: Mutex<(bool, bool)>,
+    /// Shut, and how many wait at it.
+    state: Mutex<(bool, usize)>,
     changed: Condvar,
 }
 
 impl Gate {
     fn pass(&self) {
         let mut s = self.state.lock().unwrap();
-        while s.0 {
-            s.1 = true;
+        if s.0 {
+            s.1 += 1;
             self.changed.notify_all();
-            s = self.changed.wait(s).unwrap();
+            s = self.changed.wait_while(s, |s| s.0).unwrap();
+            s.1 -= 1;
         }
     }
 
     fn shut(&self) {
-        *self.state.lock().unwrap() = (true, false);
+        self.state.lock().unwrap().0 = true;
     }
 
     fn open(&self) {
@@ -52,12 +53,56 @@ impl Gate {
         self.changed.notify_all();
     }
 
-    /// Waits (at most `limit`) until someone waits at the gate.
-    fn someone_waits(&self, limit: Duration) -> bool {
+    /// Waits (at most 20 s) until `n` wait at the gate; false if they
+    /// did not.
+    fn waiting(&self, n: usize) -> bool {
         let s = self.state.lock().unwrap();
-        let (s, _) = self.changed.wait_timeout_while(s, limit, |s| !s.1).unwrap();
-        s.1
+        let limit = Duration::from_secs(20);
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, limit, |s| s.1 < n)
+            .unwrap();
+        s.1 >= n
     }
+}
+
+/// Opens the gate when dropped: a failing test does not leave blocking
+/// threads waiting at it, which would keep its runtime from shutting down.
+struct OpensOnDrop(Arc<Gate>);
+
+impl Drop for OpensOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+/// Shuts the gate, starts `ask` and waits until `n` wait at the gate;
+/// the caller checks what goes on meanwhile, opens the gate and takes
+/// the outcome of `ask`.
+async fn hang<T: Send + 'static>(
+    gate: &Arc<Gate>,
+    n: usize,
+    ask: impl std::future::Future<Output = T> + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    gate.shut();
+    let asking = tokio::spawn(ask);
+    let gate = gate.clone();
+    let waits = tokio::task::spawn_blocking(move || gate.waiting(n));
+    assert!(waits.await.unwrap(), "the request never reached the store");
+    asking
+}
+
+/// Whether three heartbeats come (in 20 s at most) from now on.
+async fn three_heartbeats(reports: &mut mpsc::UnboundedReceiver<TargetReport>) -> bool {
+    while reports.try_recv().is_ok() {}
+    let heartbeats = async {
+        for _ in 0..3 {
+            reports.recv().await.expect("reports");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), heartbeats)
+        .await
+        .is_ok()
 }
 
 /// A memory store whose chunk lookups hang while the gate is shut, as a
@@ -69,6 +114,7 @@ struct Hanging {
 
 impl Store for Hanging {
     fn put_chunks(&self, chunks: &[(ChunkRef, StoredChunk)]) -> Result<(), StoreError> {
+        self.gate.pass();
         self.inner.put_chunks(chunks)
     }
     fn get_chunk(&self, hash: &ChunkHash) -> Result<Option<StoredChunk>, StoreError> {
@@ -127,39 +173,6 @@ fn loopback(keypair: Keypair, fleet_key: [u8; 32]) -> NetConfig {
     }
 }
 
-/// While `gate` is shut, sends `request` to the target, waits until the
-/// target waits at the gate, and says whether three heartbeats came
-/// meanwhile; then opens the gate and returns the answer.
-async fn heartbeats_while_hung(
-    gate: &Arc<Gate>,
-    reports: &mut mpsc::UnboundedReceiver<TargetReport>,
-    coordinator: &NetHandle,
-    target: PeerId,
-    request: ControlRequest,
-) -> (bool, Result<ControlResponse, RequestError>) {
-    gate.shut();
-    let asking = tokio::spawn({
-        let coordinator = coordinator.clone();
-        async move { coordinator.control(target, request).await }
-    });
-    let waits = tokio::task::spawn_blocking({
-        let gate = gate.clone();
-        move || gate.someone_waits(Duration::from_secs(20))
-    });
-    assert!(waits.await.unwrap(), "the request never reached the store");
-    while reports.try_recv().is_ok() {}
-    let heartbeats = async {
-        for _ in 0..3 {
-            reports.recv().await.expect("reports");
-        }
-    };
-    let went_on = tokio::time::timeout(Duration::from_secs(20), heartbeats)
-        .await
-        .is_ok();
-    gate.open();
-    (went_on, asking.await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
     let fleet_key = [6u8; 32];
@@ -193,6 +206,7 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
     // The target, on a store whose lookups may hang, that holds a
     // release it has not read since it started.
     let gate = Arc::new(Gate::default());
+    let _opens = OpensOnDrop(gate.clone());
     let store = Hanging {
         inner: MemoryStore::new(),
         gate: gate.clone(),
@@ -238,11 +252,18 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
             mode: DistributionMode::Pull,
             origin_labels: Labels::new(),
         };
-        let request = ControlRequest::Stage(order);
-        let (went_on, answer) =
-            heartbeats_while_hung(&gate, &mut reports, &coordinator, target_id, request).await;
+        let ordering = hang(&gate, 1, {
+            let coordinator = coordinator.clone();
+            async move {
+                let order = ControlRequest::Stage(order);
+                coordinator.control(target_id, order).await
+            }
+        })
+        .await;
+        let went_on = three_heartbeats(&mut reports).await;
+        gate.open();
         assert!(went_on, "no heartbeat while the disk hung under an order");
-        assert_eq!(answer, Ok(ControlResponse::Ok));
+        assert_eq!(ordering.await.unwrap(), Ok(ControlResponse::Ok));
         // Staged: then told to deliver it, as its disk hangs again.
         loop {
             let report = reports.recv().await.expect("reports");
@@ -251,39 +272,37 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
                 break;
             }
         }
-        let request = ControlRequest::Deliver {
-            release,
-            drain_ms: None,
-        };
-        let (went_on, answer) =
-            heartbeats_while_hung(&gate, &mut reports, &coordinator, target_id, request).await;
-        assert!(went_on, "no heartbeat while the disk hung under a delivery");
-        assert_eq!(answer, Ok(ControlResponse::Ok));
-        // A peer asks for chunks of the release not read yet.
-        gate.shut();
-        let asking = tokio::spawn({
+        let delivering = hang(&gate, 1, {
             let coordinator = coordinator.clone();
-            let get = ChunkRequest::Get {
-                release: older_id,
-                indices: vec![0],
-            };
-            async move { coordinator.chunk(target_id, get).await }
-        });
-        let waits = tokio::task::spawn_blocking({
-            let gate = gate.clone();
-            move || gate.someone_waits(Duration::from_secs(20))
-        });
-        assert!(waits.await.unwrap(), "the request never reached the store");
-        while reports.try_recv().is_ok() {}
-        let heartbeats = async {
-            for _ in 0..3 {
-                reports.recv().await.expect("reports");
+            async move {
+                let deliver = ControlRequest::Deliver {
+                    release,
+                    drain_ms: None,
+                };
+                coordinator.control(target_id, deliver).await
             }
-        };
-        let went_on = tokio::time::timeout(Duration::from_secs(20), heartbeats).await;
+        })
+        .await;
+        let went_on = three_heartbeats(&mut reports).await;
+        gate.open();
+        assert!(went_on, "no heartbeat while the disk hung under a delivery");
+        assert_eq!(delivering.await.unwrap(), Ok(ControlResponse::Ok));
+        // A peer asks for chunks of the release not read yet.
+        let asking = hang(&gate, 1, {
+            let coordinator = coordinator.clone();
+            async move {
+                let get = ChunkRequest::Get {
+                    release: older_id,
+                    indices: vec![0],
+                };
+                coordinator.chunk(target_id, get).await
+            }
+        })
+        .await;
+        let went_on = three_heartbeats(&mut reports).await;
         gate.open();
         assert!(
-            went_on.is_ok(),
+            went_on,
             "no heartbeat while the disk hung under a chunk request"
         );
         let answer = asking.await.unwrap().unwrap();
@@ -322,6 +341,7 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
 
     // The coordinator, on a store whose lookups may hang.
     let gate = Arc::new(Gate::default());
+    let _opens = OpensOnDrop(gate.clone());
     let store = Hanging {
         inner: MemoryStore::new(),
         gate: gate.clone(),
@@ -398,16 +418,11 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
                 manifest: Manifest::new("web", "1", vec![]).unwrap().encode(),
             },
         ] {
-            gate.shut();
-            let asking = tokio::spawn({
+            let asking = hang(&gate, 1, {
                 let session = session.clone();
                 async move { session.control(coordinator_id, request).await }
-            });
-            let waits = tokio::task::spawn_blocking({
-                let gate = gate.clone();
-                move || gate.someone_waits(Duration::from_secs(20))
-            });
-            assert!(waits.await.unwrap(), "the request never reached the store");
+            })
+            .await;
             // The disk hangs under the operator; the target is answered.
             let answered = tokio::time::timeout(
                 Duration::from_secs(20),
@@ -428,10 +443,72 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
                 "{answer:?}"
             );
         }
+        // Uploads: 32 at once are stored, the 33rd is answered busy while
+        // they are (their writes hang), and nothing waits for a slot.
+        let (answers_tx, mut answers) = mpsc::unbounded_channel();
+        let uploading = hang(&gate, 32, {
+            let session = session.clone();
+            async move {
+                let uploads = (0..33u32).map(|i| {
+                    let (session, answers) = (session.clone(), answers_tx.clone());
+                    async move {
+                        let bytes = format!("chunk {i}").into_bytes();
+                        let upload = ChunkRequest::Upload {
+                            hash: ChunkHash::of(&bytes),
+                            len: bytes.len() as u32,
+                            chunk: WireChunk {
+                                encoding: Encoding::Raw.flag(),
+                                bytes,
+                            },
+                        };
+                        let _ = answers.send(session.chunk(coordinator_id, upload).await);
+                    }
+                });
+                futures::future::join_all(uploads).await;
+            }
+        })
+        .await;
+        let first = tokio::time::timeout(Duration::from_secs(20), answers.recv()).await;
+        gate.open();
+        assert!(
+            matches!(first, Ok(Some(Ok(ChunkResponse::Busy { .. })))),
+            "the 33rd upload at once: {first:?}"
+        );
+        uploading.await.unwrap();
+        for _ in 0..32 {
+            assert_eq!(answers.recv().await, Some(Ok(ChunkResponse::Stored)));
+        }
     };
     tokio::time::timeout(Duration::from_secs(120), test)
         .await
         .expect("bounded");
     let _ = stop.send(());
     running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_for_releases_not_in_memory_read_at_most_sixteen_manifests_at_once() {
+    let gate = Arc::new(Gate::default());
+    let _opens = OpensOnDrop(gate.clone());
+    let store = Hanging {
+        inner: MemoryStore::new(),
+        gate: gate.clone(),
+    };
+    let chunks = Chunks::new(Arc::new(store), None, None);
+    gate.shut();
+    for i in 0..100u8 {
+        let answer = chunks.admit(&ReleaseId([i; 32]), &[0]);
+        assert!(
+            matches!(answer, Err(ChunkResponse::Busy { .. })),
+            "{answer:?}"
+        );
+    }
+    // Written out, not the constant: a higher bound must fail here.
+    assert_eq!(chunks.manifests_loading(), 16);
+    let reading = tokio::task::spawn_blocking({
+        let gate = gate.clone();
+        move || gate.waiting(16)
+    });
+    assert!(reading.await.unwrap());
+    gate.open();
 }
