@@ -9,15 +9,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use convoy_chunker::{ChunkHash, ChunkRef, Encoding, Manifest, ReleaseId, StoredChunk};
+use convoy_daemon::client::Client;
 use convoy_daemon::coordinator::{self, CoordinatorConfig};
 use convoy_daemon::deliver::Releases;
 use convoy_daemon::health::Load;
 use convoy_daemon::net::{self, NetConfig, NetEvent};
 use convoy_daemon::operators::Operators;
 use convoy_daemon::protocol::{
-    operator_proof_bytes, signed_bytes, ChunkRequest, ChunkResponse, ControlRequest,
-    ControlResponse, DistributionMode, Labels, StageOrder, StageProgress, StageState, TargetReport,
-    WireChunk,
+    signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode,
+    Labels, StageOrder, StageProgress, StageState, TargetReport, WireChunk,
 };
 use convoy_daemon::serve::Chunks;
 use convoy_daemon::store::{ChunkInfo, MemoryStore, Release, Store, StoreError};
@@ -381,20 +381,13 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
         },
     ));
 
-    // A target and an operator's session, each a member of the fleet.
-    let member = |key: Keypair| {
-        let (handle, mut events) = net::start(loopback(key, fleet_key)).unwrap();
-        tokio::spawn(async move { while events.recv().await.is_some() {} });
-        handle
-    };
-    let target = member(Keypair::generate_ed25519());
+    // A target, a member of the fleet.
+    let (target, mut target_events) =
+        net::start(loopback(Keypair::generate_ed25519(), fleet_key)).unwrap();
+    tokio::spawn(async move { while target_events.recv().await.is_some() {} });
     target
         .add_addresses(coordinator_id, vec![addr.clone()])
         .await;
-    let session_key = Keypair::generate_ed25519();
-    let session_id = session_key.public().to_peer_id();
-    let session = member(session_key);
-    session.add_addresses(coordinator_id, vec![addr]).await;
 
     let test = async {
         let report = ControlRequest::Report(empty_report());
@@ -403,15 +396,9 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
             matches!(registered, Ok(ControlResponse::Registered { .. })),
             "{registered:?}"
         );
-        let proof = operator_proof_bytes(&session_id.to_bytes(), &coordinator_id.to_bytes());
-        let open = ControlRequest::Operator {
-            public_key: operator_key.public().encode_protobuf(),
-            signature: operator_key.sign(&proof).unwrap(),
-        };
-        assert_eq!(
-            session.control(coordinator_id, open).await,
-            Ok(ControlResponse::Ok)
-        );
+        // An operator's session, as the CLI opens it.
+        let at = format!("{addr}/p2p/{coordinator_id}");
+        let session = Arc::new(Client::connect(&at, fleet_key, operator_key).await.unwrap());
         for request in [
             ControlRequest::MissingChunks(vec![ChunkHash::of(b"a chunk")]),
             ControlRequest::Publish {
@@ -420,7 +407,7 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
         ] {
             let asking = hang(&gate, 1, {
                 let session = session.clone();
-                async move { session.control(coordinator_id, request).await }
+                async move { session.control(request).await }
             })
             .await;
             // The disk hangs under the operator; the target is answered.
@@ -461,7 +448,7 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
                                 bytes,
                             },
                         };
-                        let _ = answers.send(session.chunk(coordinator_id, upload).await);
+                        let _ = answers.send(session.chunk(upload).await);
                     }
                 });
                 futures::future::join_all(uploads).await;
