@@ -179,10 +179,15 @@ async fn upload(client: &Client, store: &RocksStore, manifest: &Manifest) -> Res
                 },
             };
             let mut answer = client.chunk(req.clone()).await?;
-            let deadline = std::time::Instant::now() + UPLOAD_PATIENCE;
+            let deadline = Instant::now() + UPLOAD_PATIENCE;
             while let ChunkResponse::Busy { retry_ms } = answer {
-                if std::time::Instant::now() > deadline {
-                    bail!("the coordinator stayed busy for {UPLOAD_PATIENCE:?}: chunk {} not uploaded", c.hash);
+                if Instant::now() > deadline {
+                    bail!(
+                        "the coordinator answered busy to chunk {} for {}s (other operators' uploads fill its {} slots); publish again later: chunks already uploaded are not sent twice",
+                        c.hash,
+                        UPLOAD_PATIENCE.as_secs(),
+                        convoy_daemon::serve::MAX_UPLOADS
+                    );
                 }
                 let wait = Duration::from_millis(u64::from(retry_ms).clamp(5, 1000));
                 tokio::time::sleep(wait).await;
