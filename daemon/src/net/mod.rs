@@ -460,6 +460,7 @@ struct PeerState {
     /// It proved the fleet key: the streams it opens are read.
     admitted: bool,
     /// It welcomed our Hello, so it has admitted us: our requests go.
+    /// Implies `admitted` (the welcome carries its proof).
     welcomed: bool,
     /// When it connected (or we started dialling) without both yet.
     since: Option<Instant>,
@@ -685,7 +686,7 @@ impl EventLoop {
             return;
         }
         let state = self.peers.entry(peer).or_default();
-        if state.admitted && state.welcomed {
+        if state.welcomed {
             self.send_now(peer, request);
             return;
         }
@@ -794,22 +795,14 @@ impl EventLoop {
         self.swarm.behaviour_mut().streams.admit(peer);
         debug!(%peer, "peer admitted");
         self.emit(NetEvent::Admitted(peer));
-        self.release_parked(peer);
     }
 
-    /// `peer` welcomed our Hello (and proved itself in the welcome).
+    /// `peer` welcomed our Hello, proving itself in the welcome: both sides
+    /// have admitted each other, and what waits for it is sent.
     fn welcomed(&mut self, peer: PeerId) {
         self.admit(peer);
-        self.peers.entry(peer).or_default().welcomed = true;
-        self.release_parked(peer);
-    }
-
-    /// Sends what waits for `peer` once both sides have admitted each other.
-    fn release_parked(&mut self, peer: PeerId) {
         let state = self.peers.entry(peer).or_default();
-        if !(state.admitted && state.welcomed) {
-            return;
-        }
+        state.welcomed = true;
         state.since = None;
         let parked: Vec<_> = state.parked.drain(..).collect();
         for p in parked {
@@ -829,7 +822,7 @@ impl EventLoop {
         let late: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, s)| !(s.admitted && s.welcomed))
+            .filter(|(_, s)| !s.welcomed)
             .filter(|(_, s)| s.since.is_some_and(|t| now - t > self.admission_timeout))
             .map(|(p, _)| *p)
             .collect();
