@@ -3,9 +3,10 @@
 //! Layout: the magic `CVYM`, a format version (u16, little-endian), then the
 //! [`Manifest`](crate::Manifest) in bincode 2 (standard configuration:
 //! variable-length integers, little-endian). Decoding refuses an unknown
-//! magic or version, anything over [`limits::MAX_ENCODED_BYTES`] (bincode
-//! checks every length it reads against that limit before allocating), and
-//! trailing bytes. Swapping the codec means changing this module only.
+//! magic or version, anything over [`limits::MAX_ENCODED_BYTES`], and
+//! trailing bytes; [`decode_slice`] keeps what a length inside the bytes can
+//! make the decoder allocate proportional to the bytes themselves. Swapping
+//! the codec means changing this module only.
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -19,6 +20,51 @@ const HEADER_LEN: usize = MAGIC.len() + 2;
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ limits::MAX_ENCODED_BYTES }>()
+}
+
+/// How many bytes bincode may claim per byte of input. bincode claims a
+/// value's in-memory size before it decodes it (eight bytes for a `u64` that
+/// a variable-length integer writes in one), and a string's or byte
+/// buffer's whole claimed length before it reads (and allocates) it.
+pub const CLAIMS_PER_INPUT_BYTE: usize = 16;
+
+/// Decodes one bincode value (standard configuration) from the front of
+/// `body`, returning it and the bytes read.
+///
+/// bincode allocates a string or byte buffer at the length the input claims
+/// before it finds the input too short; its only bound is the
+/// configuration's limit, a constant. So the limit used here is the
+/// smallest of a ladder of constants (powers of four from 4 KiB) that is at
+/// least [`CLAIMS_PER_INPUT_BYTE`] times `body.len()`: a well-formed value
+/// always fits, and a 175-byte input can no longer make the decoder allocate
+/// 256 MiB (the fuzzer's `manifest` finding, now
+/// `tests/hostile_lengths.rs`).
+pub fn decode_slice<T: DeserializeOwned>(
+    body: &[u8],
+) -> Result<(T, usize), bincode::error::DecodeError> {
+    let claims = body.len().saturating_mul(CLAIMS_PER_INPUT_BYTE);
+    macro_rules! ladder {
+        ($($limit:expr),*) => {
+            $(if claims <= $limit {
+                let config = bincode::config::standard().with_limit::<{ $limit }>();
+                return bincode::serde::decode_from_slice(body, config);
+            })*
+        };
+    }
+    ladder!(
+        1 << 12,
+        1 << 14,
+        1 << 16,
+        1 << 18,
+        1 << 20,
+        1 << 22,
+        1 << 24,
+        1 << 26,
+        1 << 28,
+        1 << 30,
+        1 << 32
+    );
+    Err(bincode::error::DecodeError::LimitExceeded)
 }
 
 /// Why bytes are not a manifest.
@@ -66,8 +112,7 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError
         return Err(DecodeError::UnknownVersion(version));
     }
     let body = &bytes[HEADER_LEN..];
-    let (value, read) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let (value, read) = decode_slice(body).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     if read != body.len() {
         return Err(DecodeError::TrailingBytes(body.len() - read));
     }

@@ -560,9 +560,17 @@ pub fn encode<T: Serialize, const LIMIT: usize>(value: &T) -> io::Result<Vec<u8>
     Ok(body)
 }
 
-/// Decodes one frame body, refusing trailing bytes.
+/// Decodes one frame body of at most `LIMIT` bytes, refusing trailing bytes.
+/// A length inside the body can make the decoder allocate at most a small
+/// multiple of the body ([`convoy_chunker::codec::decode_slice`]).
 pub fn decode<T: DeserializeOwned, const LIMIT: usize>(body: &[u8]) -> io::Result<T> {
-    let (value, read) = bincode::serde::decode_from_slice(body, config::<LIMIT>())
+    if body.len() > LIMIT {
+        return Err(invalid(format!(
+            "message of {} bytes exceeds the limit of {LIMIT}",
+            body.len()
+        )));
+    }
+    let (value, read) = convoy_chunker::codec::decode_slice(body)
         .map_err(|e| invalid(format!("malformed message: {e}")))?;
     if read != body.len() {
         return Err(invalid(format!(

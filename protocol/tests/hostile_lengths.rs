@@ -1,0 +1,67 @@
+//! A length inside a frame cannot make the decoder allocate more than a small
+//! multiple of the frame's own bytes: a peer that sends 60 bytes claiming a
+//! 60 MiB bitfield costs 60 bytes, not 60 MiB (32 such requests may be in
+//! flight per peer).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use convoy_protocol::wire::{decode, encode, ControlRequest, MAX_CONTROL_FRAME};
+
+/// The system allocator, remembering the largest single allocation.
+struct Largest;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Largest {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Largest = Largest;
+
+#[test]
+fn a_short_control_frame_claiming_a_long_bitfield_allocates_in_proportion_to_itself() {
+    let real = ControlRequest::Bitfield {
+        release: convoy_chunker::ReleaseId([7; 32]),
+        len: 32,
+        bits: vec![0xAA; 4],
+    };
+    let mut body = encode::<_, MAX_CONTROL_FRAME>(&real).unwrap();
+    // The body ends with the bits' length (one byte: 4) and the four bytes.
+    assert_eq!(&body[body.len() - 5..], &[4, 0xAA, 0xAA, 0xAA, 0xAA]);
+    body.truncate(body.len() - 5);
+    body.push(252); // a u32 length follows
+    body.extend((60u32 << 20).to_le_bytes());
+    body.extend([0xAA; 16]);
+
+    LARGEST.store(0, Ordering::Relaxed);
+    let err = decode::<ControlRequest, MAX_CONTROL_FRAME>(&body).unwrap_err();
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(
+        largest < 1 << 14,
+        "a {}-byte frame made the decoder allocate {largest} bytes at once ({err})",
+        body.len()
+    );
+
+    // The real one still decodes.
+    let body = encode::<_, MAX_CONTROL_FRAME>(&real).unwrap();
+    assert!(matches!(
+        decode::<ControlRequest, MAX_CONTROL_FRAME>(&body).unwrap(),
+        ControlRequest::Bitfield { len: 32, .. }
+    ));
+}
