@@ -10,7 +10,12 @@
 //!   each time it changes (target reports lag a heartbeat behind).
 //!
 //! An event is written before the engine sees it, so nothing the engine
-//! did is forgotten. Ticks that change nothing are not written.
+//! did is forgotten. Ticks that change nothing are not written. The writes
+//! go through a [`Recorder`]: one thread that appends in the order it is
+//! handed records, so the coordinator's loop never waits on the disk and
+//! every log keeps its order; the loop applies an event when the recorder
+//! reports it written ([`Deployments::prepare`], [`Deployments::write`],
+//! [`Deployments::apply`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -219,9 +224,78 @@ impl HistoryEntry {
     }
 }
 
+/// What to do once a record is written (or could not be).
+pub type Written = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+struct Job {
+    log: String,
+    record: Vec<u8>,
+    then: Option<Written>,
+}
+
+/// Appends records on a thread of its own, in the order it is handed them.
+/// Dropping it waits for what it was handed to be written.
+pub struct Recorder {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Recorder {
+    /// Starts the writer thread on `store`; it ends when the recorder is
+    /// dropped, after writing what it was handed.
+    pub fn start(store: Arc<dyn Store>) -> Self {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("convoy-records".into())
+            .spawn(move || {
+                for job in queue {
+                    let r = store
+                        .append_record(&job.log, &job.record)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    match job.then {
+                        Some(then) => then(r),
+                        None => {
+                            if let Err(e) = r {
+                                warn!(log = job.log, "cannot record: {e}");
+                            }
+                        }
+                    }
+                }
+            })
+            .expect("spawning the record writer");
+        Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        }
+    }
+
+    /// Appends `record` to `log`, then calls `then` (if any) with how it went.
+    pub fn append(&self, log: String, record: Vec<u8>, then: Option<Written>) {
+        let job = Job { log, record, then };
+        let jobs = self.jobs.as_ref().expect("present until dropped");
+        if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
+            // The thread is gone only if a write panicked.
+            if let Some(then) = job.then {
+                then(Err("the record writer has stopped".into()));
+            }
+        }
+    }
+}
+
 /// Every roll-out, promotion and history line.
 pub struct Deployments {
     store: Arc<dyn Store>,
+    recorder: Recorder,
     /// Roll-outs by id.
     pub all: BTreeMap<u64, Deployment>,
     promotions: HashMap<String, Vec<Promotion>>,
@@ -236,6 +310,7 @@ impl Deployments {
     /// Loads everything from the store, replaying each roll-out.
     pub fn load(store: Arc<dyn Store>) -> Result<Self, String> {
         let mut d = Self {
+            recorder: Recorder::start(store.clone()),
             store,
             all: BTreeMap::new(),
             promotions: HashMap::new(),
@@ -330,35 +405,49 @@ impl Deployments {
         Ok((id, cmds))
     }
 
-    /// Feeds an event to roll-out `id`, written to the store first: an
-    /// event that cannot be written is not applied, so what a restart
-    /// replays is what ran. A tick is recorded only when it changed
-    /// something, so it is tried on a copy of the engine and applied once
-    /// written.
-    pub fn handle(&mut self, id: u64, at: Millis, event: Event) -> Result<Vec<Command>, String> {
+    /// The record of `event` for roll-out `id`, to be written before the
+    /// engine sees it; `None` when there is nothing to write: no such
+    /// roll-out, or a tick that changes nothing (tried on a copy of the
+    /// engine). A tick is only prepared with nothing of its roll-out
+    /// waiting to be written: it must see the state those events make.
+    pub fn prepare(&self, id: u64, at: Millis, event: &Event) -> Option<Vec<u8>> {
+        let dep = self.all.get(&id)?;
+        if *event == Event::Tick && dep.rollout.clone().handle(at, Event::Tick).is_empty() {
+            return None;
+        }
+        Some(serde_json::to_vec(&Record::Event(at, event.clone())).expect("encodes"))
+    }
+
+    /// Hands a prepared record of roll-out `id` to the recorder; `then`
+    /// learns whether it was written.
+    pub fn write(&self, id: u64, record: Vec<u8>, then: Written) {
+        self.recorder.append(log_name(id), record, Some(then));
+    }
+
+    /// Feeds a written event to roll-out `id`; the commands that follow.
+    pub fn apply(&mut self, id: u64, at: Millis, event: Event) -> Vec<Command> {
         let Some(dep) = self.all.get_mut(&id) else {
+            return Vec::new();
+        };
+        let cmds = dep.rollout.handle(at, event);
+        note(dep, at, &cmds);
+        cmds
+    }
+
+    /// Feeds an event to roll-out `id`, written to the store first (on the
+    /// caller's thread): an event that cannot be written is not applied,
+    /// so what a restart replays is what ran.
+    #[cfg(test)]
+    pub fn handle(&mut self, id: u64, at: Millis, event: Event) -> Result<Vec<Command>, String> {
+        let Some(record) = self.prepare(id, at, &event) else {
             return Ok(Vec::new());
         };
-        let record = serde_json::to_vec(&Record::Event(at, event.clone())).expect("encodes");
-        let append = |store: &Arc<dyn Store>| {
-            store.append_record(&log_name(id), &record).map_err(|e| {
+        self.store
+            .append_record(&log_name(id), &record)
+            .map_err(|e| {
                 format!("cannot record an event of roll-out {id}, so it is not applied: {e}")
-            })
-        };
-        let cmds = if event == Event::Tick {
-            let mut next = dep.rollout.clone();
-            let cmds = next.handle(at, event);
-            if !cmds.is_empty() {
-                append(&self.store)?;
-                dep.rollout = next;
-            }
-            cmds
-        } else {
-            append(&self.store)?;
-            dep.rollout.handle(at, event)
-        };
-        note(dep, at, &cmds);
-        Ok(cmds)
+            })?;
+        Ok(self.apply(id, at, event))
     }
 
     /// The roll-out running for `app` in `env`, if any.
@@ -458,9 +547,7 @@ impl Deployments {
             return;
         }
         let bytes = serde_json::to_vec(&slice).expect("encodes");
-        if let Err(e) = self.store.append_record(&format!("slices/{env}"), &bytes) {
-            warn!(env, "cannot record the live slice: {e}");
-        }
+        self.recorder.append(format!("slices/{env}"), bytes, None);
         self.live_slices.insert(env.into(), slice);
     }
 
@@ -469,9 +556,11 @@ impl Deployments {
         self.promotions.get(app).map_or(&[], Vec::as_slice)
     }
 
-    /// Appends a line to an app's history.
+    /// Appends a line to an app's history, through the recorder (a
+    /// failure is logged).
     pub fn record(&self, app: &str, entry: &HistoryEntry) {
-        record(&*self.store, app, entry);
+        let bytes = serde_json::to_vec(entry).expect("encodes");
+        self.recorder.append(format!("history/{app}"), bytes, None);
     }
 
     /// An app's history, oldest first.

@@ -1,20 +1,23 @@
 //! A daemon whose disk hangs keeps serving its fleet: a target that
 //! accepts an order, reads the manifest of a release it is told to
-//! deliver, or of one a peer asks chunks of, goes on heartbeating (the coordinator would otherwise mark it
-//! down); a coordinator that looks up an operator's chunks or publishes
-//! goes on answering its targets. What needs the disk runs off their
+//! deliver, or of one a peer asks chunks of, goes on heartbeating (the
+//! coordinator would otherwise mark it down); a coordinator that looks up
+//! an operator's chunks, publishes, or records a roll-out's events goes on
+//! answering its targets and operators. What needs the disk runs off their
 //! event loops.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use convoy_chunker::{ChunkHash, ChunkRef, Encoding, Manifest, ReleaseId, StoredChunk};
+use convoy_daemon::api::{Answer, ApiError, Call, DeployRequest, Op};
 use convoy_daemon::client::Client;
 use convoy_daemon::coordinator::{self, CoordinatorConfig};
 use convoy_daemon::deliver::Releases;
 use convoy_daemon::health::Load;
 use convoy_daemon::net::{self, NetConfig, NetEvent};
 use convoy_daemon::operators::Operators;
+use convoy_daemon::pipeline::Pipelines;
 use convoy_daemon::protocol::{
     signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode,
     Labels, StageOrder, StageProgress, StageState, TargetReport, WireChunk,
@@ -23,6 +26,7 @@ use convoy_daemon::serve::Chunks;
 use convoy_daemon::store::{ChunkInfo, MemoryStore, Release, Store, StoreError};
 use convoy_daemon::target::{self, TargetConfig};
 use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
 
 /// Shut: whoever passes waits until it opens.
@@ -105,11 +109,23 @@ async fn three_heartbeats(reports: &mut mpsc::UnboundedReceiver<TargetReport>) -
         .is_ok()
 }
 
-/// A memory store whose chunk lookups hang while the gate is shut, as a
+/// A memory store whose chunk and release reads and writes hang while
+/// `gate` is shut, and whose record appends hang while `records` is, as a
 /// disk that stops answering.
 struct Hanging {
     inner: MemoryStore,
     gate: Arc<Gate>,
+    records: Arc<Gate>,
+}
+
+impl Hanging {
+    fn new(gate: &Arc<Gate>) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            gate: gate.clone(),
+            records: Default::default(),
+        }
+    }
 }
 
 impl Store for Hanging {
@@ -153,6 +169,7 @@ impl Store for Hanging {
         self.inner.compact()
     }
     fn append_record(&self, log: &str, record: &[u8]) -> Result<u64, StoreError> {
+        self.records.pass();
         self.inner.append_record(log, record)
     }
     fn records(&self, log: &str) -> Result<Vec<Vec<u8>>, StoreError> {
@@ -207,10 +224,7 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
     // release it has not read since it started.
     let gate = Arc::new(Gate::default());
     let _opens = OpensOnDrop(gate.clone());
-    let store = Hanging {
-        inner: MemoryStore::new(),
-        gate: gate.clone(),
-    };
+    let store = Hanging::new(&gate);
     let older = Manifest::new("web", "0", vec![]).unwrap();
     let older_id = store.inner.put_release(&older).unwrap();
     let chunks = Chunks::new(Arc::new(store), None, None);
@@ -317,6 +331,79 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
 }
 
 /// A report as a target with nothing sends it.
+/// A coordinator running in this process.
+struct Started {
+    id: PeerId,
+    addr: Multiaddr,
+    calls: mpsc::Sender<Call>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl Started {
+    /// Starts a coordinator on `store` with its data in `dir`.
+    async fn coordinator(
+        store: Hanging,
+        dir: &std::path::Path,
+        fleet_key: [u8; 32],
+        operators: Operators,
+        pipelines: Pipelines,
+    ) -> Self {
+        let chunks = Chunks::new(Arc::new(store), None, None);
+        let keypair = Keypair::generate_ed25519();
+        let id = keypair.public().to_peer_id();
+        let (net, mut events) = net::start(loopback(keypair.clone(), fleet_key)).unwrap();
+        let addr = loop {
+            if let Some(NetEvent::Listening(a)) = events.recv().await {
+                break a;
+            }
+        };
+        let config = CoordinatorConfig {
+            keypair,
+            data_dir: dir.to_path_buf(),
+            labels: Labels::new(),
+            push_parallel: 4,
+            swarm_degree: 4,
+            heartbeat: Duration::from_millis(50),
+            pipelines,
+            operators,
+            refusals: Default::default(),
+            retain: 10,
+            gc_every: None,
+        };
+        let (calls, calls_rx) = mpsc::channel(16);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            coordinator::run(config, chunks, net, events, calls_rx, shutdown)
+                .await
+                .expect("the coordinator stops cleanly");
+        });
+        Self {
+            id,
+            addr,
+            calls,
+            stop,
+            running,
+        }
+    }
+
+    /// Asks the operator API, as an HTTP request would.
+    async fn call(&self, op: Op) -> Result<Answer, ApiError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let by = "token test from 127.0.0.1".to_string();
+        self.calls.send(Call { op, by, reply }).await.unwrap();
+        answer.await.unwrap()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.running.await.unwrap();
+    }
+}
+
 fn empty_report() -> TargetReport {
     TargetReport {
         labels: Labels::new(),
@@ -342,44 +429,15 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
     // The coordinator, on a store whose lookups may hang.
     let gate = Arc::new(Gate::default());
     let _opens = OpensOnDrop(gate.clone());
-    let store = Hanging {
-        inner: MemoryStore::new(),
-        gate: gate.clone(),
-    };
-    let chunks = Chunks::new(Arc::new(store), None, None);
-    let coordinator_key = Keypair::generate_ed25519();
-    let coordinator_id = coordinator_key.public().to_peer_id();
-    let (net, mut events) = net::start(loopback(coordinator_key.clone(), fleet_key)).unwrap();
-    let addr = loop {
-        if let Some(NetEvent::Listening(a)) = events.recv().await {
-            break a;
-        }
-    };
-    let config = CoordinatorConfig {
-        keypair: coordinator_key,
-        data_dir: dir.path().to_path_buf(),
-        labels: Labels::new(),
-        push_parallel: 4,
-        swarm_degree: 4,
-        heartbeat: Duration::from_millis(50),
-        pipelines: Default::default(),
+    let c = Started::coordinator(
+        Hanging::new(&gate),
+        dir.path(),
+        fleet_key,
         operators,
-        refusals: Default::default(),
-        retain: 10,
-        gc_every: None,
-    };
-    let (_calls_tx, calls) = mpsc::channel(16);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(coordinator::run(
-        config,
-        chunks,
-        net,
-        events,
-        calls,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+        Default::default(),
+    )
+    .await;
+    let (coordinator_id, addr) = (c.id, c.addr.clone());
 
     // A target, a member of the fleet.
     let (target, mut target_events) =
@@ -469,18 +527,136 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
     tokio::time::timeout(Duration::from_secs(120), test)
         .await
         .expect("bounded");
-    let _ = stop.send(());
-    running.await.unwrap().unwrap();
+    c.stop().await;
+}
+
+const PRODUCTION: &str = r#"
+[environments.production]
+selector = "env=production"
+
+[apps.web]
+pipeline = ["production"]
+
+[apps.web.rollout]
+strategy = "live"
+waves = "100%"
+mode = "push"
+"#;
+
+/// Target `target`'s state in roll-out `id`, as `convoy status` shows it.
+async fn state_in(c: &Started, id: u64, target: &str) -> serde_json::Value {
+    match c.call(Op::Status(id)).await {
+        Ok(Answer::Json(_, v)) => v["target_states"][target]["state"].clone(),
+        other => panic!("status of deployment {id}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_whose_disk_hangs_under_a_roll_out_keeps_answering_targets() {
+    let fleet_key = [8u8; 32];
+    let dir = tempfile::tempdir().unwrap();
+    let operator_key = Keypair::generate_ed25519();
+    let operators =
+        Operators::parse(&format!("alice {}", operator_key.public().to_peer_id())).unwrap();
+    let gate = Arc::new(Gate::default());
+    let store = Hanging::new(&gate);
+    let records = store.records.clone();
+    let _opens = OpensOnDrop(records.clone());
+    let pipelines = Pipelines::parse(PRODUCTION).unwrap();
+    let c = Started::coordinator(store, dir.path(), fleet_key, operators, pipelines).await;
+
+    // A production target.
+    let target_key = Keypair::generate_ed25519();
+    let target_id = target_key.public().to_peer_id().to_string();
+    let (target, mut target_events) = net::start(loopback(target_key, fleet_key)).unwrap();
+    tokio::spawn(async move { while target_events.recv().await.is_some() {} });
+    target.add_addresses(c.id, vec![c.addr.clone()]).await;
+
+    let test = async {
+        let mut report = empty_report();
+        report.labels.insert("env".into(), "production".into());
+        let registered = target
+            .control(c.id, ControlRequest::Report(report.clone()))
+            .await;
+        assert!(
+            matches!(registered, Ok(ControlResponse::Registered { .. })),
+            "{registered:?}"
+        );
+        // web@1, published and deployed.
+        let at = format!("{}/p2p/{}", c.addr, c.id);
+        let session = Client::connect(&at, fleet_key, operator_key).await.unwrap();
+        let manifest = Manifest::new("web", "1", vec![]).unwrap().encode();
+        let published = session.control(ControlRequest::Publish { manifest }).await;
+        let Ok(ControlResponse::Published(release)) = published else {
+            panic!("{published:?}");
+        };
+        let deploy = DeployRequest {
+            release: "web@1".into(),
+            env: "production".into(),
+            strategy: None,
+            waves: None,
+            mode: None,
+            max_failures: None,
+            drain_seconds: None,
+            progress_deadline_seconds: None,
+        };
+        let id = match c.call(Op::Deploy(deploy)).await {
+            Ok(Answer::Json(_, v)) => v["id"].as_u64().expect("an id"),
+            other => panic!("deploy: {other:?}"),
+        };
+        assert_eq!(state_in(&c, id, &target_id).await, "Staging");
+
+        // The target reports it holds the release; the disk hangs under
+        // the roll-out's record of that.
+        report.releases = vec![release];
+        let staged = hang(&records, 1, {
+            let (target, report) = (target.clone(), report.clone());
+            async move { target.control(c.id, ControlRequest::Report(report)).await }
+        })
+        .await;
+        // The loop goes on: it answers the operator, and the event is not
+        // applied before it is written...
+        let state = tokio::time::timeout(Duration::from_secs(20), state_in(&c, id, &target_id));
+        let state = state.await;
+        // ...and it answers the target's heartbeats.
+        let answered = tokio::time::timeout(
+            Duration::from_secs(20),
+            target.control(c.id, ControlRequest::Report(report.clone())),
+        )
+        .await;
+        records.open();
+        assert_eq!(
+            state.expect("the status was not answered while the disk hung"),
+            "Staging"
+        );
+        assert!(
+            matches!(answered, Ok(Ok(ControlResponse::Registered { .. }))),
+            "a target's report was not answered while the disk hung: {answered:?}"
+        );
+        assert!(matches!(
+            staged.await.unwrap(),
+            Ok(ControlResponse::Registered { .. })
+        ));
+        // Written, the event is applied: the roll-out goes on.
+        for _ in 0..400 {
+            if state_in(&c, id, &target_id).await != "Staging" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the roll-out did not go on once the disk answered");
+    };
+    tokio::time::timeout(Duration::from_secs(120), test)
+        .await
+        .expect("bounded");
+    c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_for_releases_not_in_memory_read_at_most_sixteen_manifests_at_once() {
     let gate = Arc::new(Gate::default());
     let _opens = OpensOnDrop(gate.clone());
-    let store = Hanging {
-        inner: MemoryStore::new(),
-        gate: gate.clone(),
-    };
+    let store = Hanging::new(&gate);
     let chunks = Chunks::new(Arc::new(store), None, None);
     gate.shut();
     for i in 0..100u8 {

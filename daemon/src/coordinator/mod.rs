@@ -145,6 +145,14 @@ enum Internal {
         id: u64,
         event: crate::rollout::Event,
     },
+    /// The recorder wrote (or could not write) an event of a roll-out.
+    Recorded {
+        id: u64,
+        at: u64,
+        event: crate::rollout::Event,
+        result: Result<(), String>,
+        steered: Option<operate::Steered>,
+    },
     /// A collection pass ended.
     Collected(Pass),
     /// A roll-out's order did not reach its target: it is sent again when
@@ -173,8 +181,12 @@ struct Coordinator {
     internal: mpsc::Sender<Internal>,
     dirty: bool,
     deployments: crate::deployments::Deployments,
-    /// Roll-out events waiting for the engine (see [`Coordinator::rollout_event`]).
+    /// Roll-out events waiting for the recorder (see [`Coordinator::rollout_event`]).
     queue: std::collections::VecDeque<(u64, crate::rollout::Event)>,
+    /// Per roll-out, events handed to the recorder and not yet applied.
+    recording: HashMap<u64, usize>,
+    /// Where the recorder says an event is written.
+    recorded: mpsc::UnboundedSender<Internal>,
     /// After a restart: when to send again what roll-outs had in flight
     /// (targets have re-registered by then).
     resend_at: Option<Instant>,
@@ -213,6 +225,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel(4096);
+    // Unbounded: the record writer never waits for the loop (dropping the
+    // book joins it, and a full channel would hold it there).
+    let (recorded, mut recorded_rx) = mpsc::unbounded_channel();
     let deployments =
         crate::deployments::Deployments::load(chunks.store.clone()).map_err(anyhow::Error::msg)?;
     let unfinished = deployments.all.values().any(|d| !d.rollout.is_done());
@@ -224,9 +239,11 @@ pub async fn run(
         members: HashMap::new(),
         runs: BTreeMap::new(),
         internal: tx,
+        recorded,
         dirty: false,
         deployments,
         queue: Default::default(),
+        recording: Default::default(),
         resend_at: unfinished.then(|| Instant::now() + grace),
         bytes_by_mode: BTreeMap::new(),
         deferred: HashMap::new(),
@@ -249,6 +266,7 @@ pub async fn run(
             _ = gc.tick(), if c.config.gc_every.is_some() => c.collect_garbage(),
             Some(ev) = events.recv() => c.on_net(ev).await,
             Some(ev) = rx.recv() => c.on_internal(ev).await,
+            Some(ev) = recorded_rx.recv() => c.on_internal(ev).await,
             Some(call) = calls.recv() => c.on_api(call),
             _ = tick.tick() => {
                 c.tick_rollouts();
@@ -1249,6 +1267,13 @@ impl Coordinator {
                 reply.answer(response);
             }
             Internal::Rollout { id, event } => self.rollout_event(id, event),
+            Internal::Recorded {
+                id,
+                at,
+                event,
+                result,
+                steered,
+            } => self.on_recorded(id, at, event, result, steered),
             Internal::Undelivered { id, peer, request } => self.defer(peer, id, request),
         }
     }

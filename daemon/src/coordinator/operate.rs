@@ -15,6 +15,16 @@ use serde_json::json;
 use tracing::{error, info, warn};
 
 use super::{label, now_unix_ms, Coordinator, Internal};
+
+/// Where an API call's answer goes.
+pub(super) type ApiReply = tokio::sync::oneshot::Sender<Result<Answer, ApiError>>;
+
+/// An operator's pause, resume or abort, answered once it is written.
+pub(super) struct Steered {
+    action: &'static str,
+    by: String,
+    reply: ApiReply,
+}
 use crate::api::{
     Answer, ApiError, Call, DeployRequest, Op, PromoteRequest, RollbackRequest, Steer,
 };
@@ -58,6 +68,8 @@ impl Coordinator {
                 }
                 return;
             }
+            // Answered once the event is written.
+            Op::Steer(id, steer) => return self.steer(id, steer, by, reply),
             op => self.api(op, &by),
         };
         let _ = reply.send(answer);
@@ -75,7 +87,6 @@ impl Coordinator {
                 Some(d) => json_ok(d.detail()),
                 None => Err(ApiError::not_found(format!("no deployment {id}"))),
             },
-            Op::Steer(id, steer) => self.steer(id, steer, by),
             Op::History(app) => {
                 let entries = self.deployments.history(&app).map_err(ApiError::internal)?;
                 json_ok(json!({
@@ -86,7 +97,7 @@ impl Coordinator {
             }
             Op::Fleet => json_ok(json!({ "targets": self.fleet() })),
             Op::Metrics => Ok(Answer::Text(self.metrics())),
-            Op::Rollback(_) => unreachable!("answered by on_api"),
+            Op::Rollback(_) | Op::Steer(..) => unreachable!("answered by on_api"),
         }
     }
 
@@ -249,39 +260,27 @@ impl Coordinator {
         ))
     }
 
-    fn steer(&mut self, id: u64, steer: Steer, by: &str) -> Result<Answer, ApiError> {
+    /// Pauses, resumes or aborts roll-out `id`; the operator is answered
+    /// once the event is written and applied.
+    fn steer(&mut self, id: u64, steer: Steer, by: String, reply: ApiReply) {
         let Some(d) = self.deployments.all.get(&id) else {
-            return Err(ApiError::not_found(format!("no deployment {id}")));
+            let _ = reply.send(Err(ApiError::not_found(format!("no deployment {id}"))));
+            return;
         };
         if d.rollout.is_done() {
-            return Err(ApiError::conflict(format!(
+            let _ = reply.send(Err(ApiError::conflict(format!(
                 "deployment {id} has ended ({})",
                 d.summary()["outcome"].as_str().unwrap_or("done")
-            )));
+            ))));
+            return;
         }
-        let (app, version, env) = (
-            d.rollout.spec.app.clone(),
-            d.rollout.spec.version.clone(),
-            d.rollout.spec.env.clone(),
-        );
         let (event, action) = match steer {
             Steer::Pause => (Event::Pause, "pause"),
             Steer::Resume => (Event::Resume, "resume"),
             Steer::Abort => (Event::Abort, "abort"),
         };
-        // Handled here rather than queued, so the operator hears when it
-        // could not be recorded (nothing else is queued during an API call).
-        let cmds = self
-            .deployments
-            .handle(id, now_unix_ms(), event)
-            .map_err(ApiError::internal)?;
-        let detail = format!("deployment {id}");
-        let h = HistoryEntry::new(action, by, detail, Some(&version), Some(&env), Some(id));
-        self.deployments.record(&app, &h);
-        info!(id, action, "operator steers a roll-out");
-        self.execute(id, cmds);
-        self.drain_queue();
-        json_ok(self.deployments.all[&id].detail())
+        let steered = Steered { action, by, reply };
+        self.record_event(id, event, Some(steered));
     }
 
     /// An environment back to its previous release: blue-green swaps the
@@ -290,10 +289,9 @@ impl Coordinator {
         &mut self,
         r: RollbackRequest,
         by: String,
-        reply: tokio::sync::oneshot::Sender<Result<Answer, ApiError>>,
+        reply: ApiReply,
     ) -> Result<(), ApiError> {
-        let refuse = |reply: tokio::sync::oneshot::Sender<Result<Answer, ApiError>>,
-                      e: ApiError| {
+        let refuse = |reply: ApiReply, e: ApiError| {
             let msg = e.message.clone();
             let _ = reply.send(Err(e));
             ApiError::bad(msg)
@@ -377,13 +375,96 @@ impl Coordinator {
         self.drain_queue();
     }
 
+    /// Hands every queued event to the recorder; each is applied when it
+    /// is written ([`Coordinator::on_recorded`]), so the loop never waits
+    /// on the disk and the engine sees events in the order they are written.
     fn drain_queue(&mut self) {
         while let Some((id, event)) = self.queue.pop_front() {
-            match self.deployments.handle(id, now_unix_ms(), event) {
-                Ok(cmds) => self.execute(id, cmds),
-                Err(e) => error!("{e}"),
+            self.record_event(id, event, None);
+        }
+    }
+
+    /// Writes `event` of roll-out `id`, then applies it; `steered` answers
+    /// the operator who asked for it.
+    fn record_event(&mut self, id: u64, event: Event, steered: Option<Steered>) {
+        let waiting = self.recording.get(&id).copied().unwrap_or(0);
+        // A tick must see what the events before it make; the next one will.
+        if event == Event::Tick && waiting > 0 {
+            return;
+        }
+        let at = now_unix_ms();
+        let Some(record) = self.deployments.prepare(id, at, &event) else {
+            if let Some(s) = steered {
+                let _ = s.reply.send(json_ok(self.deployments.all[&id].detail()));
+            }
+            return;
+        };
+        *self.recording.entry(id).or_default() += 1;
+        let recorded = self.recorded.clone();
+        let then = Box::new(move |result: Result<(), String>| {
+            // The loop has stopped if this fails: nothing waits for it.
+            let _ = recorded.send(Internal::Recorded {
+                id,
+                at,
+                event,
+                result,
+                steered,
+            });
+        });
+        self.deployments.write(id, record, then);
+    }
+
+    /// An event of roll-out `id` was written (or not): the engine sees it
+    /// and what it commands is carried out.
+    pub(super) fn on_recorded(
+        &mut self,
+        id: u64,
+        at: u64,
+        event: Event,
+        result: Result<(), String>,
+        steered: Option<Steered>,
+    ) {
+        if let Some(n) = self.recording.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.recording.remove(&id);
             }
         }
+        match result {
+            Ok(()) => {
+                let cmds = self.deployments.apply(id, at, event);
+                self.execute(id, cmds);
+                if let Some(s) = steered {
+                    let d = &self.deployments.all[&id];
+                    let (app, version, env) = (
+                        &d.rollout.spec.app,
+                        &d.rollout.spec.version,
+                        &d.rollout.spec.env,
+                    );
+                    let detail = format!("deployment {id}");
+                    let h = HistoryEntry::new(
+                        s.action,
+                        &s.by,
+                        detail,
+                        Some(version),
+                        Some(env),
+                        Some(id),
+                    );
+                    self.deployments.record(&app.clone(), &h);
+                    info!(id, action = s.action, "operator steers a roll-out");
+                    let _ = s.reply.send(json_ok(self.deployments.all[&id].detail()));
+                }
+            }
+            Err(e) => {
+                let e =
+                    format!("cannot record an event of roll-out {id}, so it is not applied: {e}");
+                error!("{e}");
+                if let Some(s) = steered {
+                    let _ = s.reply.send(Err(ApiError::internal(e)));
+                }
+            }
+        }
+        self.drain_queue();
     }
 
     fn execute(&mut self, id: u64, cmds: Vec<Command>) {
