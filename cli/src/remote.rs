@@ -374,11 +374,7 @@ fn report_json(r: &StagingReport) -> serde_json::Value {
             "peer_id": t.peer_id,
             "labels": t.labels,
             "alive": t.alive,
-            "state": t.progress.as_ref().map(|p| match &p.state {
-                StageState::Running => "running".to_string(),
-                StageState::Staged => "staged".to_string(),
-                StageState::Failed(e) => format!("failed: {e}"),
-            }),
+            "state": t.progress.as_ref().map(|p| stage_state(&p.state)),
             "seconds": t.progress.as_ref().map(|p| p.elapsed_ms as f64 / 1000.0),
             "chunks_held": t.progress.as_ref().map(|p| p.chunks_held),
             "chunks_total": r.chunks_total,
@@ -451,6 +447,13 @@ pub fn fleet(remote: &Remote, out: &Output) -> Result<ExitCode> {
             "releases": m.report.releases.iter().map(|r| r.to_hex()).collect::<Vec<_>>(),
             "bytes_sent": m.report.bytes_sent,
             "bytes_received": m.report.bytes_received,
+            "stagings": m.report.stagings.iter().map(|p| json!({
+                "release_id": p.release.to_hex(),
+                "state": stage_state(&p.state),
+                "chunks_held": p.chunks_held,
+                "chunks_total": p.chunks_total,
+                "bytes_received": p.bytes_received,
+            })).collect::<Vec<_>>(),
             "active": m.report.active,
             "in_load": m.report.in_load,
             "health": m.report.health,
@@ -489,4 +492,13 @@ pub fn fleet(remote: &Remote, out: &Output) -> Result<ExitCode> {
         s
     });
     Ok(ExitCode::SUCCESS)
+}
+
+/// A staging's state as `--json` output names it.
+fn stage_state(state: &StageState) -> String {
+    match state {
+        StageState::Running => "running".to_string(),
+        StageState::Staged => "staged".to_string(),
+        StageState::Failed(e) => format!("failed: {e}"),
+    }
 }
