@@ -1,7 +1,9 @@
 //! Seeded chaos on a local fleet: targets and the coordinator are killed
 //! (SIGKILL) at random points of stagings and roll-outs and restarted, and
-//! after every roll-out the fleet is checked against the invariants the
-//! README promises:
+//! targets lose power: each target's data directory is a [`CutFs`] mount,
+//! and a power cut kills the target and drops everything it had not
+//! synced. After every roll-out the fleet is checked against the
+//! invariants the README promises:
 //!
 //! - every target is on exactly one whole release: its `current` link names
 //!   a tree equal to the package published under that version;
@@ -17,12 +19,16 @@
 //!
 //! `CONVOY_CHAOS_TRIALS` (default 3, what CI runs) and `CONVOY_CHAOS_SEED`
 //! (default 1) choose the run; each trial prints what it did, and a
-//! violation names the seed and trial that reproduce it.
+//! violation names the seed and trial that reproduce it. Power cuts need
+//! root and `/dev/fuse`; elsewhere they are plain kills, and the run says
+//! so (it fails instead when `CONVOY_REQUIRE_POWER_CUTS` is set, as
+//! `.ci/run` sets it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use convoy_tests::cutfs::CutFs;
 use convoy_tests::{http, noise, TestFleet};
 use serde_json::Value;
 
@@ -71,11 +77,13 @@ impl Rng {
     }
 }
 
-/// Whom a kill hits.
+/// Whom a kill hits, and how.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Victim {
     Coordinator,
     Target(usize),
+    /// The target is killed and loses what it had not synced.
+    PowerCut(usize),
 }
 
 /// One kill: `after_ms` after the previous step, down for `down_ms`.
@@ -100,12 +108,13 @@ impl Plan {
         let mode = rng.pick(&["swarm", "push", "pull"]);
         let kills = (0..1 + rng.below(2))
             .map(|_| Kill {
-                victim: match rng.below(TARGETS as u64 + 1) {
+                victim: match rng.below(2 * TARGETS as u64 + 1) as usize {
                     0 => Victim::Coordinator,
-                    i => Victim::Target(i as usize - 1),
+                    i if i <= TARGETS => Victim::Target(i - 1),
+                    i => Victim::PowerCut(i - TARGETS - 1),
                 },
                 // A roll-out here takes 1-3 s: most kills land in it.
-                after_ms: rng.below(1800),
+                after_ms: rng.below(1200),
                 // Up to 5 s: past twice the progress deadline, so some
                 // kills fail their target and halt the roll-out.
                 down_ms: rng.below(5000),
@@ -161,13 +170,38 @@ impl Seen {
 
 struct Chaos {
     fleet: TestFleet,
+    /// Each target's data directory, when power cuts are possible here.
+    disks: Vec<CutFs>,
     /// Version → release id (hex).
     ids: BTreeMap<u64, String>,
 }
 
+impl Drop for Chaos {
+    fn drop(&mut self) {
+        // The targets stop before their file systems go.
+        self.fleet.targets.clear();
+        self.disks.clear();
+    }
+}
+
 impl Chaos {
     fn start() -> Self {
-        let mut fleet = TestFleet::with_pipelines(PIPELINES, &[]);
+        // Collection passes run during the trials too.
+        let mut fleet = TestFleet::with_pipelines(PIPELINES, &["--gc-interval", "20s"]);
+        let mut disks = Vec::new();
+        if CutFs::available() {
+            for i in 0..TARGETS {
+                let dir = fleet.target_dir(i);
+                std::fs::create_dir(&dir).expect("a mount point");
+                disks.push(CutFs::mount(&dir).expect("mounting a power-cut file system"));
+            }
+        } else {
+            assert!(
+                std::env::var_os("CONVOY_REQUIRE_POWER_CUTS").is_none(),
+                "power cuts need root and /dev/fuse"
+            );
+            eprintln!("no root or /dev/fuse here: power cuts are plain kills");
+        }
         for i in 0..TARGETS {
             let slice = if i % 2 == 0 {
                 "slice=blue"
@@ -181,11 +215,14 @@ impl Chaos {
                 slice,
                 "--download-rate",
                 "4MiB",
+                "--gc-interval",
+                "20s",
             ]);
         }
         fleet.wait_for_targets(TARGETS);
         Self {
             fleet,
+            disks,
             ids: BTreeMap::new(),
         }
     }
@@ -386,17 +423,21 @@ fn trial(c: &mut Chaos, v: u64, before: u64, plan: &Plan) -> Result<Ended, Strin
         hit.push(c.phase(id));
         match kill.victim {
             Victim::Coordinator => c.fleet.coordinator.kill(),
-            Victim::Target(i) => {
+            Victim::Target(i) | Victim::PowerCut(i) => {
                 if c.view().is_some_and(|view| c.holds(&view, i, v)) {
                     held_at_kill.insert(i);
                 }
                 c.fleet.targets[i].kill();
+                if let (Victim::PowerCut(_), Some(disk)) = (kill.victim, c.disks.get_mut(i)) {
+                    disk.cut()
+                        .map_err(|e| format!("cutting target-{i}'s power: {e}"))?;
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(kill.down_ms));
         match kill.victim {
             Victim::Coordinator => c.fleet.coordinator.restart(),
-            Victim::Target(i) => c.fleet.targets[i].restart(),
+            Victim::Target(i) | Victim::PowerCut(i) => c.fleet.targets[i].restart(),
         }
     }
 
@@ -536,8 +577,10 @@ fn seeded_kills_during_stagings_and_roll_outs_leave_every_invariant_whole() {
                 *outcomes.entry(ended.outcome.clone()).or_default() += 1;
                 for (kill, phase) in plan.kills.iter().zip(&ended.hit) {
                     let who = match kill.victim {
-                        Victim::Coordinator => "coordinator",
-                        Victim::Target(_) => "target",
+                        Victim::Coordinator => "coordinator killed",
+                        Victim::Target(_) => "target killed",
+                        Victim::PowerCut(_) if c.disks.is_empty() => "target killed",
+                        Victim::PowerCut(_) => "target's power cut",
                     };
                     *phases.entry(format!("{who} in {phase}")).or_default() += 1;
                 }
