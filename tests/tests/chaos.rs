@@ -461,6 +461,20 @@ fn trial(c: &mut Chaos, v: u64, before: u64, plan: &Plan) -> Result<Ended, Strin
         return Err(format!("deployment {id} ended {outcome:?}"));
     }
     let after = if outcome == "succeeded" { v } else { before };
+    // Why it halted, for the trial's line.
+    let why: Vec<String> = status["notices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| {
+            let n = &n["notice"];
+            n["Halted"].as_str().map(str::to_string).or_else(|| {
+                n["Failed"]["reason"]
+                    .as_str()
+                    .map(|r| format!("{}: {r}", n["Failed"]["target"].as_str().unwrap_or("?")))
+            })
+        })
+        .collect();
 
     // Every target converges: one whole release, everything agreeing, the
     // environment not split.
@@ -532,6 +546,7 @@ fn trial(c: &mut Chaos, v: u64, before: u64, plan: &Plan) -> Result<Ended, Strin
         outcome,
         after,
         hit,
+        why,
     })
 }
 
@@ -541,6 +556,8 @@ struct Ended {
     after: u64,
     /// The roll-out's phase at each kill.
     hit: Vec<String>,
+    /// Why targets failed and the roll-out halted, if it did.
+    why: Vec<String>,
 }
 
 #[test]
@@ -585,12 +602,13 @@ fn seeded_kills_during_stagings_and_roll_outs_leave_every_invariant_whole() {
                     *phases.entry(format!("{who} in {phase}")).or_default() += 1;
                 }
                 eprintln!(
-                    "trial {t} (seed {seed}): {} {}, kills {:?} in {:?}: {}, ok in {:.1} s",
+                    "trial {t} (seed {seed}): {} {}, kills {:?} in {:?}: {} {:?}, ok in {:.1} s",
                     plan.strategy,
                     plan.mode,
                     plan.kills,
                     ended.hit,
                     ended.outcome,
+                    ended.why,
                     t0.elapsed().as_secs_f64()
                 );
                 on = ended.after;
