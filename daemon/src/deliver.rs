@@ -451,12 +451,15 @@ impl Releases {
     ) -> Result<Activation, DeliverError> {
         let (app, version) = (manifest.app(), manifest.version());
         let dir = self.dir_of(app, version);
-        let active = self.active(app)?;
-        let previous = if active.as_deref() == Some(version) {
-            self.previous(app)?
-        } else {
-            active.clone()
-        };
+        let (active, previous) = blocking(|| {
+            let active = self.active(app)?;
+            let previous = if active.as_deref() == Some(version) {
+                self.previous(app)?
+            } else {
+                active.clone()
+            };
+            Ok::<_, DeliverError>((active, previous))
+        })?;
         let env = HookEnv {
             app,
             version,
@@ -478,22 +481,20 @@ impl Releases {
         self.run_hook(Hook::BeforeActivate, &env).await?;
         // The switch itself: one rename, made durable, then the history
         // that records it (`open` reconciles the two after a crash).
-        let switch_ms = self.switch(app, version, None)?;
+        let switch_ms = blocking(|| self.switch(app, version, None))?;
         info!(app, version, previous = ?previous, switch_ms, "activated");
         for hook in [Hook::AfterActivate, Hook::Validate] {
             if let Err(e) = self.run_hook(hook, &env).await {
                 warn!(app, version, "{e}: switching back");
-                match &previous {
+                blocking(|| match &previous {
                     // The failed release leaves the history: it never ran.
-                    Some(p) => {
-                        self.switch(app, p, Some(version))?;
-                    }
-                    None => self.unlink(app, version)?,
-                }
+                    Some(p) => self.switch(app, p, Some(version)).map(|_| ()),
+                    None => self.unlink(app, version),
+                })?;
                 return Err(e);
             }
         }
-        let removed = self.retain(app)?;
+        let removed = blocking(|| self.retain(app))?;
         Ok(Activation {
             version: version.into(),
             previous,
@@ -748,6 +749,20 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DeliverError> {
 
 fn sync_dir(dir: &Path) -> Result<(), DeliverError> {
     durable::sync_dir(dir).map_err(io_at(dir))
+}
+
+/// Runs file work that blocks (renames and syncs, removing whole trees of
+/// retired releases) from async code without holding up the runtime's
+/// other tasks: on a multi-thread runtime the worker first hands its other
+/// tasks to a new one. Elsewhere (a current-thread runtime, no runtime) it
+/// just runs.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
 }
 
 #[cfg(test)]

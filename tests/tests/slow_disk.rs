@@ -23,8 +23,11 @@ use convoy_daemon::protocol::{
     Labels, StageOrder, StageProgress, StageState, TargetReport, WireChunk,
 };
 use convoy_daemon::serve::Chunks;
-use convoy_daemon::store::{ChunkInfo, MemoryStore, Release, Store, StoreError};
+use convoy_daemon::store::{
+    ChunkInfo, Ingest, MemoryStore, Release, Store, StoreError, StoreSource,
+};
 use convoy_daemon::target::{self, TargetConfig};
+use convoy_tests::cutfs::CutFs;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
@@ -674,4 +677,56 @@ async fn requests_for_releases_not_in_memory_read_at_most_sixteen_manifests_at_o
     });
     assert!(reading.await.unwrap());
     gate.open();
+}
+
+/// A target's activation (the switch of `current`, removing retired
+/// releases) blocks on its disk; the runtime's other tasks (the event
+/// loop, heartbeats) go on meanwhile, even with one worker thread. The
+/// disk is a [`CutFs`] armed to stall at its next change.
+#[test]
+fn an_activation_stalled_on_its_disk_holds_up_no_other_task() {
+    if !CutFs::available() {
+        assert!(
+            std::env::var_os("CONVOY_REQUIRE_POWER_CUTS").is_none(),
+            "this test needs root and /dev/fuse"
+        );
+        eprintln!("not run: needs root and /dev/fuse");
+        return;
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let fs = CutFs::mount(mnt.path()).expect("mounting a file system that can stall");
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("index.html"), "web 1\n").unwrap();
+    let store = MemoryStore::new();
+    let manifest =
+        convoy_chunker::pack(src.path(), "web", "1", &&Ingest::new(&store), &()).unwrap();
+    let releases =
+        Arc::new(Releases::open(&mnt.path().join("releases"), 3, Duration::from_secs(30)).unwrap());
+    let linked = releases
+        .materialise(&manifest, &StoreSource(&store))
+        .unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    fs.arm(1);
+    let activating = rt.spawn({
+        let releases = releases.clone();
+        async move { releases.activate(&manifest, linked).await }
+    });
+    assert!(
+        fs.wait_for_cut(Duration::from_secs(20)),
+        "the activation never reached the disk"
+    );
+    let (ran, runs) = std::sync::mpsc::channel();
+    rt.spawn(async move { ran.send(()).unwrap() });
+    let other_task_ran = runs.recv_timeout(Duration::from_secs(20)).is_ok();
+    fs.release();
+    let _ = rt.block_on(activating);
+    assert!(
+        other_task_ran,
+        "while the activation waited on the disk no other task ran"
+    );
 }
