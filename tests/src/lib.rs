@@ -152,6 +152,10 @@ pub struct Daemon {
     child: std::process::Child,
     /// Its first address, ending in /p2p/PEER_ID.
     pub addr: String,
+    /// Times it was restarted.
+    restarts: u32,
+    /// The log of its first start; restarts log beside it.
+    first_log: PathBuf,
     /// Its peer id.
     pub peer_id: String,
     /// Where its stderr goes.
@@ -187,6 +191,8 @@ impl Daemon {
         });
         Self {
             child,
+            restarts: 0,
+            first_log: log.to_path_buf(),
             addr: ready["addrs"][0].as_str().expect("an address").to_string(),
             peer_id: ready["peer_id"].as_str().expect("a peer id").to_string(),
             log: log.to_path_buf(),
@@ -206,10 +212,17 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
-    /// Starts it again with the same arguments (and data directory).
+    /// Starts it again with the same arguments (and data directory),
+    /// logging to `NAME.restart-N.log` beside its first log.
     pub fn restart(&mut self) {
         self.stop();
-        let again = Self::start(&self.args, &self.log.with_extension("restarted.log"));
+        let restarts = self.restarts + 1;
+        let log = self
+            .first_log
+            .with_extension(format!("restart-{restarts}.log"));
+        let mut again = Self::start(&self.args, &log);
+        again.restarts = restarts;
+        again.first_log = self.first_log.clone();
         *self = again;
     }
 
