@@ -38,7 +38,9 @@ static ALLOCATOR: Largest = Largest;
 const FOUND: [(&str, &[u8]); 2] = [
     (
         "timeout-2cfbccbb",
-        include_bytes!("../../fuzz/found/manifest/timeout-2cfbccbbc52755f478870252b7852143a709749e"),
+        include_bytes!(
+            "../../fuzz/found/manifest/timeout-2cfbccbbc52755f478870252b7852143a709749e"
+        ),
     ),
     (
         "slow-unit-b5010dc8",
@@ -72,5 +74,8 @@ fn a_short_manifest_claiming_a_long_string_allocates_in_proportion_to_itself() {
     LARGEST.store(0, Ordering::Relaxed);
     let err = Manifest::decode(&bytes).unwrap_err();
     let largest = LARGEST.load(Ordering::Relaxed);
-    assert!(largest < 1 << 14, "allocated {largest} bytes at once ({err})");
+    assert!(
+        largest < 1 << 14,
+        "allocated {largest} bytes at once ({err})"
+    );
 }
