@@ -229,7 +229,8 @@ pub type Written = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 struct Job {
     log: String,
-    record: Vec<u8>,
+    /// Appended in order; the first that fails ends the job.
+    records: Vec<Vec<u8>>,
     then: Option<Written>,
 }
 
@@ -258,10 +259,12 @@ impl Recorder {
             .name("convoy-records".into())
             .spawn(move || {
                 for job in queue {
-                    let r = store
-                        .append_record(&job.log, &job.record)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string());
+                    let r = job.records.iter().try_for_each(|record| {
+                        store
+                            .append_record(&job.log, record)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    });
                     match job.then {
                         Some(then) => then(r),
                         None => {
@@ -279,9 +282,10 @@ impl Recorder {
         }
     }
 
-    /// Appends `record` to `log`, then calls `then` (if any) with how it went.
-    pub fn append(&self, log: String, record: Vec<u8>, then: Option<Written>) {
-        let job = Job { log, record, then };
+    /// Appends `records` to `log` in order, then calls `then` (if any)
+    /// with how it went.
+    pub fn append(&self, log: String, records: Vec<Vec<u8>>, then: Option<Written>) {
+        let job = Job { log, records, then };
         let jobs = self.jobs.as_ref().expect("present until dropped");
         if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
             // The thread is gone only if a write panicked.
@@ -300,6 +304,8 @@ pub struct Deployments {
     pub all: BTreeMap<u64, Deployment>,
     promotions: HashMap<String, Vec<Promotion>>,
     live_slices: HashMap<String, crate::rollout::Slice>,
+    /// The number the next roll-out takes.
+    next_id: u64,
 }
 
 fn log_name(id: u64) -> String {
@@ -315,6 +321,7 @@ impl Deployments {
             all: BTreeMap::new(),
             promotions: HashMap::new(),
             live_slices: HashMap::new(),
+            next_id: 1,
         };
         for log in d.store.logs("slices/").map_err(|e| e.to_string())? {
             let last = d.store.records(&log).map_err(|e| e.to_string())?.pop();
@@ -335,6 +342,7 @@ impl Deployments {
             d.promotions.insert(app, list);
         }
         let logs = d.store.logs("deploy/").map_err(|e| e.to_string())?;
+        d.next_id = logs.len() as u64 + 1;
         let skip = logs.len().saturating_sub(MAX_KEPT);
         for log in logs.into_iter().skip(skip) {
             let Some(id) = log["deploy/".len()..].parse().ok() else {
@@ -376,7 +384,58 @@ impl Deployments {
         Ok(dep)
     }
 
-    /// Starts a roll-out, written to the store first.
+    /// A new roll-out's number, and the records that start its log (to be
+    /// written, with [`Deployments::write_opening`], before
+    /// [`Deployments::opened`] starts its engine).
+    pub fn open(
+        &mut self,
+        at: Millis,
+        spec: &Spec,
+        release: ReleaseId,
+        drain_ms: u64,
+    ) -> (u64, Vec<Vec<u8>>) {
+        let id = self
+            .next_id
+            .max(self.all.keys().next_back().map_or(1, |k| k + 1));
+        self.next_id = id + 1;
+        let header = Record::Header(Header {
+            release: release.to_hex(),
+            drain_ms,
+        });
+        let records = [&header, &Record::Event(at, Event::Started(spec.clone()))]
+            .iter()
+            .map(|r| serde_json::to_vec(r).expect("records encode"))
+            .collect();
+        (id, records)
+    }
+
+    /// Hands the records that open roll-out `id`'s log to the recorder.
+    pub fn write_opening(&self, id: u64, records: Vec<Vec<u8>>, then: Written) {
+        self.recorder.append(log_name(id), records, Some(then));
+    }
+
+    /// Roll-out `id`'s log is open: its engine starts; the commands that
+    /// follow.
+    pub fn opened(
+        &mut self,
+        id: u64,
+        release: ReleaseId,
+        at: Millis,
+        spec: Spec,
+        drain_ms: u64,
+    ) -> Vec<Command> {
+        let (dep, cmds) = Deployment::start(id, release, at, spec, drain_ms);
+        self.all.insert(id, dep);
+        while self.all.len() > MAX_KEPT {
+            let oldest = *self.all.keys().next().expect("not empty");
+            self.all.remove(&oldest);
+        }
+        cmds
+    }
+
+    /// Starts a roll-out, written to the store first (on the caller's
+    /// thread).
+    #[cfg(test)]
     pub fn create(
         &mut self,
         at: Millis,
@@ -384,25 +443,13 @@ impl Deployments {
         release: ReleaseId,
         drain_ms: u64,
     ) -> Result<(u64, Vec<Command>), String> {
-        let id = self.store.logs("deploy/").map_err(|e| e.to_string())?.len() as u64 + 1;
-        let id = id.max(self.all.keys().next_back().map_or(1, |k| k + 1));
-        let log = log_name(id);
-        let header = Record::Header(Header {
-            release: release.to_hex(),
-            drain_ms,
-        });
-        for r in [&header, &Record::Event(at, Event::Started(spec.clone()))] {
+        let (id, records) = self.open(at, &spec, release, drain_ms);
+        for r in records {
             self.store
-                .append_record(&log, &serde_json::to_vec(r).expect("records encode"))
+                .append_record(&log_name(id), &r)
                 .map_err(|e| format!("cannot record the roll-out: {e}"))?;
         }
-        let (dep, cmds) = Deployment::start(id, release, at, spec, drain_ms);
-        self.all.insert(id, dep);
-        while self.all.len() > MAX_KEPT {
-            let oldest = *self.all.keys().next().expect("not empty");
-            self.all.remove(&oldest);
-        }
-        Ok((id, cmds))
+        Ok((id, self.opened(id, release, at, spec, drain_ms)))
     }
 
     /// The record of `event` for roll-out `id`, to be written before the
@@ -421,7 +468,7 @@ impl Deployments {
     /// Hands a prepared record of roll-out `id` to the recorder; `then`
     /// learns whether it was written.
     pub fn write(&self, id: u64, record: Vec<u8>, then: Written) {
-        self.recorder.append(log_name(id), record, Some(then));
+        self.recorder.append(log_name(id), vec![record], Some(then));
     }
 
     /// Feeds a written event to roll-out `id`; the commands that follow.
@@ -499,10 +546,12 @@ impl Deployments {
         }
     }
 
-    /// Promotes `version` of `app` to `env`, if the pipeline allows it or
-    /// `force` says so; recorded either way.
-    pub fn promote(
-        &mut self,
+    /// The promotion of `version` of `app` to `env`, if the pipeline allows
+    /// it or `force` says so (recorded either way): to be written with
+    /// [`Deployments::write_promotion`], then kept with
+    /// [`Deployments::promoted`].
+    pub fn promotion(
+        &self,
         pipelines: &Pipelines,
         at: Millis,
         app: &str,
@@ -517,23 +566,24 @@ impl Deployments {
             }
             _ => {}
         }
-        let p = Promotion {
+        Ok(Promotion {
             at_ms: at,
             version: version.into(),
             env: env.into(),
             forced: force && allowed.is_err(),
-        };
-        self.store
-            .append_record(
-                &format!("promote/{app}"),
-                &serde_json::to_vec(&p).expect("encodes"),
-            )
-            .map_err(|e| format!("cannot record the promotion: {e}"))?;
-        self.promotions
-            .entry(app.into())
-            .or_default()
-            .push(p.clone());
-        Ok(p)
+        })
+    }
+
+    /// Hands a promotion of `app` to the recorder.
+    pub fn write_promotion(&self, app: &str, p: &Promotion, then: Written) {
+        let record = serde_json::to_vec(p).expect("encodes");
+        self.recorder
+            .append(format!("promote/{app}"), vec![record], Some(then));
+    }
+
+    /// A promotion of `app`, written, counts.
+    pub fn promoted(&mut self, app: &str, p: Promotion) {
+        self.promotions.entry(app.into()).or_default().push(p);
     }
 
     /// The slice of blue-green environment `env` last put in load, if known.
@@ -547,7 +597,8 @@ impl Deployments {
             return;
         }
         let bytes = serde_json::to_vec(&slice).expect("encodes");
-        self.recorder.append(format!("slices/{env}"), bytes, None);
+        self.recorder
+            .append(format!("slices/{env}"), vec![bytes], None);
         self.live_slices.insert(env.into(), slice);
     }
 
@@ -560,7 +611,8 @@ impl Deployments {
     /// failure is logged).
     pub fn record(&self, app: &str, entry: &HistoryEntry) {
         let bytes = serde_json::to_vec(entry).expect("encodes");
-        self.recorder.append(format!("history/{app}"), bytes, None);
+        self.recorder
+            .append(format!("history/{app}"), vec![bytes], None);
     }
 
     /// An app's history, oldest first.
@@ -598,6 +650,23 @@ mod tests {
     use crate::protocol::DistributionMode;
     use crate::rollout::{Amount, Member, Strategy};
     use crate::store::MemoryStore;
+
+    /// Promotes web@2 to `env` as the coordinator does: checked, written
+    /// by the recorder, then kept.
+    fn promote(
+        d: &mut Deployments,
+        pipelines: &Pipelines,
+        at: Millis,
+        env: &str,
+        force: bool,
+    ) -> Result<Promotion, String> {
+        let p = d.promotion(pipelines, at, "web", "2", env, force)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        d.write_promotion("web", &p, Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv().unwrap()?;
+        d.promoted("web", p.clone());
+        Ok(p)
+    }
 
     fn spec(targets: &[&str]) -> Spec {
         Spec {
@@ -713,16 +782,11 @@ mod tests {
             .deployable(&pipelines, "web", "2", "production")
             .unwrap_err();
         assert!(err.contains("not promoted"), "{err}");
-        let err = d
-            .promote(&pipelines, 5, "web", "2", "production", false)
-            .unwrap_err();
+        let err = promote(&mut d, &pipelines, 5, "production", false).unwrap_err();
         assert!(err.contains("must succeed in staging"), "{err}");
-        let p = d
-            .promote(&pipelines, 6, "web", "2", "production", true)
-            .unwrap();
+        let p = promote(&mut d, &pipelines, 6, "production", true).unwrap();
         assert!(p.forced);
-        assert!(d
-            .promote(&pipelines, 7, "web", "2", "qa", true)
+        assert!(promote(&mut d, &pipelines, 7, "qa", true)
             .unwrap_err()
             .contains("not in web's pipeline"));
         let again = Deployments::load(store).unwrap();

@@ -17,7 +17,7 @@ pub struct PromoteRequest {
 }
 
 /// `POST /v1/deployments`; unset fields take the app's defaults.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DeployRequest {
     /// `app@version`.
     pub release: String,

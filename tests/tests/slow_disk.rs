@@ -10,7 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use convoy_chunker::{ChunkHash, ChunkRef, Encoding, Manifest, ReleaseId, StoredChunk};
-use convoy_daemon::api::{Answer, ApiError, Call, DeployRequest, Op};
+use convoy_daemon::api::{Answer, ApiError, Call, DeployRequest, Op, PromoteRequest};
 use convoy_daemon::client::Client;
 use convoy_daemon::coordinator::{self, CoordinatorConfig};
 use convoy_daemon::deliver::Releases;
@@ -395,16 +395,21 @@ impl Started {
 
     /// Asks the operator API, as an HTTP request would.
     async fn call(&self, op: Op) -> Result<Answer, ApiError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let by = "token test from 127.0.0.1".to_string();
-        self.calls.send(Call { op, by, reply }).await.unwrap();
-        answer.await.unwrap()
+        ask(self.calls.clone(), op).await
     }
 
     async fn stop(self) {
         let _ = self.stop.send(());
         self.running.await.unwrap();
     }
+}
+
+/// Asks the operator API of the coordinator that takes `calls`.
+async fn ask(calls: mpsc::Sender<Call>, op: Op) -> Result<Answer, ApiError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let by = "token test from 127.0.0.1".to_string();
+    calls.send(Call { op, by, reply }).await.unwrap();
+    answer.await.unwrap()
 }
 
 fn empty_report() -> TargetReport {
@@ -603,7 +608,65 @@ async fn a_coordinator_whose_disk_hangs_under_a_roll_out_keeps_answering_targets
             drain_seconds: None,
             progress_deadline_seconds: None,
         };
-        let id = match c.call(Op::Deploy(deploy)).await {
+        // The disk hangs under the record of a promotion: the target is
+        // answered; the operator is once the promotion is written.
+        let promote = PromoteRequest {
+            release: "web@1".into(),
+            env: "production".into(),
+            force: true,
+        };
+        let promoting = hang(&records, 1, ask(c.calls.clone(), Op::Promote(promote))).await;
+        let answered = tokio::time::timeout(
+            Duration::from_secs(20),
+            target.control(c.id, ControlRequest::Report(report.clone())),
+        )
+        .await;
+        records.open();
+        assert!(
+            matches!(answered, Ok(Ok(ControlResponse::Registered { .. }))),
+            "a target's report was not answered while the disk hung: {answered:?}"
+        );
+        let promoted = promoting.await.unwrap();
+        assert!(matches!(promoted, Ok(Answer::Json(..))), "{promoted:?}");
+        // Its history line is written (through the same queue) before the
+        // disk hangs again.
+        let mut written = false;
+        for _ in 0..400 {
+            match c.call(Op::History("web".into())).await {
+                Ok(Answer::Json(_, v)) if v["history"].to_string().contains("\"promote\"") => {
+                    written = true;
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        assert!(written, "the promotion's history line was never written");
+        // The disk hangs under the record that opens the roll-out: the
+        // loop answers the target, and refuses a second roll-out of web to
+        // production meanwhile.
+        let deploying = hang(
+            &records,
+            1,
+            ask(c.calls.clone(), Op::Deploy(deploy.clone())),
+        )
+        .await;
+        let answered = tokio::time::timeout(
+            Duration::from_secs(20),
+            target.control(c.id, ControlRequest::Report(report.clone())),
+        )
+        .await;
+        let second = tokio::time::timeout(Duration::from_secs(20), c.call(Op::Deploy(deploy)));
+        let second = second.await;
+        records.open();
+        assert!(
+            matches!(answered, Ok(Ok(ControlResponse::Registered { .. }))),
+            "a target's report was not answered while the disk hung: {answered:?}"
+        );
+        match second.expect("a second deploy was not answered while the disk hung") {
+            Err(e) => assert!(e.message.contains("being started"), "{}", e.message),
+            Ok(a) => panic!("a second roll-out of web to production started: {a:?}"),
+        }
+        let id = match deploying.await.unwrap() {
             Ok(Answer::Json(_, v)) => v["id"].as_u64().expect("an id"),
             other => panic!("deploy: {other:?}"),
         };

@@ -145,6 +145,16 @@ enum Internal {
         id: u64,
         event: crate::rollout::Event,
     },
+    /// The recorder opened (or could not open) a roll-out's log.
+    Opened {
+        opening: operate::Opening,
+        result: Result<(), String>,
+    },
+    /// The recorder wrote (or could not write) a promotion.
+    Promoted {
+        promoting: operate::Promoting,
+        result: Result<(), String>,
+    },
     /// The recorder wrote (or could not write) an event of a roll-out.
     Recorded {
         id: u64,
@@ -185,6 +195,9 @@ struct Coordinator {
     queue: std::collections::VecDeque<(u64, crate::rollout::Event)>,
     /// Per roll-out, events handed to the recorder and not yet applied.
     recording: HashMap<u64, usize>,
+    /// The releases of roll-outs whose logs are being opened, by app and
+    /// environment: a collection pass keeps them.
+    opening: HashMap<(String, String), ReleaseId>,
     /// Where the recorder says an event is written.
     recorded: mpsc::UnboundedSender<Internal>,
     /// After a restart: when to send again what roll-outs had in flight
@@ -244,6 +257,7 @@ pub async fn run(
         deployments,
         queue: Default::default(),
         recording: Default::default(),
+        opening: Default::default(),
         resend_at: unfinished.then(|| Instant::now() + grace),
         bytes_by_mode: BTreeMap::new(),
         deferred: HashMap::new(),
@@ -618,6 +632,7 @@ impl Coordinator {
         };
         let mut pinned: HashSet<ReleaseId> = self.runs.values().map(|r| r.release).collect();
         pinned.extend(self.deployments.all.values().map(|d| d.release));
+        pinned.extend(self.opening.values());
         let retention = Retention {
             newest: self.config.retain,
             pinned,
@@ -1274,6 +1289,8 @@ impl Coordinator {
                 result,
                 steered,
             } => self.on_recorded(id, at, event, result, steered),
+            Internal::Opened { opening, result } => self.on_opened(opening, result),
+            Internal::Promoted { promoting, result } => self.on_promoted(promoting, result),
             Internal::Undelivered { id, peer, request } => self.defer(peer, id, request),
         }
     }

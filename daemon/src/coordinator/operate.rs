@@ -19,6 +19,26 @@ use super::{label, now_unix_ms, Coordinator, Internal};
 /// Where an API call's answer goes.
 pub(super) type ApiReply = tokio::sync::oneshot::Sender<Result<Answer, ApiError>>;
 
+/// An operator's promotion, answered once it is written.
+pub(super) struct Promoting {
+    app: String,
+    promotion: crate::deployments::Promotion,
+    by: String,
+    reply: ApiReply,
+}
+
+/// An operator's roll-out, answered once its log is open.
+pub(super) struct Opening {
+    id: u64,
+    at: u64,
+    spec: Spec,
+    release: convoy_chunker::ReleaseId,
+    drain_ms: u64,
+    summary: String,
+    by: String,
+    reply: ApiReply,
+}
+
 /// An operator's pause, resume or abort, answered once it is written.
 pub(super) struct Steered {
     action: &'static str,
@@ -68,18 +88,18 @@ impl Coordinator {
                 }
                 return;
             }
-            // Answered once the event is written.
+            // Answered once what they change is written.
             Op::Steer(id, steer) => return self.steer(id, steer, by, reply),
-            op => self.api(op, &by),
+            Op::Promote(r) => return self.promote(r, by, reply),
+            Op::Deploy(r) => return self.deploy(r, by, reply),
+            op => self.api(op),
         };
         let _ = reply.send(answer);
     }
 
-    fn api(&mut self, op: Op, by: &str) -> Result<Answer, ApiError> {
+    fn api(&mut self, op: Op) -> Result<Answer, ApiError> {
         match op {
             Op::Pipelines => json_ok(json!(self.config.pipelines)),
-            Op::Promote(r) => self.promote(r, by),
-            Op::Deploy(r) => self.deploy(r, by),
             Op::List => json_ok(json!({
                 "deployments": self.deployments.all.values().map(|d| d.summary()).collect::<Vec<_>>()
             })),
@@ -97,7 +117,9 @@ impl Coordinator {
             }
             Op::Fleet => json_ok(json!({ "targets": self.fleet() })),
             Op::Metrics => Ok(Answer::Text(self.metrics())),
-            Op::Rollback(_) | Op::Steer(..) => unreachable!("answered by on_api"),
+            Op::Rollback(_) | Op::Steer(..) | Op::Promote(_) | Op::Deploy(_) => {
+                unreachable!("answered by on_api")
+            }
         }
     }
 
@@ -110,35 +132,68 @@ impl Coordinator {
         }
     }
 
-    fn promote(&mut self, r: PromoteRequest, by: &str) -> Result<Answer, ApiError> {
-        let (app, version, _) = self.resolve(&r.release)?;
-        let p = self
-            .deployments
-            .promote(
-                &self.config.pipelines,
-                now_unix_ms(),
-                &app,
-                &version,
-                &r.env,
-                r.force,
-            )
-            .map_err(ApiError::bad)?;
-        let detail = if p.forced {
+    /// Promotes a release; the operator is answered once it is written.
+    fn promote(&mut self, r: PromoteRequest, by: String, reply: ApiReply) {
+        let checked = self.resolve(&r.release).and_then(|(app, version, _)| {
+            let p = self
+                .deployments
+                .promotion(
+                    &self.config.pipelines,
+                    now_unix_ms(),
+                    &app,
+                    &version,
+                    &r.env,
+                    r.force,
+                )
+                .map_err(ApiError::bad)?;
+            Ok((app, p))
+        });
+        let (app, p) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let recorded = self.recorded.clone();
+        let promoting = Promoting {
+            app: app.clone(),
+            promotion: p.clone(),
+            by,
+            reply,
+        };
+        let then = Box::new(move |result| {
+            let _ = recorded.send(Internal::Promoted { promoting, result });
+        });
+        self.deployments.write_promotion(&app, &p, then);
+    }
+
+    /// A promotion was written (or not).
+    pub(super) fn on_promoted(&mut self, p: Promoting, result: Result<(), String>) {
+        if let Err(e) = result {
+            let e = format!("cannot record the promotion: {e}");
+            let _ = p.reply.send(Err(ApiError::internal(e)));
+            return;
+        }
+        let (app, promotion) = (p.app, p.promotion);
+        let detail = if promotion.forced {
             "forced past the pipeline's order"
         } else {
             "promoted"
         };
+        let (version, env) = (&promotion.version, &promotion.env);
         let h = HistoryEntry::new(
             "promote",
-            by,
+            &p.by,
             detail.into(),
-            Some(&version),
-            Some(&r.env),
+            Some(version),
+            Some(env),
             None,
         );
         self.deployments.record(&app, &h);
-        info!(app, version, env = r.env, forced = p.forced, "promoted");
-        json_ok(json!(p))
+        info!(app, version, env, forced = promotion.forced, "promoted");
+        let _ = p.reply.send(json_ok(json!(promotion)));
+        self.deployments.promoted(&app, promotion);
     }
 
     /// The live targets of an environment, sorted.
@@ -189,12 +244,89 @@ impl Coordinator {
         }
     }
 
-    fn deploy(&mut self, r: DeployRequest, by: &str) -> Result<Answer, ApiError> {
+    /// Starts a roll-out; the operator is answered once its log is open.
+    fn deploy(&mut self, r: DeployRequest, by: String, reply: ApiReply) {
+        let (spec, release, drain_ms, summary) = match self.plan(&r) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        self.opening
+            .insert((spec.app.clone(), spec.env.clone()), release);
+        let at = now_unix_ms();
+        let (id, records) = self.deployments.open(at, &spec, release, drain_ms);
+        let opening = Opening {
+            id,
+            at,
+            spec,
+            release,
+            drain_ms,
+            summary,
+            by,
+            reply,
+        };
+        let recorded = self.recorded.clone();
+        let then = Box::new(move |result| {
+            let _ = recorded.send(Internal::Opened { opening, result });
+        });
+        self.deployments.write_opening(id, records, then);
+    }
+
+    /// A roll-out's log was opened (or not): its engine starts.
+    pub(super) fn on_opened(&mut self, o: Opening, result: Result<(), String>) {
+        self.opening
+            .remove(&(o.spec.app.clone(), o.spec.env.clone()));
+        if let Err(e) = result {
+            let e = format!("cannot record the roll-out: {e}");
+            let _ = o.reply.send(Err(ApiError::internal(e)));
+            return;
+        }
+        let (id, app, version, env) = (
+            o.id,
+            o.spec.app.clone(),
+            o.spec.version.clone(),
+            o.spec.env.clone(),
+        );
+        let cmds = self
+            .deployments
+            .opened(id, o.release, o.at, o.spec, o.drain_ms);
+        let h = HistoryEntry::new(
+            "deploy",
+            &o.by,
+            o.summary,
+            Some(&version),
+            Some(&env),
+            Some(id),
+        );
+        self.deployments.record(&app, &h);
+        info!(id, app, version, env, "roll-out started");
+        self.execute(id, cmds);
+        self.drain_queue();
+        let _ = o.reply.send(Ok(Answer::Json(
+            StatusCode::CREATED,
+            self.deployments.all[&id].summary(),
+        )));
+    }
+
+    /// What a deploy request asks for, checked: the roll-out's spec, the
+    /// release, the drain and a summary for the history.
+    fn plan(
+        &self,
+        r: &DeployRequest,
+    ) -> Result<(Spec, convoy_chunker::ReleaseId, u64, String), ApiError> {
         let (app, version, release) = self.resolve(&r.release)?;
         if let Some(d) = self.deployments.running(&app, &r.env) {
             return Err(ApiError::conflict(format!(
                 "deployment {} ({}@{} to {}) is running; wait for it or abort it",
                 d.id, app, d.rollout.spec.version, r.env
+            )));
+        }
+        if self.opening.contains_key(&(app.clone(), r.env.clone())) {
+            return Err(ApiError::conflict(format!(
+                "a deployment of {app} to {} is being started; try again in a moment",
+                r.env
             )));
         }
         let pipelines = &self.config.pipelines;
@@ -238,26 +370,7 @@ impl Coordinator {
             spec.mode.name(),
             targets.len()
         );
-        let (id, cmds) = self
-            .deployments
-            .create(now_unix_ms(), spec, release, settings.drain_ms)
-            .map_err(ApiError::internal)?;
-        let h = HistoryEntry::new(
-            "deploy",
-            by,
-            summary,
-            Some(&version),
-            Some(&r.env),
-            Some(id),
-        );
-        self.deployments.record(&app, &h);
-        info!(id, app, version, env = r.env, "roll-out started");
-        self.execute(id, cmds);
-        self.drain_queue();
-        Ok(Answer::Json(
-            StatusCode::CREATED,
-            self.deployments.all[&id].summary(),
-        ))
+        Ok((spec, release, settings.drain_ms, summary))
     }
 
     /// Pauses, resumes or aborts roll-out `id`; the operator is answered
