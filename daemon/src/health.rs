@@ -2,8 +2,12 @@
 //!
 //! `GET /health` answers 200 while the target is in load and 503 while it
 //! is drained; the JSON body names the active release of every app:
-//! `{"in_load": true, "active": {"web": "1.4.2"}}`. The state is kept in
-//! `DATA/load` so a drained target that restarts stays drained.
+//! `{"in_load": true, "active": {"web": "1.4.2"}}`. The coordinator's
+//! word (blue-green slices) is kept in `DATA/load`, so a target it drained
+//! stays drained across a restart; the drain of a rolling delivery lasts
+//! as long as the delivery, in memory, so a target killed mid-delivery
+//! comes back in load as it was before (the delivery did not finish: the
+//! coordinator sends it again, or has rolled back).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -26,6 +30,8 @@ const DRAINED: &str = "drained\n";
 pub struct Load {
     path: PathBuf,
     in_load: AtomicBool,
+    /// Drained for a delivery (see [`Load::drain`]).
+    draining: AtomicBool,
 }
 
 impl Load {
@@ -49,12 +55,21 @@ impl Load {
         Ok(Self {
             path: path.to_path_buf(),
             in_load: AtomicBool::new(in_load),
+            draining: AtomicBool::new(false),
         })
     }
 
-    /// Whether the target is in load.
+    /// Whether the target is in load: put there, and not drained for a
+    /// delivery.
     pub fn in_load(&self) -> bool {
-        self.in_load.load(Ordering::SeqCst)
+        self.in_load.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Drains the target for a delivery until the guard is dropped; not
+    /// persisted (see the module's documentation).
+    pub fn drain(&self) -> Drained<'_> {
+        self.draining.store(true, Ordering::SeqCst);
+        Drained(self)
     }
 
     /// Puts the target into load or drains it, durably first.
@@ -65,6 +80,15 @@ impl Load {
         )?;
         self.in_load.store(in_load, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+/// A delivery's drain: the target goes back into load when it is dropped.
+pub struct Drained<'a>(&'a Load);
+
+impl Drop for Drained<'_> {
+    fn drop(&mut self) {
+        self.0.draining.store(false, Ordering::SeqCst);
     }
 }
 
@@ -125,6 +149,26 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivery_drain_ends_with_the_delivery_or_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("load");
+        let load = Load::open(&path).unwrap();
+        let drained = load.drain();
+        assert!(!load.in_load(), "drained while the delivery runs");
+        drop(drained);
+        assert!(load.in_load(), "back in load after it");
+        // Killed mid-delivery: the drain is not kept.
+        std::mem::forget(load.drain());
+        assert!(!load.in_load());
+        assert!(Load::open(&path).unwrap().in_load());
+        // The coordinator's drain is kept, and outlasts a delivery's.
+        load.set(false).unwrap();
+        drop(load.drain());
+        assert!(!load.in_load());
+        assert!(!Load::open(&path).unwrap().in_load());
+    }
 
     #[test]
     fn drained_state_survives_a_reopen_and_garbage_is_an_error() {

@@ -1437,49 +1437,34 @@ impl DeliveryTask {
         let _guard = self.lock.lock().await;
         // A drained target stays drained: only what this delivery drained
         // goes back into load.
+        // Not kept on disk: a target killed mid-delivery restarts in load.
         let drained = self.drain.filter(|_| self.load.in_load());
-        let mut result = Ok(());
+        let draining = drained.map(|_| self.load.drain());
         if let Some(period) = drained {
-            result = self
-                .load
-                .set(false)
-                .map_err(|e| format!("cannot drain: {e}"));
-            if result.is_ok() {
-                info!(?period, "drained");
-                tokio::time::sleep(period).await;
-            }
+            info!(?period, "drained");
+            tokio::time::sleep(period).await;
         }
         let mut switch_us = 0;
-        let result = match result {
-            Err(e) => Err(e),
-            Ok(()) => {
-                let manifest = Arc::new(self.manifest);
-                let (m, releases, store) =
-                    (manifest.clone(), self.releases.clone(), self.store.clone());
-                let linked = tokio::task::spawn_blocking(move || {
-                    releases.materialise(&m, &StoreSource(&*store))
-                })
+        let manifest = Arc::new(self.manifest);
+        let (m, releases, store) = (manifest.clone(), self.releases.clone(), self.store.clone());
+        let linked =
+            tokio::task::spawn_blocking(move || releases.materialise(&m, &StoreSource(&*store)))
                 .await
                 .map_err(|e| format!("materialising panicked: {e}"))
                 .and_then(|r| r.map_err(|e| e.to_string()));
-                match linked {
-                    Err(e) => Err(e),
-                    Ok(linked) => match self.releases.activate(&manifest, linked).await {
-                        Ok(a) => {
-                            switch_us = (a.switch_ms * 1000.0) as u64;
-                            Ok(a.version)
-                        }
-                        Err(e) => Err(e.to_string()),
-                    },
+        let result = match linked {
+            Err(e) => Err(e),
+            Ok(linked) => match self.releases.activate(&manifest, linked).await {
+                Ok(a) => {
+                    switch_us = (a.switch_ms * 1000.0) as u64;
+                    Ok(a.version)
                 }
-            }
+                Err(e) => Err(e.to_string()),
+            },
         };
-        if drained.is_some() {
-            if let Err(e) = self.load.set(true) {
-                warn!("cannot put the target back into load: {e}");
-            } else {
-                info!("back in load");
-            }
+        if let Some(draining) = draining {
+            drop(draining);
+            info!("back in load");
         }
         match &result {
             Ok(v) => info!(release = %release, version = %v, "delivered"),
