@@ -18,6 +18,7 @@
 //! [`Deployments::apply`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use convoy_chunker::ReleaseId;
@@ -228,10 +229,38 @@ impl HistoryEntry {
 pub type Written = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 struct Job {
-    log: String,
-    /// Appended in order; the first that fails ends the job.
-    records: Vec<Vec<u8>>,
+    write: Write,
     then: Option<Written>,
+}
+
+enum Write {
+    /// Appended to `log` in order; the first that fails ends the job.
+    Records { log: String, records: Vec<Vec<u8>> },
+    /// A file replaced whole, durably.
+    File { path: PathBuf, bytes: Vec<u8> },
+}
+
+impl Write {
+    fn run(&self, store: &dyn Store) -> Result<(), String> {
+        match self {
+            Write::Records { log, records } => records.iter().try_for_each(|record| {
+                store
+                    .append_record(log, record)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }),
+            Write::File { path, bytes } => {
+                crate::durable::write_atomically(path, bytes).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Write::Records { log, .. } => log.clone(),
+            Write::File { path, .. } => path.display().to_string(),
+        }
+    }
 }
 
 /// Appends records on a thread of its own, in the order it is handed them.
@@ -259,17 +288,12 @@ impl Recorder {
             .name("convoy-records".into())
             .spawn(move || {
                 for job in queue {
-                    let r = job.records.iter().try_for_each(|record| {
-                        store
-                            .append_record(&job.log, record)
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
-                    });
+                    let r = job.write.run(&*store);
                     match job.then {
                         Some(then) => then(r),
                         None => {
                             if let Err(e) = r {
-                                warn!(log = job.log, "cannot record: {e}");
+                                warn!(log = job.write.name(), "cannot record: {e}");
                             }
                         }
                     }
@@ -285,7 +309,17 @@ impl Recorder {
     /// Appends `records` to `log` in order, then calls `then` (if any)
     /// with how it went.
     pub fn append(&self, log: String, records: Vec<Vec<u8>>, then: Option<Written>) {
-        let job = Job { log, records, then };
+        self.send(Write::Records { log, records }, then);
+    }
+
+    /// Replaces the file at `path` with `bytes` (synced, by rename), in
+    /// turn with the records, then calls `then` with how it went.
+    pub fn replace(&self, path: PathBuf, bytes: Vec<u8>, then: Written) {
+        self.send(Write::File { path, bytes }, Some(then));
+    }
+
+    fn send(&self, write: Write, then: Option<Written>) {
+        let job = Job { write, then };
         let jobs = self.jobs.as_ref().expect("present until dropped");
         if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
             // The thread is gone only if a write panicked.
@@ -407,6 +441,13 @@ impl Deployments {
             .map(|r| serde_json::to_vec(r).expect("records encode"))
             .collect();
         (id, records)
+    }
+
+    /// Replaces a file of the coordinator's through the recorder, in turn
+    /// with its records: writes of one file land in the order they are
+    /// handed over.
+    pub fn write_file(&self, path: PathBuf, bytes: Vec<u8>, then: Written) {
+        self.recorder.replace(path, bytes, then);
     }
 
     /// Hands the records that open roll-out `id`'s log to the recorder.

@@ -470,6 +470,12 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
             ControlRequest::Publish {
                 manifest: Manifest::new("web", "1", vec![]).unwrap().encode(),
             },
+            // A staging's start reads the release's manifest.
+            ControlRequest::StartStaging {
+                release: "web@1".into(),
+                selector: Labels::new(),
+                mode: DistributionMode::Pull,
+            },
         ] {
             let asking = hang(&gate, 1, {
                 let session = session.clone();
@@ -491,7 +497,9 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
             assert!(
                 matches!(
                     answer,
-                    ControlResponse::Missing(_) | ControlResponse::Published(_)
+                    ControlResponse::Missing(_)
+                        | ControlResponse::Published(_)
+                        | ControlResponse::StagingStarted { .. }
                 ),
                 "{answer:?}"
             );

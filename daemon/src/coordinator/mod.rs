@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::durable::write_atomically;
 use crate::net::{ChunkAnswer, NetEvent, NetHandle, Reply};
 use crate::operators::{Operators, Refusals};
 use crate::protocol::{
@@ -145,6 +144,19 @@ enum Internal {
         id: u64,
         event: crate::rollout::Event,
     },
+    /// A staging's manifest was read and its chunks looked up (or not).
+    Prepared {
+        id: u64,
+        run: Result<Box<Run>, String>,
+        begun: Begun,
+    },
+    /// `stagings.json` was written (or not) with the unfinished stagings
+    /// `ids`; a staging that waited for it may send its orders.
+    RunsSaved {
+        ids: Vec<u64>,
+        result: Result<(), String>,
+        begun: Option<(u64, Begun)>,
+    },
     /// The recorder opened (or could not open) a roll-out's log.
     Opened {
         opening: operate::Opening,
@@ -211,8 +223,11 @@ struct Coordinator {
     /// Collection passes: while one runs, what would name or stage a
     /// release waits until it ends, so the pass never drops what it needs.
     collector: Collector<Waiting>,
-    /// The unfinished stagings `stagings.json` records, by id.
+    /// The unfinished stagings `stagings.json` records (or is being
+    /// rewritten with), by id.
     saved_runs: Vec<u64>,
+    /// Stagings whose manifest and chunks are being looked up, by id.
+    starting: BTreeMap<u64, Starting>,
     /// Operator CLI sessions by their peer id: who they act for, as
     /// history records it (see [`ControlRequest::Operator`]).
     sessions: HashMap<PeerId, String>,
@@ -222,6 +237,28 @@ struct Coordinator {
 enum Waiting {
     Control(PeerId, ControlRequest, Reply<ControlResponse>),
     Api(crate::api::Call),
+}
+
+/// Who started a staging, told once its orders go out.
+enum Begun {
+    /// An operator's `convoy stage`, answered with the staging's id.
+    Operator {
+        by: String,
+        app: String,
+        version: String,
+        /// The targets it asked for, as said when none is live.
+        selector: String,
+        reply: Reply<ControlResponse>,
+    },
+    /// A stage command of roll-out `id`: a staging that cannot start
+    /// fails its targets.
+    Rollout(u64),
+}
+
+/// A staging being looked up off the loop.
+struct Starting {
+    release: Option<ReleaseId>,
+    targets: Vec<PeerId>,
 }
 
 /// Said to a request refused while a collection pass runs.
@@ -263,6 +300,7 @@ pub async fn run(
         deferred: HashMap::new(),
         collector: Collector::default(),
         saved_runs: Vec::new(),
+        starting: BTreeMap::new(),
         sessions: HashMap::new(),
     };
     c.load_runs();
@@ -344,6 +382,99 @@ impl Run {
     }
 }
 
+/// What a staging's order takes from the coordinator's configuration.
+#[derive(Clone)]
+struct Origin {
+    keypair: Keypair,
+    labels: Labels,
+    push_parallel: usize,
+}
+
+impl Origin {
+    fn of(config: &CoordinatorConfig) -> Self {
+        Self {
+            keypair: config.keypair.clone(),
+            labels: config.labels.clone(),
+            push_parallel: config.push_parallel,
+        }
+    }
+}
+
+/// A staging's run: the release's manifest (resolved from the record's
+/// name when `release` is not given) and its chunks' sizes are read from
+/// the store, and the order signed. Blocking: it reads the disk.
+fn prepare_run(
+    chunks: &Chunks,
+    origin: &Origin,
+    mut record: RunRecord,
+    release: Option<ReleaseId>,
+    targets: Vec<PeerId>,
+) -> Result<Run, String> {
+    let release = match release {
+        Some(r) => r,
+        None => {
+            let name = &record.name;
+            let (app, version) = name
+                .split_once('@')
+                .ok_or_else(|| format!("{name:?} is not APP@VERSION"))?;
+            chunks
+                .store
+                .resolve(app, version)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("{name} is not published"))?
+        }
+    };
+    record.release = release.to_hex();
+    let manifest = chunks
+        .store
+        .get_manifest(&release)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("release {release} is not in the origin's store"))?;
+    let list = chunks.add_release(&manifest);
+    let hashes: Vec<_> = list.iter().map(|c| c.hash).collect();
+    let release_bytes = chunks
+        .store
+        .chunk_info(&hashes)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|i| i.map_or(0, |i| u64::from(i.stored_len)))
+        .sum();
+    let signature = origin
+        .keypair
+        .sign(&signed_bytes(&release))
+        .map_err(|e| e.to_string())?;
+    let order = StageOrder {
+        manifest: manifest.encode(),
+        signature,
+        mode: record.mode,
+        origin_labels: origin.labels.clone(),
+    };
+    let started = Instant::now()
+        .checked_sub(Duration::from_millis(
+            now_unix_ms().saturating_sub(record.started_unix_ms),
+        ))
+        .unwrap_or_else(Instant::now);
+    Ok(Run {
+        seeder: (record.mode == DistributionMode::Swarm).then(|| Seeder::new(list.len(), 1, 2)),
+        gifts: 0,
+        pusher: (record.mode == DistributionMode::Push).then(|| {
+            Pusher::new(PushConfig {
+                parallel_targets: origin.push_parallel,
+                ..PushConfig::default()
+            })
+        }),
+        record,
+        release,
+        order,
+        chunks: list,
+        release_bytes,
+        targets,
+        started,
+        origin_bytes: Arc::new(AtomicU64::new(0)),
+        progress: HashMap::new(),
+    })
+}
+
 /// Runs `put` as its own task and tells the coordinator how it went.
 fn spawn_put(
     tx: mpsc::Sender<Internal>,
@@ -364,7 +495,11 @@ impl Coordinator {
     /// Records the unfinished stagings, when they are not the ones
     /// recorded already (a report after a staging ended changes nothing
     /// there, and each write costs two fsyncs).
-    fn save_runs(&mut self) {
+    ///
+    /// The recorder's thread writes the file, in the order the loop asks;
+    /// `begun`, a staging that waits for its record, goes on once it is
+    /// written.
+    fn save_runs(&mut self, begun: Option<(u64, Begun)>) {
         let records: Vec<&RunRecord> = self
             .runs
             .values()
@@ -372,14 +507,75 @@ impl Coordinator {
             .map(|r| &r.record)
             .collect();
         let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
-        if ids == self.saved_runs {
+        if ids == self.saved_runs && begun.is_none() {
             return;
         }
         let json = serde_json::to_vec_pretty(&records).expect("records serialise");
-        match write_atomically(&self.runs_path(), &json) {
-            Ok(()) => self.saved_runs = ids,
-            Err(e) => warn!("cannot record stagings: {e}"),
+        self.saved_runs = ids.clone();
+        let recorded = self.recorded.clone();
+        let then = Box::new(move |result| {
+            let _ = recorded.send(Internal::RunsSaved { ids, result, begun });
+        });
+        self.deployments.write_file(self.runs_path(), json, then);
+    }
+
+    /// `stagings.json` was written (or not): a staging that waited for it
+    /// sends its orders.
+    fn on_runs_saved(
+        &mut self,
+        ids: Vec<u64>,
+        result: Result<(), String>,
+        begun: Option<(u64, Begun)>,
+    ) {
+        if let Err(e) = result {
+            warn!("cannot record stagings: {e}");
+            // Written again at the next change.
+            if self.saved_runs == ids {
+                self.saved_runs.clear();
+            }
         }
+        let Some((id, begun)) = begun else {
+            return;
+        };
+        let Some(run) = self.runs.get(&id) else {
+            return;
+        };
+        let (release, targets, mode) = (run.release, run.targets.clone(), run.record.mode);
+        info!(
+            id,
+            name = %run.record.name,
+            mode = mode.name(),
+            targets = targets.len(),
+            "staging started"
+        );
+        if let Begun::Operator {
+            by,
+            app,
+            version,
+            reply,
+            ..
+        } = begun
+        {
+            let h = crate::deployments::HistoryEntry::new(
+                "stage",
+                &by,
+                format!(
+                    "staging {id} to {} targets in {} mode",
+                    targets.len(),
+                    mode.name()
+                ),
+                Some(&version),
+                None,
+                None,
+            );
+            self.deployments.record(&app, &h);
+            reply.answer(ControlResponse::StagingStarted {
+                id,
+                release,
+                targets: targets.len() as u32,
+            });
+        }
+        self.send_orders(id, targets);
     }
 
     fn load_runs(&mut self) {
@@ -398,7 +594,9 @@ impl Coordinator {
                 continue;
             };
             let targets = rec.targets.iter().filter_map(|t| t.parse().ok()).collect();
-            match self.new_run(rec.clone(), release, targets) {
+            let origin = Origin::of(&self.config);
+            let prepared = prepare_run(&self.chunks, &origin, rec.clone(), Some(release), targets);
+            match prepared {
                 Ok(run) => {
                     info!(id = rec.id, name = %rec.name, "resuming staging");
                     self.saved_runs.push(rec.id);
@@ -407,66 +605,6 @@ impl Coordinator {
                 Err(e) => warn!(id = rec.id, "cannot resume staging: {e}"),
             }
         }
-    }
-
-    fn new_run(
-        &self,
-        record: RunRecord,
-        release: ReleaseId,
-        targets: Vec<PeerId>,
-    ) -> Result<Run, String> {
-        let manifest = self
-            .chunks
-            .store
-            .get_manifest(&release)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("release {release} is not in the origin's store"))?;
-        let chunks = self.chunks.add_release(&manifest);
-        let hashes: Vec<_> = chunks.iter().map(|c| c.hash).collect();
-        let release_bytes = self
-            .chunks
-            .store
-            .chunk_info(&hashes)
-            .map_err(|e| e.to_string())?
-            .iter()
-            .map(|i| i.map_or(0, |i| u64::from(i.stored_len)))
-            .sum();
-        let signature = self
-            .config
-            .keypair
-            .sign(&signed_bytes(&release))
-            .map_err(|e| e.to_string())?;
-        let order = StageOrder {
-            manifest: manifest.encode(),
-            signature,
-            mode: record.mode,
-            origin_labels: self.config.labels.clone(),
-        };
-        let started = Instant::now()
-            .checked_sub(Duration::from_millis(
-                now_unix_ms().saturating_sub(record.started_unix_ms),
-            ))
-            .unwrap_or_else(Instant::now);
-        Ok(Run {
-            seeder: (record.mode == DistributionMode::Swarm)
-                .then(|| Seeder::new(chunks.len(), 1, 2)),
-            gifts: 0,
-            pusher: (record.mode == DistributionMode::Push).then(|| {
-                Pusher::new(PushConfig {
-                    parallel_targets: self.config.push_parallel,
-                    ..PushConfig::default()
-                })
-            }),
-            record,
-            release,
-            order,
-            chunks,
-            release_bytes,
-            targets,
-            started,
-            origin_bytes: Arc::new(AtomicU64::new(0)),
-            progress: HashMap::new(),
-        })
     }
 
     fn run_finished(&self, run: &Run) -> bool {
@@ -633,6 +771,7 @@ impl Coordinator {
         let mut pinned: HashSet<ReleaseId> = self.runs.values().map(|r| r.release).collect();
         pinned.extend(self.deployments.all.values().map(|d| d.release));
         pinned.extend(self.opening.values());
+        pinned.extend(self.starting.values().filter_map(|s| s.release));
         let retention = Retention {
             newest: self.config.retain,
             pinned,
@@ -704,7 +843,8 @@ impl Coordinator {
     }
 
     /// Answers `request` on `reply`: at once, or, for what needs the disk
-    /// (which chunks the origin lacks, a publish), from a blocking task.
+    /// (which chunks the origin lacks, a publish, a staging's start), once
+    /// a blocking task has done it.
     fn on_control(&mut self, peer: PeerId, request: ControlRequest, reply: Reply<ControlResponse>) {
         let operator_action = match &request {
             ControlRequest::MissingChunks(_) => Some("missing-chunks"),
@@ -725,16 +865,20 @@ impl Coordinator {
         match request {
             ControlRequest::MissingChunks(hashes) => self.missing_chunks(hashes, reply),
             ControlRequest::Publish { manifest } => self.publish(by, manifest, reply),
+            ControlRequest::StartStaging {
+                release,
+                selector,
+                mode,
+            } => self.start_staging(by, release, &selector, mode, reply),
             request => {
-                let response = self.answer_now(peer, request, &by);
+                let response = self.answer_now(peer, request);
                 reply.answer(response);
             }
         }
     }
 
-    /// The answer to a request that needs nothing from the disk, from an
-    /// operator session of `by` (empty for a target).
-    fn answer_now(&mut self, peer: PeerId, request: ControlRequest, by: &str) -> ControlResponse {
+    /// The answer to a request that needs nothing from the disk.
+    fn answer_now(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
         match request {
             ControlRequest::Report(report) => self.on_report(peer, report),
             ControlRequest::Bitfield { release, len, bits } => {
@@ -768,14 +912,11 @@ impl Coordinator {
                 self.drive_gifts();
                 ControlResponse::Ok
             }
-            ControlRequest::MissingChunks(_) | ControlRequest::Publish { .. } => {
+            ControlRequest::MissingChunks(_)
+            | ControlRequest::Publish { .. }
+            | ControlRequest::StartStaging { .. } => {
                 unreachable!("answered off the loop by on_control")
             }
-            ControlRequest::StartStaging {
-                release,
-                selector,
-                mode,
-            } => self.start_staging(by, &release, &selector, mode),
             ControlRequest::StagingStatus { id } => match self.runs.get(&id) {
                 Some(run) => ControlResponse::Staging(self.staging_report(run)),
                 None => ControlResponse::Error(format!("no staging {id}")),
@@ -932,7 +1073,7 @@ impl Coordinator {
             .map(|(id, _)| *id)
             .collect();
         if !finished.is_empty() {
-            self.save_runs();
+            self.save_runs(None);
         }
         self.rollout_progress(peer);
         for (id, request) in self.deferred.remove(&peer).unwrap_or_default() {
@@ -1003,20 +1144,19 @@ impl Coordinator {
         });
     }
 
+    /// Starts an operator's staging of `name` on the live targets
+    /// `selector` picks; it is answered once its orders can go out.
     fn start_staging(
         &mut self,
-        by: &str,
-        name: &str,
+        by: String,
+        name: String,
         selector: &Labels,
         mode: DistributionMode,
-    ) -> ControlResponse {
+        reply: Reply<ControlResponse>,
+    ) {
         let Some((app, version)) = name.split_once('@') else {
-            return ControlResponse::Error(format!("{name:?} is not APP@VERSION"));
-        };
-        let release = match self.chunks.store.resolve(app, version) {
-            Ok(Some(id)) => id,
-            Ok(None) => return ControlResponse::Error(format!("{name} is not published")),
-            Err(e) => return ControlResponse::Error(e.to_string()),
+            let e = format!("{name:?} is not APP@VERSION");
+            return reply.answer(ControlResponse::Error(e));
         };
         let mut targets: Vec<PeerId> = self
             .members
@@ -1026,78 +1166,121 @@ impl Coordinator {
             .map(|(p, _)| *p)
             .collect();
         targets.sort();
-        if targets.is_empty() {
-            return ControlResponse::Error(format!(
-                "no live target matches {}",
-                if selector.is_empty() {
-                    "(all)".to_string()
-                } else {
-                    selector
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                }
-            ));
-        }
-        match self.begin_run(name, release, targets.clone(), mode) {
-            Ok(id) => {
-                let h = crate::deployments::HistoryEntry::new(
-                    "stage",
-                    by,
-                    format!(
-                        "staging {id} to {} targets in {} mode",
-                        targets.len(),
-                        mode.name()
-                    ),
-                    Some(version),
-                    None,
-                    None,
-                );
-                self.deployments.record(app, &h);
-                ControlResponse::StagingStarted {
-                    id,
-                    release,
-                    targets: targets.len() as u32,
-                }
-            }
-            Err(e) => ControlResponse::Error(e),
-        }
+        let selector = if selector.is_empty() {
+            "(all)".to_string()
+        } else {
+            selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        // Checked once the name is (an unpublished name is the first
+        // thing to say).
+        let begun = Begun::Operator {
+            by,
+            app: app.into(),
+            version: version.into(),
+            selector,
+            reply,
+        };
+        self.begin_run(&name, None, targets, mode, begun);
     }
 
-    /// Orders `targets` to stage `release` in `mode`; returns the run's id.
+    /// Starts a staging of `name` (the release `release`, or the one the
+    /// name resolves to) on `targets`: its manifest and chunks are looked
+    /// up off the loop, its record written, then its orders sent.
     fn begin_run(
         &mut self,
         name: &str,
-        release: ReleaseId,
+        release: Option<ReleaseId>,
         targets: Vec<PeerId>,
         mode: DistributionMode,
-    ) -> Result<u64, String> {
-        let id = self.runs.keys().next_back().map_or(1, |k| k + 1);
+        begun: Begun,
+    ) {
+        let last = |ids: Option<&u64>| ids.copied().unwrap_or(0);
+        let id = last(self.runs.keys().next_back()).max(last(self.starting.keys().next_back())) + 1;
         let record = RunRecord {
             id,
             name: name.to_string(),
-            release: release.to_hex(),
+            release: release.map(|r| r.to_hex()).unwrap_or_default(),
             mode,
             targets: targets.iter().map(|t| t.to_string()).collect(),
             started_unix_ms: now_unix_ms(),
         };
-        let run = self.new_run(record, release, targets.clone())?;
+        self.starting.insert(
+            id,
+            Starting {
+                release,
+                targets: targets.clone(),
+            },
+        );
+        // A collection pass waits for an operator's staging: its release
+        // is not pinned yet (a roll-out's is, by the roll-out).
+        if matches!(begun, Begun::Operator { .. }) {
+            self.collector.reading();
+        }
+        let (chunks, origin, tx) = (
+            self.chunks.clone(),
+            Origin::of(&self.config),
+            self.internal.clone(),
+        );
+        tokio::spawn(async move {
+            let prepared = tokio::task::spawn_blocking(move || {
+                prepare_run(&chunks, &origin, record, release, targets).map(Box::new)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("looking the release up failed: {e}")));
+            let _ = tx
+                .send(Internal::Prepared {
+                    id,
+                    run: prepared,
+                    begun,
+                })
+                .await;
+        });
+    }
+
+    /// A staging was looked up: it is kept and its record written, or its
+    /// starter learns why not.
+    fn on_prepared(&mut self, id: u64, run: Result<Box<Run>, String>, begun: Begun) {
+        if matches!(begun, Begun::Operator { .. }) {
+            self.collector.read();
+        }
+        let starting = self.starting.remove(&id);
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                match begun {
+                    Begun::Operator { reply, .. } => reply.answer(ControlResponse::Error(e)),
+                    Begun::Rollout(rollout) => {
+                        for p in starting.map(|s| s.targets).unwrap_or_default() {
+                            self.queue.push_back((
+                                rollout,
+                                crate::rollout::Event::Staged(p.to_string(), Err(e.clone())),
+                            ));
+                        }
+                        self.drain_queue();
+                    }
+                }
+                return;
+            }
+        };
+        let begun = match begun {
+            Begun::Operator {
+                selector, reply, ..
+            } if run.targets.is_empty() => {
+                let e = format!("no live target matches {selector}");
+                return reply.answer(ControlResponse::Error(e));
+            }
+            begun => begun,
+        };
         while self.runs.len() >= MAX_RUNS {
             let oldest = *self.runs.keys().next().expect("not empty");
             self.runs.remove(&oldest);
         }
-        self.runs.insert(id, run);
-        self.save_runs();
-        info!(
-            id,
-            name,
-            mode = mode.name(),
-            targets = targets.len(),
-            "staging started"
-        );
-        self.send_orders(id, targets);
-        Ok(id)
+        self.runs.insert(id, *run);
+        self.save_runs(Some((id, begun)));
     }
 
     /// Orders `to` to stage run `id`, then (swarm) names their peers.
@@ -1289,6 +1472,8 @@ impl Coordinator {
                 result,
                 steered,
             } => self.on_recorded(id, at, event, result, steered),
+            Internal::Prepared { id, run, begun } => self.on_prepared(id, run, begun),
+            Internal::RunsSaved { ids, result, begun } => self.on_runs_saved(ids, result, begun),
             Internal::Opened { opening, result } => self.on_opened(opening, result),
             Internal::Promoted { promoting, result } => self.on_promoted(promoting, result),
             Internal::Undelivered { id, peer, request } => self.defer(peer, id, request),

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use convoy_chunker::ReleaseId;
 use libp2p::PeerId;
 use serde_json::json;
 use tracing::{error, info, warn};
@@ -491,7 +492,7 @@ impl Coordinator {
     /// Hands every queued event to the recorder; each is applied when it
     /// is written ([`Coordinator::on_recorded`]), so the loop never waits
     /// on the disk and the engine sees events in the order they are written.
-    fn drain_queue(&mut self) {
+    pub(super) fn drain_queue(&mut self) {
         while let Some((id, event)) = self.queue.pop_front() {
             self.record_event(id, event, None);
         }
@@ -694,21 +695,24 @@ impl Coordinator {
                     .push_back((id, Event::Staged(t, Err("not a peer id".into())))),
             }
         }
-        // A run restored after a restart may already cover them.
-        let covered = self.runs.values().any(|r| {
-            r.release == release
-                && !self.run_finished(r)
-                && run_targets.iter().all(|t| r.targets.contains(t))
-        });
+        // A run restored after a restart, or one being started, may
+        // already cover them.
+        let covers = |r: ReleaseId, targets: &[PeerId]| {
+            r == release && run_targets.iter().all(|t| targets.contains(t))
+        };
+        let covered = self
+            .runs
+            .values()
+            .any(|r| !self.run_finished(r) && covers(r.release, &r.targets))
+            || self
+                .starting
+                .values()
+                .any(|s| s.release.is_some_and(|r| covers(r, &s.targets)));
         if run_targets.is_empty() || covered {
             return;
         }
-        if let Err(e) = self.begin_run(name, release, run_targets.clone(), mode) {
-            for p in run_targets {
-                self.queue
-                    .push_back((id, Event::Staged(p.to_string(), Err(e.clone()))));
-            }
-        }
+        let begun = super::Begun::Rollout(id);
+        self.begin_run(name, Some(release), run_targets, mode, begun);
     }
 
     fn on_notice(&mut self, id: u64, n: Notice) {
