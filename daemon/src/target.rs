@@ -115,6 +115,8 @@ enum Internal {
     Registered(Result<ControlResponse, RequestError>),
     /// A collection pass ended.
     Collected(Pass),
+    /// A flush ended.
+    Flushed(Result<(), String>),
     /// An order was checked and its chunks looked up off the loop; the
     /// reply, if any, waits for it to be installed.
     Prepared(Result<Prepared, String>, Option<Reply<ControlResponse>>),
@@ -190,7 +192,10 @@ struct Target {
     heartbeat: Duration,
     registered: bool,
     registering: bool,
+    /// Chunks were stored since the last flush began.
     dirty: bool,
+    /// A flush runs (off the loop); the next waits for it.
+    flushing: bool,
     listen: Vec<Multiaddr>,
     /// Releases being delivered (a repeated order is answered, not rerun).
     delivering: Arc<std::sync::Mutex<HashSet<ReleaseId>>>,
@@ -230,6 +235,7 @@ pub async fn run(
         registered: false,
         registering: false,
         dirty: false,
+        flushing: false,
         listen: config.listening.clone(),
         delivering: Arc::default(),
         delivery_lock: Arc::default(),
@@ -256,7 +262,7 @@ pub async fn run(
             Some(ev) = rx.recv() => t.on_internal(ev).await,
             _ = announce.tick() => t.announce(false),
             _ = flush.tick() => {
-                t.flush_if_dirty().await;
+                t.flush_if_dirty();
                 t.watchdog();
             }
             _ = heartbeat.tick() => t.register(),
@@ -264,7 +270,9 @@ pub async fn run(
         }
     }
     info!("target stopping: flushing the store");
-    t.flush_if_dirty().await;
+    if let Err(e) = t.chunks.flush().await {
+        warn!("cannot flush the store: {e}");
+    }
     Ok(())
 }
 
@@ -1327,6 +1335,12 @@ impl Target {
                     self.on_control(peer, request, None);
                 }
             }
+            Internal::Flushed(result) => {
+                self.flushing = false;
+                if let Err(e) = result {
+                    warn!("cannot flush the store: {e}");
+                }
+            }
             Internal::Prepared(prepared, reply) => {
                 self.collector.read();
                 let response = match prepared.and_then(|p| self.install(p)) {
@@ -1410,12 +1424,17 @@ impl Target {
         }
     }
 
-    async fn flush_if_dirty(&mut self) {
-        if std::mem::take(&mut self.dirty) {
-            if let Err(e) = self.chunks.flush().await {
-                warn!("cannot flush the store: {e}");
-            }
+    /// Syncs what was stored, from a task: a disk slow to sync holds up
+    /// no heartbeat.
+    fn flush_if_dirty(&mut self) {
+        if self.flushing || !std::mem::take(&mut self.dirty) {
+            return;
         }
+        self.flushing = true;
+        let (chunks, tx) = (self.chunks.clone(), self.internal.clone());
+        tokio::spawn(async move {
+            let _ = tx.send(Internal::Flushed(chunks.flush().await)).await;
+        });
     }
 }
 

@@ -113,12 +113,13 @@ async fn three_heartbeats(reports: &mut mpsc::UnboundedReceiver<TargetReport>) -
 }
 
 /// A memory store whose chunk and release reads and writes hang while
-/// `gate` is shut, and whose record appends hang while `records` is, as a
-/// disk that stops answering.
+/// `gate` is shut, whose record appends hang while `records` is, and whose
+/// syncs hang while `flushes` is, as a disk that stops answering.
 struct Hanging {
     inner: MemoryStore,
     gate: Arc<Gate>,
     records: Arc<Gate>,
+    flushes: Arc<Gate>,
 }
 
 impl Hanging {
@@ -127,6 +128,7 @@ impl Hanging {
             inner: MemoryStore::new(),
             gate: gate.clone(),
             records: Default::default(),
+            flushes: Default::default(),
         }
     }
 }
@@ -150,6 +152,7 @@ impl Store for Hanging {
         self.inner.delete_chunks(hashes)
     }
     fn flush(&self) -> Result<(), StoreError> {
+        self.flushes.pass();
         self.inner.flush()
     }
     fn put_release(&self, manifest: &Manifest) -> Result<ReleaseId, StoreError> {
@@ -228,6 +231,8 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
     let gate = Arc::new(Gate::default());
     let _opens = OpensOnDrop(gate.clone());
     let store = Hanging::new(&gate);
+    let flushes = store.flushes.clone();
+    let _opens_flushes = OpensOnDrop(flushes.clone());
     let older = Manifest::new("web", "0", vec![]).unwrap();
     let older_id = store.inner.put_release(&older).unwrap();
     let chunks = Chunks::new(Arc::new(store), None, None);
@@ -324,6 +329,52 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
         );
         let answer = asking.await.unwrap().unwrap();
         assert!(matches!(answer, ChunkResponse::Busy { .. }), "{answer:?}");
+        // A pushed chunk is synced within a second: the sync hangs, the
+        // target heartbeats.
+        let bytes = b"the one chunk of web@2".to_vec();
+        let chunk = ChunkRef {
+            hash: ChunkHash::of(&bytes),
+            len: bytes.len() as u32,
+        };
+        let file = convoy_chunker::Entry {
+            path: "index.html".into(),
+            kind: convoy_chunker::EntryKind::File {
+                mode: 0o644,
+                size: bytes.len() as u64,
+                chunks: vec![chunk],
+            },
+        };
+        let manifest = Manifest::new("web", "2", vec![file]).unwrap();
+        let release = manifest.release_id();
+        let order = ControlRequest::Stage(StageOrder {
+            signature: coordinator_key.sign(&signed_bytes(&release)).unwrap(),
+            manifest: manifest.encode(),
+            mode: DistributionMode::Push,
+            origin_labels: Labels::new(),
+        });
+        assert_eq!(
+            coordinator.control(target_id, order).await,
+            Ok(ControlResponse::Ok)
+        );
+        flushes.shut();
+        let put = ChunkRequest::Put {
+            release,
+            index: 0,
+            chunk: WireChunk {
+                encoding: Encoding::Raw.flag(),
+                bytes,
+            },
+        };
+        let pushed = coordinator.chunk(target_id, put).await;
+        assert!(matches!(pushed, Ok(ChunkResponse::Stored)), "{pushed:?}");
+        let waits = tokio::task::spawn_blocking({
+            let flushes = flushes.clone();
+            move || flushes.waiting(1)
+        });
+        assert!(waits.await.unwrap(), "the pushed chunk was never synced");
+        let went_on = three_heartbeats(&mut reports).await;
+        flushes.open();
+        assert!(went_on, "no heartbeat while a sync hung");
     };
     tokio::time::timeout(Duration::from_secs(90), test)
         .await
@@ -434,17 +485,13 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
     let operators =
         Operators::parse(&format!("alice {}", operator_key.public().to_peer_id())).unwrap();
 
-    // The coordinator, on a store whose lookups may hang.
+    // The coordinator, on a store whose lookups and syncs may hang.
     let gate = Arc::new(Gate::default());
     let _opens = OpensOnDrop(gate.clone());
-    let c = Started::coordinator(
-        Hanging::new(&gate),
-        dir.path(),
-        fleet_key,
-        operators,
-        Default::default(),
-    )
-    .await;
+    let store = Hanging::new(&gate);
+    let flushes = store.flushes.clone();
+    let _opens_flushes = OpensOnDrop(flushes.clone());
+    let c = Started::coordinator(store, dir.path(), fleet_key, operators, Default::default()).await;
     let (coordinator_id, addr) = (c.id, c.addr.clone());
 
     // A target, a member of the fleet.
@@ -539,6 +586,24 @@ async fn a_coordinator_whose_disk_hangs_under_an_operator_keeps_answering_target
         for _ in 0..32 {
             assert_eq!(answers.recv().await, Some(Ok(ChunkResponse::Stored)));
         }
+        // The uploads are synced within a second: the sync hangs, the
+        // target is answered.
+        flushes.shut();
+        let waits = tokio::task::spawn_blocking({
+            let flushes = flushes.clone();
+            move || flushes.waiting(1)
+        });
+        assert!(waits.await.unwrap(), "the uploads were never synced");
+        let answered = tokio::time::timeout(
+            Duration::from_secs(20),
+            target.control(coordinator_id, report.clone()),
+        )
+        .await;
+        flushes.open();
+        assert!(
+            matches!(answered, Ok(Ok(ControlResponse::Registered { .. }))),
+            "a target's report was not answered while a sync hung: {answered:?}"
+        );
     };
     tokio::time::timeout(Duration::from_secs(120), test)
         .await

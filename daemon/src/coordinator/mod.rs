@@ -144,6 +144,8 @@ enum Internal {
         id: u64,
         event: crate::rollout::Event,
     },
+    /// A flush ended.
+    Flushed(Result<(), String>),
     /// A staging's manifest was read and its chunks looked up (or not).
     Prepared {
         id: u64,
@@ -201,7 +203,10 @@ struct Coordinator {
     members: HashMap<PeerId, Member>,
     runs: BTreeMap<u64, Run>,
     internal: mpsc::Sender<Internal>,
+    /// Chunks were stored since the last flush began.
     dirty: bool,
+    /// A flush runs (off the loop); the next waits for it.
+    flushing: bool,
     deployments: crate::deployments::Deployments,
     /// Roll-out events waiting for the recorder (see [`Coordinator::rollout_event`]).
     queue: std::collections::VecDeque<(u64, crate::rollout::Event)>,
@@ -291,6 +296,7 @@ pub async fn run(
         internal: tx,
         recorded,
         dirty: false,
+        flushing: false,
         deployments,
         queue: Default::default(),
         recording: Default::default(),
@@ -324,13 +330,7 @@ pub async fn run(
                 c.tick_rollouts();
                 c.drive_gifts();
             }
-            _ = flush.tick() => {
-                if std::mem::take(&mut c.dirty) {
-                    if let Err(e) = c.chunks.flush().await {
-                        warn!("cannot flush the store: {e}");
-                    }
-                }
-            }
+            _ = flush.tick() => c.flush_if_dirty(),
         }
     }
     info!("coordinator stopping: flushing the store");
@@ -488,6 +488,19 @@ fn spawn_put(
 }
 
 impl Coordinator {
+    /// Syncs what was stored, from a task: a disk slow to sync holds up
+    /// no target.
+    fn flush_if_dirty(&mut self) {
+        if self.flushing || !std::mem::take(&mut self.dirty) {
+            return;
+        }
+        self.flushing = true;
+        let (chunks, tx) = (self.chunks.clone(), self.internal.clone());
+        tokio::spawn(async move {
+            let _ = tx.send(Internal::Flushed(chunks.flush().await)).await;
+        });
+    }
+
     fn runs_path(&self) -> PathBuf {
         self.config.data_dir.join("stagings.json")
     }
@@ -1472,6 +1485,12 @@ impl Coordinator {
                 result,
                 steered,
             } => self.on_recorded(id, at, event, result, steered),
+            Internal::Flushed(result) => {
+                self.flushing = false;
+                if let Err(e) = result {
+                    warn!("cannot flush the store: {e}");
+                }
+            }
             Internal::Prepared { id, run, begun } => self.on_prepared(id, run, begun),
             Internal::RunsSaved { ids, result, begun } => self.on_runs_saved(ids, result, begun),
             Internal::Opened { opening, result } => self.on_opened(opening, result),
