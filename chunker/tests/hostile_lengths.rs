@@ -3,37 +3,15 @@
 //! `manifest` fuzz target flagged (`fuzz/found/manifest/`): 175 and 65 bytes
 //! that made bincode allocate and zero ~256 MiB before finding them short.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use convoy_chunker::codec::CLAIMS_PER_INPUT_BYTE;
 use convoy_chunker::Manifest;
 
-/// The system allocator, remembering the largest single allocation.
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
+mod common {
+    pub mod largest;
 }
-
-#[global_allocator]
-static ALLOCATOR: Largest = Largest;
+use common::largest::LARGEST;
 
 const FOUND: [(&str, &[u8]); 2] = [
     (

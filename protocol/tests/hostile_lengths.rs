@@ -3,36 +3,13 @@
 //! 60 MiB bitfield costs 60 bytes, not 60 MiB (32 such requests may be in
 //! flight per peer).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use convoy_protocol::wire::{decode, encode, ControlRequest, MAX_CONTROL_FRAME};
 
-/// The system allocator, remembering the largest single allocation.
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Largest = Largest;
+#[path = "../../chunker/tests/common/largest.rs"]
+mod largest;
+use largest::LARGEST;
 
 #[test]
 fn a_short_control_frame_claiming_a_long_bitfield_allocates_in_proportion_to_itself() {
