@@ -92,8 +92,13 @@ pub enum DecodeError {
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    encode_as(MAGIC, value)
+}
+
+/// [`encode`] behind another magic (a patch record's).
+pub(crate) fn encode_as<T: Serialize>(magic: [u8; 4], value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(4096);
-    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&magic);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     bincode::serde::encode_into_std_write(value, &mut out, config())
         .expect("a valid manifest encodes within the size limit");
@@ -101,10 +106,18 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    decode_as(MAGIC, bytes)
+}
+
+/// [`decode`] behind another magic (a patch record's).
+pub(crate) fn decode_as<T: DeserializeOwned>(
+    magic: [u8; 4],
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
     if bytes.len() > limits::MAX_ENCODED_BYTES {
         return Err(DecodeError::TooLarge(bytes.len()));
     }
-    if bytes.len() < HEADER_LEN || bytes[..MAGIC.len()] != MAGIC {
+    if bytes.len() < HEADER_LEN || bytes[..MAGIC.len()] != magic {
         return Err(DecodeError::BadMagic);
     }
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);

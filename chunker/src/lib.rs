@@ -11,6 +11,10 @@
 //!   in (zstd when that saves a tenth); [`StoredChunk::into_verified`]
 //!   decompresses and checks the hash.
 //! - [`Diff`]: which chunks of a release a holder lacks.
+//! - [`make_patch`] and [`Patch`]: binary deltas (zstd, the base file as
+//!   reference prefix) that rebuild files of a release from an older one,
+//!   and the record that lists them; [`apply_file`] rebuilds a file and
+//!   checks it against the new manifest.
 //! - [`materialise`] writes a manifest's tree from any [`ChunkSource`],
 //!   verifying every chunk, all or nothing.
 //!
@@ -35,6 +39,7 @@
 
 mod chunk;
 pub mod codec;
+mod delta;
 mod diff;
 mod manifest;
 mod materialise;
@@ -45,6 +50,10 @@ pub use chunk::{
     chunk_slice, ChunkHash, ChunkRef, StreamChunker, AVG_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 pub use codec::DecodeError;
+pub use delta::{
+    apply_delta, apply_file, file_digest, make_delta, make_patch, read_file, DeltaError, Patch,
+    PatchConfig, PatchFile, PatchId, PatchStats, DELTA_LEVEL, MAX_DELTA_FILE_BYTES, PATCH_MAGIC,
+};
 pub use diff::Diff;
 pub use manifest::{
     limits, validate_name, Entry, EntryKind, Manifest, ManifestError, ReleaseId, MODE_MASK,

@@ -244,6 +244,14 @@ impl Manifest {
             .fold((0, 0), |(n, b), s| (n + 1, b + s))
     }
 
+    /// Regular files: each path with its chunks, in path order.
+    pub fn files(&self) -> impl Iterator<Item = (&str, &[ChunkRef])> {
+        self.entries.iter().filter_map(|e| match &e.kind {
+            EntryKind::File { chunks, .. } => Some((e.path.as_str(), chunks.as_slice())),
+            _ => None,
+        })
+    }
+
     /// Every chunk reference in file order, repeats included.
     pub fn chunk_refs(&self) -> impl Iterator<Item = &ChunkRef> {
         self.entries.iter().flat_map(|e| match &e.kind {

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use convoy_chunker::{ChunkHash, ChunkRef, Encoding, Manifest, ReleaseId, StoredChunk};
+use convoy_chunker::{ChunkHash, ChunkRef, Encoding, Manifest, Patch, ReleaseId, StoredChunk};
 use convoy_daemon::api::{Answer, ApiError, Call, DeployRequest, Op, PromoteRequest};
 use convoy_daemon::client::Client;
 use convoy_daemon::coordinator::{self, CoordinatorConfig};
@@ -170,6 +170,19 @@ impl Store for Hanging {
     }
     fn delete_release(&self, app: &str, version: &str) -> Result<(), StoreError> {
         self.inner.delete_release(app, version)
+    }
+    fn put_patch(&self, patch: &Patch) -> Result<(), StoreError> {
+        self.inner.put_patch(patch)
+    }
+    fn patches_to(&self, target: &ReleaseId) -> Result<Vec<Patch>, StoreError> {
+        self.gate.pass();
+        self.inner.patches_to(target)
+    }
+    fn patch_ends(&self) -> Result<Vec<(ReleaseId, ReleaseId)>, StoreError> {
+        self.inner.patch_ends()
+    }
+    fn delete_patch(&self, base: &ReleaseId, target: &ReleaseId) -> Result<(), StoreError> {
+        self.inner.delete_patch(base, target)
     }
     fn compact(&self) -> Result<(), StoreError> {
         self.inner.compact()

@@ -123,6 +123,8 @@ pub struct GcReport {
     pub kept: Vec<String>,
     /// Releases removed, as `app@version`.
     pub removed: Vec<String>,
+    /// Patch records removed (their base or target was).
+    pub patches_removed: u64,
     /// Chunks removed.
     pub chunks_removed: u64,
     /// Their bytes as stored.
@@ -309,6 +311,18 @@ pub fn collect(
     for id in &kept_ids {
         if let Some(m) = store.get_manifest(id)? {
             used.extend(m.chunk_refs().map(|c| c.hash));
+        }
+    }
+    // A patch lives while both its releases do; its deltas with it.
+    for (base, target) in store.patch_ends()? {
+        if !(kept_ids.contains(&base) && kept_ids.contains(&target)) {
+            store.delete_patch(&base, &target)?;
+            report.patches_removed += 1;
+        }
+    }
+    for id in &kept_ids {
+        for patch in store.patches_to(id)? {
+            used.extend(patch.delta_chunks().iter().map(|c| c.hash));
         }
     }
     let unused: HashSet<ChunkHash> = store

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 
-use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId, StoredChunk};
+use convoy_chunker::{ChunkHash, ChunkRef, Manifest, Patch, ReleaseId, StoredChunk};
 
 use super::{ChunkInfo, Release, Store, StoreError};
 
@@ -20,6 +20,8 @@ struct Inner {
     names: BTreeMap<(String, String), (ReleaseId, u64)>,
     next_seq: u64,
     logs: BTreeMap<String, Vec<Vec<u8>>>,
+    /// Encoded patches by (target, base).
+    patches: BTreeMap<(ReleaseId, ReleaseId), Vec<u8>>,
 }
 
 impl MemoryStore {
@@ -166,6 +168,40 @@ impl Store for MemoryStore {
                 inner.manifests.remove(&id);
             }
         }
+        Ok(())
+    }
+
+    fn put_patch(&self, patch: &Patch) -> Result<(), StoreError> {
+        self.write()
+            .patches
+            .insert((patch.target(), patch.base()), patch.encode());
+        Ok(())
+    }
+
+    fn patches_to(&self, target: &ReleaseId) -> Result<Vec<Patch>, StoreError> {
+        self.read()
+            .patches
+            .range((*target, ReleaseId([0; 32]))..=(*target, ReleaseId([0xff; 32])))
+            .map(|(_, bytes)| {
+                Patch::decode(bytes).map_err(|e| StoreError::Corrupt {
+                    path: "(memory)".into(),
+                    what: format!("patch: {e}"),
+                })
+            })
+            .collect()
+    }
+
+    fn patch_ends(&self) -> Result<Vec<(ReleaseId, ReleaseId)>, StoreError> {
+        Ok(self
+            .read()
+            .patches
+            .keys()
+            .map(|(target, base)| (*base, *target))
+            .collect())
+    }
+
+    fn delete_patch(&self, base: &ReleaseId, target: &ReleaseId) -> Result<(), StoreError> {
+        self.write().patches.remove(&(*target, *base));
         Ok(())
     }
 

@@ -20,7 +20,8 @@ mod packs;
 mod rocks;
 
 use convoy_chunker::{
-    BoxError, ChunkHash, ChunkRef, ChunkSource, DecodeError, Manifest, ReleaseId, StoredChunk,
+    BoxError, ChunkHash, ChunkRef, ChunkSource, DecodeError, Manifest, Patch, ReleaseId,
+    StoredChunk,
 };
 
 pub use ingest::{Ingest, IngestStats, IngestWriter};
@@ -136,6 +137,15 @@ pub trait Store: Send + Sync {
     fn releases(&self) -> Result<Vec<Release>, StoreError>;
     /// Drops a name, and its manifest unless another name still uses it.
     fn delete_release(&self, app: &str, version: &str) -> Result<(), StoreError>;
+    /// Stores a patch record, durably, replacing any from the same base to
+    /// the same target. Its delta chunks must be flushed first.
+    fn put_patch(&self, patch: &Patch) -> Result<(), StoreError>;
+    /// Every stored patch into `target`, by base.
+    fn patches_to(&self, target: &ReleaseId) -> Result<Vec<Patch>, StoreError>;
+    /// Every stored patch's ends, as `(base, target)`.
+    fn patch_ends(&self) -> Result<Vec<(ReleaseId, ReleaseId)>, StoreError>;
+    /// Removes the patch from `base` to `target`, if stored.
+    fn delete_patch(&self, base: &ReleaseId, target: &ReleaseId) -> Result<(), StoreError>;
     /// Gives the space of deleted chunks back to the file system.
     fn compact(&self) -> Result<(), StoreError>;
     /// Appends `record` to the log named `log`, durably; returns its

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId, StoredChunk};
+use convoy_chunker::{ChunkHash, ChunkRef, Manifest, Patch, ReleaseId, StoredChunk};
 use rocksdb::{
     BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch,
     WriteOptions, DB,
@@ -31,6 +31,8 @@ const CF_MANIFESTS: &str = "manifests";
 const CF_NAMES: &str = "names";
 /// Record logs: `log name, 0, sequence (u64 big-endian)` → record.
 const CF_LOGS: &str = "logs";
+/// Encoded patch records keyed by target id then base id (64 bytes).
+const CF_PATCHES: &str = "patches";
 
 /// Memtable size of the index: about 80 bytes a chunk, so one memtable
 /// holds the index of ~50 GiB of new chunks.
@@ -109,7 +111,8 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_CHUNK_INFO, index),
             ColumnFamilyDescriptor::new(CF_MANIFESTS, small.clone()),
             ColumnFamilyDescriptor::new(CF_NAMES, small.clone()),
-            ColumnFamilyDescriptor::new(CF_LOGS, small),
+            ColumnFamilyDescriptor::new(CF_LOGS, small.clone()),
+            ColumnFamilyDescriptor::new(CF_PATCHES, small),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             let reason = e.into_string();
@@ -608,6 +611,50 @@ impl Store for RocksStore {
         self.write_synced(batch)
     }
 
+    fn put_patch(&self, patch: &Patch) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_PATCHES),
+            patch_key(&patch.base(), &patch.target()),
+            patch.encode(),
+        );
+        self.write_synced(batch)
+    }
+
+    fn patches_to(&self, target: &ReleaseId) -> Result<Vec<Patch>, StoreError> {
+        self.db
+            .prefix_iterator_cf(self.cf(CF_PATCHES), target.0)
+            .map(|item| item.map_err(self.db_err()))
+            .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&target.0)))
+            .map(|item| {
+                let (_, v) = item?;
+                Patch::decode(&v).map_err(|e| self.corrupt(format!("patch into {target}: {e}")))
+            })
+            .collect()
+    }
+
+    fn patch_ends(&self) -> Result<Vec<(ReleaseId, ReleaseId)>, StoreError> {
+        self.db
+            .iterator_cf(self.cf(CF_PATCHES), IteratorMode::Start)
+            .map(|item| {
+                let (k, _) = item.map_err(self.db_err())?;
+                let id = |b: &[u8]| b.try_into().map(ReleaseId);
+                match (k.get(32..), k.get(..32)) {
+                    (Some(base), Some(target)) if k.len() == 64 => {
+                        Ok((id(base).unwrap(), id(target).unwrap()))
+                    }
+                    _ => Err(self.corrupt("patch key")),
+                }
+            })
+            .collect()
+    }
+
+    fn delete_patch(&self, base: &ReleaseId, target: &ReleaseId) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_PATCHES), patch_key(base, target));
+        self.write_synced(batch)
+    }
+
     fn compact(&self) -> Result<(), StoreError> {
         let _one_compaction = self.compact_lock.lock().expect("compact lock poisoned");
         // Packs are sealed, so nothing is appended to them again; those a
@@ -664,12 +711,20 @@ impl Store for RocksStore {
                 .remove(id)
                 .map_err(self.io_err("removing a pack"))?;
         }
-        for cf in [CF_CHUNK_INFO, CF_MANIFESTS, CF_NAMES, CF_LOGS] {
+        for cf in [CF_CHUNK_INFO, CF_MANIFESTS, CF_NAMES, CF_LOGS, CF_PATCHES] {
             self.db
                 .compact_range_cf(self.cf(cf), None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
     }
+}
+
+/// A patch's key: its target's id, then its base's.
+fn patch_key(base: &ReleaseId, target: &ReleaseId) -> [u8; 64] {
+    let mut key = [0; 64];
+    key[..32].copy_from_slice(&target.0);
+    key[32..].copy_from_slice(&base.0);
+    key
 }
 
 #[cfg(test)]

@@ -143,6 +143,49 @@ fn gc_keeps_newest_releases_per_app_and_their_chunks(store: &dyn Store) {
     assert!(verify(store, &()).unwrap().is_clean());
 }
 
+fn patch_between(from: &Manifest, to: &Manifest, delta: &[u8]) -> convoy_chunker::Patch {
+    let file = |m: &Manifest| m.files().next().unwrap().1.to_vec();
+    convoy_chunker::Patch::new(
+        from.release_id(),
+        to.release_id(),
+        vec![convoy_chunker::PatchFile {
+            path: "f".into(),
+            base_path: "f".into(),
+            base_digest: convoy_chunker::file_digest(&file(from)),
+            delta: vec![chunk(delta).0],
+            size: file(to).iter().map(|c| u64::from(c.len)).sum(),
+        }],
+    )
+}
+
+fn patches_live_while_both_their_releases_do_and_keep_their_deltas(store: &dyn Store) {
+    put(store, &[b"shared", b"v1 only", b"v2 only", b"v3 only", b"d12", b"d23"]);
+    let v: Vec<Manifest> = [("1", b"v1 only"), ("2", b"v2 only"), ("3", b"v3 only")]
+        .iter()
+        .map(|(v, own)| release("web", v, &[b"shared", *own]))
+        .collect();
+    for m in &v {
+        store.put_release(m).unwrap();
+    }
+    let p12 = patch_between(&v[0], &v[1], b"d12");
+    let p23 = patch_between(&v[1], &v[2], b"d23");
+    store.put_patch(&p12).unwrap();
+    store.put_patch(&p23).unwrap();
+    assert_eq!(store.patches_to(&v[2].release_id()).unwrap(), vec![p23.clone()]);
+    assert_eq!(store.patch_ends().unwrap().len(), 2);
+    let report = gc(store, 2).unwrap();
+    assert_eq!(report.removed, vec!["web@1".to_string()]);
+    assert_eq!(report.patches_removed, 1, "web@1 -> web@2 goes with web@1");
+    assert!(store.patches_to(&v[1].release_id()).unwrap().is_empty());
+    assert_eq!(store.patches_to(&v[2].release_id()).unwrap(), vec![p23]);
+    let has = |d: &[u8]| store.contains_chunk(&ChunkHash::of(d)).unwrap();
+    assert!(has(b"d23") && !has(b"d12"));
+    store
+        .delete_patch(&v[1].release_id(), &v[2].release_id())
+        .unwrap();
+    assert!(store.patch_ends().unwrap().is_empty());
+}
+
 fn a_collection_keeps_pins_and_spares_fresh_chunks_for_one_pass(store: &dyn Store) {
     put(
         store,
@@ -254,6 +297,7 @@ store_tests!(
     release_names_resolve_and_are_immutable,
     verify_finds_corrupt_and_missing_chunks,
     gc_keeps_newest_releases_per_app_and_their_chunks,
+    patches_live_while_both_their_releases_do_and_keep_their_deltas,
     a_collection_keeps_pins_and_spares_fresh_chunks_for_one_pass,
     ingest_counts_new_chunks_once,
     deleting_a_release_keeps_a_manifest_another_name_uses,
