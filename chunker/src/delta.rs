@@ -86,6 +86,10 @@ pub struct PatchFile {
     pub delta: Vec<ChunkRef>,
     /// The rebuilt file's size.
     pub size: u64,
+    /// The stored (wire) bytes of the file's distinct chunks, so that a
+    /// target, which knows only their raw lengths, can weigh the delta
+    /// against fetching them ([`plan_fetch`]).
+    pub wire_bytes: u64,
 }
 
 impl PatchFile {
@@ -230,8 +234,7 @@ impl Patch {
         }
         let mut previous: Option<&str> = None;
         for f in &self.files {
-            if f.path.len() > limits::MAX_PATH_BYTES || f.base_path.len() > limits::MAX_PATH_BYTES
-            {
+            if f.path.len() > limits::MAX_PATH_BYTES || f.base_path.len() > limits::MAX_PATH_BYTES {
                 return bad("a path is too long".into());
             }
             if previous.is_some_and(|p| p >= f.path.as_str()) {
@@ -247,6 +250,12 @@ impl Patch {
                     .any(|c| c.len == 0 || c.len as usize > MAX_CHUNK_SIZE)
             {
                 return bad(format!("{:?}: empty delta or bad chunk length", f.path));
+            }
+            if f.wire_bytes > f.size {
+                return bad(format!(
+                    "{:?}: {} wire bytes for a {}-byte file",
+                    f.path, f.wire_bytes, f.size
+                ));
             }
             if f.delta_len() >= f.size.max(1) {
                 return bad(format!(
@@ -273,7 +282,12 @@ impl Patch {
         for f in &self.files {
             match target_files.get(f.path.as_str()) {
                 Some((size, _)) if *size == f.size => {}
-                _ => return bad(format!("{:?} is not a file of that size in the target", f.path)),
+                _ => {
+                    return bad(format!(
+                        "{:?} is not a file of that size in the target",
+                        f.path
+                    ))
+                }
             }
             match base_files.get(f.base_path.as_str()) {
                 Some((_, chunks)) if file_digest(chunks) == f.base_digest => {}
@@ -371,6 +385,52 @@ pub fn apply_file(
     Ok(out)
 }
 
+/// The encoding of `target`'s manifest as a delta against `base`'s: what a
+/// holder of `base` is sent instead of the whole manifest. An upgrade's
+/// manifest repeats most of its base's chunk names, which no compressor
+/// can shrink otherwise (32 random bytes each).
+pub fn manifest_delta(base: &Manifest, target: &Manifest) -> Vec<u8> {
+    make_delta(&base.encode(), &target.encode(), DELTA_LEVEL)
+        .expect("zstd makes a delta of in-memory bytes")
+}
+
+/// Rebuilds the manifest [`manifest_delta`] encoded, and checks that it is
+/// the release `id` names (so a signature over `id` covers it).
+pub fn apply_manifest_delta(
+    base: &Manifest,
+    delta: &[u8],
+    id: &ReleaseId,
+) -> Result<Manifest, DeltaError> {
+    let encoded =
+        apply_bounded(&base.encode(), delta, limits::MAX_ENCODED_BYTES as u64).map_err(|e| {
+            DeltaError::Zstd {
+                path: "(manifest)".into(),
+                reason: e.to_string(),
+            }
+        })?;
+    if ReleaseId::of_encoded(&encoded) != *id {
+        return Err(DeltaError::Mismatch {
+            path: "(manifest)".into(),
+        });
+    }
+    Ok(Manifest::decode(&encoded)?)
+}
+
+/// Applies a delta whose result's size is unknown but at most `max`.
+fn apply_bounded(base: &[u8], delta: &[u8], max: u64) -> std::io::Result<Vec<u8>> {
+    let mut decoder = zstd::stream::read::Decoder::with_ref_prefix(delta, base)?;
+    decoder.window_log_max(window_log(base.len(), max as usize))?;
+    let mut out = Vec::new();
+    decoder.take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than {max} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
 /// Reads a whole file from its chunks, each verified.
 pub fn read_file(
     source: &dyn ChunkSource,
@@ -453,14 +513,6 @@ pub fn make_patch<S: ChunkSink>(
 ) -> Result<(Patch, PatchStats), DeltaError> {
     let started = Instant::now();
     let held: HashSet<ChunkHash> = base.chunk_refs().map(|c| c.hash).collect();
-    // How many target files use each new chunk: a chunk another file also
-    // needs is fetched anyway, and a delta saves nothing on it.
-    let mut users: HashMap<ChunkHash, u32> = HashMap::new();
-    for c in target.files().flat_map(|(_, chunks)| chunks) {
-        if !held.contains(&c.hash) {
-            *users.entry(c.hash).or_default() += 1;
-        }
-    }
     let bases = BaseIndex::new(base);
     let mut stats = PatchStats::default();
     let mut jobs = Vec::new();
@@ -486,52 +538,59 @@ pub fn make_patch<S: ChunkSink>(
             stats.files_too_large += 1;
             continue;
         }
-        let saving: u64 = fresh
-            .iter()
-            .filter(|c| users.get(&c.hash) == Some(&1))
-            .map(|c| wire_len(c))
-            .sum();
-        if saving == 0 {
-            continue;
-        }
+        // Rebuilding the file yields all its chunks: the delta replaces
+        // the fetch of every one the base lacks.
+        let saving: u64 = fresh.iter().map(|c| wire_len(c)).sum();
+        let wire_bytes: u64 = distinct(chunks).map(wire_len).sum();
         stats.files_tried += 1;
-        jobs.push((path, chunks, base_path, base_chunks, size, saving));
+        jobs.push((
+            path,
+            chunks,
+            base_path,
+            base_chunks,
+            size,
+            saving,
+            wire_bytes,
+        ));
     }
     let made: Vec<Result<Option<(PatchFile, u64, u64, Duration)>, DeltaError>> = jobs
         .par_iter()
-        .map(|(path, chunks, base_path, base_chunks, size, saving)| {
-            let cpu = Instant::now();
-            let old = read_file(source, base_path, base_chunks)?;
-            let new = read_file(source, path, chunks)?;
-            let delta = make_delta(&old, &new, config.level).map_err(|e| DeltaError::Zstd {
-                path: (*path).into(),
-                reason: e.to_string(),
-            })?;
-            let held_bytes = (old.len() + new.len() + delta.len()) as u64;
-            drop((old, new));
-            if delta.len() as u64 >= *saving {
-                return Ok(None);
-            }
-            let mut writer = sink.writer();
-            let mut refs = Vec::new();
-            chunk_slice(&delta, |bytes, c| {
-                refs.push(c);
-                writer.write(bytes, &c)
-            })
-            .and_then(|()| writer.finish())
-            .map_err(|source| DeltaError::Sink {
-                path: (*path).into(),
-                source,
-            })?;
-            let file = PatchFile {
-                path: (*path).into(),
-                base_path: (*base_path).into(),
-                base_digest: file_digest(base_chunks),
-                delta: refs,
-                size: *size,
-            };
-            Ok(Some((file, *saving, held_bytes, cpu.elapsed())))
-        })
+        .map(
+            |(path, chunks, base_path, base_chunks, size, saving, wire_bytes)| {
+                let cpu = Instant::now();
+                let old = read_file(source, base_path, base_chunks)?;
+                let new = read_file(source, path, chunks)?;
+                let delta = make_delta(&old, &new, config.level).map_err(|e| DeltaError::Zstd {
+                    path: (*path).into(),
+                    reason: e.to_string(),
+                })?;
+                let held_bytes = (old.len() + new.len() + delta.len()) as u64;
+                drop((old, new));
+                if delta.len() as u64 >= *saving {
+                    return Ok(None);
+                }
+                let mut writer = sink.writer();
+                let mut refs = Vec::new();
+                chunk_slice(&delta, |bytes, c| {
+                    refs.push(c);
+                    writer.write(bytes, &c)
+                })
+                .and_then(|()| writer.finish())
+                .map_err(|source| DeltaError::Sink {
+                    path: (*path).into(),
+                    source,
+                })?;
+                let file = PatchFile {
+                    path: (*path).into(),
+                    base_path: (*base_path).into(),
+                    base_digest: file_digest(base_chunks),
+                    delta: refs,
+                    size: *size,
+                    wire_bytes: *wire_bytes,
+                };
+                Ok(Some((file, *saving, held_bytes, cpu.elapsed())))
+            },
+        )
         .collect();
     let mut files = Vec::new();
     let mut cpu = Duration::ZERO;
@@ -552,6 +611,116 @@ pub fn make_patch<S: ChunkSink>(
         Patch::new(base.release_id(), target.release_id(), files),
         stats,
     ))
+}
+
+/// Each distinct chunk of a list once, in order.
+fn distinct(chunks: &[ChunkRef]) -> impl Iterator<Item = &ChunkRef> {
+    let mut seen = HashSet::new();
+    chunks.iter().filter(move |c| seen.insert(c.hash))
+}
+
+/// What a target fetches to get a release: for each patched file, the
+/// delta or the chunks, whichever is smaller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FetchPlan {
+    /// Files rebuilt from their deltas (in the patch's order).
+    pub patched: Vec<PatchFile>,
+    /// The delta chunks to fetch: distinct, not held.
+    pub delta_chunks: Vec<ChunkRef>,
+    /// The release's chunks to fetch: distinct, not held and not rebuilt.
+    pub chunks: Vec<ChunkRef>,
+    /// Estimated wire bytes of `delta_chunks` and `chunks`.
+    pub wire_bytes: u64,
+    /// Estimated wire bytes without the patch.
+    pub wire_bytes_without_deltas: u64,
+}
+
+/// Chooses, for a target holding what `held` says, per patched file,
+/// whether to fetch its delta or its missing chunks: a file is rebuilt
+/// only where the target holds its whole base file and the delta chunks it
+/// lacks cost less than the chunks the rebuild spares. `wire_len` weighs a
+/// chunk of `target` (its stored length where known). The plan never
+/// costs more than fetching the chunks.
+pub fn plan_fetch(
+    target: &Manifest,
+    base: &Manifest,
+    patch: &Patch,
+    held: &dyn Fn(&ChunkHash) -> bool,
+    wire_len: &dyn Fn(&ChunkRef) -> u64,
+) -> FetchPlan {
+    let missing: Vec<ChunkRef> = target
+        .unique_chunks()
+        .into_iter()
+        .filter(|c| !held(&c.hash))
+        .collect();
+    let without: u64 = missing.iter().map(wire_len).sum();
+    let mut plan = FetchPlan {
+        wire_bytes_without_deltas: without,
+        ..FetchPlan::default()
+    };
+    if patch.base() != base.release_id() || patch.target() != target.release_id() {
+        plan.chunks = missing;
+        plan.wire_bytes = without;
+        return plan;
+    }
+    let files: HashMap<&str, &[ChunkRef]> = target.files().collect();
+    let bases: HashMap<&str, &[ChunkRef]> = base.files().collect();
+    // Candidates, most promising first: those whose missing chunks weigh
+    // most over their delta.
+    let mut candidates: Vec<(&PatchFile, &[ChunkRef], u64)> = patch
+        .files()
+        .iter()
+        .filter_map(|f| {
+            let chunks = *files.get(f.path.as_str())?;
+            let base_chunks = *bases.get(f.base_path.as_str())?;
+            if file_digest(base_chunks) != f.base_digest
+                || !base_chunks.iter().all(|c| held(&c.hash))
+            {
+                return None;
+            }
+            let gain: u64 = distinct(chunks)
+                .filter(|c| !held(&c.hash))
+                .map(wire_len)
+                .sum();
+            Some((f, chunks, gain))
+        })
+        .collect();
+    candidates.sort_by_key(|(f, _, gain)| std::cmp::Reverse(gain.saturating_sub(f.delta_len())));
+    let mut covered: HashSet<ChunkHash> = HashSet::new();
+    let mut fetched_deltas: HashSet<ChunkHash> = HashSet::new();
+    for (f, chunks, _) in candidates {
+        let spared: u64 = distinct(chunks)
+            .filter(|c| !held(&c.hash) && !covered.contains(&c.hash))
+            .map(wire_len)
+            .sum();
+        let cost: u64 = distinct(&f.delta)
+            .filter(|c| !held(&c.hash) && !fetched_deltas.contains(&c.hash))
+            .map(|c| u64::from(c.len))
+            .sum();
+        if cost >= spared {
+            continue;
+        }
+        covered.extend(chunks.iter().map(|c| c.hash));
+        for c in distinct(&f.delta) {
+            if !held(&c.hash) && fetched_deltas.insert(c.hash) {
+                plan.delta_chunks.push(*c);
+            }
+        }
+        plan.patched.push(f.clone());
+    }
+    plan.patched.sort_by(|a, b| a.path.cmp(&b.path));
+    plan.chunks = missing
+        .into_iter()
+        .filter(|c| !covered.contains(&c.hash))
+        .collect();
+    plan.wire_bytes = plan.chunks.iter().map(wire_len).sum::<u64>()
+        + plan
+            .delta_chunks
+            .iter()
+            .map(|c| u64::from(c.len))
+            .sum::<u64>();
+    debug_assert!(plan.wire_bytes <= without);
+    plan
 }
 
 /// Finds, for a file of the target, the base file to make its delta from.
@@ -728,7 +897,10 @@ mod tests {
         assert_eq!(stats.files_changed, 1, "same.bin is unchanged");
         assert_eq!(patch.files().len(), 1);
         let f = &patch.files()[0];
-        assert_eq!((f.path.as_str(), f.base_path.as_str()), ("app.js", "app.js"));
+        assert_eq!(
+            (f.path.as_str(), f.base_path.as_str()),
+            ("app.js", "app.js")
+        );
         // 105 edits of one byte in 1 MiB: every chunk is new, the delta tiny.
         assert!(stats.replaced_wire_bytes >= 1 << 20);
         assert!(f.delta_len() < 4096, "delta of {} bytes", f.delta_len());
@@ -736,8 +908,45 @@ mod tests {
         let base = read_file(&store, "app.js", &chunks_of(&v1, "app.js")).unwrap();
         let delta = read_file(&store, "delta", &f.delta).unwrap();
         let rebuilt = apply_file(f, &base, &delta, &chunks_of(&v2, "app.js")).unwrap();
-        assert_eq!(rebuilt, read_file(&store, "app.js", &chunks_of(&v2, "app.js")).unwrap());
+        assert_eq!(
+            rebuilt,
+            read_file(&store, "app.js", &chunks_of(&v2, "app.js")).unwrap()
+        );
         assert_eq!(Patch::decode(&patch.encode()).unwrap(), patch);
+    }
+
+    #[test]
+    fn a_target_holding_the_base_fetches_the_delta_and_one_without_it_the_chunks() {
+        let (store, v1, v2) = pair();
+        let (patch, _) =
+            make_patch(&v1, &v2, &store, &raw_len, &store, &PatchConfig::default()).unwrap();
+        let base: HashSet<ChunkHash> = v1.chunk_refs().map(|c| c.hash).collect();
+        let plan = plan_fetch(&v2, &v1, &patch, &|h| base.contains(h), &raw_len);
+        assert_eq!(plan.patched, patch.files().to_vec());
+        assert!(plan.chunks.is_empty(), "same.bin is held, app.js rebuilt");
+        assert_eq!(plan.delta_chunks, patch.delta_chunks());
+        assert_eq!(plan.wire_bytes, patch.delta_bytes());
+        assert!(plan.wire_bytes_without_deltas >= 1 << 20);
+
+        let nothing = plan_fetch(&v2, &v1, &patch, &|_| false, &raw_len);
+        assert!(nothing.patched.is_empty() && nothing.delta_chunks.is_empty());
+        assert_eq!(nothing.chunks, v2.unique_chunks());
+        assert_eq!(nothing.wire_bytes, nothing.wire_bytes_without_deltas);
+    }
+
+    #[test]
+    fn a_delta_is_fetched_only_where_it_costs_less_than_the_chunks_it_spares() {
+        let (store, v1, v2) = pair();
+        let (patch, _) =
+            make_patch(&v1, &v2, &store, &raw_len, &store, &PatchConfig::default()).unwrap();
+        let base: HashSet<ChunkHash> = v1.chunk_refs().map(|c| c.hash).collect();
+        // Chunks that compress to almost nothing: the delta costs more.
+        let plan = plan_fetch(&v2, &v1, &patch, &|h| base.contains(h), &|_| 10);
+        assert!(plan.patched.is_empty());
+        assert_eq!(plan.wire_bytes, plan.wire_bytes_without_deltas);
+        // A patch for another pair of releases is not used at all.
+        let plan = plan_fetch(&v1, &v2, &patch, &|h| base.contains(h), &raw_len);
+        assert!(plan.patched.is_empty());
     }
 
     #[test]
@@ -763,6 +972,40 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_travels_as_a_delta_against_its_base_and_only_its_base() {
+        let store = Chunks::default();
+        let files = |changed: u64| -> Vec<Entry> {
+            (0..50u64)
+                .map(|i| {
+                    let seed = if i == 7 { 1000 + changed } else { i };
+                    file(&store, &format!("f{i:02}"), &pseudo_random(20_000, seed))
+                })
+                .collect()
+        };
+        let v1 = Manifest::new("web", "1", files(0)).unwrap();
+        let v2 = Manifest::new("web", "2", files(1)).unwrap();
+        let delta = manifest_delta(&v1, &v2);
+        // One chunk name of 50 changed: the delta carries little more.
+        assert!(
+            delta.len() * 10 < v2.encode().len(),
+            "{} bytes",
+            delta.len()
+        );
+        let id = v2.release_id();
+        assert_eq!(apply_manifest_delta(&v1, &delta, &id).unwrap(), v2);
+        // Whatever the base, the result is the release `id` names or an error.
+        let other = Manifest::new("web", "0", vec![file(&store, "x", b"unrelated")]).unwrap();
+        assert!(
+            apply_manifest_delta(&other, &delta, &id).is_err(),
+            "another base"
+        );
+        assert!(
+            apply_manifest_delta(&v1, &delta, &v1.release_id()).is_err(),
+            "another id"
+        );
+    }
+
+    #[test]
     fn a_delta_that_would_rebuild_more_than_the_stated_size_stops_there() {
         let base = pseudo_random(10_000, 1);
         let delta = make_delta(&base, &[7u8; 1 << 20], 3).unwrap();
@@ -776,8 +1019,18 @@ mod tests {
     #[test]
     fn no_delta_is_kept_where_it_would_not_be_smaller_than_the_chunks() {
         let store = Chunks::default();
-        let v1 = Manifest::new("web", "1", vec![file(&store, "a", &pseudo_random(300_000, 1))]).unwrap();
-        let v2 = Manifest::new("web", "2", vec![file(&store, "a", &pseudo_random(300_000, 2))]).unwrap();
+        let v1 = Manifest::new(
+            "web",
+            "1",
+            vec![file(&store, "a", &pseudo_random(300_000, 1))],
+        )
+        .unwrap();
+        let v2 = Manifest::new(
+            "web",
+            "2",
+            vec![file(&store, "a", &pseudo_random(300_000, 2))],
+        )
+        .unwrap();
         let (patch, stats) =
             make_patch(&v1, &v2, &store, &raw_len, &store, &PatchConfig::default()).unwrap();
         assert_eq!((stats.files_tried, stats.files_patched), (1, 0));
@@ -792,7 +1045,10 @@ mod tests {
             "web",
             "1",
             vec![
-                Entry { path: "pkg-1.0".into(), kind: EntryKind::Dir { mode: 0o755 } },
+                Entry {
+                    path: "pkg-1.0".into(),
+                    kind: EntryKind::Dir { mode: 0o755 },
+                },
                 file(&store, "pkg-1.0/lib.so", &old),
                 file(&store, "pkg-1.0/RECORD", &pseudo_random(5000, 4)),
             ],
@@ -804,7 +1060,10 @@ mod tests {
             "web",
             "2",
             vec![
-                Entry { path: "pkg-1.1".into(), kind: EntryKind::Dir { mode: 0o755 } },
+                Entry {
+                    path: "pkg-1.1".into(),
+                    kind: EntryKind::Dir { mode: 0o755 },
+                },
                 file(&store, "pkg-1.1/lib.so", &scattered_edits(&old, 50_000)),
                 file(&store, "pkg-1.1/RECORD", &record),
             ],
@@ -819,7 +1078,10 @@ mod tests {
             .collect();
         assert_eq!(
             bases,
-            [("pkg-1.1/RECORD", "pkg-1.0/RECORD"), ("pkg-1.1/lib.so", "pkg-1.0/lib.so")]
+            [
+                ("pkg-1.1/RECORD", "pkg-1.0/RECORD"),
+                ("pkg-1.1/lib.so", "pkg-1.0/lib.so")
+            ]
         );
     }
 
@@ -844,8 +1106,15 @@ mod tests {
         assert!(refused(edit(&|f| f.delta.clear())));
         assert!(refused(edit(&|f| f.delta[0].len = 0)));
         assert!(refused(edit(&|f| f.base_digest = ChunkHash([0; 32]))));
+        assert!(refused(edit(&|f| f.wire_bytes = f.size + 1)));
         assert!(refused(edit(&|f| {
-            f.delta = vec![ChunkRef { hash: ChunkHash([1; 32]), len: 200_000 }; 8]
+            f.delta = vec![
+                ChunkRef {
+                    hash: ChunkHash([1; 32]),
+                    len: 200_000
+                };
+                8
+            ]
         })));
         let mut twice = patch.clone();
         twice.files.push(twice.files[0].clone());

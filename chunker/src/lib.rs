@@ -51,8 +51,9 @@ pub use chunk::{
 };
 pub use codec::DecodeError;
 pub use delta::{
-    apply_delta, apply_file, file_digest, make_delta, make_patch, read_file, DeltaError, Patch,
-    PatchConfig, PatchFile, PatchId, PatchStats, DELTA_LEVEL, MAX_DELTA_FILE_BYTES, PATCH_MAGIC,
+    apply_delta, apply_file, apply_manifest_delta, file_digest, make_delta, make_patch,
+    manifest_delta, plan_fetch, read_file, DeltaError, FetchPlan, Patch, PatchConfig, PatchFile,
+    PatchId, PatchStats, DELTA_LEVEL, MAX_DELTA_FILE_BYTES, PATCH_MAGIC,
 };
 pub use diff::Diff;
 pub use manifest::{

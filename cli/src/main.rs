@@ -13,6 +13,7 @@ use indicatif::BinaryBytes;
 use serde_json::json;
 
 mod bench;
+mod deltas;
 mod demo;
 mod operate;
 mod progress;
@@ -111,6 +112,10 @@ enum Command {
         /// Version (letters, digits, '.', '_', '-', '+'); a version names one release forever
         #[arg(long = "version", value_name = "VERSION")]
         release_version: String,
+        /// Make binary deltas into the new release from this many of the
+        /// app's newest releases in the store (0: none)
+        #[arg(long, value_name = "N", default_value_t = 2)]
+        delta_bases: usize,
     },
     /// Show a release: its entries, sizes and chunk statistics
     ///
@@ -127,7 +132,10 @@ enum Command {
     /// Show what upgrading a holder of FROM to TO must move
     ///
     /// Counts the distinct chunks of TO that FROM lacks, their bytes, and
-    /// their bytes as they cross the network (compressed).
+    /// their bytes as they cross the network (compressed); then the bytes
+    /// with binary deltas (each file's delta or its chunks, whichever is
+    /// smaller) and the files that use them. Makes and stores the deltas
+    /// from FROM to TO when the store holds none yet.
     ///
     /// Example: convoy diff web@1.4.1 web@1.4.2
     Diff {
@@ -449,7 +457,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             app,
             release_version,
-        } => cmd_pack(&store, &out, &dir, &app, &release_version),
+            delta_bases,
+        } => cmd_pack(&store, &out, &dir, &app, &release_version, delta_bases),
         Command::Inspect { release, summary } => cmd_inspect(&store, &out, &release, summary),
         Command::Diff { from, to } => cmd_diff(&store, &out, &from, &to),
         Command::Unpack {
@@ -551,10 +560,14 @@ fn cmd_pack(
     dir: &Path,
     app: &str,
     version: &str,
+    delta_bases: usize,
 ) -> Result<ExitCode> {
     let started = Instant::now();
     let (manifest, id, stats) = pack_release(store, dir, app, version)?;
     let seconds = started.elapsed().as_secs_f64();
+    let deltas_started = Instant::now();
+    let made = deltas::after_pack(store, &manifest, delta_bases)?;
+    let delta_seconds = deltas_started.elapsed().as_secs_f64();
     let (files, bytes) = manifest.file_totals();
     let unique = manifest.unique_chunks();
     let hashes: Vec<_> = unique.iter().map(|c| c.hash).collect();
@@ -575,10 +588,15 @@ fn cmd_pack(
             BinaryBytes(stats.new_stored_bytes),
             BinaryBytes(stored_bytes),
         );
+        for m in &made {
+            eprintln!("{}", m.line());
+        }
     }
     out.emit(
         json!({
             "release_id": id.to_hex(),
+            "deltas": made.iter().map(deltas::Made::json).collect::<Vec<_>>(),
+            "delta_seconds": delta_seconds,
             "app": app,
             "version": version,
             "files": files,
@@ -615,6 +633,18 @@ fn cmd_inspect(store: &RocksStore, out: &Output, spec: &str, summary: bool) -> R
         .sum();
     let missing = infos.iter().filter(|i| i.is_none()).count();
     let chunk_refs = m.chunk_refs().count();
+    let names = store.releases()?;
+    let patches: Vec<(String, convoy_chunker::Patch)> = store
+        .patches_to(&id)?
+        .into_iter()
+        .map(|p| {
+            let base = names
+                .iter()
+                .find(|r| r.id == p.base())
+                .map_or_else(|| p.base().to_hex(), |r| format!("{}@{}", r.app, r.version));
+            (base, p)
+        })
+        .collect();
     let entries: Vec<serde_json::Value> = if summary {
         Vec::new()
     } else {
@@ -641,6 +671,12 @@ fn cmd_inspect(store: &RocksStore, out: &Output, spec: &str, summary: bool) -> R
             "unique_bytes": unique_bytes,
             "stored_bytes": stored_bytes,
             "missing_chunks": missing,
+            "deltas": patches.iter().map(|(base, p)| json!({
+                "base": base,
+                "patch_id": p.id().to_hex(),
+                "files": p.files().len(),
+                "delta_bytes": p.delta_bytes(),
+            })).collect::<Vec<_>>(),
             "entries": entries,
         }),
         || {
@@ -656,6 +692,13 @@ fn cmd_inspect(store: &RocksStore, out: &Output, spec: &str, summary: bool) -> R
             );
             if missing > 0 {
                 s += &format!("missing   {missing} chunks are not in this store\n");
+            }
+            for (base, p) in &patches {
+                s += &format!(
+                    "deltas    from {base}: {} files, {}\n",
+                    p.files().len(),
+                    BinaryBytes(p.delta_bytes())
+                );
             }
             if !summary {
                 s.push('\n');
@@ -689,6 +732,9 @@ fn cmd_diff(store: &RocksStore, out: &Output, from: &str, to: &str) -> Result<Ex
         .flatten()
         .map(|i| u64::from(i.stored_len))
         .sum();
+    let made = deltas::make(store, &from_m, &to_m)?;
+    let plan = deltas::plan(store, &from_m, &to_m, &made.patch)?;
+    let delta_bytes: u64 = plan.delta_chunks.iter().map(|c| u64::from(c.len)).sum();
     out.emit(
         json!({
             "from": from_id.to_hex(),
@@ -698,6 +744,11 @@ fn cmd_diff(store: &RocksStore, out: &Output, from: &str, to: &str) -> Result<Ex
             "bytes_total": diff.bytes_total,
             "bytes_new": diff.bytes_new,
             "wire_bytes_new": wire,
+            "wire_bytes_with_deltas": plan.wire_bytes,
+            "delta_bytes": delta_bytes,
+            "chunks_new_with_deltas": plan.chunks.len(),
+            "delta_files": deltas::plan_files(&plan),
+            "deltas_made": made.stats,
         }),
         || {
             let share = if diff.bytes_total == 0 {
@@ -705,14 +756,31 @@ fn cmd_diff(store: &RocksStore, out: &Output, from: &str, to: &str) -> Result<Ex
             } else {
                 100.0 * diff.bytes_new as f64 / diff.bytes_total as f64
             };
-            format!(
+            let saved = if wire == 0 {
+                0.0
+            } else {
+                100.0 * (1.0 - plan.wire_bytes as f64 / wire as f64)
+            };
+            let mut s = format!(
                 "{from} -> {to}: {} of {} chunks new, {} of {} ({share:.1}%), {} on the wire\n",
                 diff.new.len(),
                 diff.chunks_total,
                 BinaryBytes(diff.bytes_new),
                 BinaryBytes(diff.bytes_total),
                 BinaryBytes(wire),
-            )
+            );
+            s += &format!(
+                "with deltas: {} on the wire ({saved:.1}% less): {} files from deltas ({}), {} chunks ({})\n",
+                BinaryBytes(plan.wire_bytes),
+                plan.patched.len(),
+                BinaryBytes(delta_bytes),
+                plan.chunks.len(),
+                BinaryBytes(plan.wire_bytes - delta_bytes),
+            );
+            if made.stats.is_some() {
+                s += &format!("{}\n", made.line());
+            }
+            s
         },
     );
     Ok(ExitCode::SUCCESS)

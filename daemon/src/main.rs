@@ -85,6 +85,11 @@ enum Command {
         /// every release of a staging or roll-out it remembers [default: 10]
         #[arg(long, env = "CONVOY_RETAIN", value_name = "N")]
         retain: Option<usize>,
+        /// After a publish, make binary deltas into the new release from
+        /// this many of the app's older releases (and from those the fleet
+        /// runs), in the background; 0: none [default: 2]
+        #[arg(long, env = "CONVOY_DELTA_BASES", value_name = "N")]
+        delta_bases: Option<usize>,
         /// TOML file defining environments and apps with their pipelines
         /// and roll-out defaults (see the README) [default: none: nothing
         /// can be deployed]
@@ -222,6 +227,7 @@ struct FileConfig {
     operators: Option<PathBuf>,
     pipelines: Option<PathBuf>,
     retain: Option<usize>,
+    delta_bases: Option<usize>,
     hook_timeout: Option<String>,
     hook_env: Option<Vec<String>>,
 }
@@ -416,6 +422,7 @@ fn run(cli: Cli) -> Result<()> {
             api_token_file,
             operators,
             retain,
+            delta_bases,
             pipelines,
         } => {
             let file = load_file(common.config.as_deref())?;
@@ -496,6 +503,7 @@ fn run(cli: Cli) -> Result<()> {
                         n => n,
                     },
                     gc_every: s.gc_every,
+                    delta_bases: delta_bases.or(file.delta_bases).unwrap_or(2),
                 };
                 coordinator::run(config, chunks, net, events, calls, shutdown_signal()).await
             })

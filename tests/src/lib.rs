@@ -226,6 +226,15 @@ impl Daemon {
         *self = again;
     }
 
+    /// Sets `flag` to `value` for the next [`Daemon::restart`] (replacing
+    /// the value it had, or adding the flag).
+    pub fn set_arg(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) => self.args[i + 1] = value.to_string(),
+            None => self.args.extend([flag.to_string(), value.to_string()]),
+        }
+    }
+
     /// Stops it with SIGTERM and waits, bounded; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
         if let Ok(Some(status)) = self.child.try_wait() {

@@ -142,6 +142,67 @@ fn inserting_one_byte_in_a_50_mib_file_moves_at_most_3_chunks() {
 }
 
 #[test]
+fn scattered_edits_move_far_less_with_deltas_and_diff_inspect_and_pack_say_so() {
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    fs::create_dir_all(&v1).unwrap();
+    fs::create_dir_all(&v2).unwrap();
+    let mut bundle = noise(2 << 20, 5);
+    fs::write(v1.join("bundle.js"), &bundle).unwrap();
+    fs::write(v1.join("same.txt"), "unchanged\n").unwrap();
+    // A byte in every 16 KiB: every chunk of the bundle is new.
+    for i in (8 << 10..bundle.len()).step_by(16 << 10) {
+        bundle[i] ^= 0x55;
+    }
+    fs::write(v2.join("bundle.js"), &bundle).unwrap();
+    fs::write(v2.join("same.txt"), "unchanged\n").unwrap();
+    let convoy = Convoy::new(&work.path().join("store"));
+    convoy.pack(&v1, "web@1", &[]).success();
+    let packed = convoy.pack(&v2, "web@2", &["--json"]).success().json();
+    assert_eq!(packed["deltas"][0]["base"], "web@1", "{packed}");
+    assert_eq!(packed["deltas"][0]["files"], 1);
+    assert!(packed["delta_seconds"].as_f64().is_some());
+
+    let diff = convoy.ok(&["diff", "web@1", "web@2", "--json"]).json();
+    let (chunks, deltas) = (
+        diff["wire_bytes_new"].as_u64().unwrap(),
+        diff["wire_bytes_with_deltas"].as_u64().unwrap(),
+    );
+    assert!(chunks >= 2 << 20, "{diff}");
+    assert!(
+        deltas * 100 < chunks,
+        "{deltas} bytes with deltas, {chunks} without"
+    );
+    assert_eq!(
+        diff["delta_bytes"].as_u64().unwrap(),
+        deltas,
+        "no chunk left to fetch"
+    );
+    assert_eq!(diff["delta_files"][0]["path"], "bundle.js");
+    assert_eq!(diff["delta_files"].as_array().unwrap().len(), 1);
+    assert!(diff["deltas_made"].is_null(), "made by pack, found by diff");
+
+    let inspect = convoy
+        .ok(&["inspect", "web@2", "--summary", "--json"])
+        .json();
+    assert_eq!(inspect["deltas"][0]["base"], "web@1", "{inspect}");
+    let text = convoy.ok(&["inspect", "web@2", "--summary"]).stdout;
+    assert!(text.contains("deltas    from web@1: 1 files"), "{text}");
+
+    // Without deltas at pack time, diff makes them.
+    let other = Convoy::new(&work.path().join("store2"));
+    other.pack(&v1, "web@1", &[]).success();
+    let packed = other
+        .pack(&v2, "web@2", &["--delta-bases", "0", "--json"])
+        .success()
+        .json();
+    assert_eq!(packed["deltas"].as_array().unwrap().len(), 0);
+    let diff = other.ok(&["diff", "web@1", "web@2", "--json"]).json();
+    assert!(diff["deltas_made"]["files_patched"] == 1, "{diff}");
+    assert_eq!(diff["wire_bytes_with_deltas"].as_u64().unwrap(), deltas);
+}
+
+#[test]
 fn escaping_symlink_is_refused_naming_it() {
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
@@ -189,7 +250,7 @@ fn hostile_manifest_in_the_store_is_refused_naming_the_path() {
     let store = work.path().join("store");
     let convoy = Convoy::new(&store);
     let id = convoy.pack(&src, "web@1", &[]).success().stdout;
-    let cfs = ["chunk_info", "manifests", "names", "logs"];
+    let cfs = ["chunk_info", "manifests", "names", "logs", "patches"];
     {
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).unwrap();
         let manifests = db.cf_handle("manifests").unwrap();
@@ -341,7 +402,7 @@ fn verify_reports_a_name_without_its_manifest() {
     let convoy = Convoy::new(&store);
     convoy.pack(&src, "web@1", &[]).success();
     {
-        let cfs = ["chunk_info", "manifests", "names", "logs"];
+        let cfs = ["chunk_info", "manifests", "names", "logs", "patches"];
         let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &store, cfs).unwrap();
         let mut value = [7u8; 32].to_vec();
         value.extend_from_slice(&5u64.to_be_bytes());

@@ -437,6 +437,7 @@ impl Started {
             refusals: Default::default(),
             retain: 10,
             gc_every: None,
+            delta_bases: 0,
         };
         let (calls, calls_rx) = mpsc::channel(16);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -91,8 +91,8 @@ pub(super) fn rsync_runs(
 
 pub(super) fn dir_bytes(dir: &Path) -> Result<u64> {
     let mut n = 0;
-    for e in std::fs::read_dir(dir)? {
-        n += e?.metadata()?.len();
+    for p in sorted_files(dir)? {
+        n += std::fs::metadata(dir.join(p))?.len();
     }
     Ok(n)
 }
@@ -100,8 +100,7 @@ pub(super) fn dir_bytes(dir: &Path) -> Result<u64> {
 /// Whether every file of `a` is in `b` with the same bytes.
 fn same_files(a: &Path, b: &Path) -> Result<bool> {
     for p in sorted_files(a)? {
-        let theirs = b.join(p.file_name().expect("a file"));
-        if std::fs::read(&p)? != std::fs::read(&theirs).unwrap_or_default() {
+        if std::fs::read(a.join(&p))? != std::fs::read(b.join(&p)).unwrap_or_default() {
             return Ok(false);
         }
     }
@@ -117,12 +116,12 @@ pub(super) fn changed_bytes(a: &Path, b: &Path) -> Result<u64> {
 fn changed_runs(a: &Path, b: &Path) -> Result<Vec<Range>> {
     const RUN: usize = 64 << 10;
     let mut out = Vec::new();
-    for p in sorted_files(a)? {
-        let x = std::fs::read(&p)?;
-        let file = b.join(p.file_name().expect("a file"));
+    for p in sorted_files(b)? {
+        let x = std::fs::read(a.join(&p)).unwrap_or_default();
+        let file = b.join(&p);
         let y = std::fs::read(&file)?;
-        for (i, (x, y)) in x.chunks(RUN).zip(y.chunks(RUN)).enumerate() {
-            if x != y {
+        for (i, y) in y.chunks(RUN).enumerate() {
+            if x.chunks(RUN).nth(i) != Some(y) {
                 out.push(Range {
                     file: file.clone(),
                     offset: (i * RUN) as u64,
@@ -157,8 +156,9 @@ fn rsync_once(
         let dest = root.join(format!("target-{i:03}"));
         std::fs::create_dir_all(&dest)?;
         let output = Command::new("rsync")
-            // -I: also when size and mtime match (a new build can keep both).
-            .args(["-a", "-I", "--stats", "--inplace"])
+            // -I: also when size and mtime match (a new build can keep both);
+            // -z: compressed, as a push across data centres runs.
+            .args(["-a", "-I", "-z", "--stats", "--inplace"])
             .args(bwlimit.iter())
             .arg(format!("rsync://127.0.0.1:{port}/{module}/"))
             .arg(format!("{}/", dest.display()))
@@ -278,9 +278,10 @@ struct Range {
 fn whole_files(dir: &Path) -> Result<Vec<Range>> {
     let mut out = Vec::new();
     for e in sorted_files(dir)? {
-        let len = std::fs::metadata(&e)?.len();
+        let file = dir.join(e);
+        let len = std::fs::metadata(&file)?.len();
         out.push(Range {
-            file: e,
+            file,
             offset: 0,
             len,
         });
@@ -288,10 +289,21 @@ fn whole_files(dir: &Path) -> Result<Vec<Range>> {
     Ok(out)
 }
 
+/// The regular files under `dir`, as paths relative to it, sorted.
 fn sorted_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
+    let mut files = Vec::new();
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        for e in std::fs::read_dir(dir.join(&rel))? {
+            let e = e?;
+            let kind = e.file_type()?;
+            if kind.is_dir() {
+                dirs.push(rel.join(e.file_name()));
+            } else if kind.is_file() {
+                files.push(rel.join(e.file_name()));
+            }
+        }
+    }
     files.sort();
     Ok(files)
 }

@@ -36,9 +36,9 @@ pub struct BenchArgs {
     /// Targets to start
     #[arg(long, default_value_t = 10)]
     pub nodes: usize,
-    /// Package size
-    #[arg(long, default_value = "16MiB")]
-    pub size: String,
+    /// Package size [default: 16MiB]
+    #[arg(long)]
+    pub size: Option<String>,
     /// Every target's upload cap (bytes per second, or "unlimited")
     #[arg(long, default_value = "2MiB")]
     pub uplink: String,
@@ -53,9 +53,21 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "swarm,push,pull")]
     pub modes: Vec<String>,
     /// Also stage a second version with this percentage of the content
-    /// changed, and report the update
-    #[arg(long, value_name = "PERCENT")]
+    /// changed in 64 KiB runs, and report the update
+    #[arg(long, value_name = "PERCENT", conflicts_with_all = ["edits", "from"])]
     pub change: Option<f64>,
+    /// Also stage a second version with N small edits (1 to 8 bytes each)
+    /// scattered over the files, as a recompiled or minified bundle
+    /// changes, and report the update
+    #[arg(long, value_name = "N", conflicts_with = "from")]
+    pub edits: Option<u64>,
+    /// Stage this tree instead of a generated package (each mode on a fresh
+    /// fleet, since the content cannot be made new per mode)
+    #[arg(long, value_name = "DIR", conflicts_with = "size")]
+    pub from: Option<PathBuf>,
+    /// With --from: then stage this tree as the update
+    #[arg(long, value_name = "DIR", requires = "from", conflicts_with_all = ["change", "edits"])]
+    pub to: Option<PathBuf>,
     /// Label the targets into this many data centres (dc0 holds the origin)
     #[arg(long, default_value_t = 1)]
     pub dcs: usize,
@@ -285,12 +297,58 @@ fn write_changed(from: &Path, to: &Path, percent: f64, seed: u64) -> Result<()> 
     Ok(())
 }
 
+/// Copies `from` to `to` with `edits` edits of 1 to 8 random bytes at
+/// random places, spread over the files by their size.
+fn write_edited(from: &Path, to: &Path, edits: u64, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(from)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    let mut contents: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    let total: u64 = contents.iter().map(|c| c.len() as u64).sum();
+    for _ in 0..edits {
+        // A byte of the whole package, then the file it falls in.
+        let mut at = rng.random_range(0..total.max(1));
+        let f = contents
+            .iter()
+            .position(|c| {
+                let hit = at < c.len() as u64;
+                if !hit {
+                    at -= c.len() as u64;
+                }
+                hit
+            })
+            .expect("an offset inside the package");
+        let len = contents[f].len();
+        let n = rng.random_range(1..=8usize).min(len - at as usize);
+        rng.fill_bytes(&mut contents[f][at as usize..at as usize + n]);
+    }
+    for (p, c) in files.iter().zip(contents) {
+        std::fs::write(to.join(p.file_name().expect("a file")), c)?;
+    }
+    Ok(())
+}
+
 /// Runs the benchmark; prints and writes the results.
 pub fn bench(args: BenchArgs, out: &Output) -> Result<ExitCode> {
     if args.nodes == 0 || args.dcs == 0 || args.push_parallel == 0 {
         bail!("--nodes, --dcs and --push-parallel must be at least 1");
     }
-    let size = parse_bytes(&args.size).map_err(|e| anyhow!("--size: {e}"))?;
+    let size = match (&args.size, &args.from) {
+        (Some(s), _) => parse_bytes(s).map_err(|e| anyhow!("--size: {e}"))?,
+        (None, Some(dir)) => {
+            if !dir.is_dir() {
+                bail!("--from {}: not a directory", dir.display());
+            }
+            if let Some(to) = args.to.as_ref().filter(|t| !t.is_dir()) {
+                bail!("--to {}: not a directory", to.display());
+            }
+            baseline::dir_bytes(dir)?
+        }
+        (None, None) => 16 << 20,
+    };
     let uplink = parse_rate(&args.uplink, "uplink")?;
     let rates = Rates {
         uplink,
@@ -305,6 +363,9 @@ pub fn bench(args: BenchArgs, out: &Output) -> Result<ExitCode> {
     };
     if size == 0 {
         bail!("--size must be more than 0");
+    }
+    if args.edits == Some(0) {
+        bail!("--edits must be at least 1");
     }
     if let Some(c) = args.change {
         if !(c > 0.0 && c <= 100.0) {
@@ -360,21 +421,47 @@ async fn run_all(
     modes: &[Mode],
     convoyd: &Path,
 ) -> Result<(IdleRss, Vec<RunResult>)> {
-    let fleet = start_fleet(args, rates, convoyd).await?;
-    let client = fleet.operator_client().await?;
+    let mut fleet = start_fleet(args, rates, convoyd).await?;
+    let mut client = fleet.operator_client().await?;
     wait_for_targets(&client, args.nodes).await?;
     let idle = fleet.idle_rss();
-    let store = RocksStore::open(&fleet.dir.path().join("cli-store"))?;
+    let mut store = RocksStore::open(&fleet.dir.path().join("cli-store"))?;
     let mut results = Vec::new();
     for (i, &mode) in modes.iter().enumerate() {
         let name = mode.name();
-        let v1 = fleet.dir.path().join(format!("pkg-{name}-1"));
-        write_package(&v1, size, 1000 + i as u64)?;
-        let v2 = fleet.dir.path().join(format!("pkg-{name}-2"));
-        if let Some(pct) = args.change {
-            write_changed(&v1, &v2, pct, 2000 + i as u64)?;
+        if i > 0 && args.from.is_some() {
+            // The same trees again: only a fleet that holds nothing yet
+            // measures this mode on its own.
+            client.close().await;
+            drop(store);
+            drop(fleet);
+            fleet = start_fleet(args, rates, convoyd).await?;
+            client = fleet.operator_client().await?;
+            wait_for_targets(&client, args.nodes).await?;
+            store = RocksStore::open(&fleet.dir.path().join("cli-store"))?;
         }
-        let v2 = args.change.map(|_| v2.as_path());
+        let generated = fleet.dir.path().join(format!("pkg-{name}-1"));
+        let v1 = match &args.from {
+            Some(dir) => dir.clone(),
+            None => {
+                write_package(&generated, size, 1000 + i as u64)?;
+                generated
+            }
+        };
+        let edited = fleet.dir.path().join(format!("pkg-{name}-2"));
+        let v2 = match (&args.to, args.change, args.edits) {
+            (Some(to), _, _) => Some(to.clone()),
+            (None, Some(pct), _) => {
+                write_changed(&v1, &edited, pct, 2000 + i as u64)?;
+                Some(edited)
+            }
+            (None, None, Some(n)) => {
+                write_edited(&v1, &edited, n, 2000 + i as u64)?;
+                Some(edited)
+            }
+            (None, None, None) => None,
+        };
+        let v2 = v2.as_deref();
         let runs = match mode {
             Mode::Convoy(m) => {
                 let mut runs = vec![
@@ -498,6 +585,37 @@ fn bound(rates: &Rates, nodes: usize, bytes: u64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn edited_package_differs_in_small_scattered_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        write_package(&a, 8 << 20, 1).unwrap();
+        write_edited(&a, &b, 40, 2).unwrap();
+        assert_eq!(baseline::dir_bytes(&b).unwrap(), 8 << 20);
+        let (x, y) = (
+            std::fs::read(a.join("part-0000.bin")).unwrap(),
+            std::fs::read(b.join("part-0000.bin")).unwrap(),
+        );
+        let first_half: Vec<usize> = (0..x.len()).filter(|i| x[*i] != y[*i]).collect();
+        let all: usize = ["part-0000.bin", "part-0001.bin"]
+            .iter()
+            .map(|f| {
+                let (x, y) = (
+                    std::fs::read(a.join(f)).unwrap(),
+                    std::fs::read(b.join(f)).unwrap(),
+                );
+                x.iter().zip(&y).filter(|(p, q)| p != q).count()
+            })
+            .sum();
+        // 40 edits of 1 to 8 bytes (a random byte may equal the old one).
+        assert!((20..=320).contains(&all), "{all} bytes differ");
+        assert!(!first_half.is_empty(), "edits land in every file of 4 MiB");
+        // 64 KiB runs touched: nearly one per edit, where --change 1% would
+        // touch about 1.3 runs in all.
+        let runs = baseline::changed_bytes(&a, &b).unwrap() / (64 << 10);
+        assert!(runs >= 30, "{runs} runs touched");
+    }
 
     #[test]
     fn changed_package_differs_by_the_share_asked() {

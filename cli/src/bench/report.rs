@@ -62,14 +62,18 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
             .map(|v| format!(" --{name} {v}"))
             .unwrap_or_default()
     };
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let mut s = format!(
-        "convoy bench --nodes {} --size {} --uplink {}{}{}{} --dcs {} --push-parallel {}\n\n",
+        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {}\n\n",
         args.nodes,
-        args.size,
+        flag("size", &args.size),
         args.uplink,
         flag("origin-uplink", &args.origin_uplink),
         flag("downlink", &args.downlink),
         flag("change", &args.change.map(|c| c.to_string())),
+        flag("edits", &args.edits.map(|n| n.to_string())),
+        flag("from", &path(&args.from)),
+        flag("to", &path(&args.to)),
         args.dcs,
         args.push_parallel,
     );

@@ -10,6 +10,7 @@
 //!
 //! It also runs roll-outs and answers the operator API: see [`operate`].
 
+mod deltas;
 mod operate;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -74,6 +75,9 @@ pub struct CoordinatorConfig {
     pub retain: usize,
     /// How often the store drops what nobody keeps; `None`: never.
     pub gc_every: Option<Duration>,
+    /// Older releases of an app whose deltas into a new release are made
+    /// after its publish (besides those the fleet runs); 0: none.
+    pub delta_bases: usize,
 }
 
 struct Member {
@@ -179,6 +183,8 @@ enum Internal {
     },
     /// A collection pass ended.
     Collected(Pass),
+    /// A release's deltas were made (or not).
+    DeltasMade,
     /// A roll-out's order did not reach its target: it is sent again when
     /// the target next reports.
     Undelivered {
@@ -236,6 +242,8 @@ struct Coordinator {
     /// Operator CLI sessions by their peer id: who they act for, as
     /// history records it (see [`ControlRequest::Operator`]).
     sessions: HashMap<PeerId, String>,
+    /// Releases whose deltas are due, made one at a time.
+    deltas: deltas::Deltas,
 }
 
 /// A request that waits for a collection pass.
@@ -287,6 +295,7 @@ pub async fn run(
         crate::deployments::Deployments::load(chunks.store.clone()).map_err(anyhow::Error::msg)?;
     let unfinished = deployments.all.values().any(|d| !d.rollout.is_done());
     let grace = (config.heartbeat * 3).max(Duration::from_secs(3));
+    let delta_bases = config.delta_bases;
     let mut c = Coordinator {
         config,
         net,
@@ -308,8 +317,14 @@ pub async fn run(
         saved_runs: Vec::new(),
         starting: BTreeMap::new(),
         sessions: HashMap::new(),
+        deltas: deltas::Deltas::new(delta_bases),
     };
     c.load_runs();
+    match c.chunks.store.releases() {
+        Ok(releases) => c.deltas.resume(&releases),
+        Err(e) => warn!("deltas not resumed: {e}"),
+    }
+    c.drive_deltas();
     let mut flush = tokio::time::interval(Duration::from_secs(1));
     let mut tick = tokio::time::interval(operate::TICK);
     let gc_every = c
@@ -772,6 +787,34 @@ impl Coordinator {
             }
             ChunkRequest::Put { .. } => reply.send(ChunkResponse::Denied).await,
         }
+    }
+
+    /// Starts the next due release's deltas, unless a job or a collection
+    /// pass runs; no pass starts while it runs (its deltas are written
+    /// before the patch that names them).
+    fn drive_deltas(&mut self) {
+        if self.collector.running() {
+            return;
+        }
+        let Some(mut job) = self.deltas.next() else {
+            return;
+        };
+        job.active = self
+            .members
+            .values()
+            .flat_map(|m| m.report.active.iter())
+            .map(|(app, version)| (app.clone(), version.clone()))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        self.collector.reading();
+        let (store, tx) = (self.chunks.store.clone(), self.internal.clone());
+        tokio::spawn(async move {
+            if let Err(e) = tokio::task::spawn_blocking(move || job.run(&*store)).await {
+                warn!("making deltas failed: {e}");
+            }
+            let _ = tx.send(Internal::DeltasMade).await;
+        });
     }
 
     /// Starts a collection pass unless one runs: the origin keeps the
@@ -1426,6 +1469,12 @@ impl Coordinator {
                         Waiting::Api(call) => self.on_api(call),
                     }
                 }
+                self.drive_deltas();
+            }
+            Internal::DeltasMade => {
+                self.collector.read();
+                self.deltas.done();
+                self.drive_deltas();
             }
             Internal::Pushed {
                 run,
@@ -1475,7 +1524,11 @@ impl Coordinator {
             } => {
                 self.collector.read();
                 self.collector.spare(spare);
+                if let ControlResponse::Published(id) = &response {
+                    self.deltas.due(*id);
+                }
                 reply.answer(response);
+                self.drive_deltas();
             }
             Internal::Rollout { id, event } => self.rollout_event(id, event),
             Internal::Recorded {

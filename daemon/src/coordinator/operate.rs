@@ -900,6 +900,40 @@ impl Coordinator {
                 .bytes_sent
                 .load(std::sync::atomic::Ordering::Relaxed)
         );
+        let d = &self.deltas.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        out.push_str("# HELP convoy_delta_patches_total Patches (a release's deltas from one older release) by outcome: made, reused (found in the store), failed.\n# TYPE convoy_delta_patches_total counter\n");
+        for (what, n) in [
+            ("made", &d.made),
+            ("reused", &d.reused),
+            ("failed", &d.failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "convoy_delta_patches_total{{result=\"{what}\"}} {}",
+                load(n)
+            );
+        }
+        out.push_str("# HELP convoy_delta_bytes_total Bytes of the deltas made.\n# TYPE convoy_delta_bytes_total counter\n");
+        let _ = writeln!(out, "convoy_delta_bytes_total {}", load(&d.delta_bytes));
+        out.push_str("# HELP convoy_delta_replaced_wire_bytes_total Wire bytes of the new chunks the deltas made replace, for one target holding each base: what a target upgrading with them saves.\n# TYPE convoy_delta_replaced_wire_bytes_total counter\n");
+        let _ = writeln!(
+            out,
+            "convoy_delta_replaced_wire_bytes_total {}",
+            load(&d.replaced_wire_bytes)
+        );
+        out.push_str("# HELP convoy_delta_input_bytes_total Bytes of the changed files deltas were made from.\n# TYPE convoy_delta_input_bytes_total counter\n");
+        let _ = writeln!(
+            out,
+            "convoy_delta_input_bytes_total {}",
+            load(&d.changed_bytes)
+        );
+        out.push_str("# HELP convoy_delta_cpu_seconds_total CPU time spent making deltas.\n# TYPE convoy_delta_cpu_seconds_total counter\n");
+        let _ = writeln!(
+            out,
+            "convoy_delta_cpu_seconds_total {:.3}",
+            load(&d.cpu_micros) as f64 / 1e6
+        );
         out.push_str("# HELP convoy_refused_total Refused attempts: peers without the fleet key (not_member), operator requests from peers that are not operators (not_operator), API requests without a valid token (bad_token).\n# TYPE convoy_refused_total counter\n");
         let r = &self.config.refusals;
         for (what, n) in [

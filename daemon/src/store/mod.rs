@@ -17,6 +17,7 @@ mod ingest;
 mod maintenance;
 mod memory;
 mod packs;
+mod patches;
 mod rocks;
 
 use convoy_chunker::{
@@ -29,6 +30,7 @@ pub use maintenance::{
     collect, compact_in_background, gc, verify, Collector, GcReport, Pass, Retention, VerifyReport,
 };
 pub use memory::MemoryStore;
+pub use patches::{patch_in_store, wire_lens, PatchError};
 pub use rocks::RocksStore;
 
 /// Sizes of a stored chunk.

@@ -625,7 +625,10 @@ impl Store for RocksStore {
         self.db
             .prefix_iterator_cf(self.cf(CF_PATCHES), target.0)
             .map(|item| item.map_err(self.db_err()))
-            .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&target.0)))
+            .take_while(|item| {
+                item.as_ref()
+                    .map_or(true, |(k, _)| k.starts_with(&target.0))
+            })
             .map(|item| {
                 let (_, v) = item?;
                 Patch::decode(&v).map_err(|e| self.corrupt(format!("patch into {target}: {e}")))

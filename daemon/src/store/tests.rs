@@ -154,12 +154,18 @@ fn patch_between(from: &Manifest, to: &Manifest, delta: &[u8]) -> convoy_chunker
             base_digest: convoy_chunker::file_digest(&file(from)),
             delta: vec![chunk(delta).0],
             size: file(to).iter().map(|c| u64::from(c.len)).sum(),
+            wire_bytes: file(to).iter().map(|c| u64::from(c.len)).sum(),
         }],
     )
 }
 
 fn patches_live_while_both_their_releases_do_and_keep_their_deltas(store: &dyn Store) {
-    put(store, &[b"shared", b"v1 only", b"v2 only", b"v3 only", b"d12", b"d23"]);
+    put(
+        store,
+        &[
+            b"shared", b"v1 only", b"v2 only", b"v3 only", b"d12", b"d23",
+        ],
+    );
     let v: Vec<Manifest> = [("1", b"v1 only"), ("2", b"v2 only"), ("3", b"v3 only")]
         .iter()
         .map(|(v, own)| release("web", v, &[b"shared", *own]))
@@ -171,7 +177,10 @@ fn patches_live_while_both_their_releases_do_and_keep_their_deltas(store: &dyn S
     let p23 = patch_between(&v[1], &v[2], b"d23");
     store.put_patch(&p12).unwrap();
     store.put_patch(&p23).unwrap();
-    assert_eq!(store.patches_to(&v[2].release_id()).unwrap(), vec![p23.clone()]);
+    assert_eq!(
+        store.patches_to(&v[2].release_id()).unwrap(),
+        vec![p23.clone()]
+    );
     assert_eq!(store.patch_ends().unwrap().len(), 2);
     let report = gc(store, 2).unwrap();
     assert_eq!(report.removed, vec!["web@1".to_string()]);

@@ -1,0 +1,225 @@
+//! The origin's deltas: after a release is published, the patches into it
+//! from the app's recent releases (and those the fleet runs) are made in
+//! the background, one release at a time, while no collection pass runs.
+//! Publishing never waits for them. A patch already in the store is not
+//! made again, so a restarted origin picks up where it stopped: at start,
+//! the newest release of every app is due again.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use convoy_chunker::{PatchConfig, ReleaseId};
+use tracing::{info, warn};
+
+use crate::store::{patch_in_store, Release, Store};
+
+/// Releases waiting for their deltas, at most; past this the oldest is
+/// dropped (its deltas are made when it is due again, or never: a release
+/// published 64 releases ago matters little).
+const MAX_DUE: usize = 64;
+
+/// What the origin's delta making has done, for `/metrics`.
+#[derive(Default)]
+pub struct DeltaCounters {
+    /// Patches made.
+    pub made: AtomicU64,
+    /// Patches found in the store already (not made again).
+    pub reused: AtomicU64,
+    /// Patches that could not be made.
+    pub failed: AtomicU64,
+    /// Bytes of the deltas made.
+    pub delta_bytes: AtomicU64,
+    /// Bytes of the changed files they were made from.
+    pub changed_bytes: AtomicU64,
+    /// Wire bytes of the new chunks the deltas replace, for a holder of
+    /// each base.
+    pub replaced_wire_bytes: AtomicU64,
+    /// CPU microseconds of the delta making, over threads.
+    pub cpu_micros: AtomicU64,
+}
+
+/// The loop's side: which releases are due, whether a job runs.
+pub(super) struct Deltas {
+    /// Older releases of the app to make patches from (besides those the
+    /// fleet runs); 0 turns delta making off.
+    bases: usize,
+    due: VecDeque<ReleaseId>,
+    running: bool,
+    pub(super) counters: Arc<DeltaCounters>,
+    /// Threads that make deltas: all cores but one, so serving chunks is
+    /// never starved.
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+impl Deltas {
+    pub(super) fn new(bases: usize) -> Self {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get().saturating_sub(1).max(1))
+            .unwrap_or(1);
+        let pool = (bases > 0)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("convoy-delta-{i}"))
+                    .build()
+                    .map_err(|e| warn!("no threads for deltas, none are made: {e}"))
+                    .ok()
+            })
+            .flatten()
+            .map(Arc::new);
+        Self {
+            bases,
+            due: VecDeque::new(),
+            running: false,
+            counters: Arc::default(),
+            pool,
+        }
+    }
+
+    /// `release`'s deltas are due.
+    pub(super) fn due(&mut self, release: ReleaseId) {
+        if self.pool.is_none() || self.due.contains(&release) {
+            return;
+        }
+        if self.due.len() >= MAX_DUE {
+            self.due.pop_front();
+        }
+        self.due.push_back(release);
+    }
+
+    /// The newest release of every app, at start.
+    pub(super) fn resume(&mut self, releases: &[Release]) {
+        let mut newest: std::collections::HashMap<&str, &Release> = Default::default();
+        for r in releases {
+            let e = newest.entry(r.app.as_str()).or_insert(r);
+            if r.seq > e.seq {
+                *e = r;
+            }
+        }
+        let mut apps: Vec<&&Release> = newest.values().collect();
+        apps.sort_by_key(|r| r.seq);
+        for r in apps {
+            self.due(r.id);
+        }
+    }
+
+    /// The next job, unless one runs: the release and the settings.
+    pub(super) fn next(&mut self) -> Option<Job> {
+        if self.running {
+            return None;
+        }
+        let release = self.due.pop_front()?;
+        self.running = true;
+        Some(Job {
+            release,
+            bases: self.bases,
+            pool: self.pool.clone()?,
+            counters: self.counters.clone(),
+            active: Vec::new(),
+        })
+    }
+
+    /// The job ended.
+    pub(super) fn done(&mut self) {
+        self.running = false;
+    }
+}
+
+/// One release's deltas, made off the loop.
+pub(super) struct Job {
+    pub(super) release: ReleaseId,
+    bases: usize,
+    pool: Arc<rayon::ThreadPool>,
+    counters: Arc<DeltaCounters>,
+    /// The `(app, version)`s the fleet runs: patches from them are made too.
+    pub(super) active: Vec<(String, String)>,
+}
+
+impl Job {
+    /// Makes the patches into the release from the newest `bases` older
+    /// releases of its app and those the fleet runs. Blocking.
+    pub(super) fn run(self, store: &dyn Store) {
+        let Ok(Some(target)) = store.get_manifest(&self.release) else {
+            return; // collected since, or unreadable: nothing to make
+        };
+        let releases = match store.releases() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(release = %self.release, "deltas not made: {e}");
+                return;
+            }
+        };
+        let app = target.app();
+        let seq = releases
+            .iter()
+            .filter(|r| r.id == self.release)
+            .map(|r| r.seq)
+            .max()
+            .unwrap_or(u64::MAX);
+        let mut older: Vec<&Release> = releases
+            .iter()
+            .filter(|r| r.app == app && r.id != self.release && r.seq < seq)
+            .collect();
+        older.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        let mut seen = HashSet::new();
+        let bases: Vec<&Release> = older
+            .iter()
+            .filter(|r| seen.insert(r.id))
+            .take(self.bases)
+            .chain(
+                older
+                    .iter()
+                    .filter(|r| self.active.contains(&(r.app.clone(), r.version.clone()))),
+            )
+            .copied()
+            .collect();
+        let mut made = HashSet::new();
+        for base in bases {
+            if !made.insert(base.id) {
+                continue;
+            }
+            let Ok(Some(from)) = store.get_manifest(&base.id) else {
+                continue;
+            };
+            let started = Instant::now();
+            let result = self
+                .pool
+                .install(|| patch_in_store(store, &from, &target, &PatchConfig::default()));
+            let c = &self.counters;
+            match result {
+                Ok((_, None)) => {
+                    c.reused.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok((patch, Some(stats))) => {
+                    c.made.fetch_add(1, Ordering::Relaxed);
+                    c.delta_bytes
+                        .fetch_add(stats.delta_bytes, Ordering::Relaxed);
+                    c.changed_bytes
+                        .fetch_add(stats.changed_bytes, Ordering::Relaxed);
+                    c.replaced_wire_bytes
+                        .fetch_add(stats.replaced_wire_bytes, Ordering::Relaxed);
+                    c.cpu_micros
+                        .fetch_add((stats.cpu_seconds * 1e6) as u64, Ordering::Relaxed);
+                    info!(
+                        from = %format!("{}@{}", base.app, base.version),
+                        to = %format!("{app}@{}", target.version()),
+                        files = patch.files().len(),
+                        delta_bytes = stats.delta_bytes,
+                        replaces_wire_bytes = stats.replaced_wire_bytes,
+                        changed_bytes = stats.changed_bytes,
+                        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+                        max_delta_input_bytes = stats.max_delta_input_bytes,
+                        "deltas made"
+                    );
+                }
+                Err(e) => {
+                    c.failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(from = %format!("{}@{}", base.app, base.version),
+                          to = %format!("{app}@{}", target.version()), "deltas not made: {e}");
+                }
+            }
+        }
+    }
+}
