@@ -43,6 +43,7 @@ struct Args {
     json: bool,
     rsync: bool,
     pairs: Option<PathBuf>,
+    level: i32,
 }
 
 fn parse_args() -> Result<Args> {
@@ -50,6 +51,7 @@ fn parse_args() -> Result<Args> {
         json: false,
         rsync: true,
         pairs: None,
+        level: convoy_chunker::DELTA_LEVEL,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -57,8 +59,9 @@ fn parse_args() -> Result<Args> {
             "--json" => args.json = true,
             "--no-rsync" => args.rsync = false,
             "--pairs" => args.pairs = Some(it.next().context("--pairs needs a file")?.into()),
+            "--level" => args.level = it.next().context("--level needs a zstd level")?.parse()?,
             "-h" | "--help" => {
-                println!("usage: scripts/fetch-pairs.py | delta-bench [--pairs FILE] [--no-rsync] [--json]");
+                println!("usage: scripts/fetch-pairs.py | delta-bench [--pairs FILE] [--level ZSTD_LEVEL] [--no-rsync] [--json]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}; see --help"),
@@ -146,7 +149,7 @@ fn rsync_z(old: &Path, new: &Path, scratch: &Path) -> Result<(u64, u64)> {
     Ok((field("Total bytes received:")?, field("Total bytes sent:")?))
 }
 
-fn one_pair(name: &str, old: &Path, new: &Path, rsync: bool) -> Result<Value> {
+fn one_pair(name: &str, old: &Path, new: &Path, rsync: bool, level: i32) -> Result<Value> {
     let scratch = tempfile::tempdir()?;
     let store = RocksStore::open(&scratch.path().join("store"))?;
     let from = pack_into(&store, old, "old")?;
@@ -158,7 +161,11 @@ fn one_pair(name: &str, old: &Path, new: &Path, rsync: bool) -> Result<Value> {
 
     reset_peak_rss();
     let rss_before = status_kib("VmRSS:") * 1024;
-    let (patch, stats) = patch_in_store(&store, &from, &to, &PatchConfig::default())?;
+    let config = PatchConfig {
+        level,
+        ..PatchConfig::default()
+    };
+    let (patch, stats) = patch_in_store(&store, &from, &to, &config)?;
     let stats = stats.context("a fresh store holds no patch")?;
     let rss_peak = peak_rss();
     let patch_bytes = patch.encode().len() as u64;
@@ -250,7 +257,13 @@ fn main() -> Result<()> {
             }
             bail!("expected NAME OLD_DIR NEW_DIR, got {line:?}");
         };
-        rows.push(one_pair(name, Path::new(old), Path::new(new), args.rsync)?);
+        rows.push(one_pair(
+            name,
+            Path::new(old),
+            Path::new(new),
+            args.rsync,
+            args.level,
+        )?);
     }
     if rows.is_empty() {
         bail!("no pairs: pipe scripts/fetch-pairs.py into delta-bench");
@@ -271,7 +284,7 @@ fn main() -> Result<()> {
     if args.json {
         println!(
             "{}",
-            json!({"commit": option_env!("CONVOY_COMMIT"), "pairs": rows, "median_deltas_vs_rsync": median})
+            json!({"level": args.level, "pairs": rows, "median_deltas_vs_rsync": median})
         );
         return Ok(());
     }
@@ -312,6 +325,9 @@ fn main() -> Result<()> {
     if let Some(m) = median {
         println!("median deltas/rsync: {m:.3} (goal <= 0.5; every pair <= 1)");
     }
-    println!("bytes per target; `delta mem` is the most input one delta held, in MiB");
+    println!(
+        "zstd level {}; bytes per target; `delta mem` is the most input one delta held, in MiB",
+        args.level
+    );
     Ok(())
 }
