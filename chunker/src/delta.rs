@@ -502,9 +502,11 @@ impl Default for PatchConfig {
 /// Makes the deltas from `base` to `target` and the patch that lists them,
 /// on rayon's current pool. `source` holds both releases' chunks;
 /// `wire_len` is a chunk's stored (on the wire) length; the deltas' chunks
-/// go to `sink`. A file gets a delta only where the delta is smaller than
-/// the wire bytes of the new chunks that only it needs, so a target holding
-/// `base` never fetches more with the patch than without.
+/// go to `sink`. A file keeps its delta only where the delta is smaller
+/// than the wire bytes of the file's chunks `base` lacks (rebuilding the
+/// file yields them all); [`plan_fetch`] then weighs each delta against
+/// what a given target lacks, so no target fetches more with the patch
+/// than without.
 pub fn make_patch<S: ChunkSink>(
     base: &Manifest,
     target: &Manifest,
@@ -545,7 +547,7 @@ pub fn make_patch<S: ChunkSink>(
         let saving: u64 = fresh.iter().map(|c| wire_len(c)).sum();
         let wire_bytes: u64 = distinct(chunks).map(wire_len).sum();
         stats.files_tried += 1;
-        jobs.push((
+        jobs.push(FileJob {
             path,
             chunks,
             base_path,
@@ -553,58 +555,24 @@ pub fn make_patch<S: ChunkSink>(
             size,
             saving,
             wire_bytes,
-        ));
+        });
     }
-    let made: Vec<Result<Option<(PatchFile, u64, u64, Duration)>, DeltaError>> = jobs
+    let tried: Vec<Result<Tried, DeltaError>> = jobs
         .par_iter()
-        .map(
-            |(path, chunks, base_path, base_chunks, size, saving, wire_bytes)| {
-                let cpu = Instant::now();
-                let old = read_file(source, base_path, base_chunks)?;
-                let new = read_file(source, path, chunks)?;
-                let delta = make_delta(&old, &new, config.level).map_err(|e| DeltaError::Zstd {
-                    path: (*path).into(),
-                    reason: e.to_string(),
-                })?;
-                let held_bytes = (old.len() + new.len() + delta.len()) as u64;
-                drop((old, new));
-                if delta.len() as u64 >= *saving {
-                    return Ok(None);
-                }
-                let mut writer = sink.writer();
-                let mut refs = Vec::new();
-                chunk_slice(&delta, |bytes, c| {
-                    refs.push(c);
-                    writer.write(bytes, &c)
-                })
-                .and_then(|()| writer.finish())
-                .map_err(|source| DeltaError::Sink {
-                    path: (*path).into(),
-                    source,
-                })?;
-                let file = PatchFile {
-                    path: (*path).into(),
-                    base_path: (*base_path).into(),
-                    base_digest: file_digest(base_chunks),
-                    delta: refs,
-                    size: *size,
-                    wire_bytes: *wire_bytes,
-                };
-                Ok(Some((file, *saving, held_bytes, cpu.elapsed())))
-            },
-        )
+        .map(|job| job.run(source, sink, config.level))
         .collect();
     let mut files = Vec::new();
     let mut cpu = Duration::ZERO;
-    for m in made {
-        let Some((file, saving, held_bytes, took)) = m? else {
-            continue;
-        };
-        cpu += took;
-        stats.max_delta_input_bytes = stats.max_delta_input_bytes.max(held_bytes);
-        stats.delta_bytes += file.delta_len();
-        stats.replaced_wire_bytes += saving;
-        files.push(file);
+    for t in tried {
+        let t = t?;
+        // Every delta made counts, kept or not.
+        cpu += t.took;
+        stats.max_delta_input_bytes = stats.max_delta_input_bytes.max(t.held_bytes);
+        if let Some(file) = t.kept {
+            stats.delta_bytes += file.delta_len();
+            stats.replaced_wire_bytes += t.saving;
+            files.push(file);
+        }
     }
     stats.files_patched = files.len();
     stats.cpu_seconds = cpu.as_secs_f64();
@@ -613,6 +581,77 @@ pub fn make_patch<S: ChunkSink>(
         Patch::new(base.release_id(), target.release_id(), files),
         stats,
     ))
+}
+
+/// One file's delta to make.
+struct FileJob<'a> {
+    path: &'a str,
+    chunks: &'a [ChunkRef],
+    base_path: &'a str,
+    base_chunks: &'a [ChunkRef],
+    size: u64,
+    /// Wire bytes of the file's chunks the base lacks.
+    saving: u64,
+    /// Wire bytes of all its distinct chunks.
+    wire_bytes: u64,
+}
+
+/// A delta made: kept (and its chunks written) or not.
+struct Tried {
+    kept: Option<PatchFile>,
+    saving: u64,
+    held_bytes: u64,
+    took: Duration,
+}
+
+impl FileJob<'_> {
+    fn run<S: ChunkSink>(
+        &self,
+        source: &dyn ChunkSource,
+        sink: &S,
+        level: i32,
+    ) -> Result<Tried, DeltaError> {
+        let started = Instant::now();
+        let old = read_file(source, self.base_path, self.base_chunks)?;
+        let new = read_file(source, self.path, self.chunks)?;
+        let delta = make_delta(&old, &new, level).map_err(|e| DeltaError::Zstd {
+            path: self.path.into(),
+            reason: e.to_string(),
+        })?;
+        let held_bytes = (old.len() + new.len() + delta.len()) as u64;
+        drop((old, new));
+        let mut tried = Tried {
+            kept: None,
+            saving: self.saving,
+            held_bytes,
+            took: Duration::ZERO,
+        };
+        if delta.len() as u64 >= self.saving {
+            tried.took = started.elapsed();
+            return Ok(tried);
+        }
+        let mut writer = sink.writer();
+        let mut refs = Vec::new();
+        chunk_slice(&delta, |bytes, c| {
+            refs.push(c);
+            writer.write(bytes, &c)
+        })
+        .and_then(|()| writer.finish())
+        .map_err(|source| DeltaError::Sink {
+            path: self.path.into(),
+            source,
+        })?;
+        tried.kept = Some(PatchFile {
+            path: self.path.into(),
+            base_path: self.base_path.into(),
+            base_digest: file_digest(self.base_chunks),
+            delta: refs,
+            size: self.size,
+            wire_bytes: self.wire_bytes,
+        });
+        tried.took = started.elapsed();
+        Ok(tried)
+    }
 }
 
 /// Each distinct chunk of a list once, in order.
