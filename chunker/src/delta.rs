@@ -33,9 +33,9 @@ pub const MAX_DELTA_FILE_BYTES: u64 = 256 << 20;
 
 /// The zstd level deltas are made at. Measured with `delta-bench --level`
 /// on the six release pairs of `scripts/fetch-pairs.py`: level 3 makes
-/// 13% more delta bytes at twice the speed (179 against 84 MiB of changed
-/// input per CPU second); level 19 makes 32% fewer at 3 MiB/s, below the
-/// 5 MiB/s per core a release's deltas must be made at.
+/// 15% more delta bytes at 2.3 times the speed (200 against 86 MiB of
+/// changed input per CPU second); level 19 makes 32% fewer at 3 MiB/s,
+/// below the 5 MiB/s per core a release's deltas must be made at.
 pub const DELTA_LEVEL: i32 = 9;
 
 /// The name of a patch: BLAKE3 of its encoding.
