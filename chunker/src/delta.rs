@@ -905,24 +905,11 @@ mod tests {
         let old = pseudo_random(1 << 20, 7);
         let new = scattered_edits(&old, 10_000);
         let same = pseudo_random(100_000, 9);
-        let v1 = Manifest::new(
-            "web",
-            "1",
-            vec![
-                file(&store, "app.js", &old),
-                file(&store, "same.bin", &same),
-            ],
-        )
-        .unwrap();
-        let v2 = Manifest::new(
-            "web",
-            "2",
-            vec![
-                file(&store, "app.js", &new),
-                file(&store, "same.bin", &same),
-            ],
-        )
-        .unwrap();
+        let release = |version: &str, app: &[u8]| {
+            let files = vec![file(&store, "app.js", app), file(&store, "same.bin", &same)];
+            Manifest::new("web", version, files).unwrap()
+        };
+        let (v1, v2) = (release("1", &old), release("2", &new));
         (store, v1, v2)
     }
 

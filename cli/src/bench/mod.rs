@@ -267,9 +267,14 @@ fn write_package(dir: &Path, size: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// Copies `from` to `to` and overwrites `percent` of its bytes in 64 KiB
-/// runs at random places.
-fn write_changed(from: &Path, to: &Path, percent: f64, seed: u64) -> Result<()> {
+/// Copies the package in `from` to `to`, its files' bytes changed by
+/// `edit` (given a generator seeded with `seed` and the total size).
+fn write_modified(
+    from: &Path,
+    to: &Path,
+    seed: u64,
+    edit: impl FnOnce(&mut SmallRng, &mut [Vec<u8>], u64),
+) -> Result<()> {
     std::fs::create_dir_all(to)?;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut files: Vec<PathBuf> = std::fs::read_dir(from)?
@@ -278,57 +283,55 @@ fn write_changed(from: &Path, to: &Path, percent: f64, seed: u64) -> Result<()> 
     files.sort();
     let mut contents: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
     let total: u64 = contents.iter().map(|c| c.len() as u64).sum();
-    let mut to_change = (total as f64 * percent / 100.0).round() as u64;
-    const RUN: u64 = 64 << 10;
-    while to_change > 0 {
-        let f = rng.random_range(0..contents.len());
-        let len = contents[f].len() as u64;
-        let n = to_change.min(RUN).min(len);
-        if n == 0 {
-            continue;
-        }
-        let at = rng.random_range(0..=len - n) as usize;
-        rng.fill_bytes(&mut contents[f][at..at + n as usize]);
-        to_change -= n;
-    }
+    edit(&mut rng, &mut contents, total);
     for (p, c) in files.iter().zip(contents) {
         std::fs::write(to.join(p.file_name().expect("a file")), c)?;
     }
     Ok(())
 }
 
+/// Copies `from` to `to` and overwrites `percent` of its bytes in 64 KiB
+/// runs at random places.
+fn write_changed(from: &Path, to: &Path, percent: f64, seed: u64) -> Result<()> {
+    write_modified(from, to, seed, |rng, contents, total| {
+        let mut to_change = (total as f64 * percent / 100.0).round() as u64;
+        const RUN: u64 = 64 << 10;
+        while to_change > 0 {
+            let f = rng.random_range(0..contents.len());
+            let len = contents[f].len() as u64;
+            let n = to_change.min(RUN).min(len);
+            if n == 0 {
+                continue;
+            }
+            let at = rng.random_range(0..=len - n) as usize;
+            rng.fill_bytes(&mut contents[f][at..at + n as usize]);
+            to_change -= n;
+        }
+    })
+}
+
 /// Copies `from` to `to` with `edits` edits of 1 to 8 random bytes at
 /// random places, spread over the files by their size.
 fn write_edited(from: &Path, to: &Path, edits: u64, seed: u64) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(from)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
-    files.sort();
-    let mut contents: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
-    let total: u64 = contents.iter().map(|c| c.len() as u64).sum();
-    for _ in 0..edits {
-        // A byte of the whole package, then the file it falls in.
-        let mut at = rng.random_range(0..total.max(1));
-        let f = contents
-            .iter()
-            .position(|c| {
-                let hit = at < c.len() as u64;
-                if !hit {
-                    at -= c.len() as u64;
-                }
-                hit
-            })
-            .expect("an offset inside the package");
-        let len = contents[f].len();
-        let n = rng.random_range(1..=8usize).min(len - at as usize);
-        rng.fill_bytes(&mut contents[f][at as usize..at as usize + n]);
-    }
-    for (p, c) in files.iter().zip(contents) {
-        std::fs::write(to.join(p.file_name().expect("a file")), c)?;
-    }
-    Ok(())
+    write_modified(from, to, seed, |rng, contents, total| {
+        for _ in 0..edits {
+            // A byte of the whole package, then the file it falls in.
+            let mut at = rng.random_range(0..total.max(1));
+            let f = contents
+                .iter()
+                .position(|c| {
+                    let hit = at < c.len() as u64;
+                    if !hit {
+                        at -= c.len() as u64;
+                    }
+                    hit
+                })
+                .expect("an offset inside the package");
+            let len = contents[f].len();
+            let n = rng.random_range(1..=8usize).min(len - at as usize);
+            rng.fill_bytes(&mut contents[f][at as usize..at as usize + n]);
+        }
+    })
 }
 
 /// Runs the benchmark; prints and writes the results.
