@@ -186,6 +186,12 @@ const PICK_SAMPLE: usize = 256;
 pub struct Fetcher<P> {
     config: FetchConfig,
     have: HaveSet,
+    /// Chunks not to request: they are expected from elsewhere (a file
+    /// rebuilt from a delta) and arrive as gifts, or are asked for after
+    /// [`Fetcher::undefer`].
+    deferred: HaveSet,
+    /// Held or deferred: what picks skip.
+    blocked: HaveSet,
     peers: BTreeMap<P, Peer>,
     banned: Vec<P>,
     /// Non-origin peers holding each chunk.
@@ -209,15 +215,33 @@ pub struct Fetcher<P> {
 impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// A fetcher for a release of `have.len()` chunks, already holding `have`.
     pub fn new(have: HaveSet, config: FetchConfig) -> Self {
+        let deferred = HaveSet::empty(have.len());
+        Self::deferring(have, deferred, config)
+    }
+
+    /// A fetcher that holds `have` and requests none of `deferred` until
+    /// [`Fetcher::undefer`]: those come as gifts ([`Fetcher::handle_gift`])
+    /// from elsewhere, such as files rebuilt from deltas. It completes
+    /// when every chunk is held, deferred ones included.
+    pub fn deferring(have: HaveSet, deferred: HaveSet, config: FetchConfig) -> Self {
         assert!(
             config.window >= 1 && config.window <= MAX_WINDOW,
             "window out of range"
         );
+        assert_eq!(
+            have.len(),
+            deferred.len(),
+            "deferred set of another release"
+        );
         let n = have.len();
+        let mut blocked = have.clone();
+        for c in deferred.iter() {
+            blocked.insert(c);
+        }
         // A small transfer (every chunk one of the last) gets a strict cap;
         // a large one keeps the endgame free, which its tail needs when a
         // peer's queue is deep.
-        let needed = n - have.count();
+        let needed = n - blocked.count();
         let endgame_budget = config
             .small_transfer_duplicates(needed)
             .unwrap_or(usize::MAX);
@@ -227,6 +251,8 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             rng: SmallRng::seed_from_u64(config.seed),
             config,
             have,
+            deferred,
+            blocked,
             peers: BTreeMap::new(),
             banned: Vec::new(),
             holders: vec![0; n],
@@ -363,7 +389,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         if !valid {
             self.count_failure(chunk);
             self.ban(peer);
-        } else if was_outstanding && self.have.insert(chunk) {
+        } else if was_outstanding && self.hold(chunk) {
             // Withdraw the endgame duplicate, if any.
             self.withdraw(chunk);
             self.actions.push_back(FetchAction::Announce { chunk });
@@ -386,13 +412,41 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// [`Seeder::gift`](super::Seeder::gift)), verified and stored: it is
     /// held, announced, and any request for it withdrawn.
     pub fn handle_gift(&mut self, now: Instant, chunk: ChunkIndex) {
-        if chunk as usize >= self.have.len() || !self.have.insert(chunk) {
+        if chunk as usize >= self.have.len() || !self.hold(chunk) {
             return;
         }
         self.withdraw(chunk);
         self.actions.push_back(FetchAction::Announce { chunk });
         self.check_complete();
         self.schedule(now);
+    }
+
+    /// Deferred chunks that are to be requested after all (the delta that
+    /// was to rebuild them failed, or never came).
+    pub fn undefer(&mut self, now: Instant, chunks: impl IntoIterator<Item = ChunkIndex>) {
+        for c in chunks {
+            if (c as usize) < self.deferred.len() && self.deferred.contains(c) {
+                self.deferred.remove(c);
+                if !self.have.contains(c) {
+                    self.blocked.remove(c);
+                }
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// Deferred chunks not held yet.
+    pub fn deferred_missing(&self) -> usize {
+        self.deferred
+            .iter()
+            .filter(|c| !self.have.contains(*c))
+            .count()
+    }
+
+    /// Marks `chunk` held; false if it was.
+    fn hold(&mut self, chunk: ChunkIndex) -> bool {
+        self.blocked.insert(chunk);
+        self.have.insert(chunk)
     }
 
     /// Cancels every request for `chunk`.
@@ -510,7 +564,8 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     }
 
     fn in_endgame(&self) -> bool {
-        let missing = self.have.len() - self.have.count();
+        // What may still be requested: deferred chunks are not.
+        let missing = self.have.len() - self.blocked.count();
         missing > 0
             && missing <= self.config.endgame_chunks
             && self.outstanding.len() >= missing
@@ -651,7 +706,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         let start = self
             .rng
             .random_range(0..self.have.len().max(1) as ChunkIndex);
-        for c in self.have.missing_from(start) {
+        for c in self.blocked.missing_from(start) {
             if seen >= PICK_SAMPLE || best.is_some_and(|(r, _)| r <= 1) {
                 break;
             }
@@ -890,6 +945,34 @@ mod tests {
         assert!(drain(&mut f).is_empty());
         f.handle_gift(now, 0);
         assert!(drain(&mut f).contains(&FetchAction::Complete));
+    }
+
+    #[test]
+    fn deferred_chunks_are_not_asked_for_until_undeferred_and_count_for_completion() {
+        let now = Instant::now();
+        // Chunks 2..6 are to come from a delta.
+        let deferred = HaveSet::from_indices(6, 2..6);
+        let mut f = Fetcher::deferring(HaveSet::empty(6), deferred, config(8));
+        f.add_peer(now, 0, Locality::Origin, HaveSet::full(6));
+        let mut asked: Vec<ChunkIndex> = requests(&drain(&mut f)).iter().map(|r| r.1).collect();
+        asked.sort();
+        assert_eq!(asked, [0, 1]);
+        f.handle_chunk(now, 0, 0, true);
+        f.handle_chunk(now, 0, 1, true);
+        assert!(requests(&drain(&mut f)).is_empty());
+        assert!(!f.is_complete(), "the deferred chunks are still missing");
+        assert_eq!(f.deferred_missing(), 4);
+        // Two arrive rebuilt; the delta of the others failed: asked for now.
+        f.handle_gift(now, 2);
+        f.handle_gift(now, 3);
+        f.undefer(now, [4, 5]);
+        let mut asked: Vec<ChunkIndex> = requests(&drain(&mut f)).iter().map(|r| r.1).collect();
+        asked.sort();
+        assert_eq!(asked, [4, 5]);
+        f.handle_chunk(now, 0, 4, true);
+        f.handle_chunk(now, 0, 5, true);
+        assert!(drain(&mut f).contains(&FetchAction::Complete));
+        assert_eq!(f.deferred_missing(), 0);
     }
 
     #[test]

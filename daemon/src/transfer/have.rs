@@ -50,6 +50,11 @@ impl HaveSet {
         !self.0.put(i as usize)
     }
 
+    /// Marks chunk `i` not held.
+    pub fn remove(&mut self, i: ChunkIndex) {
+        self.0.set(i as usize, false);
+    }
+
     /// Chunks held.
     pub fn count(&self) -> usize {
         self.0.count_ones(..)
