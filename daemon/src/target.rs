@@ -28,8 +28,8 @@ use crate::health::Load;
 use crate::net::{NetEvent, NetHandle, Reply, RequestError};
 use crate::protocol::{
     self, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
-    DeliveryReport, DistributionMode, Labels, StageOrder, StageProgress, StageState, TargetReport,
-    MAX_CONTROL_FRAME,
+    DeliveryReport, DistributionMode, Labels, StageOrder, StageOrderDelta, StageProgress,
+    StageState, TargetReport, MAX_CONTROL_FRAME,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
 use crate::store::{
@@ -396,6 +396,34 @@ fn prepare(
     })
 }
 
+/// A staging order as it came: its manifest whole, or as a delta against
+/// a release this target holds.
+enum Incoming {
+    Whole(StageOrder),
+    Delta(StageOrderDelta),
+}
+
+/// The whole order a [`StageOrderDelta`] stands for: its manifest rebuilt
+/// against the base's in the store. The signature is checked after, by
+/// [`prepare`], as for any order. Blocking.
+fn whole_order(store: &dyn Store, d: StageOrderDelta) -> Result<StageOrder, String> {
+    let base = store
+        .get_manifest(&d.base)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "release {} is not here to rebuild the manifest from",
+                d.base
+            )
+        })?;
+    let manifest = convoy_chunker::apply_manifest_delta(&base, &d.order.manifest)
+        .map_err(|e| format!("cannot rebuild the manifest from release {}: {e}", d.base))?;
+    Ok(StageOrder {
+        manifest: manifest.encode(),
+        ..d.order
+    })
+}
+
 /// Sends `response` on `reply`; with no reply (an order replayed after a
 /// collection pass, answered when it was held) logs a failure instead.
 fn answer(reply: Option<Reply<ControlResponse>>, response: ControlResponse) {
@@ -740,6 +768,15 @@ impl Target {
         reply: Option<Reply<ControlResponse>>,
     ) {
         let from_coordinator = peer == self.config.coordinator;
+        if from_coordinator
+            && matches!(request, ControlRequest::StageFrom(_))
+            && self.collector.running()
+        {
+            // Held, it would be carried out after the pass, which may drop
+            // its base: refused, the coordinator sends the whole order.
+            let why = "collecting garbage; send the whole order";
+            return answer(reply, ControlResponse::Error(why.into()));
+        }
         let order = matches!(
             request,
             ControlRequest::Stage(_) | ControlRequest::Deliver { .. }
@@ -755,7 +792,12 @@ impl Target {
             return answer(reply, ControlResponse::Ok);
         }
         match request {
-            ControlRequest::Stage(order) if from_coordinator => self.accept_off_loop(order, reply),
+            ControlRequest::Stage(order) if from_coordinator => {
+                self.accept_off_loop(Incoming::Whole(order), reply)
+            }
+            ControlRequest::StageFrom(order) if from_coordinator => {
+                self.accept_off_loop(Incoming::Delta(order), reply)
+            }
             ControlRequest::Deliver { release, drain_ms } if from_coordinator => {
                 self.deliver(release, drain_ms.map(Duration::from_millis), reply)
             }
@@ -800,6 +842,7 @@ impl Target {
                 ControlResponse::Ok
             }
             ControlRequest::Stage(_)
+            | ControlRequest::StageFrom(_)
             | ControlRequest::Peers { .. }
             | ControlRequest::Deliver { .. }
             | ControlRequest::Rollback { .. }
@@ -919,7 +962,7 @@ impl Target {
 
     /// Prepares an order off the loop (signature, manifest, what the store
     /// holds, the order recorded) and installs it when that is done.
-    fn accept_off_loop(&mut self, order: StageOrder, reply: Option<Reply<ControlResponse>>) {
+    fn accept_off_loop(&mut self, order: Incoming, reply: Option<Reply<ControlResponse>>) {
         self.collector.reading();
         let (store, chunks) = (self.chunks.store.clone(), self.chunks.clone());
         let key = self.coordinator_key.clone();
@@ -927,6 +970,10 @@ impl Target {
         let tx = self.internal.clone();
         tokio::spawn(async move {
             let prepared = tokio::task::spawn_blocking(move || {
+                let order = match order {
+                    Incoming::Whole(order) => order,
+                    Incoming::Delta(d) => whole_order(&*store, d)?,
+                };
                 prepare(order, &*store, &chunks, &key, Some(&record))
             })
             .await

@@ -419,6 +419,23 @@ pub enum ControlRequest {
         #[serde(with = "serde_bytes_vec")]
         signature: Vec<u8>,
     },
+    /// The coordinator orders a target that holds release `base` to stage
+    /// a release whose manifest is sent as a delta against `base`'s: an
+    /// upgrade's manifest repeats most of its base's chunk names. The
+    /// target rebuilds the manifest and checks the signature over its id
+    /// as for [`ControlRequest::Stage`]; if it cannot (no `base` here), it
+    /// answers [`ControlResponse::Error`] and is sent the whole order.
+    StageFrom(StageOrderDelta),
+}
+
+/// A [`StageOrder`] whose manifest is a delta against another release's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageOrderDelta {
+    /// The release whose encoded manifest the delta is made against.
+    pub base: ReleaseId,
+    /// The order, its `manifest` the delta (zstd, the base's encoded
+    /// manifest as reference prefix).
+    pub order: StageOrder,
 }
 
 /// Answers of [`CONTROL_PROTOCOL`].
@@ -756,6 +773,10 @@ mod tests {
         };
         let reqs = vec![
             ControlRequest::Report(report),
+            ControlRequest::StageFrom(StageOrderDelta {
+                base: ReleaseId([3; 32]),
+                order: order.clone(),
+            }),
             ControlRequest::Stage(order),
             ControlRequest::Bitfield {
                 release: ReleaseId([3; 32]),

@@ -1,6 +1,7 @@
 //! The origin makes a release's binary deltas after its publish, in the
 //! background, and a restarted origin makes those it had not made, and
-//! only those.
+//! only those. A staging order's manifest goes as a delta to a target
+//! holding an older release.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -93,4 +94,79 @@ fn a_restarted_origin_makes_the_deltas_it_had_not_made_and_not_those_it_had() {
     publish(&fleet, &version(&root, "v3", Some(15_000)), "web@3");
     wait_patches(&fleet, "made", 2);
     assert_eq!(patches(&fleet, "failed"), 0);
+}
+
+/// `count` small files of pseudo-random bytes; `changed` of them differ
+/// by `seed`.
+fn many_files(root: &Path, name: &str, count: usize, changed: usize, seed: u64) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..count {
+        let s = if i < changed {
+            seed + i as u64
+        } else {
+            i as u64
+        };
+        std::fs::write(dir.join(format!("f{i:04}.js")), noise(3000, s)).unwrap();
+    }
+    dir
+}
+
+fn stage(fleet: &TestFleet, release: &str, selector: &str) {
+    fleet
+        .convoy(&[
+            "stage",
+            release,
+            "--mode",
+            "pull",
+            "--targets",
+            selector,
+            "--wait",
+            "--timeout",
+            "60",
+        ])
+        .success();
+}
+
+fn order_bytes(fleet: &TestFleet, form: &str) -> u64 {
+    metric(
+        fleet,
+        &format!("convoy_order_manifest_bytes_total{{form=\"{form}\"}}"),
+    )
+}
+
+#[test]
+fn a_target_holding_an_older_release_is_sent_the_manifest_as_a_delta() {
+    let mut fleet = TestFleet::new(&["--delta-bases", "0"]);
+    fleet.add_target(&["--label", "name=a"]);
+    fleet.wait_for_targets(1);
+    let root = fleet.path().to_path_buf();
+    // 300 files: a manifest of about 20 KB; one file changes.
+    publish(&fleet, &many_files(&root, "v1", 300, 0, 0), "web@1");
+    publish(&fleet, &many_files(&root, "v2", 300, 1, 9000), "web@2");
+    stage(&fleet, "web@1", "name=a");
+    let whole = order_bytes(&fleet, "whole");
+    assert!(whole > 10_000, "{whole} bytes: web@1's manifest, whole");
+    assert_eq!(order_bytes(&fleet, "delta"), 0);
+
+    stage(&fleet, "web@2", "name=a");
+    let delta = order_bytes(&fleet, "delta");
+    assert!(delta > 0 && delta * 20 < whole, "{delta} bytes as a delta");
+    assert_eq!(
+        order_bytes(&fleet, "whole"),
+        whole,
+        "nothing else sent whole"
+    );
+
+    // A target that holds no older release gets the manifest whole.
+    fleet.add_target(&["--label", "name=b"]);
+    fleet.wait_for_targets(2);
+    stage(&fleet, "web@2", "name=b");
+    let now = order_bytes(&fleet, "whole");
+    assert!(
+        now > whole + whole / 2,
+        "web@2's manifest whole: {}",
+        now - whole
+    );
+    assert_eq!(order_bytes(&fleet, "delta"), delta);
 }

@@ -30,12 +30,12 @@ use crate::net::{ChunkAnswer, NetEvent, NetHandle, Reply};
 use crate::operators::{Operators, Refusals};
 use crate::protocol::{
     busy, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
-    DistributionMode, FleetMember, Labels, PeerInfo, StageOrder, StageProgress, StageState,
-    StagingReport, TargetReport, TargetStaging, MAX_HASHES_PER_QUERY, MAX_LABELS, MAX_LABEL_BYTES,
-    MAX_PEERS_PER_LIST,
+    DistributionMode, FleetMember, Labels, PeerInfo, StageOrder, StageOrderDelta, StageProgress,
+    StageState, StagingReport, TargetReport, TargetStaging, MAX_HASHES_PER_QUERY, MAX_LABELS,
+    MAX_LABEL_BYTES, MAX_PEERS_PER_LIST,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
-use crate::store::{collect, compact_in_background, Collector, Pass, Retention};
+use crate::store::{collect, compact_in_background, Collector, Pass, Retention, Store};
 use crate::transfer::{HaveSet, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
 
 /// Registered targets the coordinator tracks.
@@ -100,6 +100,9 @@ struct Run {
     record: RunRecord,
     release: ReleaseId,
     order: StageOrder,
+    /// The manifest as a delta against each of a few older releases of
+    /// its app: a target holding one is sent that instead of the whole.
+    manifest_deltas: HashMap<ReleaseId, Vec<u8>>,
     chunks: ChunkList,
     release_bytes: u64,
     targets: Vec<PeerId>,
@@ -244,6 +247,16 @@ struct Coordinator {
     sessions: HashMap<PeerId, String>,
     /// Releases whose deltas are due, made one at a time.
     deltas: deltas::Deltas,
+    /// Manifest bytes of the staging orders targets took, by form.
+    order_bytes: Arc<OrderBytes>,
+}
+
+/// Manifest bytes of staging orders targets took: sent as a delta against
+/// a release they hold, or whole.
+#[derive(Default)]
+struct OrderBytes {
+    delta: AtomicU64,
+    whole: AtomicU64,
 }
 
 /// A request that waits for a collection pass.
@@ -318,6 +331,7 @@ pub async fn run(
         starting: BTreeMap::new(),
         sessions: HashMap::new(),
         deltas: deltas::Deltas::new(delta_bases),
+        order_bytes: Arc::default(),
     };
     c.load_runs();
     match c.chunks.store.releases() {
@@ -464,6 +478,7 @@ fn prepare_run(
         mode: record.mode,
         origin_labels: origin.labels.clone(),
     };
+    let manifest_deltas = manifest_deltas(&*chunks.store, &manifest, release, order.manifest.len());
     let started = Instant::now()
         .checked_sub(Duration::from_millis(
             now_unix_ms().saturating_sub(record.started_unix_ms),
@@ -481,6 +496,7 @@ fn prepare_run(
         record,
         release,
         order,
+        manifest_deltas,
         chunks: list,
         release_bytes,
         targets,
@@ -488,6 +504,45 @@ fn prepare_run(
         origin_bytes: Arc::new(AtomicU64::new(0)),
         progress: HashMap::new(),
     })
+}
+
+/// Older releases of an app a staging's manifest is sent as a delta
+/// against, at most: the newest ones, which targets most likely hold.
+const MANIFEST_DELTA_BASES: usize = 4;
+
+/// `manifest` as a delta against the newest [`MANIFEST_DELTA_BASES`] older
+/// releases of its app in `store`, where that is under half the whole
+/// (`whole` bytes). Blocking; a base that cannot be read is skipped.
+fn manifest_deltas(
+    store: &dyn Store,
+    manifest: &Manifest,
+    release: ReleaseId,
+    whole: usize,
+) -> HashMap<ReleaseId, Vec<u8>> {
+    let Ok(releases) = store.releases() else {
+        return HashMap::new();
+    };
+    let seq = releases
+        .iter()
+        .filter(|r| r.id == release)
+        .map(|r| r.seq)
+        .max()
+        .unwrap_or(u64::MAX);
+    let mut older: Vec<_> = releases
+        .iter()
+        .filter(|r| r.app == manifest.app() && r.id != release && r.seq < seq)
+        .collect();
+    older.sort_by_key(|r| std::cmp::Reverse(r.seq));
+    older.dedup_by_key(|r| r.id);
+    older
+        .into_iter()
+        .take(MANIFEST_DELTA_BASES)
+        .filter_map(|r| {
+            let base = store.get_manifest(&r.id).ok()??;
+            let delta = convoy_chunker::manifest_delta(&base, manifest);
+            (delta.len() < whole / 2).then_some((r.id, delta))
+        })
+        .collect()
 }
 
 /// Runs `put` as its own task and tells the coordinator how it went.
@@ -987,6 +1042,7 @@ impl Coordinator {
                 signature,
             } => self.open_session(peer, &public_key, &signature),
             ControlRequest::Stage(_)
+            | ControlRequest::StageFrom(_)
             | ControlRequest::Peers { .. }
             | ControlRequest::Deliver { .. }
             | ControlRequest::Rollback { .. }
@@ -1353,13 +1409,50 @@ impl Coordinator {
         let net = self.net.clone();
         let order = run.order.clone();
         let tx = self.internal.clone();
+        // Per target: the manifest as a delta against a release it holds,
+        // the smallest such, else whole.
+        let bases: Vec<Option<(ReleaseId, Vec<u8>)>> = to
+            .iter()
+            .map(|t| {
+                let held = &self.members.get(t)?.report.releases;
+                held.iter()
+                    .filter_map(|b| run.manifest_deltas.get(b).map(|d| (*b, d)))
+                    .min_by_key(|(_, d)| d.len())
+                    .map(|(b, d)| (b, d.clone()))
+            })
+            .collect();
+        let sent = self.order_bytes.clone();
         tokio::spawn(async move {
-            let orders = to.iter().map(|t| {
+            let orders = to.iter().zip(bases).map(|(t, base)| {
                 let net = net.clone();
                 let order = order.clone();
+                let sent = sent.clone();
                 async move {
+                    if let Some((base, delta)) = base {
+                        let n = delta.len() as u64;
+                        let request = ControlRequest::StageFrom(StageOrderDelta {
+                            base,
+                            order: StageOrder {
+                                manifest: delta,
+                                ..order.clone()
+                            },
+                        });
+                        match net.control(*t, request).await {
+                            Ok(ControlResponse::Ok) => {
+                                sent.delta.fetch_add(n, Ordering::Relaxed);
+                                return;
+                            }
+                            Ok(other) => {
+                                debug!(target = %t, "order with the manifest as a delta not taken ({other:?}); sending it whole")
+                            }
+                            Err(e) => debug!(target = %t, "order not delivered ({e}); sending it whole"),
+                        }
+                    }
+                    let n = order.manifest.len() as u64;
                     match net.control(*t, ControlRequest::Stage(order)).await {
-                        Ok(ControlResponse::Ok) => {}
+                        Ok(ControlResponse::Ok) => {
+                            sent.whole.fetch_add(n, Ordering::Relaxed);
+                        }
                         Ok(other) => warn!(target = %t, "target refused the order: {other:?}"),
                         Err(e) => warn!(target = %t, "order not delivered: {e}"),
                     }

@@ -934,6 +934,17 @@ impl Coordinator {
             "convoy_delta_cpu_seconds_total {:.3}",
             load(&d.cpu_micros) as f64 / 1e6
         );
+        out.push_str("# HELP convoy_order_manifest_bytes_total Manifest bytes of the staging orders targets took: as a delta against a release the target holds (delta), or whole.\n# TYPE convoy_order_manifest_bytes_total counter\n");
+        for (form, n) in [
+            ("delta", &self.order_bytes.delta),
+            ("whole", &self.order_bytes.whole),
+        ] {
+            let _ = writeln!(
+                out,
+                "convoy_order_manifest_bytes_total{{form=\"{form}\"}} {}",
+                load(n)
+            );
+        }
         out.push_str("# HELP convoy_refused_total Refused attempts: peers without the fleet key (not_member), operator requests from peers that are not operators (not_operator), API requests without a valid token (bad_token).\n# TYPE convoy_refused_total counter\n");
         let r = &self.config.refusals;
         for (what, n) in [
