@@ -330,6 +330,50 @@ impl Chunks {
     }
 }
 
+/// When a daemon makes what it stored durable: a flush at a time, from a
+/// task (a disk slow to sync holds up no loop), and only after a write.
+#[derive(Debug, Default)]
+pub struct Syncer {
+    /// Chunks were stored since the last flush began.
+    dirty: bool,
+    /// A flush runs; the next waits for it.
+    flushing: bool,
+}
+
+impl Syncer {
+    /// Chunks were stored.
+    pub fn stored(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Flushes `chunks` from a task, unless one runs or nothing was stored
+    /// since the last began; its outcome, wrapped by `done`, goes to `tx`
+    /// and must come back to [`Syncer::finished`].
+    pub fn start<T: Send + 'static>(
+        &mut self,
+        chunks: &Arc<Chunks>,
+        tx: &tokio::sync::mpsc::Sender<T>,
+        done: fn(Result<(), String>) -> T,
+    ) {
+        if self.flushing || !std::mem::take(&mut self.dirty) {
+            return;
+        }
+        self.flushing = true;
+        let (chunks, tx) = (chunks.clone(), tx.clone());
+        tokio::spawn(async move {
+            let _ = tx.send(done(chunks.flush().await)).await;
+        });
+    }
+
+    /// The flush [`Syncer::start`] began ended.
+    pub fn finished(&mut self, result: Result<(), String>) {
+        self.flushing = false;
+        if let Err(e) = result {
+            tracing::warn!("cannot flush the store: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

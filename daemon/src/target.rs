@@ -192,10 +192,8 @@ struct Target {
     heartbeat: Duration,
     registered: bool,
     registering: bool,
-    /// Chunks were stored since the last flush began.
-    dirty: bool,
-    /// A flush runs (off the loop); the next waits for it.
-    flushing: bool,
+    /// When what was stored is synced.
+    sync: crate::serve::Syncer,
     listen: Vec<Multiaddr>,
     /// Releases being delivered (a repeated order is answered, not rerun).
     delivering: Arc<std::sync::Mutex<HashSet<ReleaseId>>>,
@@ -234,8 +232,7 @@ pub async fn run(
         heartbeat: DEFAULT_HEARTBEAT,
         registered: false,
         registering: false,
-        dirty: false,
-        flushing: false,
+        sync: Default::default(),
         listen: config.listening.clone(),
         delivering: Arc::default(),
         delivery_lock: Arc::default(),
@@ -1301,7 +1298,7 @@ impl Target {
                 for (index, outcome) in outcomes {
                     match outcome {
                         Outcome::Stored(bytes) => {
-                            self.dirty = true;
+                            self.sync.stored();
                             // Every byte that arrived counts, endgame duplicates too.
                             s.have.insert(index);
                             s.bytes_received += bytes;
@@ -1342,7 +1339,7 @@ impl Target {
                 index,
                 bytes,
             } => {
-                self.dirty = true;
+                self.sync.stored();
                 if let Some(s) = self.stagings.get_mut(&release) {
                     s.have.insert(index);
                     s.bytes_received += bytes;
@@ -1382,12 +1379,7 @@ impl Target {
                     self.on_control(peer, request, None);
                 }
             }
-            Internal::Flushed(result) => {
-                self.flushing = false;
-                if let Err(e) = result {
-                    warn!("cannot flush the store: {e}");
-                }
-            }
+            Internal::Flushed(result) => self.sync.finished(result),
             Internal::Prepared(prepared, reply) => {
                 self.collector.read();
                 let response = match prepared.and_then(|p| self.install(p)) {
@@ -1471,17 +1463,10 @@ impl Target {
         }
     }
 
-    /// Syncs what was stored, from a task: a disk slow to sync holds up
-    /// no heartbeat.
+    /// Syncs what was stored, from a task.
     fn flush_if_dirty(&mut self) {
-        if self.flushing || !std::mem::take(&mut self.dirty) {
-            return;
-        }
-        self.flushing = true;
-        let (chunks, tx) = (self.chunks.clone(), self.internal.clone());
-        tokio::spawn(async move {
-            let _ = tx.send(Internal::Flushed(chunks.flush().await)).await;
-        });
+        self.sync
+            .start(&self.chunks, &self.internal, Internal::Flushed);
     }
 }
 

@@ -212,10 +212,8 @@ struct Coordinator {
     members: HashMap<PeerId, Member>,
     runs: BTreeMap<u64, Run>,
     internal: mpsc::Sender<Internal>,
-    /// Chunks were stored since the last flush began.
-    dirty: bool,
-    /// A flush runs (off the loop); the next waits for it.
-    flushing: bool,
+    /// When what was stored is synced.
+    sync: crate::serve::Syncer,
     deployments: crate::deployments::Deployments,
     /// Roll-out events waiting for the recorder (see [`Coordinator::rollout_event`]).
     queue: std::collections::VecDeque<(u64, crate::rollout::Event)>,
@@ -317,8 +315,7 @@ pub async fn run(
         runs: BTreeMap::new(),
         internal: tx,
         recorded,
-        dirty: false,
-        flushing: false,
+        sync: Default::default(),
         deployments,
         queue: Default::default(),
         recording: Default::default(),
@@ -558,17 +555,10 @@ fn spawn_put(
 }
 
 impl Coordinator {
-    /// Syncs what was stored, from a task: a disk slow to sync holds up
-    /// no target.
+    /// Syncs what was stored, from a task.
     fn flush_if_dirty(&mut self) {
-        if self.flushing || !std::mem::take(&mut self.dirty) {
-            return;
-        }
-        self.flushing = true;
-        let (chunks, tx) = (self.chunks.clone(), self.internal.clone());
-        tokio::spawn(async move {
-            let _ = tx.send(Internal::Flushed(chunks.flush().await)).await;
-        });
+        self.sync
+            .start(&self.chunks, &self.internal, Internal::Flushed);
     }
 
     fn runs_path(&self) -> PathBuf {
@@ -827,7 +817,7 @@ impl Coordinator {
                     return reply.send(busy(UPLOAD_RETRY)).await;
                 };
                 let chunks = self.chunks.clone();
-                self.dirty = true;
+                self.sync.stored();
                 tokio::spawn(async move {
                     let r = chunks.receive(ChunkRef { hash, len }, chunk).await;
                     drop(slot);
@@ -1631,12 +1621,7 @@ impl Coordinator {
                 result,
                 steered,
             } => self.on_recorded(id, at, event, result, steered),
-            Internal::Flushed(result) => {
-                self.flushing = false;
-                if let Err(e) = result {
-                    warn!("cannot flush the store: {e}");
-                }
-            }
+            Internal::Flushed(result) => self.sync.finished(result),
             Internal::Prepared { id, run, begun } => self.on_prepared(id, run, begun),
             Internal::RunsSaved { ids, result, begun } => self.on_runs_saved(ids, result, begun),
             Internal::Opened { opening, result } => self.on_opened(opening, result),
