@@ -324,7 +324,9 @@ impl Recorder {
         if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
             // The thread is gone only if a write panicked.
             if let Some(then) = job.then {
-                then(Err("the record writer has stopped".into()));
+                then(Err(
+                    "the record writer has stopped after a failed write (see the log); restart the coordinator".into(),
+                ));
             }
         }
     }

@@ -107,15 +107,13 @@ impl Deltas {
 
     /// The next job, unless one runs: the release and the settings.
     pub(super) fn next(&mut self) -> Option<Job> {
-        if self.running {
-            return None;
-        }
+        let pool = self.pool.clone().filter(|_| !self.running)?;
         let release = self.due.pop_front()?;
         self.running = true;
         Some(Job {
             release,
             bases: self.bases,
-            pool: self.pool.clone()?,
+            pool,
             counters: self.counters.clone(),
             active: Vec::new(),
         })

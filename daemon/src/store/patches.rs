@@ -18,7 +18,7 @@ pub enum PatchError {
     /// Making a delta failed.
     #[error(transparent)]
     Delta(#[from] DeltaError),
-    /// A chunk of one of the releases is not in the store.
+    /// A chunk of the target release is not in the store.
     #[error("release {release} has chunks missing from the store; run `convoy verify`")]
     Incomplete {
         /// `app@version`.
@@ -64,7 +64,8 @@ pub fn patch_in_store(
     {
         return Ok((p, None));
     }
-    wire_lens(store, base)?;
+    // A base chunk missing from the store fails the read that needs it,
+    // naming its file.
     let wire = wire_lens(store, target)?;
     let wire_len = |c: &ChunkRef| wire.get(&c.hash).copied().unwrap_or(u64::from(c.len));
     let ingest = Ingest::new(store);
