@@ -170,3 +170,90 @@ fn a_target_holding_an_older_release_is_sent_the_manifest_as_a_delta() {
     );
     assert_eq!(order_bytes(&fleet, "delta"), delta);
 }
+
+/// Sends `request` to target `i` as the peer holding `identity`, with the
+/// fleet key, and returns the answer.
+fn order_as(
+    fleet: &TestFleet,
+    identity: &libp2p::identity::Keypair,
+    i: usize,
+    request: convoy_daemon::protocol::ControlRequest,
+) -> convoy_daemon::protocol::ControlResponse {
+    use convoy_daemon::net::{self, NetConfig};
+    let fleet_key = convoy_daemon::fleet_key::read(&fleet.key).expect("fleet key");
+    let (target, addr) = convoy_daemon::client::parse_peer_addr(&fleet.targets[i].addr).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, mut events) = net::start(NetConfig {
+            keypair: identity.clone(),
+            listen: Vec::new(),
+            fleet_key,
+            request_timeout: Duration::from_secs(30),
+            admission_timeout: net::ADMISSION_TIMEOUT,
+        })
+        .unwrap();
+        tokio::spawn(async move { while events.recv().await.is_some() {} });
+        client.add_addresses(target, vec![addr]).await;
+        let answer = client.control(target, request).await.expect("an answer");
+        client.shutdown().await;
+        answer
+    })
+}
+
+#[test]
+fn an_order_with_the_manifest_as_a_delta_is_taken_only_from_the_coordinator_as_signed() {
+    use convoy_daemon::protocol::{
+        signed_bytes, ControlRequest, ControlResponse, DistributionMode, StageOrder,
+        StageOrderDelta,
+    };
+    use convoy_daemon::store::{RocksStore, Store};
+    use libp2p::identity::Keypair;
+
+    let mut fleet = TestFleet::new(&["--delta-bases", "0"]);
+    fleet.add_target(&["--label", "name=a"]);
+    fleet.add_target(&["--label", "name=b"]);
+    fleet.wait_for_targets(2);
+    let root = fleet.path().to_path_buf();
+    publish(&fleet, &many_files(&root, "v1", 300, 0, 0), "web@1");
+    publish(&fleet, &many_files(&root, "v2", 300, 1, 9000), "web@2");
+    stage(&fleet, "web@1", "name=a");
+    let (v1, v2) = {
+        let store = RocksStore::open(&root.join("cli-store")).unwrap();
+        let get = |v: &str| {
+            let id = store.resolve("web", v).unwrap().unwrap();
+            store.get_manifest(&id).unwrap().unwrap()
+        };
+        (get("1"), get("2"))
+    };
+    let order = |signer: &Keypair, signed: &convoy_chunker::Manifest| {
+        ControlRequest::StageFrom(StageOrderDelta {
+            base: v1.release_id(),
+            order: StageOrder {
+                manifest: convoy_chunker::manifest_delta(&v1, &v2),
+                signature: signer.sign(&signed_bytes(&signed.release_id())).unwrap(),
+                mode: DistributionMode::Pull,
+                origin_labels: Default::default(),
+            },
+        })
+    };
+    let read_key =
+        |path: PathBuf| Keypair::from_protobuf_encoding(&std::fs::read(path).unwrap()).unwrap();
+
+    // Root on target b has its key and the fleet key: not the coordinator.
+    fleet.targets[1].stop();
+    let thief = read_key(fleet.target_dir(1).join("identity.key"));
+    let answer = order_as(&fleet, &thief, 0, order(&thief, &v2));
+    assert_eq!(answer, ControlResponse::Denied);
+
+    // The coordinator's own key, but a signature over another release: the
+    // rebuilt manifest is refused.
+    fleet.coordinator.stop();
+    let coordinator = read_key(root.join("coordinator/identity.key"));
+    match order_as(&fleet, &coordinator, 0, order(&coordinator, &v1)) {
+        ControlResponse::Error(e) => assert!(e.contains("not signed"), "{e}"),
+        other => panic!("an order signed for another release was answered {other:?}"),
+    }
+    // Signed over the rebuilt manifest's id, it is taken.
+    let answer = order_as(&fleet, &coordinator, 0, order(&coordinator, &v2));
+    assert_eq!(answer, ControlResponse::Ok);
+}
