@@ -426,6 +426,47 @@ pub enum ControlRequest {
     /// as for [`ControlRequest::Stage`]; if it cannot (no `base` here), it
     /// answers [`ControlResponse::Error`] and is sent the whole order.
     StageFrom(StageOrderDelta),
+    /// The coordinator orders a target holding a patch's base release to
+    /// stage the patch's target release, rebuilding the files the patch
+    /// covers from their deltas where that moves fewer bytes. The patch's
+    /// delta chunks are fetched as a transfer unit of their own, named by
+    /// the patch id on the wire ([`patch_unit`]), so every target upgrading
+    /// from the same base shares them. A target that cannot take the patch
+    /// (no base here, a record it refuses) answers
+    /// [`ControlResponse::Error`] and is sent the order without it.
+    StagePatched(PatchedOrder),
+}
+
+/// A [`StageOrder`] with a signed patch record from a release the target holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchedOrder {
+    /// The order. With `manifest_is_delta`, its `manifest` is a delta
+    /// against the patch's base's (as in [`StageOrderDelta`]).
+    pub order: StageOrder,
+    /// Whether the order's manifest is a delta.
+    pub manifest_is_delta: bool,
+    /// The encoded patch record.
+    #[serde(with = "serde_bytes_vec")]
+    pub patch: Vec<u8>,
+    /// The coordinator's signature over [`signed_patch_bytes`] of its id.
+    #[serde(with = "serde_bytes_vec")]
+    pub patch_signature: Vec<u8>,
+}
+
+/// The bytes a coordinator signs for a patch record: a domain tag and the
+/// record's id (BLAKE3 of its encoding).
+pub fn signed_patch_bytes(patch: &convoy_chunker::PatchId) -> Vec<u8> {
+    let mut out = b"convoy patch v1 ".to_vec();
+    out.extend_from_slice(&patch.0);
+    out
+}
+
+/// The name a patch's delta chunks travel under on the wire, where a
+/// release id goes (`Get`, `Put`, `Bitfield`, have announcements): its
+/// id. A patch record's encoding starts with its own magic, so no release
+/// (BLAKE3 of a manifest) has the same name.
+pub fn patch_unit(patch: &convoy_chunker::PatchId) -> ReleaseId {
+    ReleaseId(patch.0)
 }
 
 /// A [`StageOrder`] whose manifest is a delta against another release's.
@@ -776,6 +817,12 @@ mod tests {
             ControlRequest::StageFrom(StageOrderDelta {
                 base: ReleaseId([3; 32]),
                 order: order.clone(),
+            }),
+            ControlRequest::StagePatched(PatchedOrder {
+                order: order.clone(),
+                manifest_is_delta: true,
+                patch: vec![5; 40],
+                patch_signature: vec![6; 64],
             }),
             ControlRequest::Stage(order),
             ControlRequest::Bitfield {

@@ -30,7 +30,7 @@ pub use maintenance::{
     collect, compact_in_background, gc, verify, Collector, GcReport, Pass, Retention, VerifyReport,
 };
 pub use memory::MemoryStore;
-pub use patches::{patch_in_store, wire_lens, PatchError};
+pub use patches::{patch_in_store, rebuild_in_store, wire_lens, PatchError, Rebuilt};
 pub use rocks::RocksStore;
 
 /// Sizes of a stored chunk.

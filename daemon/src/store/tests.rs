@@ -262,6 +262,82 @@ fn ingest_counts_new_chunks_once(store: &dyn Store) {
     assert_eq!(again.stats().new_chunks, 0);
 }
 
+/// `n` pseudo-random bytes from `seed`, a byte flipped every `edit_every`.
+fn noise(n: usize, seed: u64, edit_every: Option<usize>) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out: Vec<u8> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for i in edit_every
+        .map_or(0..0, |e| e / 2..n)
+        .step_by(edit_every.unwrap_or(1))
+    {
+        out[i] ^= 0x5a;
+    }
+    out
+}
+
+/// Packs files `a` and `b` (seeds 1 and 2, edited every `edit_every`).
+fn pack_ab(store: &dyn Store, version: &str, edit_every: Option<usize>) -> Manifest {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, seed) in [("a", 1), ("b", 2)] {
+        std::fs::write(dir.path().join(name), noise(300_000, seed, edit_every)).unwrap();
+    }
+    pack(dir.path(), "web", version, &&Ingest::new(store), &()).unwrap()
+}
+
+fn a_patch_rebuilds_its_files_and_a_corrupt_base_fails_only_its_file(target: &dyn Store) {
+    // The origin holds both releases and makes the patch.
+    let origin = MemoryStore::new();
+    let v1 = pack_ab(&origin, "1", None);
+    let v2 = pack_ab(&origin, "2", Some(20_000));
+    let (patch, _) =
+        patch_in_store(&origin, &v1, &v2, &convoy_chunker::PatchConfig::default()).unwrap();
+    assert_eq!(patch.files().len(), 2);
+    // The target holds web@1 and the deltas.
+    assert_eq!(pack_ab(target, "1", None), v1);
+    let deltas: Vec<_> = patch
+        .delta_chunks()
+        .into_iter()
+        .map(|c| (c, origin.get_chunk(&c.hash).unwrap().unwrap()))
+        .collect();
+    target.put_chunks(&deltas).unwrap();
+    // One chunk of the base of `a` rots.
+    let a_base = v1.files().find(|(p, _)| *p == "a").unwrap().1[1];
+    target
+        .put_chunks(&[(
+            a_base,
+            StoredChunk {
+                encoding: Encoding::Raw,
+                bytes: vec![0; a_base.len as usize],
+            },
+        )])
+        .unwrap();
+
+    let rebuilt = rebuild_in_store(target, &v1, &v2, patch.files());
+    assert_eq!(rebuilt.files, vec!["b".to_string()]);
+    assert_eq!(rebuilt.failed.len(), 1);
+    assert_eq!(rebuilt.failed[0].0, "a");
+    assert_eq!(rebuilt.bytes, 300_000);
+    // Every chunk of `b` in web@2 is now held, and reads back verified.
+    let b = v2.files().find(|(p, _)| *p == "b").unwrap().1;
+    for c in b {
+        let stored = target.get_chunk(&c.hash).unwrap().expect("rebuilt chunk");
+        stored.into_verified(c).unwrap();
+    }
+    // None of the new chunks of `a` is.
+    let a = v2.files().find(|(p, _)| *p == "a").unwrap().1;
+    let held = target
+        .contains_chunks(&a.iter().map(|c| c.hash).collect::<Vec<_>>())
+        .unwrap();
+    assert!(held.iter().filter(|h| **h).count() <= 1, "{held:?}");
+}
+
 fn deleting_a_release_keeps_a_manifest_another_name_uses(store: &dyn Store) {
     let a = release("web", "1", &[b"x"]);
     store.put_release(&a).unwrap();
@@ -309,6 +385,7 @@ store_tests!(
     patches_live_while_both_their_releases_do_and_keep_their_deltas,
     a_collection_keeps_pins_and_spares_fresh_chunks_for_one_pass,
     ingest_counts_new_chunks_once,
+    a_patch_rebuilds_its_files_and_a_corrupt_base_fails_only_its_file,
     deleting_a_release_keeps_a_manifest_another_name_uses,
     record_logs_append_in_order_and_list_by_prefix,
 );
