@@ -26,6 +26,7 @@ pub mod fleet_key;
 pub mod health;
 pub mod net;
 pub mod operators;
+pub mod patching;
 pub use convoy_protocol::pipeline;
 pub use convoy_protocol::wire as protocol;
 pub mod rate;

@@ -18,6 +18,10 @@ const MAX_UPLOAD_BACKLOG: Duration = Duration::from_millis(500);
 const MAX_SERVES: usize = 128;
 /// Releases whose chunk lists are kept in memory.
 const MAX_RELEASES: usize = 64;
+/// Patch units (see [`crate::protocol::patch_unit`]) whose chunk lists are
+/// kept in memory; beyond, the oldest is forgotten (its chunks are then
+/// refused, and the targets fetching it fall back to the release's chunks).
+const MAX_UNITS: usize = 256;
 /// Releases remembered as not in the store, so that requests for them are
 /// refused without reading it again.
 const MAX_ABSENT: usize = 1024;
@@ -42,6 +46,8 @@ pub struct Chunks {
     /// Download cap.
     pub download: Pacer,
     lists: Mutex<HashMap<ReleaseId, ChunkList>>,
+    /// Patch units being distributed, oldest first.
+    units: Mutex<std::collections::VecDeque<(ReleaseId, ChunkList)>>,
     loading: Mutex<Loading>,
     serving: AtomicUsize,
     /// Chunk body bytes sent.
@@ -82,6 +88,7 @@ impl Chunks {
             upload: Pacer::new(upload),
             download: Pacer::new(download),
             lists: Mutex::new(HashMap::new()),
+            units: Mutex::default(),
             loading: Mutex::default(),
             serving: AtomicUsize::new(0),
             bytes_sent: AtomicU64::new(0),
@@ -117,6 +124,19 @@ impl Chunks {
         list
     }
 
+    /// Remembers a patch unit's chunk list (the patch's delta chunks), so
+    /// peers can fetch them by index as they fetch a release's.
+    pub fn add_unit(&self, unit: ReleaseId, list: ChunkList) {
+        let mut units = self.units.lock().expect("units lock");
+        if units.iter().any(|(u, _)| *u == unit) {
+            return;
+        }
+        if units.len() >= MAX_UNITS {
+            units.pop_front();
+        }
+        units.push_back((unit, list));
+    }
+
     /// The chunk list of a release, if it is in memory; if not, starts
     /// reading its manifest from the store in a blocking task and says
     /// what to answer meanwhile: busy for a moment, or refused when the
@@ -125,6 +145,11 @@ impl Chunks {
         if let Some(l) = self.lists.lock().expect("lists lock").get(release) {
             return Ok(l.clone());
         }
+        let units = self.units.lock().expect("units lock");
+        if let Some((_, l)) = units.iter().find(|(u, _)| u == release) {
+            return Ok(l.clone());
+        }
+        drop(units);
         let mut loading = self.loading.lock().expect("loading lock");
         if loading.absent.contains(release) {
             return Err(ChunkResponse::Refused);

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use convoy_chunker::{ChunkRef, Manifest, ReleaseId};
+use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId};
 use libp2p::identity::PublicKey;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
@@ -26,14 +26,16 @@ use tracing::{debug, info, warn};
 use crate::deliver::Releases;
 use crate::health::Load;
 use crate::net::{NetEvent, NetHandle, Reply, RequestError};
+use crate::patching::{plan_patch, signed_patch, PatchJob, PlannedPatch};
 use crate::protocol::{
     self, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
-    DeliveryReport, DistributionMode, Labels, StageOrder, StageOrderDelta, StageProgress,
-    StageState, TargetReport, MAX_CONTROL_FRAME,
+    DeliveryReport, DistributionMode, Labels, PatchedOrder, StageOrder, StageOrderDelta,
+    StageProgress, StageState, TargetReport, MAX_CONTROL_FRAME,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
 use crate::store::{
-    collect, compact_in_background, Collector, Pass, Retention, Store, StoreSource,
+    collect, compact_in_background, rebuild_in_store, Collector, Pass, Rebuilt, Retention, Store,
+    StoreSource,
 };
 use crate::transfer::{FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode};
 
@@ -62,6 +64,9 @@ const STALL_TICKS: u32 = 3;
 const MAX_KNOWN_PEERS: usize = 4096;
 /// Stagings a target runs at once.
 const MAX_STAGINGS: usize = 16;
+/// Flush ticks (seconds) without a new delta chunk before a patch is given
+/// up and its files' chunks fetched instead.
+const PATCH_STALL_TICKS: u32 = 10;
 
 /// How a target is set up.
 pub struct TargetConfig {
@@ -119,19 +124,29 @@ enum Internal {
     Flushed(Result<(), String>),
     /// An order was checked and its chunks looked up off the loop; the
     /// reply, if any, waits for it to be installed.
-    Prepared(Result<Prepared, String>, Option<Reply<ControlResponse>>),
+    Prepared(
+        Result<Box<Prepared>, String>,
+        Option<Reply<ControlResponse>>,
+    ),
+    /// A patch's files were rebuilt (or some not) from its deltas.
+    Rebuilt {
+        unit: ReleaseId,
+        rebuilt: Rebuilt,
+    },
 }
 
 /// An order checked against the coordinator's key, with what the store
 /// holds of it: everything accepting it needs from the disk.
 struct Prepared {
     order: StageOrder,
-    manifest: Manifest,
+    manifest: Arc<Manifest>,
     id: ReleaseId,
     chunks: ChunkList,
     held: Vec<bool>,
     /// The release its name resolves to here.
     already: Option<ReleaseId>,
+    /// The patch it came with, planned.
+    patch: Option<PlannedPatch>,
 }
 
 enum Outcome {
@@ -149,6 +164,14 @@ struct Staging {
     manifest: Arc<Manifest>,
     chunks: ChunkList,
     have: HaveSet,
+    /// Chunks not to fetch: a release's that its patch rebuilds (until it
+    /// has or has failed), a patch unit's deltas this target does not
+    /// need. The coordinator is told they are held, so it does not send them.
+    deferred: HaveSet,
+    /// A release's patch unit, fetched beside it.
+    unit: Option<ReleaseId>,
+    /// A patch unit's files to rebuild once its wanted chunks are held.
+    job: Option<Arc<PatchJob>>,
     fetcher: Option<Fetcher<PeerId>>,
     /// Peers of this staging and how close each is.
     peers: BTreeMap<PeerId, Locality>,
@@ -168,6 +191,51 @@ struct Staging {
 }
 
 impl Staging {
+    /// A staging of `chunks` (held: `have`), deferring `deferred`; its
+    /// fetcher, if any, is set by the caller.
+    fn new(
+        order: StageOrder,
+        manifest: Arc<Manifest>,
+        chunks: ChunkList,
+        have: HaveSet,
+        deferred: HaveSet,
+        coordinator: PeerId,
+        origin_in_my_dc: bool,
+    ) -> Self {
+        Self {
+            order,
+            manifest,
+            chunks,
+            have,
+            deferred,
+            unit: None,
+            job: None,
+            fetcher: None,
+            peers: [(coordinator, Locality::Origin)].into(),
+            announce: Vec::new(),
+            announce_rare: false,
+            last_announce: Instant::now(),
+            started: Instant::now(),
+            elapsed: None,
+            bytes_received: 0,
+            bytes_cross_dc: 0,
+            state: StageState::Running,
+            origin_in_my_dc,
+            finishing: false,
+            watch: (0, 0),
+        }
+    }
+
+    /// Whether every chunk it needs is held: all of a release's; a patch
+    /// unit's wanted ones.
+    fn has_all(&self) -> bool {
+        match self.job {
+            None => self.have.is_full(),
+            Some(_) => (0..self.have.len() as u32)
+                .all(|i| self.have.contains(i) || self.deferred.contains(i)),
+        }
+    }
+
     fn progress(&self, release: ReleaseId) -> StageProgress {
         StageProgress {
             release,
@@ -385,11 +453,12 @@ fn prepare(
     }
     Ok(Prepared {
         order,
-        manifest,
+        manifest: Arc::new(manifest),
         id,
         chunks: list,
         held,
         already,
+        patch: None,
     })
 }
 
@@ -398,6 +467,51 @@ fn prepare(
 enum Incoming {
     Whole(StageOrder),
     Delta(StageOrderDelta),
+    /// With a patch from a release it holds.
+    Patched(PatchedOrder),
+}
+
+/// Prepares an order that comes with a patch: the record is decoded and
+/// its signature checked before anything else, then checked against its
+/// base (which must be in the store) and the order's manifest before the
+/// order is recorded; a patch this target refuses refuses the order (the
+/// coordinator sends it without). Blocking.
+fn prepare_patched(
+    po: PatchedOrder,
+    store: &dyn Store,
+    chunks: &Chunks,
+    coordinator_key: &PublicKey,
+    record: &Path,
+) -> Result<Prepared, String> {
+    let patch = signed_patch(&po, coordinator_key)?;
+    let order = if po.manifest_is_delta {
+        let delta = StageOrderDelta {
+            base: patch.base(),
+            order: po.order,
+        };
+        whole_order(store, delta)?
+    } else {
+        po.order
+    };
+    let base = store
+        .get_manifest(&patch.base())
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("release {}, the patch's base, is not here", patch.base()))?;
+    let target = Manifest::decode(&order.manifest).map_err(|e| e.to_string())?;
+    patch
+        .check_against(&base, &target)
+        .map_err(|e| format!("refusing patch {}: {e}", patch.id()))?;
+    drop(target);
+    let mut prepared = prepare(order, store, chunks, coordinator_key, Some(record))?;
+    prepared.patch = plan_patch(
+        store,
+        patch,
+        base,
+        prepared.manifest.clone(),
+        &prepared.chunks,
+        &prepared.held,
+    )?;
+    Ok(prepared)
 }
 
 /// The whole order a [`StageOrderDelta`] stands for: its manifest rebuilt
@@ -436,6 +550,18 @@ fn answer(reply: Option<Reply<ControlResponse>>, response: ControlResponse) {
 fn order_path(dir: &Path, release: &ReleaseId) -> PathBuf {
     dir.join("staging")
         .join(format!("{}.order", release.to_hex()))
+}
+
+/// The set of indices whose flag is set.
+fn set_of(flags: &[bool]) -> HaveSet {
+    HaveSet::from_indices(
+        flags.len(),
+        flags
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| **f)
+            .map(|(i, _)| i as u32),
+    )
 }
 
 fn label<'a>(labels: &'a Labels, key: &str) -> &'a str {
@@ -556,7 +682,20 @@ impl Target {
             labels: self.config.labels.clone(),
             addrs: self.listen.iter().map(|a| a.to_string()).collect(),
             releases: Vec::new(),
-            stagings: self.stagings.iter().map(|(r, s)| s.progress(*r)).collect(),
+            stagings: self
+                .stagings
+                .iter()
+                .filter(|(_, s)| s.job.is_none())
+                .map(|(r, s)| {
+                    // A release's bytes include its patch's deltas.
+                    let mut p = s.progress(*r);
+                    if let Some(u) = s.unit.and_then(|u| self.stagings.get(&u)) {
+                        p.bytes_received += u.bytes_received;
+                        p.bytes_received_cross_dc += u.bytes_cross_dc;
+                    }
+                    p
+                })
+                .collect(),
             bytes_sent: self.chunks.bytes_sent.load(Ordering::Relaxed),
             bytes_received: self.chunks.bytes_received.load(Ordering::Relaxed),
             active: Default::default(),
@@ -715,7 +854,10 @@ impl Target {
         };
         let mut pinned: HashSet<ReleaseId> = running().map(|(id, _)| *id).collect();
         pinned.extend(self.delivering.lock().expect("not poisoned").iter());
-        let manifests: Vec<Arc<Manifest>> = running().map(|(_, s)| s.manifest.clone()).collect();
+        // A patch unit's base is read when its files are rebuilt.
+        pinned.extend(running().filter_map(|(_, s)| Some(s.job.as_ref()?.base.release_id())));
+        // A release's chunks; a patch unit's deltas.
+        let lists: Vec<ChunkList> = running().map(|(_, s)| s.chunks.clone()).collect();
         let (store, releases) = (self.chunks.store.clone(), self.config.releases.clone());
         let store_after = store.clone();
         let (lock, tx) = (self.delivery_lock.clone(), self.internal.clone());
@@ -726,9 +868,9 @@ impl Target {
                 let mut retention = Retention {
                     newest: releases.retained(),
                     pinned,
-                    pinned_chunks: manifests
+                    pinned_chunks: lists
                         .iter()
-                        .flat_map(|m| m.unique_chunks().iter().map(|c| c.hash).collect::<Vec<_>>())
+                        .flat_map(|l| l.iter().map(|c| c.hash))
                         .collect(),
                 };
                 for app in releases.apps().map_err(|e| e.to_string())? {
@@ -766,7 +908,10 @@ impl Target {
     ) {
         let from_coordinator = peer == self.config.coordinator;
         if from_coordinator
-            && matches!(request, ControlRequest::StageFrom(_))
+            && matches!(
+                request,
+                ControlRequest::StageFrom(_) | ControlRequest::StagePatched(_)
+            )
             && self.collector.running()
         {
             // Held, it would be carried out after the pass, which may drop
@@ -794,6 +939,9 @@ impl Target {
             }
             ControlRequest::StageFrom(order) if from_coordinator => {
                 self.accept_off_loop(Incoming::Delta(order), reply)
+            }
+            ControlRequest::StagePatched(order) if from_coordinator => {
+                self.accept_off_loop(Incoming::Patched(order), reply)
             }
             ControlRequest::Deliver { release, drain_ms } if from_coordinator => {
                 self.deliver(release, drain_ms.map(Duration::from_millis), reply)
@@ -840,6 +988,7 @@ impl Target {
             }
             ControlRequest::Stage(_)
             | ControlRequest::StageFrom(_)
+            | ControlRequest::StagePatched(_)
             | ControlRequest::Peers { .. }
             | ControlRequest::Deliver { .. }
             | ControlRequest::Rollback { .. }
@@ -970,12 +1119,17 @@ impl Target {
                 let order = match order {
                     Incoming::Whole(order) => order,
                     Incoming::Delta(d) => whole_order(&*store, d)?,
+                    Incoming::Patched(po) => {
+                        return prepare_patched(po, &*store, &chunks, &key, &record)
+                    }
                 };
                 prepare(order, &*store, &chunks, &key, Some(&record))
             })
             .await
             .unwrap_or_else(|e| Err(format!("cannot prepare the order: {e}")));
-            let _ = tx.send(Internal::Prepared(prepared, reply)).await;
+            let _ = tx
+                .send(Internal::Prepared(prepared.map(Box::new), reply))
+                .await;
         });
     }
 
@@ -987,7 +1141,7 @@ impl Target {
         self.install(prepared)
     }
 
-    /// Starts or resumes a prepared order.
+    /// Starts or resumes a prepared order, and its patch's unit.
     fn install(&mut self, prepared: Prepared) -> Result<ReleaseId, String> {
         let Prepared {
             order,
@@ -996,6 +1150,7 @@ impl Target {
             chunks,
             held,
             already,
+            patch,
         } = prepared;
         if self.stagings.contains_key(&id) {
             return Ok(id);
@@ -1008,74 +1163,37 @@ impl Target {
                 return Err(format!("already staging {MAX_STAGINGS} releases"));
             }
         }
-        let have = HaveSet::from_indices(
+        let have = set_of(&held);
+        let staged = already == Some(id);
+        let patch = patch.filter(|_| !staged);
+        let deferred = HaveSet::from_indices(
             chunks.len(),
-            held.iter()
-                .enumerate()
-                .filter(|(_, h)| **h)
-                .map(|(i, _)| i as u32),
+            patch.iter().flat_map(|p| p.rebuilt.iter().copied()),
         );
         let origin_in_my_dc = label(&order.origin_labels, "dc") == self.my_place().0;
-        let fetcher = match order.mode {
-            DistributionMode::Push => None,
-            mode => {
-                let mut config = FetchConfig {
-                    mode: if mode == DistributionMode::Pull {
-                        Mode::Pull
-                    } else {
-                        Mode::Swarm
-                    },
-                    origin_in_my_dc,
-                    seed: seed_of(&self.net.peer_id()),
-                    ..FetchConfig::default()
-                };
-                config.request_timeout = Duration::from_secs(30);
-                if mode == DistributionMode::Pull {
-                    // One source: its requests must cover the whole
-                    // bandwidth-delay product of the link on their own.
-                    config.window = PULL_WINDOW;
-                }
-                let mut f = Fetcher::new(have.clone(), config);
-                f.add_peer(
-                    Instant::now(),
-                    self.config.coordinator,
-                    Locality::Origin,
-                    HaveSet::full(chunks.len()),
-                );
-                Some(f)
-            }
-        };
+        let fetcher = self.fetcher(order.mode, origin_in_my_dc, &have, &deferred);
         info!(release = %id, name = %format!("{}@{}", manifest.app(), manifest.version()),
-              mode = order.mode.name(), held = have.count(), total = have.len(), "staging");
-        let mut peers = BTreeMap::new();
-        peers.insert(self.config.coordinator, Locality::Origin);
-        let staged = already == Some(id);
-        self.stagings.insert(
-            id,
-            Staging {
-                order,
-                manifest: Arc::new(manifest),
-                chunks,
-                have,
-                fetcher,
-                peers,
-                announce: Vec::new(),
-                announce_rare: false,
-                last_announce: Instant::now(),
-                started: Instant::now(),
-                elapsed: staged.then_some(Duration::ZERO),
-                bytes_received: 0,
-                bytes_cross_dc: 0,
-                state: if staged {
-                    StageState::Staged
-                } else {
-                    StageState::Running
-                },
-                origin_in_my_dc,
-                finishing: false,
-                watch: (0, 0),
-            },
+              mode = order.mode.name(), held = have.count(), total = have.len(),
+              rebuilt_from_deltas = deferred.count(), "staging");
+        let mut staging = Staging::new(
+            order,
+            manifest,
+            chunks,
+            have,
+            deferred,
+            self.config.coordinator,
+            origin_in_my_dc,
         );
+        staging.fetcher = fetcher;
+        if staged {
+            staging.state = StageState::Staged;
+            staging.elapsed = Some(Duration::ZERO);
+        }
+        if let Some(p) = patch {
+            staging.unit = Some(p.unit);
+            self.install_patch(&staging.order, p);
+        }
+        self.stagings.insert(id, staging);
         self.send_bitfield(id, self.config.coordinator);
         if staged {
             self.register();
@@ -1084,6 +1202,82 @@ impl Target {
             self.check_complete(id);
         }
         Ok(id)
+    }
+
+    /// A fetcher for a staging in `mode` (none in push mode: the origin
+    /// sends), holding `have`, not asking for `deferred`.
+    fn fetcher(
+        &self,
+        mode: DistributionMode,
+        origin_in_my_dc: bool,
+        have: &HaveSet,
+        deferred: &HaveSet,
+    ) -> Option<Fetcher<PeerId>> {
+        if mode == DistributionMode::Push {
+            return None;
+        }
+        let mut config = FetchConfig {
+            mode: if mode == DistributionMode::Pull {
+                Mode::Pull
+            } else {
+                Mode::Swarm
+            },
+            origin_in_my_dc,
+            seed: seed_of(&self.net.peer_id()),
+            ..FetchConfig::default()
+        };
+        config.request_timeout = Duration::from_secs(30);
+        if mode == DistributionMode::Pull {
+            // One source: its requests must cover the whole
+            // bandwidth-delay product of the link on their own.
+            config.window = PULL_WINDOW;
+        }
+        let mut f = Fetcher::deferring(have.clone(), deferred.clone(), config);
+        f.add_peer(
+            Instant::now(),
+            self.config.coordinator,
+            Locality::Origin,
+            HaveSet::full(have.len()),
+        );
+        Some(f)
+    }
+
+    /// Starts fetching a patch's delta chunks, as a unit of their own: from
+    /// the swarm in swarm mode, else from the origin (in push mode too:
+    /// the origin pushes the release's chunks, the target pulls its deltas).
+    fn install_patch(&mut self, release_order: &StageOrder, p: PlannedPatch) {
+        let unit = p.unit;
+        self.chunks.add_unit(unit, p.chunks.clone());
+        let mode = match release_order.mode {
+            DistributionMode::Swarm => DistributionMode::Swarm,
+            _ => DistributionMode::Pull,
+        };
+        let order = StageOrder {
+            mode,
+            ..release_order.clone()
+        };
+        let have = set_of(&p.held);
+        let unwanted = set_of(&p.unwanted);
+        let origin_in_my_dc = label(&order.origin_labels, "dc") == self.my_place().0;
+        let fetcher = self.fetcher(mode, origin_in_my_dc, &have, &unwanted);
+        info!(release = %p.job.release, patch = %unit, files = p.job.files.len(),
+              wire_bytes = p.wire_bytes, wire_bytes_without_deltas = p.wire_bytes_without,
+              "rebuilding files from deltas");
+        let mut staging = Staging::new(
+            order,
+            p.job.target.clone(),
+            p.chunks,
+            have,
+            unwanted,
+            self.config.coordinator,
+            origin_in_my_dc,
+        );
+        staging.fetcher = fetcher;
+        staging.job = Some(p.job);
+        self.stagings.insert(unit, staging);
+        self.send_bitfield(unit, self.config.coordinator);
+        self.drive(unit);
+        self.check_complete(unit);
     }
 
     fn on_peers(
@@ -1113,29 +1307,34 @@ impl Target {
         let now = Instant::now();
         let localities: Vec<(PeerId, Locality)> =
             new.iter().map(|p| (*p, self.locality_of(p))).collect();
-        let Some(s) = self.stagings.get_mut(&release) else {
-            return;
-        };
-        let Some(f) = s.fetcher.as_mut() else {
-            return;
-        };
-        if size > 0 && rank < size {
-            f.set_import_rank(now, rank, size);
-        }
-        if s.order.mode != DistributionMode::Swarm {
-            return;
-        }
-        let mut fresh = Vec::new();
-        for (p, loc) in localities {
-            if s.peers.insert(p, loc).is_none() {
-                f.add_peer(now, p, loc, HaveSet::empty(s.have.len()));
-                fresh.push(p);
+        // The release's patch unit swarms among the same peers: those
+        // fetching it answer with their have-sets, the others ignore it.
+        let unit = self.stagings.get(&release).and_then(|s| s.unit);
+        for staging in std::iter::once(release).chain(unit) {
+            let Some(s) = self.stagings.get_mut(&staging) else {
+                continue;
+            };
+            let Some(f) = s.fetcher.as_mut() else {
+                continue;
+            };
+            if size > 0 && rank < size {
+                f.set_import_rank(now, rank, size);
             }
+            if s.order.mode != DistributionMode::Swarm {
+                continue;
+            }
+            let mut fresh = Vec::new();
+            for (p, loc) in &localities {
+                if s.peers.insert(*p, *loc).is_none() {
+                    f.add_peer(now, *p, *loc, HaveSet::empty(s.have.len()));
+                    fresh.push(*p);
+                }
+            }
+            for p in fresh {
+                self.send_bitfield(staging, p);
+            }
+            self.drive(staging);
         }
-        for p in fresh {
-            self.send_bitfield(release, p);
-        }
-        self.drive(release);
     }
 
     fn on_bitfield(&mut self, peer: PeerId, release: ReleaseId, len: u32, bits: &[u8]) {
@@ -1182,7 +1381,14 @@ impl Target {
         };
         let len = s.have.len();
         let mut bits = vec![0u8; len.div_ceil(8)];
-        for i in s.have.iter() {
+        // The coordinator is told deferred chunks are held: it neither
+        // pushes nor hands them out. Peers are told only what is.
+        let deferred = (to == self.config.coordinator).then_some(&s.deferred);
+        for i in s
+            .have
+            .iter()
+            .chain(deferred.into_iter().flat_map(HaveSet::iter))
+        {
             bits[(i / 8) as usize] |= 1 << (i % 8);
         }
         let net = self.net.clone();
@@ -1235,6 +1441,8 @@ impl Target {
             return;
         };
         let mut complete = false;
+        let mut gave_up = false;
+        let is_unit = s.job.is_some();
         // This round's requests, per peer: sent a few chunks to a request.
         let mut batches: BTreeMap<PeerId, Vec<u32>> = BTreeMap::new();
         while let Some(action) = f.poll_action() {
@@ -1256,6 +1464,10 @@ impl Target {
                     let net = self.net.clone();
                     tokio::spawn(async move { net.ban(peer).await });
                 }
+                FetchAction::GaveUp { chunk } if s.job.is_some() => {
+                    warn!(patch = %release, chunk, "a delta chunk failed too often: giving the patch up");
+                    gave_up = true;
+                }
                 FetchAction::GaveUp { chunk } => {
                     warn!(release = %release, chunk, "chunk failed too often; waiting for new peers");
                 }
@@ -1276,7 +1488,9 @@ impl Target {
                 ));
             }
         }
-        if complete {
+        if gave_up {
+            self.end_patch(release, None);
+        } else if complete || is_unit {
             self.check_complete(release);
         }
     }
@@ -1380,9 +1594,10 @@ impl Target {
                 }
             }
             Internal::Flushed(result) => self.sync.finished(result),
+            Internal::Rebuilt { unit, rebuilt } => self.end_patch(unit, Some(rebuilt)),
             Internal::Prepared(prepared, reply) => {
                 self.collector.read();
-                let response = match prepared.and_then(|p| self.install(p)) {
+                let response = match prepared.and_then(|p| self.install(*p)) {
                     Ok(_) => ControlResponse::Ok,
                     Err(e) => ControlResponse::Error(e),
                 };
@@ -1412,16 +1627,112 @@ impl Target {
         }
     }
 
+    /// Ends patch unit `unit`: its release gets the chunks of the files it
+    /// rebuilt (`None`: it was given up), and asks for every chunk still
+    /// deferred, as if there had been no patch.
+    fn end_patch(&mut self, unit: ReleaseId, rebuilt: Option<Rebuilt>) {
+        let Some(u) = self.stagings.get_mut(&unit) else {
+            return;
+        };
+        let Some(job) = u.job.clone() else {
+            return;
+        };
+        if u.state != StageState::Running {
+            return;
+        }
+        u.finishing = false;
+        u.elapsed = Some(u.started.elapsed());
+        u.state = match &rebuilt {
+            Some(r) if r.failed.is_empty() => StageState::Staged,
+            Some(r) => StageState::Failed(format!("{} files not rebuilt", r.failed.len())),
+            None => StageState::Failed("given up".into()),
+        };
+        // It asks for nothing more; the deltas it holds are still served.
+        u.fetcher = None;
+        let release = job.release;
+        let Some(s) = self
+            .stagings
+            .get_mut(&release)
+            .filter(|s| s.unit == Some(unit) && s.state == StageState::Running)
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let rebuilt = rebuilt.unwrap_or_default();
+        for (path, why) in &rebuilt.failed {
+            warn!(release = %release, path, "cannot rebuild a file from its delta, fetching its chunks: {why}");
+        }
+        info!(release = %release, files = rebuilt.files.len(), bytes = rebuilt.bytes,
+              failed = rebuilt.failed.len(), "rebuilt files from deltas");
+        let index: HashMap<ChunkHash, u32> = s
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.hash, i as u32))
+            .collect();
+        let files: HashMap<&str, &[ChunkRef]> = s.manifest.files().collect();
+        let given: Vec<u32> = rebuilt
+            .files
+            .iter()
+            .filter_map(|p| files.get(p.as_str()))
+            .flat_map(|chunks| chunks.iter())
+            .filter_map(|c| index.get(&c.hash).copied())
+            .filter(|i| s.deferred.contains(*i))
+            .collect();
+        for &i in &given {
+            if s.have.insert(i) {
+                if let Some(f) = s.fetcher.as_mut() {
+                    f.handle_gift(now, i);
+                }
+            }
+        }
+        let rest: Vec<u32> = s.deferred.iter().filter(|i| !s.have.contains(*i)).collect();
+        s.deferred = HaveSet::empty(s.have.len());
+        if let Some(f) = s.fetcher.as_mut() {
+            f.undefer(now, rest.iter().copied());
+        }
+        if !given.is_empty() {
+            self.sync.stored();
+        }
+        if !rest.is_empty() {
+            // The coordinator was told they were held.
+            self.send_bitfield(release, self.config.coordinator);
+        }
+        self.drive(release);
+        self.check_complete(release);
+    }
+
     /// Once every chunk is held: make them durable, then name the release.
     fn check_complete(&mut self, release: ReleaseId) {
         let Some(s) = self.stagings.get_mut(&release) else {
             return;
         };
-        if !s.have.is_full() || s.finishing || s.state != StageState::Running {
+        if !s.has_all() || s.finishing || s.state != StageState::Running {
             return;
         }
         s.finishing = true;
         let store = self.chunks.store.clone();
+        if let Some(job) = s.job.clone() {
+            // A patch unit: rebuild its files off the loop.
+            let tx = self.internal.clone();
+            tokio::spawn(async move {
+                let rebuilt = tokio::task::spawn_blocking(move || {
+                    rebuild_in_store(&*store, &job.base, &job.target, &job.files)
+                })
+                .await
+                .unwrap_or_else(|e| Rebuilt {
+                    failed: vec![("(all)".into(), e.to_string())],
+                    ..Rebuilt::default()
+                });
+                let _ = tx
+                    .send(Internal::Rebuilt {
+                        unit: release,
+                        rebuilt,
+                    })
+                    .await;
+            });
+            return;
+        }
         let manifest = s.manifest.clone();
         let tx = self.internal.clone();
         tokio::spawn(async move {
@@ -1442,16 +1753,21 @@ impl Target {
     fn watchdog(&mut self) {
         let now = Instant::now();
         let mut stalled = Vec::new();
+        let mut given_up = Vec::new();
         for (r, s) in self.stagings.iter_mut() {
             let held = s.have.count();
             let Some(f) = s.fetcher.as_mut() else {
                 continue;
             };
-            if s.state != StageState::Running || held != s.watch.0 {
+            if s.state != StageState::Running || s.finishing || held != s.watch.0 {
                 s.watch = (held, 0);
                 continue;
             }
             s.watch.1 += 1;
+            if s.job.is_some() && s.watch.1 == PATCH_STALL_TICKS {
+                info!(patch = %r, held, "no delta chunk for {PATCH_STALL_TICKS} s: giving the patch up");
+                given_up.push(*r);
+            }
             if s.watch.1 == STALL_TICKS {
                 info!(release = %r, held, "no progress: fetching from any data centre");
                 f.set_import_rank(now, 0, 1);
@@ -1460,6 +1776,9 @@ impl Target {
         }
         for r in stalled {
             self.drive(r);
+        }
+        for unit in given_up {
+            self.end_patch(unit, None);
         }
     }
 

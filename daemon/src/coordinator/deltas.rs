@@ -5,14 +5,17 @@
 //! made again, so a restarted origin picks up where it stopped: at start,
 //! the newest release of every app is due again.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use convoy_chunker::{PatchConfig, ReleaseId};
+use convoy_chunker::{plan_fetch, ChunkHash, ChunkRef, Manifest, PatchConfig, ReleaseId};
+use libp2p::identity::Keypair;
 use tracing::{info, warn};
 
+use crate::protocol::{patch_unit, signed_patch_bytes};
+use crate::serve::ChunkList;
 use crate::store::{patch_in_store, Release, Store};
 
 /// Releases waiting for their deltas, at most; past this the oldest is
@@ -38,6 +41,68 @@ pub struct DeltaCounters {
     pub replaced_wire_bytes: AtomicU64,
     /// CPU microseconds of the delta making, over threads.
     pub cpu_micros: AtomicU64,
+    /// Staging orders targets took with a patch.
+    pub orders: AtomicU64,
+    /// Wire bytes those targets were spared, as planned for a holder of
+    /// the patch's base (a file whose rebuild fails is fetched after all).
+    pub spared_wire_bytes: AtomicU64,
+}
+
+/// A patch a staging offers to targets holding its base.
+pub(super) struct Offer {
+    /// The unit its delta chunks travel as.
+    pub unit: ReleaseId,
+    /// The encoded record.
+    pub record: Vec<u8>,
+    /// The coordinator's signature over it.
+    pub signature: Vec<u8>,
+    /// Its distinct delta chunks.
+    pub chunks: ChunkList,
+    /// The staging's manifest as a delta against the base's, where that
+    /// is under half the whole.
+    pub manifest_delta: Option<Vec<u8>>,
+    /// Wire bytes a target holding the base is spared ([`plan_fetch`]).
+    pub spared: u64,
+}
+
+/// The patches into `manifest` in `store`, signed, by base; `wire` gives
+/// the stored length of the release's chunks. Blocking; a patch whose
+/// base cannot be read is left out.
+pub(super) fn offers(
+    store: &dyn Store,
+    manifest: &Manifest,
+    keypair: &Keypair,
+    wire: &HashMap<ChunkHash, u64>,
+) -> HashMap<ReleaseId, Offer> {
+    let Ok(patches) = store.patches_to(&manifest.release_id()) else {
+        return HashMap::new();
+    };
+    let whole = manifest.encode().len();
+    let wire_len = |c: &ChunkRef| wire.get(&c.hash).copied().unwrap_or(u64::from(c.len));
+    patches
+        .into_iter()
+        .filter_map(|patch| {
+            let base = store.get_manifest(&patch.base()).ok()??;
+            let in_base: HashSet<ChunkHash> = base.unique_chunks().iter().map(|c| c.hash).collect();
+            let plan = plan_fetch(manifest, &base, &patch, &|h| in_base.contains(h), &wire_len);
+            if plan.patched.is_empty() {
+                return None;
+            }
+            let delta = convoy_chunker::manifest_delta(&base, manifest);
+            let signature = keypair.sign(&signed_patch_bytes(&patch.id())).ok()?;
+            Some((
+                patch.base(),
+                Offer {
+                    unit: patch_unit(&patch.id()),
+                    record: patch.encode(),
+                    signature,
+                    chunks: Arc::new(patch.delta_chunks()),
+                    manifest_delta: (delta.len() < whole / 2).then_some(delta),
+                    spared: plan.wire_bytes_without_deltas - plan.wire_bytes,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// The loop's side: which releases are due, whether a job runs.

@@ -30,9 +30,9 @@ use crate::net::{ChunkAnswer, NetEvent, NetHandle, Reply};
 use crate::operators::{Operators, Refusals};
 use crate::protocol::{
     busy, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
-    DistributionMode, FleetMember, Labels, PeerInfo, StageOrder, StageOrderDelta, StageProgress,
-    StageState, StagingReport, TargetReport, TargetStaging, MAX_HASHES_PER_QUERY, MAX_LABELS,
-    MAX_LABEL_BYTES, MAX_PEERS_PER_LIST,
+    DistributionMode, FleetMember, Labels, PatchedOrder, PeerInfo, StageOrder, StageOrderDelta,
+    StageProgress, StageState, StagingReport, TargetReport, TargetStaging, MAX_HASHES_PER_QUERY,
+    MAX_LABELS, MAX_LABEL_BYTES, MAX_PEERS_PER_LIST,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
 use crate::store::{collect, compact_in_background, Collector, Pass, Retention, Store};
@@ -103,6 +103,12 @@ struct Run {
     /// The manifest as a delta against each of a few older releases of
     /// its app: a target holding one is sent that instead of the whole.
     manifest_deltas: HashMap<ReleaseId, Vec<u8>>,
+    /// Patches into the release, by base: a target holding one is sent
+    /// it, and rebuilds the files it covers from their deltas.
+    offers: HashMap<ReleaseId, deltas::Offer>,
+    /// The patches' delta chunks, as units of their own (see
+    /// [`crate::protocol::patch_unit`]), each seeded like the release.
+    units: HashMap<ReleaseId, UnitRun>,
     chunks: ChunkList,
     release_bytes: u64,
     targets: Vec<PeerId>,
@@ -113,6 +119,33 @@ struct Run {
     gifts: usize,
     pusher: Option<Pusher<PeerId>>,
     progress: HashMap<PeerId, StageProgress>,
+}
+
+/// A patch's delta chunks on their way in a run.
+struct UnitRun {
+    chunks: ChunkList,
+    /// In swarm mode.
+    seeder: Option<Seeder<PeerId>>,
+}
+
+impl Run {
+    /// The chunk list and seeder of `unit`: the release, or one of its
+    /// patches' units.
+    fn unit_mut(&mut self, unit: &ReleaseId) -> Option<(&ChunkList, Option<&mut Seeder<PeerId>>)> {
+        if *unit == self.release {
+            return Some((&self.chunks, self.seeder.as_mut()));
+        }
+        let u = self.units.get_mut(unit)?;
+        Some((&u.chunks, u.seeder.as_mut()))
+    }
+
+    /// Every seeder of the run, the release's last.
+    fn seeders(&mut self) -> impl Iterator<Item = (ReleaseId, &mut Seeder<PeerId>)> {
+        self.units
+            .iter_mut()
+            .filter_map(|(u, r)| Some((*u, r.seeder.as_mut()?)))
+            .chain(self.seeder.as_mut().map(|s| (self.release, s)))
+    }
 }
 
 /// Gifts (see [`Seeder::gift`]) on their way at once: two keep the
@@ -133,6 +166,7 @@ enum Internal {
     /// A chunk the seeder handed out arrived (or did not).
     Gifted {
         run: u64,
+        unit: ReleaseId,
         peer: PeerId,
         chunk: u32,
         ok: bool,
@@ -140,6 +174,7 @@ enum Internal {
     /// Chunks the seeder chose to serve that did not go out.
     Unsent {
         run: u64,
+        unit: ReleaseId,
         peer: PeerId,
         chunks: Vec<u32>,
     },
@@ -376,20 +411,28 @@ fn label<'a>(labels: &'a Labels, key: &str) -> &'a str {
 }
 
 impl Run {
-    /// Sends chunk `index` of this run's release to `peer` unasked, at the
-    /// upload cap, counting its bytes as the origin's; true once stored
-    /// there.
+    /// Sends chunk `index` of this run's `unit` (its release, or a patch
+    /// unit) to `peer` unasked, at the upload cap, counting its bytes as
+    /// the origin's; true once stored there.
     fn put(
         &self,
         net: &NetHandle,
         chunks: &Arc<Chunks>,
+        unit: ReleaseId,
         peer: PeerId,
         index: u32,
     ) -> impl std::future::Future<Output = bool> + Send + 'static {
         let (net, chunks) = (net.clone(), chunks.clone());
-        let (counter, release) = (self.origin_bytes.clone(), self.release);
-        let cref = self.chunks[index as usize];
+        let (counter, release) = (self.origin_bytes.clone(), unit);
+        let list = match self.units.get(&unit) {
+            Some(u) => &u.chunks,
+            None => &self.chunks,
+        };
+        let cref = list.get(index as usize).copied();
         async move {
+            let Some(cref) = cref else {
+                return false;
+            };
             let Some(wire) = chunks.read(cref).await else {
                 return false;
             };
@@ -458,13 +501,17 @@ fn prepare_run(
         .ok_or_else(|| format!("release {release} is not in the origin's store"))?;
     let list = chunks.add_release(&manifest);
     let hashes: Vec<_> = list.iter().map(|c| c.hash).collect();
-    let release_bytes = chunks
-        .store
-        .chunk_info(&hashes)
-        .map_err(|e| e.to_string())?
+    let wire: HashMap<ChunkHash, u64> = hashes
         .iter()
-        .map(|i| i.map_or(0, |i| u64::from(i.stored_len)))
-        .sum();
+        .zip(
+            chunks
+                .store
+                .chunk_info(&hashes)
+                .map_err(|e| e.to_string())?,
+        )
+        .filter_map(|(h, i)| Some((*h, u64::from(i?.stored_len))))
+        .collect();
+    let release_bytes = wire.values().sum();
     let signature = origin
         .keypair
         .sign(&signed_bytes(&release))
@@ -476,13 +523,26 @@ fn prepare_run(
         origin_labels: origin.labels.clone(),
     };
     let manifest_deltas = manifest_deltas(&*chunks.store, &manifest, release, order.manifest.len());
+    let swarm = record.mode == DistributionMode::Swarm;
+    let offers = deltas::offers(&*chunks.store, &manifest, &origin.keypair, &wire);
+    let units = offers
+        .values()
+        .map(|o| {
+            chunks.add_unit(o.unit, o.chunks.clone());
+            let unit = UnitRun {
+                chunks: o.chunks.clone(),
+                seeder: swarm.then(|| Seeder::new(o.chunks.len(), 1, 2)),
+            };
+            (o.unit, unit)
+        })
+        .collect();
     let started = Instant::now()
         .checked_sub(Duration::from_millis(
             now_unix_ms().saturating_sub(record.started_unix_ms),
         ))
         .unwrap_or_else(Instant::now);
     Ok(Run {
-        seeder: (record.mode == DistributionMode::Swarm).then(|| Seeder::new(list.len(), 1, 2)),
+        seeder: swarm.then(|| Seeder::new(list.len(), 1, 2)),
         gifts: 0,
         pusher: (record.mode == DistributionMode::Push).then(|| {
             Pusher::new(PushConfig {
@@ -494,6 +554,8 @@ fn prepare_run(
         release,
         order,
         manifest_deltas,
+        offers,
+        units,
         chunks: list,
         release_bytes,
         targets,
@@ -704,7 +766,7 @@ impl Coordinator {
                     m.connected = false;
                 }
                 for run in self.runs.values_mut() {
-                    if let Some(s) = run.seeder.as_mut() {
+                    for (_, s) in run.seeders() {
                         s.remove_target(peer);
                     }
                     if let Some(p) = run.pusher.as_mut() {
@@ -743,11 +805,9 @@ impl Coordinator {
                 announcement: Announcement { release, chunks },
             } => {
                 for run in self.runs.values_mut() {
-                    if run.release == release {
-                        if let Some(s) = run.seeder.as_mut() {
-                            for &c in &chunks {
-                                s.handle_have(peer, c);
-                            }
+                    if let Some((_, Some(s))) = run.unit_mut(&release) {
+                        for &c in &chunks {
+                            s.handle_have(peer, c);
                         }
                     }
                 }
@@ -763,16 +823,16 @@ impl Coordinator {
                     Err(answer) => return reply.send(answer).await,
                 };
                 let idle = self.chunks.upload_idle();
-                let run = self
-                    .runs
-                    .values_mut()
-                    .rev()
-                    .find(|r| r.release == release && r.targets.contains(&peer));
+                let run = self.runs.values_mut().rev().find(|r| {
+                    (r.release == release || r.units.contains_key(&release))
+                        && r.targets.contains(&peer)
+                });
                 let (run_id, counter) = match run {
                     Some(r) => {
-                        if let Some(seeder) = r.seeder.as_mut() {
+                        let (id, counter) = (r.record.id, r.origin_bytes.clone());
+                        if let Some((list, Some(seeder))) = r.unit_mut(&release) {
                             if !seeder.has_target(peer) {
-                                seeder.add_target(peer, HaveSet::empty(r.chunks.len()));
+                                seeder.add_target(peer, HaveSet::empty(list.len()));
                             }
                             for (index, chunk) in indices.iter().zip(wanted.iter_mut()) {
                                 if chunk.is_some()
@@ -783,7 +843,7 @@ impl Coordinator {
                                 }
                             }
                         }
-                        (Some(r.record.id), Some(r.origin_bytes.clone()))
+                        (Some(id), Some(counter))
                     }
                     None => (None, None),
                 };
@@ -802,6 +862,7 @@ impl Coordinator {
                         let _ = tx
                             .send(Internal::Unsent {
                                 run,
+                                unit: release,
                                 peer,
                                 chunks: unsent,
                             })
@@ -984,18 +1045,21 @@ impl Coordinator {
             ControlRequest::Report(report) => self.on_report(peer, report),
             ControlRequest::Bitfield { release, len, bits } => {
                 for run in self.runs.values_mut() {
-                    if run.release != release || !run.targets.contains(&peer) {
+                    if !run.targets.contains(&peer) {
                         continue;
                     }
-                    if len as usize != run.chunks.len() || bits.len() != (len as usize).div_ceil(8)
-                    {
+                    let is_release = run.release == release;
+                    let Some((list, seeder)) = run.unit_mut(&release) else {
+                        continue;
+                    };
+                    if len as usize != list.len() || bits.len() != (len as usize).div_ceil(8) {
                         return ControlResponse::Error("have-set of the wrong length".into());
                     }
                     let have = HaveSet::from_indices(
                         len as usize,
                         (0..len).filter(|i| bits[(*i / 8) as usize] & (1 << (i % 8)) != 0),
                     );
-                    if let Some(s) = run.seeder.as_mut() {
+                    if let Some(s) = seeder {
                         if s.has_target(peer) {
                             for c in have.iter() {
                                 s.handle_have(peer, c);
@@ -1004,7 +1068,7 @@ impl Coordinator {
                             s.add_target(peer, have.clone());
                         }
                     }
-                    if let Some(p) = run.pusher.as_mut() {
+                    if let Some(p) = run.pusher.as_mut().filter(|_| is_release) {
                         p.remove_target(peer);
                         p.add_target(peer, &have);
                     }
@@ -1033,6 +1097,7 @@ impl Coordinator {
             } => self.open_session(peer, &public_key, &signature),
             ControlRequest::Stage(_)
             | ControlRequest::StageFrom(_)
+            | ControlRequest::StagePatched(_)
             | ControlRequest::Peers { .. }
             | ControlRequest::Deliver { .. }
             | ControlRequest::Rollback { .. }
@@ -1411,13 +1476,59 @@ impl Coordinator {
                     .map(|(b, d)| (b, d.clone()))
             })
             .collect();
+        // Per target: the patch from a release it holds that spares the
+        // most, with the manifest as a delta against that release where
+        // one was made.
+        let patched: Vec<Option<(PatchedOrder, u64)>> = to
+            .iter()
+            .map(|t| {
+                let held = &self.members.get(t)?.report.releases;
+                let offer = held
+                    .iter()
+                    .filter_map(|b| run.offers.get(b))
+                    .max_by_key(|o| o.spared)?;
+                let delta = offer.manifest_delta.clone();
+                let patched = PatchedOrder {
+                    manifest_is_delta: delta.is_some(),
+                    order: StageOrder {
+                        manifest: delta.unwrap_or_else(|| order.manifest.clone()),
+                        ..order.clone()
+                    },
+                    patch: offer.record.clone(),
+                    patch_signature: offer.signature.clone(),
+                };
+                Some((patched, offer.spared))
+            })
+            .collect();
         let sent = self.order_bytes.clone();
+        let counters = self.deltas.counters.clone();
         tokio::spawn(async move {
-            let orders = to.iter().zip(bases).map(|(t, base)| {
+            let orders = to.iter().zip(bases).zip(patched).map(|((t, base), patched)| {
                 let net = net.clone();
                 let order = order.clone();
                 let sent = sent.clone();
+                let counters = counters.clone();
                 async move {
+                    if let Some((patched, spared)) = patched {
+                        let n = patched.order.manifest.len() as u64;
+                        let form = if patched.manifest_is_delta {
+                            &sent.delta
+                        } else {
+                            &sent.whole
+                        };
+                        match net.control(*t, ControlRequest::StagePatched(patched)).await {
+                            Ok(ControlResponse::Ok) => {
+                                form.fetch_add(n, Ordering::Relaxed);
+                                counters.orders.fetch_add(1, Ordering::Relaxed);
+                                counters.spared_wire_bytes.fetch_add(spared, Ordering::Relaxed);
+                                return;
+                            }
+                            Ok(other) => {
+                                debug!(target = %t, "order with a patch not taken ({other:?}); sending it without")
+                            }
+                            Err(e) => debug!(target = %t, "order not delivered ({e}); sending it without a patch"),
+                        }
+                    }
                     if let Some((base, delta)) = base {
                         let n = delta.len() as u64;
                         let request = ControlRequest::StageFrom(StageOrderDelta {
@@ -1576,13 +1687,14 @@ impl Coordinator {
             }
             Internal::Gifted {
                 run,
+                unit,
                 peer,
                 chunk,
                 ok,
             } => {
                 if let Some(r) = self.runs.get_mut(&run) {
                     r.gifts -= 1;
-                    if let (Some(s), false) = (r.seeder.as_mut(), ok) {
+                    if let (Some((_, Some(s))), false) = (r.unit_mut(&unit), ok) {
                         // Unreachable, or not staging it: left out of the
                         // hand-outs until it asks or reports again.
                         debug!(%peer, chunk, run, "a chunk the origin handed out was not stored there; leaving the target out of hand-outs until it reports again");
@@ -1592,8 +1704,14 @@ impl Coordinator {
                 }
                 self.drive_gifts();
             }
-            Internal::Unsent { run, peer, chunks } => {
-                if let Some(s) = self.runs.get_mut(&run).and_then(|r| r.seeder.as_mut()) {
+            Internal::Unsent {
+                run,
+                unit,
+                peer,
+                chunks,
+            } => {
+                if let Some((_, Some(s))) = self.runs.get_mut(&run).and_then(|r| r.unit_mut(&unit))
+                {
                     for chunk in chunks {
                         s.handle_send_failed(peer, chunk);
                     }
@@ -1636,16 +1754,21 @@ impl Coordinator {
         for run in self.runs.values_mut() {
             while run.gifts < MAX_GIFTS {
                 let idle = self.chunks.upload.backlog(Instant::now()) < GIFT_IDLE_BACKLOG;
-                let Some((peer, chunk)) = run.seeder.as_mut().and_then(|s| s.gift(idle)) else {
+                // Patches' deltas first: every target holding a base needs them.
+                let Some((unit, peer, chunk)) = run
+                    .seeders()
+                    .find_map(|(u, s)| s.gift(idle).map(|(p, c)| (u, p, c)))
+                else {
                     break;
                 };
                 run.gifts += 1;
                 let id = run.record.id;
                 spawn_put(
                     self.internal.clone(),
-                    run.put(&self.net, &self.chunks, peer, chunk),
+                    run.put(&self.net, &self.chunks, unit, peer, chunk),
                     move |ok| Internal::Gifted {
                         run: id,
+                        unit,
                         peer,
                         chunk,
                         ok,
@@ -1664,7 +1787,7 @@ impl Coordinator {
                         let id = run.record.id;
                         spawn_put(
                             self.internal.clone(),
-                            run.put(&self.net, &self.chunks, peer, chunk),
+                            run.put(&self.net, &self.chunks, run.release, peer, chunk),
                             move |ok| Internal::Pushed {
                                 run: id,
                                 peer,

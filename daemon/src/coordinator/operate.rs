@@ -934,6 +934,14 @@ impl Coordinator {
             "convoy_delta_cpu_seconds_total {:.3}",
             load(&d.cpu_micros) as f64 / 1e6
         );
+        out.push_str("# HELP convoy_delta_orders_total Staging orders targets took with a patch from a release they hold.\n# TYPE convoy_delta_orders_total counter\n");
+        let _ = writeln!(out, "convoy_delta_orders_total {}", load(&d.orders));
+        out.push_str("# HELP convoy_delta_spared_wire_bytes_total Wire bytes the targets that took a patch were spared, as planned for a holder of its base: the release's chunks the rebuilt files replace, less the deltas.\n# TYPE convoy_delta_spared_wire_bytes_total counter\n");
+        let _ = writeln!(
+            out,
+            "convoy_delta_spared_wire_bytes_total {}",
+            load(&d.spared_wire_bytes)
+        );
         out.push_str("# HELP convoy_order_manifest_bytes_total Manifest bytes of the staging orders targets took: as a delta against a release the target holds (delta), or whole.\n# TYPE convoy_order_manifest_bytes_total counter\n");
         for (form, n) in [
             ("delta", &self.order_bytes.delta),
