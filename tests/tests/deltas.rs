@@ -1,7 +1,8 @@
 //! The origin makes a release's binary deltas after its publish, in the
 //! background, and a restarted origin makes those it had not made, and
 //! only those. A staging order's manifest goes as a delta to a target
-//! holding an older release.
+//! holding an older release, and with the patch from it: the target
+//! fetches the deltas and rebuilds the files, or falls back to chunks.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -256,4 +257,299 @@ fn an_order_with_the_manifest_as_a_delta_is_taken_only_from_the_coordinator_as_s
     // Signed over the rebuilt manifest's id, it is taken.
     let answer = order_as(&fleet, &coordinator, 0, order(&coordinator, &v2));
     assert_eq!(answer, ControlResponse::Ok);
+}
+
+/// Stages `release` on the targets `selector` names in `mode` and waits
+/// (bounded: 120 s); the staging's report.
+fn stage_json(fleet: &TestFleet, release: &str, selector: &str, mode: &str) -> serde_json::Value {
+    fleet
+        .convoy(&[
+            "stage",
+            release,
+            "--mode",
+            mode,
+            "--targets",
+            selector,
+            "--wait",
+            "--timeout",
+            "120",
+            "--json",
+        ])
+        .success()
+        .json()
+}
+
+/// Bytes target `name` received in a staging's report.
+fn received_by(report: &serde_json::Value, name: &str) -> u64 {
+    report["per_target"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["labels"]["name"] == name)
+        .unwrap_or_else(|| panic!("no target {name} in {report}"))["bytes_received"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Reads every file of `app@version` back from target `i`'s store (each
+/// chunk verified; the target stopped) and compares it with `dir`.
+fn assert_staged_as(fleet: &mut TestFleet, i: usize, release: &str, dir: &Path) {
+    use convoy_daemon::store::{RocksStore, Store, StoreSource};
+    fleet.targets[i].stop();
+    let store = RocksStore::open(&fleet.target_store(i)).unwrap();
+    let (app, version) = release.split_once('@').unwrap();
+    let id = store.resolve(app, version).unwrap().expect("staged");
+    let manifest = store.get_manifest(&id).unwrap().unwrap();
+    let mut files = 0;
+    for (path, chunks) in manifest.files() {
+        let bytes = convoy_chunker::read_file(&StoreSource(&store), path, chunks).unwrap();
+        assert!(
+            bytes == std::fs::read(dir.join(path)).unwrap(),
+            "target {i}: {path} differs from the release"
+        );
+        files += 1;
+    }
+    assert!(files > 0);
+}
+
+#[test]
+fn targets_holding_the_base_fetch_the_deltas_and_rebuild_the_release() {
+    let mut fleet = TestFleet::new(&[]);
+    for name in ["a", "b", "c"] {
+        fleet.add_target(&["--label", &format!("name={name}")]);
+    }
+    fleet.wait_for_targets(3);
+    let root = fleet.path().to_path_buf();
+    publish(&fleet, &version(&root, "v1", None), "web@1");
+    stage_json(&fleet, "web@1", "", "swarm");
+    // Nearly every 64 KiB chunk of v2 holds an edit: about 1 MiB of new chunks.
+    let v2 = version(&root, "v2", Some(20_000));
+    publish(&fleet, &v2, "web@2");
+    wait_patches(&fleet, "made", 1);
+    // A target that holds no older release.
+    fleet.add_target(&["--label", "name=d"]);
+    fleet.wait_for_targets(4);
+
+    let report = stage_json(&fleet, "web@2", "", "swarm");
+    assert_eq!(report["staged"], 4, "{report}");
+    assert_eq!(metric(&fleet, "convoy_delta_orders_total"), 3);
+    let spared = metric(&fleet, "convoy_delta_spared_wire_bytes_total");
+    assert!(spared > 3 * (900 << 10), "{spared} bytes spared");
+    for name in ["a", "b", "c"] {
+        let n = received_by(&report, name);
+        assert!(
+            n < 16 << 10,
+            "target {name} received {n} bytes, not only deltas"
+        );
+    }
+    // d fetched v2's chunks: from the origin or from peers that rebuilt them.
+    let d = received_by(&report, "d");
+    assert!(d > 900 << 10, "target d received {d} bytes");
+    // The origin sent the deltas about once, and v2's chunks to d.
+    let origin = report["origin_egress_bytes"].as_u64().unwrap();
+    assert!(origin < d + (16 << 10), "the origin sent {origin} bytes");
+    for i in 0..4 {
+        assert_staged_as(&mut fleet, i, "web@2", &v2);
+    }
+}
+
+#[test]
+fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
+    use convoy_chunker::{file_digest, Patch, PatchConfig, PatchFile};
+    use convoy_daemon::store::{patch_in_store, RocksStore, Store};
+
+    let mut fleet = TestFleet::new(&["--delta-bases", "0"]);
+    fleet.add_target(&["--label", "name=a"]);
+    fleet.wait_for_targets(1);
+    let root = fleet.path().to_path_buf();
+    publish(&fleet, &version(&root, "v1", None), "web@1");
+    let v2 = version(&root, "v2", Some(20_000));
+    publish(&fleet, &v2, "web@2");
+    // Another base: v2 with one byte changed. A delta from it to v2
+    // copies nearly all of it; applied to v1, it gives v1's bytes back.
+    let v1b = root.join("v1b");
+    std::fs::create_dir_all(&v1b).unwrap();
+    let mut bytes = std::fs::read(v2.join("app.js")).unwrap();
+    bytes[5] ^= 1;
+    std::fs::write(v1b.join("app.js"), bytes).unwrap();
+    publish(&fleet, &v1b, "web@1b");
+    stage_json(&fleet, "web@1", "name=a", "pull");
+
+    // A patch that claims to go from web@1 to web@2, its delta made
+    // against web@1b: signed by the origin, as a faulty origin would.
+    fleet.coordinator.stop();
+    {
+        let store = RocksStore::open(&root.join("coordinator/store")).unwrap();
+        let get = |v: &str| {
+            let id = store.resolve("web", v).unwrap().unwrap();
+            store.get_manifest(&id).unwrap().unwrap()
+        };
+        let (v1, v1b, v2m) = (get("1"), get("1b"), get("2"));
+        let (made, _) = patch_in_store(&store, &v1b, &v2m, &PatchConfig::default()).unwrap();
+        let v1_files: std::collections::HashMap<&str, &[convoy_chunker::ChunkRef]> =
+            v1.files().collect();
+        let files: Vec<PatchFile> = made
+            .files()
+            .iter()
+            .map(|f| PatchFile {
+                base_digest: file_digest(v1_files[f.base_path.as_str()]),
+                ..f.clone()
+            })
+            .collect();
+        assert_eq!(files.len(), 1);
+        store
+            .put_patch(&Patch::new(v1.release_id(), v2m.release_id(), files))
+            .unwrap();
+        store.flush().unwrap();
+    }
+    fleet.coordinator.restart();
+    fleet.wait_for_targets(1);
+
+    let report = stage_json(&fleet, "web@2", "name=a", "pull");
+    assert_eq!(report["staged"], 1, "{report}");
+    assert_eq!(
+        metric(&fleet, "convoy_delta_orders_total"),
+        1,
+        "the patch was sent"
+    );
+    let log = fleet.targets[0].log_text();
+    assert!(
+        log.contains("cannot rebuild a file from its delta"),
+        "the rebuild did not fail:\n{log}"
+    );
+    let n = received_by(&report, "a");
+    assert!(n > 900 << 10, "a fetched {n} bytes: not the chunks");
+    assert_staged_as(&mut fleet, 0, "web@2", &v2);
+}
+
+#[test]
+fn an_order_with_a_hostile_patch_record_is_refused_before_any_work() {
+    use convoy_chunker::{Patch, PatchFile};
+    use convoy_daemon::protocol::{
+        signed_bytes, signed_patch_bytes, ControlRequest, ControlResponse, DistributionMode,
+        PatchedOrder, StageOrder,
+    };
+    use convoy_daemon::store::{RocksStore, Store};
+    use libp2p::identity::Keypair;
+
+    let mut fleet = TestFleet::new(&["--delta-bases", "0"]);
+    fleet.add_target(&["--label", "name=a"]);
+    fleet.wait_for_targets(1);
+    let root = fleet.path().to_path_buf();
+    publish(&fleet, &version(&root, "v1", None), "web@1");
+    publish(&fleet, &version(&root, "v2", Some(20_000)), "web@2");
+    stage_json(&fleet, "web@1", "name=a", "pull");
+    let (v1, v2) = {
+        let store = RocksStore::open(&root.join("cli-store")).unwrap();
+        let get = |v: &str| {
+            let id = store.resolve("web", v).unwrap().unwrap();
+            store.get_manifest(&id).unwrap().unwrap()
+        };
+        (get("1"), get("2"))
+    };
+    fleet.coordinator.stop();
+    let coordinator = Keypair::from_protobuf_encoding(
+        &std::fs::read(root.join("coordinator/identity.key")).unwrap(),
+    )
+    .unwrap();
+    let (path, chunks) = v1.files().next().unwrap();
+    let file = PatchFile {
+        path: path.to_string(),
+        base_path: path.to_string(),
+        base_digest: convoy_chunker::file_digest(chunks),
+        delta: vec![chunks[0]],
+        size: 1 << 20,
+        wire_bytes: 1 << 19,
+    };
+    let order = |record: Vec<u8>, signed: &[u8]| {
+        ControlRequest::StagePatched(PatchedOrder {
+            order: StageOrder {
+                manifest: v2.encode(),
+                signature: coordinator.sign(&signed_bytes(&v2.release_id())).unwrap(),
+                mode: DistributionMode::Pull,
+                origin_labels: Default::default(),
+            },
+            manifest_is_delta: false,
+            patch_signature: coordinator.sign(signed).unwrap(),
+            patch: record,
+        })
+    };
+    let signed = |p: &Patch| order(p.encode(), &signed_patch_bytes(&p.id()));
+    let refused =
+        |request: ControlRequest, why: &str| match order_as(&fleet, &coordinator, 0, request) {
+            ControlResponse::Error(e) => assert!(e.contains(why), "{e}"),
+            other => panic!("a hostile patch was answered {other:?}"),
+        };
+    let patch = |f: PatchFile| Patch::new(v1.release_id(), v2.release_id(), vec![f]);
+
+    // Not a record (a record that decodes but breaks its limits, a 1 TiB
+    // file say, is refused by the same decoding: see the chunker's tests).
+    refused(
+        order(b"CVYP garbage".to_vec(), b"x"),
+        "refusing the patch record",
+    );
+    // A good record, signed over another.
+    let other = patch(PatchFile {
+        size: 2 << 20,
+        ..file.clone()
+    });
+    refused(
+        order(
+            patch(file.clone()).encode(),
+            &signed_patch_bytes(&other.id()),
+        ),
+        "not signed",
+    );
+    // Signed, but its file is not one of the release: a path out of it.
+    refused(
+        signed(&patch(PatchFile {
+            path: "../outside".into(),
+            ..file.clone()
+        })),
+        "refusing patch",
+    );
+    // Signed, its base file another's content.
+    refused(
+        signed(&patch(PatchFile {
+            base_digest: convoy_chunker::ChunkHash([7; 32]),
+            ..file.clone()
+        })),
+        "refusing patch",
+    );
+    // Signed, from a base the target does not hold.
+    refused(
+        signed(&Patch::new(
+            v2.release_id(),
+            v2.release_id(),
+            vec![file.clone()],
+        )),
+        "is not here",
+    );
+    // None of them was recorded or started.
+    let orders = std::fs::read_dir(fleet.target_dir(0).join("staging"))
+        .unwrap()
+        .count();
+    assert_eq!(orders, 0, "an order with a refused patch was recorded");
+}
+
+#[test]
+fn in_push_mode_a_holder_of_the_base_is_sent_only_the_deltas() {
+    let mut fleet = TestFleet::new(&[]);
+    fleet.add_target(&["--label", "name=a"]);
+    fleet.wait_for_targets(1);
+    let root = fleet.path().to_path_buf();
+    publish(&fleet, &version(&root, "v1", None), "web@1");
+    stage_json(&fleet, "web@1", "name=a", "push");
+    let v2 = version(&root, "v2", Some(20_000));
+    publish(&fleet, &v2, "web@2");
+    wait_patches(&fleet, "made", 1);
+
+    // The origin pushes what the deltas do not rebuild (nothing here); the
+    // target pulls the deltas.
+    let report = stage_json(&fleet, "web@2", "name=a", "push");
+    assert_eq!(report["staged"], 1, "{report}");
+    assert_eq!(metric(&fleet, "convoy_delta_orders_total"), 1);
+    let n = received_by(&report, "a");
+    assert!(n < 16 << 10, "a received {n} bytes, not only deltas");
+    assert_staged_as(&mut fleet, 0, "web@2", &v2);
 }
