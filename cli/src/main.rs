@@ -184,14 +184,25 @@ enum Command {
     ///
     /// Chunks locally into the store (as `convoy pack`), asks the
     /// coordinator which chunks it lacks, uploads only those, then the
-    /// manifest. Prints the release id.
+    /// manifest. Prints the release id. The release can be staged at
+    /// once; the origin then makes its binary deltas from older releases
+    /// in the background, and stagings that start after they are made
+    /// send them to targets holding a base.
     ///
-    /// Example: convoy publish ./build web@1.4.2 --coordinator /ip4/10.0.0.1/tcp/7400/p2p/12D3Koo...
+    /// Example: convoy publish ./build web@1.4.2 --wait-deltas --coordinator /ip4/10.0.0.1/tcp/7400/p2p/12D3Koo...
     Publish {
         /// The build directory to publish
         dir: PathBuf,
         /// APP@VERSION
         release: String,
+        /// Wait until the origin has made the release's deltas, and say
+        /// how long they took and how large they are
+        #[arg(long)]
+        wait_deltas: bool,
+        /// With --wait-deltas: give up waiting after this many seconds
+        /// (the release stays published)
+        #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+        timeout: u64,
     },
     /// Order targets to stage a published release
     ///
@@ -469,7 +480,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify => cmd_verify(&store, &out),
         Command::Gc { keep } => cmd_gc(&store, &out, keep as usize),
         Command::List => cmd_list(&store, &out),
-        Command::Publish { dir, release } => remote::publish(&remote, &store, &out, &dir, &release),
+        Command::Publish {
+            dir,
+            release,
+            wait_deltas,
+            timeout,
+        } => {
+            let wait = wait_deltas.then(|| Duration::from_secs(timeout));
+            remote::publish(&remote, &store, &out, &dir, &release, wait)
+        }
         _ => unreachable!("handled above"),
     }
 }

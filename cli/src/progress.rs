@@ -20,6 +20,18 @@ impl Bar {
         Self(bar)
     }
 
+    /// A spinner with the time elapsed, for a wait of unknown length.
+    pub fn spinner(message: &str) -> Self {
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                .expect("the template is valid"),
+        );
+        bar.set_message(message.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Self(bar)
+    }
+
     pub fn finish(&self) {
         self.0.finish_and_clear();
     }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use convoy_chunker::{ChunkRef, Manifest};
+use convoy_chunker::{ChunkRef, Manifest, ReleaseId};
 use convoy_daemon::client::Client;
 use convoy_daemon::protocol::{
-    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode, StageState,
-    StagingReport, WireChunk, MAX_HASHES_PER_QUERY,
+    ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DeltasReport, DistributionMode,
+    StageState, StagingReport, WireChunk, MAX_HASHES_PER_QUERY,
 };
 use convoy_daemon::store::{RocksStore, Store};
 use indicatif::BinaryBytes;
@@ -77,25 +77,44 @@ pub fn publish(
     out: &Output,
     dir: &Path,
     name: &str,
+    wait_deltas: Option<Duration>,
 ) -> Result<ExitCode> {
     let (app, version) = name
         .split_once('@')
         .ok_or_else(|| anyhow!("{name:?} is not APP@VERSION"))?;
     let started = Instant::now();
     let rt = runtime()?;
-    let (id, manifest, uploaded, bytes) = rt.block_on(async {
+    let (id, manifest, uploaded, bytes, deltas) = rt.block_on(async {
         let client = remote.connect().await?;
-        let r = publish_dir(&client, store, dir, app, version).await;
+        let r = async {
+            let (id, manifest, uploaded, bytes) =
+                publish_dir(&client, store, dir, app, version).await?;
+            let published = started.elapsed().as_secs_f64();
+            let deltas = match wait_deltas {
+                Some(t) => {
+                    let bar = Bar::spinner("the origin is making deltas");
+                    let d = deltas_made(&client, id, t).await;
+                    bar.finish();
+                    d?
+                }
+                None => deltas_of(&client, id).await?,
+            };
+            let waited = started.elapsed().as_secs_f64() - published;
+            Ok::<_, anyhow::Error>((id, manifest, uploaded, bytes, (deltas, waited)))
+        }
+        .await;
         client.close().await;
         r
     })?;
+    let (deltas, waited) = deltas;
     let total = manifest.unique_chunks().len();
     if !out.json {
         eprintln!(
             "published {name}: uploaded {uploaded} of {total} chunks ({}), {:.2}s",
             BinaryBytes(bytes),
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64() - waited
         );
+        eprintln!("{}", deltas_line(&deltas, wait_deltas.map(|_| waited)));
     }
     out.emit(
         json!({
@@ -105,11 +124,80 @@ pub fn publish(
             "chunks": total,
             "uploaded_chunks": uploaded,
             "uploaded_bytes": bytes,
-            "seconds": started.elapsed().as_secs_f64(),
+            "seconds": started.elapsed().as_secs_f64() - waited,
+            "deltas": {
+                "pending": deltas.pending,
+                "waited_seconds": wait_deltas.map(|_| waited),
+                "patches": deltas.patches.iter().map(|p| json!({
+                    "base_id": p.base.to_hex(),
+                    "base": p.base_name,
+                    "files": p.files,
+                    "delta_bytes": p.delta_bytes,
+                })).collect::<Vec<_>>(),
+            },
         }),
         || format!("{id}\n"),
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `convoy publish` says of the origin's deltas; `waited`: how long
+/// it waited for them.
+fn deltas_line(d: &DeltasReport, waited: Option<f64>) -> String {
+    let list = || {
+        d.patches
+            .iter()
+            .map(|p| {
+                format!(
+                    "from {} ({} file{}, {})",
+                    p.base_name
+                        .as_deref()
+                        .unwrap_or("a release no longer named"),
+                    p.files,
+                    if p.files == 1 { "" } else { "s" },
+                    BinaryBytes(p.delta_bytes)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (d.pending, waited) {
+        (true, Some(w)) => format!(
+            "the origin is still making deltas after {w:.1}s; stagings that start once they are made use them"
+        ),
+        (true, None) => "the origin is making deltas in the background; stagings that start once they are made use them (--wait-deltas waits)".into(),
+        (false, _) if d.patches.is_empty() => {
+            "no deltas: no older release of the app, none smaller than its chunks, or delta making off (convoyd coordinator --delta-bases)".into()
+        }
+        (false, Some(w)) => format!("deltas made by the origin in {w:.2}s: {}", list()),
+        (false, None) => format!("deltas: {}", list()),
+    }
+}
+
+/// The origin's deltas into `release`, now.
+pub async fn deltas_of(client: &Client, release: ReleaseId) -> Result<DeltasReport> {
+    match control(client, ControlRequest::Deltas { release }).await? {
+        ControlResponse::Deltas(d) => Ok(d),
+        other => Err(anyhow!("unexpected answer to a deltas query: {other:?}")),
+    }
+}
+
+/// The origin's deltas into `release` once it has made them, or as they
+/// stand after `timeout`.
+pub async fn deltas_made(
+    client: &Client,
+    release: ReleaseId,
+    timeout: Duration,
+) -> Result<DeltasReport> {
+    let deadline = Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let d = deltas_of(client, release).await?;
+        if !d.pending || Instant::now() >= deadline {
+            return Ok(d);
+        }
+    }
 }
 
 /// Packs `dir` into the local store, uploads what the coordinator lacks

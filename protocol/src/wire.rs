@@ -435,6 +435,36 @@ pub enum ControlRequest {
     /// (no base here, a record it refuses) answers
     /// [`ControlResponse::Error`] and is sent the order without it.
     StagePatched(PatchedOrder),
+    /// Operator: the patches into a release the origin holds, and whether
+    /// it is still making them.
+    Deltas {
+        /// The release.
+        release: ReleaseId,
+    },
+}
+
+/// The origin's deltas into one release.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltasReport {
+    /// The release.
+    pub release: ReleaseId,
+    /// Whether the origin is making (or is due to make) its deltas.
+    pub pending: bool,
+    /// The patches it holds into it.
+    pub patches: Vec<PatchSummary>,
+}
+
+/// One patch, as [`DeltasReport`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchSummary {
+    /// The release it starts from.
+    pub base: ReleaseId,
+    /// Its `app@version`, if the origin still names it.
+    pub base_name: Option<String>,
+    /// Files it rebuilds.
+    pub files: u32,
+    /// Bytes of its deltas (distinct chunks).
+    pub delta_bytes: u64,
 }
 
 /// A [`StageOrder`] with a signed patch record from a release the target holds.
@@ -511,6 +541,8 @@ pub enum ControlResponse {
     /// The requester has not proved fleet membership, or is not the
     /// coordinator and gave an order.
     Denied,
+    /// The origin's deltas into a release.
+    Deltas(DeltasReport),
 }
 
 /// A staging as the coordinator sees it.

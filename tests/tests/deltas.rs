@@ -324,8 +324,17 @@ fn targets_holding_the_base_fetch_the_deltas_and_rebuild_the_release() {
     stage_json(&fleet, "web@1", "", "swarm");
     // Nearly every 64 KiB chunk of v2 holds an edit: about 1 MiB of new chunks.
     let v2 = version(&root, "v2", Some(20_000));
-    publish(&fleet, &v2, "web@2");
-    wait_patches(&fleet, "made", 1);
+    let v2_dir = v2.to_str().unwrap();
+    let published = fleet
+        .convoy(&["publish", v2_dir, "web@2", "--wait-deltas", "--json"])
+        .success()
+        .json();
+    let deltas = &published["deltas"];
+    assert_eq!(deltas["pending"], false, "{published}");
+    assert_eq!(deltas["patches"][0]["base"], "web@1", "{published}");
+    assert_eq!(deltas["patches"][0]["files"], 1);
+    let delta_bytes = deltas["patches"][0]["delta_bytes"].as_u64().unwrap();
+    assert!(delta_bytes > 0 && delta_bytes < 8 << 10, "{published}");
     // A target that holds no older release.
     fleet.add_target(&["--label", "name=d"]);
     fleet.wait_for_targets(4);
@@ -541,8 +550,15 @@ fn in_push_mode_a_holder_of_the_base_is_sent_only_the_deltas() {
     publish(&fleet, &version(&root, "v1", None), "web@1");
     stage_json(&fleet, "web@1", "name=a", "push");
     let v2 = version(&root, "v2", Some(20_000));
-    publish(&fleet, &v2, "web@2");
-    wait_patches(&fleet, "made", 1);
+    let run = fleet
+        .convoy(&["publish", v2.to_str().unwrap(), "web@2", "--wait-deltas"])
+        .success();
+    assert!(
+        run.stderr.contains("deltas made by the origin in")
+            && run.stderr.contains("from web@1 (1 file,"),
+        "{}",
+        run.stderr
+    );
 
     // The origin pushes what the deltas do not rebuild (nothing here); the
     // target pulls the deltas.

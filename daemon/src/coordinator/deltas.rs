@@ -14,7 +14,7 @@ use convoy_chunker::{plan_fetch, ChunkHash, ChunkRef, Manifest, PatchConfig, Rel
 use libp2p::identity::Keypair;
 use tracing::{info, warn};
 
-use crate::protocol::{patch_unit, signed_patch_bytes};
+use crate::protocol::{patch_unit, signed_patch_bytes, DeltasReport, PatchSummary};
 use crate::serve::ChunkList;
 use crate::store::{patch_in_store, Release, Store};
 
@@ -105,13 +105,43 @@ pub(super) fn offers(
         .collect()
 }
 
+/// What the origin holds of the patches into `release`. Blocking.
+pub(super) fn report(
+    store: &dyn Store,
+    release: ReleaseId,
+    pending: bool,
+) -> Result<DeltasReport, String> {
+    let patches = store.patches_to(&release).map_err(|e| e.to_string())?;
+    let releases = store.releases().map_err(|e| e.to_string())?;
+    let name = |id: ReleaseId| {
+        releases
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| format!("{}@{}", r.app, r.version))
+    };
+    Ok(DeltasReport {
+        release,
+        pending,
+        patches: patches
+            .iter()
+            .map(|p| PatchSummary {
+                base: p.base(),
+                base_name: name(p.base()),
+                files: p.files().len() as u32,
+                delta_bytes: p.delta_bytes(),
+            })
+            .collect(),
+    })
+}
+
 /// The loop's side: which releases are due, whether a job runs.
 pub(super) struct Deltas {
     /// Older releases of the app to make patches from (besides those the
     /// fleet runs); 0 turns delta making off.
     bases: usize,
     due: VecDeque<ReleaseId>,
-    running: bool,
+    /// The release whose deltas are being made.
+    running: Option<ReleaseId>,
     pub(super) counters: Arc<DeltaCounters>,
     /// Threads that make deltas: all cores but one, so serving chunks is
     /// never starved.
@@ -137,7 +167,7 @@ impl Deltas {
         Self {
             bases,
             due: VecDeque::new(),
-            running: false,
+            running: None,
             counters: Arc::default(),
             pool,
         }
@@ -172,9 +202,9 @@ impl Deltas {
 
     /// The next job, unless one runs: the release and the settings.
     pub(super) fn next(&mut self) -> Option<Job> {
-        let pool = self.pool.clone().filter(|_| !self.running)?;
+        let pool = self.pool.clone().filter(|_| self.running.is_none())?;
         let release = self.due.pop_front()?;
-        self.running = true;
+        self.running = Some(release);
         Some(Job {
             release,
             bases: self.bases,
@@ -186,7 +216,12 @@ impl Deltas {
 
     /// The job ended.
     pub(super) fn done(&mut self) {
-        self.running = false;
+        self.running = None;
+    }
+
+    /// Whether `release`'s deltas are being made or due.
+    pub(super) fn pending(&self, release: &ReleaseId) -> bool {
+        self.running == Some(*release) || self.due.contains(release)
     }
 }
 

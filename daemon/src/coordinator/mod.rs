@@ -785,11 +785,13 @@ impl Coordinator {
                 request,
                 reply,
             } => {
+                // Requests that name, stage or read patches wait for a pass.
                 let names_or_stages = matches!(
                     request,
                     ControlRequest::Publish { .. }
                         | ControlRequest::StartStaging { .. }
                         | ControlRequest::MissingChunks(_)
+                        | ControlRequest::Deltas { .. }
                 );
                 if names_or_stages && self.collector.running() {
                     if self.collector.full() {
@@ -1014,6 +1016,7 @@ impl Coordinator {
             ControlRequest::StartStaging { .. } => Some("stage"),
             ControlRequest::StagingStatus { .. } => Some("staging status"),
             ControlRequest::Fleet => Some("fleet"),
+            ControlRequest::Deltas { .. } => Some("deltas"),
             _ => None,
         };
         let operator = match operator_action {
@@ -1027,6 +1030,28 @@ impl Coordinator {
         match request {
             ControlRequest::MissingChunks(hashes) => self.missing_chunks(hashes, reply),
             ControlRequest::Publish { manifest } => self.publish(by, manifest, reply),
+            ControlRequest::Deltas { release } => {
+                let pending = self.deltas.pending(&release);
+                self.collector.reading();
+                let (store, tx) = (self.chunks.store.clone(), self.internal.clone());
+                tokio::spawn(async move {
+                    let report = tokio::task::spawn_blocking(move || {
+                        deltas::report(&*store, release, pending)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                    let response = match report {
+                        Ok(r) => ControlResponse::Deltas(r),
+                        Err(e) => ControlResponse::Error(e),
+                    };
+                    let answered = Internal::Answered {
+                        spare: Vec::new(),
+                        reply,
+                        response,
+                    };
+                    let _ = tx.send(answered).await;
+                });
+            }
             ControlRequest::StartStaging {
                 release,
                 selector,
@@ -1079,6 +1104,7 @@ impl Coordinator {
             }
             ControlRequest::MissingChunks(_)
             | ControlRequest::Publish { .. }
+            | ControlRequest::Deltas { .. }
             | ControlRequest::StartStaging { .. } => {
                 unreachable!("answered off the loop by on_control")
             }
