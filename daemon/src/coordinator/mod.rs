@@ -531,7 +531,9 @@ fn prepare_run(
             chunks.add_unit(o.unit, o.chunks.clone());
             let unit = UnitRun {
                 chunks: o.chunks.clone(),
-                seeder: swarm.then(|| Seeder::new(o.chunks.len(), 1, 2)),
+                // Deltas are small: each goes out once, however idle the
+                // uplink (extra copies would be most of their bytes).
+                seeder: swarm.then(|| Seeder::new(o.chunks.len(), 1, 1)),
             };
             (o.unit, unit)
         })

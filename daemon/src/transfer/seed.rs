@@ -55,7 +55,10 @@ const MAX_REFUSALS: usize = 1 << 16;
 const GIFT_SAMPLE: usize = 1024;
 
 impl<P: Copy + Ord> Seeder<P> {
-    /// A seeder for a release of `chunks` chunks.
+    /// A seeder for a release of `chunks` chunks. With `idle_copies`
+    /// equal to `min_copies` the origin sends no extra copy, served or
+    /// handed out, however idle its uplink: the fewest bytes rather than
+    /// the soonest end (a patch's deltas, whose bytes are the point).
     pub fn new(chunks: usize, min_copies: u32, idle_copies: u32) -> Self {
         assert!(
             min_copies >= 1 && idle_copies >= min_copies,
@@ -177,7 +180,11 @@ impl<P: Copy + Ord> Seeder<P> {
             (c, false)
         } else {
             let enough = (self.targets.len() as u32 / 4).max(self.min_copies + 1);
-            if !uplink_idle || self.extra >= self.extra_budget() {
+            // No extra copy where none is allowed (see `Seeder::new`).
+            if !uplink_idle || self.idle_copies == self.min_copies {
+                return None;
+            }
+            if self.extra >= self.extra_budget() {
                 return None;
             }
             // The rarest of a sample from a rotating start: a pick costs
@@ -304,6 +311,29 @@ mod tests {
         s.remove_target(2);
         assert_eq!(s.copies(0), 1);
         assert_eq!(s.handle_request(1, 1, true), ServeDecision::Serve);
+    }
+
+    #[test]
+    fn without_idle_copies_each_chunk_goes_out_once() {
+        let n = 100;
+        let mut s = Seeder::new(n, 1, 1);
+        for t in 0..20u32 {
+            s.add_target(t, HaveSet::empty(n));
+        }
+        for c in 0..n as ChunkIndex {
+            assert_eq!(s.gift(true).map(|g| g.1), Some(c));
+        }
+        // Every chunk has its copy: none handed out or served again while
+        // the swarm spreads them, however idle the uplink (with idle
+        // copies allowed, the rarest would get more: see below).
+        assert_eq!(s.gift(true), None);
+        assert_eq!(s.handle_request(7, 0, true), ServeDecision::Refuse);
+        // A target that keeps asking is served in the end (a lost
+        // announcement must not stall it).
+        for _ in 1..SERVE_AFTER_REFUSALS {
+            assert_eq!(s.handle_request(7, 0, true), ServeDecision::Refuse);
+        }
+        assert_eq!(s.handle_request(7, 0, true), ServeDecision::Serve);
     }
 
     #[test]
