@@ -95,9 +95,15 @@ pub struct RunResult {
     pub mode: String,
     pub nodes: usize,
     /// Bytes each target had to receive: the release, or for an update the
-    /// chunks the new version adds.
+    /// chunks the new version adds (convoy modes: with the origin's deltas
+    /// where they are smaller, as a target holding the old version plans).
     pub package_bytes: u64,
     pub update: bool,
+    /// For a convoy update with deltas: the chunks the new version adds
+    /// (`package_bytes` without deltas), and the bytes of the origin's
+    /// deltas from the old version.
+    pub package_bytes_without_deltas: Option<u64>,
+    pub delta_bytes: Option<u64>,
     /// Caps in bytes per second; null is unlimited.
     pub uplink_bytes_per_sec: Option<u64>,
     pub origin_uplink_bytes_per_sec: Option<u64>,
@@ -129,6 +135,8 @@ struct Measured {
     mode: &'static str,
     package_bytes: u64,
     update: bool,
+    /// Without deltas, and the deltas' bytes, when deltas were used.
+    deltas: Option<(u64, u64)>,
     /// Completion time of each target that finished.
     done: Vec<f64>,
     origin_egress_bytes: u64,
@@ -168,6 +176,8 @@ impl RunResult {
             nodes: args.nodes,
             package_bytes: m.package_bytes,
             update: m.update,
+            package_bytes_without_deltas: m.deltas.map(|d| d.0),
+            delta_bytes: m.deltas.map(|d| d.1),
             uplink_bytes_per_sec: rates.uplink,
             origin_uplink_bytes_per_sec: rates.origin,
             downlink_bytes_per_sec: rates.downlink,
@@ -506,7 +516,7 @@ async fn stage_once(
     base: Option<convoy_chunker::Manifest>,
 ) -> Result<RunResult> {
     let version = format!("{}-{version}", mode.name());
-    let (_, manifest, _, _) = publish_dir(client, store, dir, "bench", &version).await?;
+    let (id, manifest, _, _) = publish_dir(client, store, dir, "bench", &version).await?;
     // What each target must receive: the chunks its current release lacks.
     let unique = manifest.unique_chunks();
     let needed: Vec<_> = match &base {
@@ -520,11 +530,22 @@ async fn stage_once(
         }
         None => unique.clone(),
     };
-    let package_bytes: u64 = store
+    let mut package_bytes: u64 = store
         .chunk_info(&needed.iter().map(|c| c.hash).collect::<Vec<_>>())?
         .iter()
         .map(|i| i.map_or(0, |i| u64::from(i.stored_len)))
         .sum();
+    // An update is staged once the origin has made its deltas (a staging
+    // that starts before does not use them).
+    let mut deltas = None;
+    if let Some(b) = &base {
+        let made = crate::remote::deltas_made(client, id, Duration::from_secs(600)).await?;
+        if let Some(p) = made.patches.iter().find(|p| p.base == b.release_id()) {
+            let with = with_deltas(store, b, &manifest)?;
+            deltas = Some((package_bytes, p.delta_bytes));
+            package_bytes = with;
+        }
+    }
     let stats = ProcStats::of_fleet(fleet);
     stats.reset_peak_rss();
     let cpu0 = stats.cpu();
@@ -559,6 +580,7 @@ async fn stage_once(
             mode: mode.name(),
             package_bytes,
             update: base.is_some(),
+            deltas,
             done: completion_seconds(&report),
             origin_egress_bytes: report.origin_bytes_sent,
             total_bytes: progress.iter().map(|p| p.bytes_received).sum(),
@@ -574,6 +596,28 @@ async fn stage_once(
             peak_rss: Some(stats.peak_rss()),
         },
     ))
+}
+
+/// The wire bytes a target holding `base` receives to get `target`, with
+/// the patch between them (made here as the origin makes it): per file,
+/// the delta or the chunks, whichever is smaller.
+fn with_deltas(
+    store: &RocksStore,
+    base: &convoy_chunker::Manifest,
+    target: &convoy_chunker::Manifest,
+) -> Result<u64> {
+    let (patch, _) = convoy_daemon::store::patch_in_store(
+        store,
+        base,
+        target,
+        &convoy_chunker::PatchConfig::default(),
+    )?;
+    let wire = convoy_daemon::store::wire_lens(store, target)?;
+    let in_base: std::collections::HashSet<_> = base.chunk_refs().map(|c| c.hash).collect();
+    let plan = convoy_chunker::plan_fetch(target, base, &patch, &|h| in_base.contains(h), &|c| {
+        wire.get(&c.hash).copied().unwrap_or(u64::from(c.len))
+    });
+    Ok(plan.wire_bytes)
 }
 
 /// The Kumar-Ross bound for these caps, or `None` when they leave it at 0.

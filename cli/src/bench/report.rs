@@ -43,7 +43,15 @@ pub(super) fn summary_line(r: &RunResult) -> String {
         r.completion_seconds.max,
         seconds(r.bound_seconds),
         ratio(r.ratio_to_bound),
-        format_bytes(r.origin_egress_bytes),
+        match r.delta_bytes {
+            Some(d) => format!(
+                "{} ({:.2}x the deltas of {})",
+                format_bytes(r.origin_egress_bytes),
+                r.origin_egress_bytes as f64 / d.max(1) as f64,
+                format_bytes(d)
+            ),
+            None => format_bytes(r.origin_egress_bytes),
+        },
         r.cpu_seconds,
     )
 }
@@ -87,7 +95,11 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
         s += &format!(
             "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {}/{} | {:.1} | {:.1} | {} |\n",
             r.mode,
-            if r.update { "yes" } else { "no" },
+            match (r.update, r.delta_bytes) {
+                (true, Some(d)) => format!("yes, deltas {}", format_bytes(d)),
+                (true, None) => "yes".into(),
+                (false, _) => "no".into(),
+            },
             format_bytes(r.package_bytes),
             r.completion_seconds.p50,
             r.completion_seconds.p99,
