@@ -350,6 +350,8 @@ pub(super) async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path)
         "dc=dc0".into(),
         "--push-parallel".into(),
         args.push_parallel.to_string(),
+        "--delta-bases".into(),
+        args.delta_bases.to_string(),
     ]);
     fleet.start_coordinator(convoyd, &cargs)?;
     for i in 0..args.nodes {

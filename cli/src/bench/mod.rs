@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// With --from: then stage this tree as the update
     #[arg(long, value_name = "DIR", requires = "from", conflicts_with_all = ["change", "edits"])]
     pub to: Option<PathBuf>,
+    /// The coordinator's --delta-bases: an update's binary deltas are made
+    /// from this many older versions and sent to targets holding one; 0
+    /// moves updates as chunks only (to compare)
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub delta_bases: usize,
     /// Label the targets into this many data centres (dc0 holds the origin)
     #[arg(long, default_value_t = 1)]
     pub dcs: usize,

@@ -72,7 +72,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
     };
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let mut s = format!(
-        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {}\n\n",
+        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {} --delta-bases {}\n\n",
         args.nodes,
         flag("size", &args.size),
         args.uplink,
@@ -84,6 +84,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
         flag("to", &path(&args.to)),
         args.dcs,
         args.push_parallel,
+        args.delta_bases,
     );
     s += "| mode | update | bytes/target | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | verified | fleet CPU s | origin CPU s | peak RSS target / origin |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
