@@ -538,6 +538,25 @@ impl TestFleet {
         cli.run(&all)
     }
 
+    /// Stages `release` on the targets `selector` names in `mode` and
+    /// waits (bounded: 120 s); the staging's report (`--json`).
+    pub fn stage_and_wait(&self, release: &str, mode: &str, selector: &str) -> serde_json::Value {
+        self.convoy(&[
+            "stage",
+            release,
+            "--mode",
+            mode,
+            "--targets",
+            selector,
+            "--wait",
+            "--timeout",
+            "120",
+            "--json",
+        ])
+        .success()
+        .json()
+    }
+
     /// Waits (bounded) until the coordinator sees `n` live targets.
     pub fn wait_for_targets(&self, n: usize) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -62,6 +62,24 @@ fn version(root: &Path, name: &str, edit_every: Option<usize>) -> PathBuf {
     dir
 }
 
+/// A fleet (coordinator flags `extra`) with a target per name, labelled
+/// `name=NAME`, all registered; and its directory.
+fn fleet_of(names: &[&str], extra: &[&str]) -> (TestFleet, PathBuf) {
+    let mut fleet = TestFleet::new(extra);
+    for name in names {
+        fleet.add_target(&["--label", &format!("name={name}")]);
+    }
+    fleet.wait_for_targets(names.len());
+    let root = fleet.path().to_path_buf();
+    (fleet, root)
+}
+
+/// `web@VERSION`'s manifest in `store`.
+fn web(store: &dyn convoy_daemon::store::Store, version: &str) -> convoy_chunker::Manifest {
+    let id = store.resolve("web", version).unwrap().unwrap();
+    store.get_manifest(&id).unwrap().unwrap()
+}
+
 fn publish(fleet: &TestFleet, dir: &Path, release: &str) {
     fleet
         .convoy(&["publish", dir.to_str().unwrap(), release])
@@ -138,10 +156,7 @@ fn order_bytes(fleet: &TestFleet, form: &str) -> u64 {
 
 #[test]
 fn a_target_holding_an_older_release_is_sent_the_manifest_as_a_delta() {
-    let mut fleet = TestFleet::new(&["--delta-bases", "0"]);
-    fleet.add_target(&["--label", "name=a"]);
-    fleet.wait_for_targets(1);
-    let root = fleet.path().to_path_buf();
+    let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
     // 300 files: a manifest of about 20 KB; one file changes.
     publish(&fleet, &many_files(&root, "v1", 300, 0, 0), "web@1");
     publish(&fleet, &many_files(&root, "v2", 300, 1, 9000), "web@2");
@@ -207,24 +222,16 @@ fn an_order_with_the_manifest_as_a_delta_is_taken_only_from_the_coordinator_as_s
         signed_bytes, ControlRequest, ControlResponse, DistributionMode, StageOrder,
         StageOrderDelta,
     };
-    use convoy_daemon::store::{RocksStore, Store};
+    use convoy_daemon::store::RocksStore;
     use libp2p::identity::Keypair;
 
-    let mut fleet = TestFleet::new(&["--delta-bases", "0"]);
-    fleet.add_target(&["--label", "name=a"]);
-    fleet.add_target(&["--label", "name=b"]);
-    fleet.wait_for_targets(2);
-    let root = fleet.path().to_path_buf();
+    let (mut fleet, root) = fleet_of(&["a", "b"], &["--delta-bases", "0"]);
     publish(&fleet, &many_files(&root, "v1", 300, 0, 0), "web@1");
     publish(&fleet, &many_files(&root, "v2", 300, 1, 9000), "web@2");
     stage(&fleet, "web@1", "name=a");
     let (v1, v2) = {
         let store = RocksStore::open(&root.join("cli-store")).unwrap();
-        let get = |v: &str| {
-            let id = store.resolve("web", v).unwrap().unwrap();
-            store.get_manifest(&id).unwrap().unwrap()
-        };
-        (get("1"), get("2"))
+        (web(&store, "1"), web(&store, "2"))
     };
     let order = |signer: &Keypair, signed: &convoy_chunker::Manifest| {
         ControlRequest::StageFrom(StageOrderDelta {
@@ -257,26 +264,6 @@ fn an_order_with_the_manifest_as_a_delta_is_taken_only_from_the_coordinator_as_s
     // Signed over the rebuilt manifest's id, it is taken.
     let answer = order_as(&fleet, &coordinator, 0, order(&coordinator, &v2));
     assert_eq!(answer, ControlResponse::Ok);
-}
-
-/// Stages `release` on the targets `selector` names in `mode` and waits
-/// (bounded: 120 s); the staging's report.
-fn stage_json(fleet: &TestFleet, release: &str, selector: &str, mode: &str) -> serde_json::Value {
-    fleet
-        .convoy(&[
-            "stage",
-            release,
-            "--mode",
-            mode,
-            "--targets",
-            selector,
-            "--wait",
-            "--timeout",
-            "120",
-            "--json",
-        ])
-        .success()
-        .json()
 }
 
 /// Bytes target `name` received in a staging's report.
@@ -314,14 +301,9 @@ fn assert_staged_as(fleet: &mut TestFleet, i: usize, release: &str, dir: &Path) 
 
 #[test]
 fn targets_holding_the_base_fetch_the_deltas_and_rebuild_the_release() {
-    let mut fleet = TestFleet::new(&[]);
-    for name in ["a", "b", "c"] {
-        fleet.add_target(&["--label", &format!("name={name}")]);
-    }
-    fleet.wait_for_targets(3);
-    let root = fleet.path().to_path_buf();
+    let (mut fleet, root) = fleet_of(&["a", "b", "c"], &[]);
     publish(&fleet, &version(&root, "v1", None), "web@1");
-    stage_json(&fleet, "web@1", "", "swarm");
+    fleet.stage_and_wait("web@1", "swarm", "");
     // Nearly every 64 KiB chunk of v2 holds an edit: about 1 MiB of new chunks.
     let v2 = version(&root, "v2", Some(20_000));
     let v2_dir = v2.to_str().unwrap();
@@ -339,7 +321,7 @@ fn targets_holding_the_base_fetch_the_deltas_and_rebuild_the_release() {
     fleet.add_target(&["--label", "name=d"]);
     fleet.wait_for_targets(4);
 
-    let report = stage_json(&fleet, "web@2", "", "swarm");
+    let report = fleet.stage_and_wait("web@2", "swarm", "");
     assert_eq!(report["staged"], 4, "{report}");
     assert_eq!(metric(&fleet, "convoy_delta_orders_total"), 3);
     let spared = metric(&fleet, "convoy_delta_spared_wire_bytes_total");
@@ -367,10 +349,7 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
     use convoy_chunker::{file_digest, Patch, PatchConfig, PatchFile};
     use convoy_daemon::store::{patch_in_store, RocksStore, Store};
 
-    let mut fleet = TestFleet::new(&["--delta-bases", "0"]);
-    fleet.add_target(&["--label", "name=a"]);
-    fleet.wait_for_targets(1);
-    let root = fleet.path().to_path_buf();
+    let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
     publish(&fleet, &version(&root, "v1", None), "web@1");
     let v2 = version(&root, "v2", Some(20_000));
     publish(&fleet, &v2, "web@2");
@@ -382,18 +361,14 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
     bytes[5] ^= 1;
     std::fs::write(v1b.join("app.js"), bytes).unwrap();
     publish(&fleet, &v1b, "web@1b");
-    stage_json(&fleet, "web@1", "name=a", "pull");
+    fleet.stage_and_wait("web@1", "pull", "name=a");
 
     // A patch that claims to go from web@1 to web@2, its delta made
     // against web@1b: signed by the origin, as a faulty origin would.
     fleet.coordinator.stop();
     {
         let store = RocksStore::open(&root.join("coordinator/store")).unwrap();
-        let get = |v: &str| {
-            let id = store.resolve("web", v).unwrap().unwrap();
-            store.get_manifest(&id).unwrap().unwrap()
-        };
-        let (v1, v1b, v2m) = (get("1"), get("1b"), get("2"));
+        let (v1, v1b, v2m) = (web(&store, "1"), web(&store, "1b"), web(&store, "2"));
         let (made, _) = patch_in_store(&store, &v1b, &v2m, &PatchConfig::default()).unwrap();
         let v1_files: std::collections::HashMap<&str, &[convoy_chunker::ChunkRef]> =
             v1.files().collect();
@@ -414,7 +389,7 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
     fleet.coordinator.restart();
     fleet.wait_for_targets(1);
 
-    let report = stage_json(&fleet, "web@2", "name=a", "pull");
+    let report = fleet.stage_and_wait("web@2", "pull", "name=a");
     assert_eq!(report["staged"], 1, "{report}");
     assert_eq!(
         metric(&fleet, "convoy_delta_orders_total"),
@@ -438,23 +413,16 @@ fn an_order_with_a_hostile_patch_record_is_refused_before_any_work() {
         signed_bytes, signed_patch_bytes, ControlRequest, ControlResponse, DistributionMode,
         PatchedOrder, StageOrder,
     };
-    use convoy_daemon::store::{RocksStore, Store};
+    use convoy_daemon::store::RocksStore;
     use libp2p::identity::Keypair;
 
-    let mut fleet = TestFleet::new(&["--delta-bases", "0"]);
-    fleet.add_target(&["--label", "name=a"]);
-    fleet.wait_for_targets(1);
-    let root = fleet.path().to_path_buf();
+    let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
     publish(&fleet, &version(&root, "v1", None), "web@1");
     publish(&fleet, &version(&root, "v2", Some(20_000)), "web@2");
-    stage_json(&fleet, "web@1", "name=a", "pull");
+    fleet.stage_and_wait("web@1", "pull", "name=a");
     let (v1, v2) = {
         let store = RocksStore::open(&root.join("cli-store")).unwrap();
-        let get = |v: &str| {
-            let id = store.resolve("web", v).unwrap().unwrap();
-            store.get_manifest(&id).unwrap().unwrap()
-        };
-        (get("1"), get("2"))
+        (web(&store, "1"), web(&store, "2"))
     };
     fleet.coordinator.stop();
     let coordinator = Keypair::from_protobuf_encoding(
@@ -543,12 +511,9 @@ fn an_order_with_a_hostile_patch_record_is_refused_before_any_work() {
 
 #[test]
 fn in_push_mode_a_holder_of_the_base_is_sent_only_the_deltas() {
-    let mut fleet = TestFleet::new(&[]);
-    fleet.add_target(&["--label", "name=a"]);
-    fleet.wait_for_targets(1);
-    let root = fleet.path().to_path_buf();
+    let (mut fleet, root) = fleet_of(&["a"], &[]);
     publish(&fleet, &version(&root, "v1", None), "web@1");
-    stage_json(&fleet, "web@1", "name=a", "push");
+    fleet.stage_and_wait("web@1", "push", "name=a");
     let v2 = version(&root, "v2", Some(20_000));
     let run = fleet
         .convoy(&["publish", v2.to_str().unwrap(), "web@2", "--wait-deltas"])
@@ -562,7 +527,7 @@ fn in_push_mode_a_holder_of_the_base_is_sent_only_the_deltas() {
 
     // The origin pushes what the deltas do not rebuild (nothing here); the
     // target pulls the deltas.
-    let report = stage_json(&fleet, "web@2", "name=a", "push");
+    let report = fleet.stage_and_wait("web@2", "push", "name=a");
     assert_eq!(report["staged"], 1, "{report}");
     assert_eq!(metric(&fleet, "convoy_delta_orders_total"), 1);
     let n = received_by(&report, "a");

@@ -12,27 +12,6 @@ fn publish(fleet: &TestFleet, dir: &std::path::Path, release: &str) -> String {
     json["release_id"].as_str().unwrap().to_string()
 }
 
-fn stage_and_wait(
-    fleet: &TestFleet,
-    release: &str,
-    mode: &str,
-    selector: &str,
-) -> serde_json::Value {
-    let run = fleet.convoy(&[
-        "stage",
-        release,
-        "--mode",
-        mode,
-        "--targets",
-        selector,
-        "--wait",
-        "--timeout",
-        "120",
-        "--json",
-    ]);
-    run.success().json()
-}
-
 /// Polls a staging's status through the CLI until `done` says so (bounded).
 fn wait_staging(
     fleet: &TestFleet,
@@ -117,7 +96,7 @@ fn a_swarm_of_ten_targets_stages_and_every_store_verifies() {
     fleet.wait_for_targets(10);
     let pkg = fleet.package("v1", 6 << 20, 1);
     let id = publish(&fleet, &pkg, "web@1");
-    let report = stage_and_wait(&fleet, "web@1", "swarm", "all");
+    let report = fleet.stage_and_wait("web@1", "swarm", "all");
     assert_eq!(report["staged"], 10, "{report}");
     assert_eq!(report["release_id"], id.as_str());
     // Peers served each other: the origin sent a few copies, not ten (a
@@ -147,7 +126,7 @@ fn push_and_pull_stage_exactly_the_missing_chunks() {
     fleet.wait_for_targets(3);
     let v1 = fleet.package("v1", 4 << 20, 2);
     publish(&fleet, &v1, "api@1");
-    let first = stage_and_wait(&fleet, "api@1", "push", "all");
+    let first = fleet.stage_and_wait("api@1", "push", "all");
     assert_eq!(first["staged"], 3, "{first}");
     // v2 appends to the file: only the last chunks change.
     let v2 = fleet.package("v2", 4 << 20, 2);
@@ -155,7 +134,7 @@ fn push_and_pull_stage_exactly_the_missing_chunks() {
     bytes.extend(convoy_tests::noise(100_000, 9));
     std::fs::write(v2.join("bin/app"), bytes).unwrap();
     publish(&fleet, &v2, "api@2");
-    let second = stage_and_wait(&fleet, "api@2", "pull", "all");
+    let second = fleet.stage_and_wait("api@2", "pull", "all");
     assert_eq!(second["staged"], 3, "{second}");
     let total = second["total_bytes"].as_u64().unwrap();
     assert!(
@@ -206,12 +185,12 @@ fn a_peer_serving_corrupt_chunks_is_banned_and_the_release_still_completes() {
     let pkg = fleet.package("v1", 4 << 20, 4);
     publish(&fleet, &pkg, "web@1");
     // The liar gets the release first, so the others find it holding everything.
-    stage_and_wait(&fleet, "web@1", "pull", "role=liar");
+    fleet.stage_and_wait("web@1", "pull", "role=liar");
     for _ in 0..4 {
         fleet.add_target(&["--label", "role=honest"]);
     }
     fleet.wait_for_targets(5);
-    let report = stage_and_wait(&fleet, "web@1", "swarm", "role=honest");
+    let report = fleet.stage_and_wait("web@1", "swarm", "role=honest");
     assert_eq!(report["staged"], 4, "{report}");
     let bans = fleet.targets[1..]
         .iter()
@@ -289,7 +268,7 @@ fn without_the_fleet_key_nothing_can_be_fetched_or_ordered() {
     .map(|s| s.to_string())
     .collect();
     let intruder = convoy_tests::Daemon::start(&args, &fleet.path().join("intruder.log"));
-    let staged = stage_and_wait(&fleet, "web@1", "pull", "all");
+    let staged = fleet.stage_and_wait("web@1", "pull", "all");
     assert_eq!(staged["targets"], 1, "the intruder was counted: {staged}");
     let members = fleet.convoy(&["fleet", "--json"]).success().json();
     assert!(!members.to_string().contains(&intruder.peer_id));
@@ -339,11 +318,11 @@ fn a_running_target_drops_old_releases_and_keeps_what_its_staging_needs() {
     for v in 1..=3u64 {
         let pkg = fleet.package(&format!("v{v}"), 1 << 20, 40 + v);
         publish(&fleet, &pkg, &format!("web@{v}"));
-        stage_and_wait(&fleet, &format!("web@{v}"), "pull", "all");
+        fleet.stage_and_wait(&format!("web@{v}"), "pull", "all");
     }
     let big = fleet.package("v4", 16 << 20, 44);
     publish(&fleet, &big, "web@4");
-    let staged = stage_and_wait(&fleet, "web@4", "pull", "all");
+    let staged = fleet.stage_and_wait("web@4", "pull", "all");
     assert_eq!(staged["staged"], 1, "{staged}");
     // Passes every 100 ms drop web@1 and web@2 and, a pass later, their
     // chunks: wait (bounded) until the log has counted them all.
@@ -413,7 +392,7 @@ fn a_finished_staging_is_not_recorded_again_at_every_report() {
     fleet.wait_for_targets(1);
     let pkg = fleet.package("v1", 256 << 10, 70);
     publish(&fleet, &pkg, "web@1");
-    stage_and_wait(&fleet, "web@1", "pull", "all");
+    fleet.stage_and_wait("web@1", "pull", "all");
     // The report that ended the staging recorded that; each record
     // replaces the file, so a new one would have a new inode.
     let file = fleet.path().join("coordinator/stagings.json");
