@@ -459,6 +459,10 @@ fn an_order_with_a_hostile_patch_record_is_refused_before_any_work() {
         };
     let patch = |f: PatchFile| Patch::new(v1.release_id(), v2.release_id(), vec![f]);
 
+    // From a member that is not the coordinator: not read at all.
+    let member = Keypair::generate_ed25519();
+    let answer = order_as(&fleet, &member, 0, signed(&patch(file.clone())));
+    assert_eq!(answer, ControlResponse::Denied);
     // Not a record (a record that decodes but breaks its limits, a 1 TiB
     // file say, is refused by the same decoding: see the chunker's tests).
     refused(
