@@ -131,8 +131,19 @@ pub struct RunResult {
     /// Peak resident memory during the run (convoy modes).
     pub origin_peak_rss_bytes: Option<u64>,
     pub target_peak_rss_bytes: Option<u64>,
-    /// Completion time of each target, sorted.
+    /// Completion time of each target, sorted; `null` (infinite) for a
+    /// target that failed or did not finish.
     pub per_target_seconds: Vec<f64>,
+}
+
+impl RunResult {
+    /// Targets that failed or did not finish.
+    pub fn unfinished(&self) -> usize {
+        self.per_target_seconds
+            .iter()
+            .filter(|t| !t.is_finite())
+            .count()
+    }
 }
 
 /// What one run measured; [`RunResult::new`] adds the setting and the bound.
@@ -173,8 +184,16 @@ impl std::ops::Sub for Cpu {
 
 impl RunResult {
     fn new(args: &BenchArgs, rates: &Rates, mut m: Measured) -> Self {
+        // A target that did not finish never did: its time is infinite,
+        // and so are the run's p99 and max, however many others finished.
+        let unfinished = args.nodes.saturating_sub(m.done.len());
+        m.done
+            .extend(std::iter::repeat_n(f64::INFINITY, unfinished));
         m.done.sort_by(f64::total_cmp);
-        let q = Quantiles::of(&m.done);
+        let mut q = Quantiles::of(&m.done);
+        if unfinished > 0 {
+            q.p99 = f64::INFINITY;
+        }
         let bound = bound(rates, args.nodes, m.package_bytes);
         Self {
             mode: m.mode.into(),
@@ -414,7 +433,22 @@ pub fn bench(args: BenchArgs, out: &Output) -> Result<ExitCode> {
         }
     })?;
     report::report(&idle, &results, &args, out)?;
-    Ok(ExitCode::SUCCESS)
+    let mut failed = false;
+    for r in results.iter().filter(|r| r.unfinished() > 0) {
+        eprintln!(
+            "convoy bench: {} of {} targets did not finish {}{}: its p99 is infinite",
+            r.unfinished(),
+            r.nodes,
+            r.mode,
+            if r.update { " (update)" } else { "" },
+        );
+        failed = true;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -637,6 +671,46 @@ fn bound(rates: &Rates, nodes: usize, bytes: u64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_target_that_did_not_finish_makes_the_p99_infinite() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let args = <Cli as clap::Parser>::parse_from(["bench", "--nodes", "200"]).bench;
+        let rates = Rates {
+            uplink: None,
+            origin: None,
+            downlink: None,
+        };
+        let measured = |done: Vec<f64>| Measured {
+            mode: "swarm",
+            package_bytes: 1 << 20,
+            update: false,
+            deltas: None,
+            done,
+            origin_egress_bytes: 0,
+            total_bytes: 0,
+            cross_dc_bytes: 0,
+            max_target_bytes: 0,
+            verified_nodes: 0,
+            cpu: Cpu::default(),
+            wall_seconds: 1.0,
+            peak_rss: None,
+        };
+        // 199 of 200 done in a second: the 200th weighs on p99 and max.
+        let r = RunResult::new(&args, &rates, measured(vec![1.0; 199]));
+        assert_eq!(r.unfinished(), 1);
+        assert_eq!(r.completion_seconds.p50, 1.0);
+        assert!(r.completion_seconds.p99.is_infinite());
+        assert!(r.completion_seconds.max.is_infinite());
+        assert_eq!(r.per_target_seconds.len(), 200);
+        let all = RunResult::new(&args, &rates, measured(vec![1.0; 200]));
+        assert_eq!(all.unfinished(), 0);
+        assert_eq!(all.completion_seconds.p99, 1.0);
+    }
 
     #[test]
     fn edited_package_differs_in_small_scattered_runs() {

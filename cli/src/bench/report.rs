@@ -143,7 +143,9 @@ pub(super) fn plot(results: &[RunResult], path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let max_t = results
         .iter()
-        .map(|r| r.completion_seconds.max)
+        .flat_map(|r| &r.per_target_seconds)
+        .copied()
+        .filter(|t| t.is_finite())
         .fold(0.0f64, f64::max)
         .max(0.001)
         * 1.05;
@@ -166,7 +168,11 @@ pub(super) fn plot(results: &[RunResult], path: &Path) -> Result<()> {
         let color = Palette99::pick(i).to_rgba();
         let n = r.per_target_seconds.len().max(1) as f64;
         let mut points = vec![(0.0, 0.0)];
+        // A target that did not finish never reaches the line's top.
         for (k, t) in r.per_target_seconds.iter().enumerate() {
+            if !t.is_finite() {
+                break;
+            }
             points.push((*t, k as f64 / n));
             points.push((*t, (k + 1) as f64 / n));
         }
