@@ -638,6 +638,13 @@ impl Rollout {
         }
     }
 
+    /// Whether `target` should be in load as the roll-out stands now (an
+    /// order sent later than it was made must say this, not what it said
+    /// then); `None` for a target not in the roll-out.
+    pub fn wanted_load(&self, target: &str) -> Option<bool> {
+        self.targets.get(target).map(|t| self.should_be_in_load(t))
+    }
+
     fn should_be_in_load(&self, t: &TargetRecord) -> bool {
         t.slice.is_none() || t.slice == self.live_slice
     }
@@ -1132,6 +1139,11 @@ mod tests {
         }));
         assert!(after.contains(&Command::Rollback(green[1].clone())));
         assert_eq!(run.r.live_slice, Some(Slice::Blue));
+        // The switch ordered t00 out of load; an order to it still waiting
+        // (it was away) now says what the swap-back wants.
+        assert_eq!(run.r.wanted_load("t00"), Some(true));
+        assert_eq!(run.r.wanted_load(&green[1]), Some(false));
+        assert_eq!(run.r.wanted_load("nobody"), None);
     }
 
     #[test]

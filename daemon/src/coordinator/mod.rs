@@ -1272,15 +1272,22 @@ impl Coordinator {
         }
         self.rollout_progress(peer);
         for (id, request) in self.deferred.remove(&peer).unwrap_or_default() {
+            let rollout = self.deployments.all.get(&id).map(|d| &d.rollout);
             // A delivery is not started for a roll-out that has ended.
-            let ended = self
-                .deployments
-                .all
-                .get(&id)
-                .is_none_or(|d| d.rollout.is_done());
+            let ended = rollout.is_none_or(|r| r.is_done());
             if ended && matches!(request, ControlRequest::Deliver { .. }) {
                 continue;
             }
+            // A load order says what the roll-out wants now: the orders
+            // go out at once, so a blue-green switch's drain deferred
+            // before its rollback's undrain could otherwise land last and
+            // leave the live slice out of load (chaos, seed 2026, trial 68).
+            let request = match (request, rollout) {
+                (ControlRequest::SetLoad { in_load }, Some(r)) => ControlRequest::SetLoad {
+                    in_load: r.wanted_load(&peer.to_string()).unwrap_or(in_load),
+                },
+                (request, _) => request,
+            };
             self.send_order(id, peer.to_string(), request);
         }
         ControlResponse::Registered {
