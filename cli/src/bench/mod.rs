@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// directory, removed at the end]
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
+    /// Run each mode this many times (fresh content each time) and
+    /// report each run, then the median and range over the runs
+    #[arg(long, value_name = "R", default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
+    pub repeat: usize,
     /// The daemons' log level (error, warn, info, debug, trace)
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub daemon_log_level: String,
@@ -134,6 +138,8 @@ pub struct RunResult {
     /// Completion time of each target, sorted; `null` (infinite) for a
     /// target that failed or did not finish.
     pub per_target_seconds: Vec<f64>,
+    /// Which of the `--repeat` runs (from 0).
+    pub repeat: usize,
 }
 
 impl RunResult {
@@ -219,6 +225,7 @@ impl RunResult {
             origin_peak_rss_bytes: m.peak_rss.map(|r| r.0),
             target_peak_rss_bytes: m.peak_rss.map(|r| r.1),
             per_target_seconds: m.done,
+            repeat: 0,
         }
     }
 }
@@ -479,9 +486,10 @@ async fn run_all(
     let idle = fleet.idle_rss();
     let mut store = RocksStore::open(&fleet.dir.path().join("cli-store"))?;
     let mut results = Vec::new();
-    for (i, &mode) in modes.iter().enumerate() {
+    let runs = (0..args.repeat).flat_map(|r| modes.iter().map(move |m| (r, *m)));
+    for (k, (repeat, mode)) in runs.enumerate() {
         let name = mode.name();
-        if i > 0 && args.from.is_some() {
+        if k > 0 && args.from.is_some() {
             // The same trees again: only a fleet that holds nothing yet
             // measures this mode on its own.
             client.close().await;
@@ -492,47 +500,63 @@ async fn run_all(
             wait_for_targets(&client, args.nodes).await?;
             store = RocksStore::open(&fleet.dir.path().join("cli-store"))?;
         }
-        let generated = fleet.dir.path().join(format!("pkg-{name}-1"));
+        // Each run's versions and content are its own.
+        let tag = |v: u32| match args.repeat {
+            1 => v.to_string(),
+            _ => format!("r{repeat}-{v}"),
+        };
+        let generated = fleet.dir.path().join(format!("pkg-{name}-{}", tag(1)));
         let v1 = match &args.from {
             Some(dir) => dir.clone(),
             None => {
-                write_package(&generated, size, 1000 + i as u64)?;
+                write_package(&generated, size, 1000 + k as u64)?;
                 generated
             }
         };
-        let edited = fleet.dir.path().join(format!("pkg-{name}-2"));
+        let edited = fleet.dir.path().join(format!("pkg-{name}-{}", tag(2)));
         let v2 = match (&args.to, args.change, args.edits) {
             (Some(to), _, _) => Some(to.clone()),
             (None, Some(pct), _) => {
-                write_changed(&v1, &edited, pct, 2000 + i as u64)?;
+                write_changed(&v1, &edited, pct, 2000 + k as u64)?;
                 Some(edited)
             }
             (None, None, Some(n)) => {
-                write_edited(&v1, &edited, n, 2000 + i as u64)?;
+                write_edited(&v1, &edited, n, 2000 + k as u64)?;
                 Some(edited)
             }
             (None, None, None) => None,
         };
         let v2 = v2.as_deref();
-        let runs = match mode {
+        let mut runs = match mode {
             Mode::Convoy(m) => {
                 let mut runs = vec![
-                    stage_once(&client, &store, &fleet, args, rates, m, &v1, "1", None).await?,
+                    stage_once(&client, &store, &fleet, args, rates, m, &v1, &tag(1), None).await?,
                 ];
                 if let Some(v2) = v2 {
                     let base = store
-                        .resolve("bench", &format!("{name}-1"))?
+                        .resolve("bench", &format!("{name}-{}", tag(1)))?
                         .and_then(|id| store.get_manifest(&id).ok().flatten());
                     runs.push(
-                        stage_once(&client, &store, &fleet, args, rates, m, v2, "2", base).await?,
+                        stage_once(&client, &store, &fleet, args, rates, m, v2, &tag(2), base)
+                            .await?,
                     );
                 }
                 runs
             }
-            Mode::Rsync => baseline::rsync_runs(&fleet, args, rates, &v1, v2)?,
-            Mode::Tcp => baseline::tcp_runs(&fleet, args, rates, &v1, v2)?,
+            Mode::Rsync | Mode::Tcp => {
+                // A baseline's copies of an earlier run would be its base.
+                let copies = fleet.dir.path().join(name);
+                if copies.exists() {
+                    std::fs::remove_dir_all(&copies)?;
+                }
+                match mode {
+                    Mode::Rsync => baseline::rsync_runs(&fleet, args, rates, &v1, v2)?,
+                    _ => baseline::tcp_runs(&fleet, args, rates, &v1, v2)?,
+                }
+            }
         };
-        for r in &runs {
+        for r in runs.iter_mut() {
+            r.repeat = repeat;
             eprintln!("{}", report::summary_line(r));
         }
         results.extend(runs);
@@ -672,20 +696,24 @@ fn bound(rates: &Rates, nodes: usize, bytes: u64) -> Option<f64> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_target_that_did_not_finish_makes_the_p99_infinite() {
+    fn args(flags: &[&str]) -> BenchArgs {
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
             bench: BenchArgs,
         }
-        let args = <Cli as clap::Parser>::parse_from(["bench", "--nodes", "200"]).bench;
-        let rates = Rates {
-            uplink: None,
-            origin: None,
-            downlink: None,
-        };
-        let measured = |done: Vec<f64>| Measured {
+        let argv = std::iter::once("bench").chain(flags.iter().copied());
+        <Cli as clap::Parser>::parse_from(argv).bench
+    }
+
+    const NO_CAPS: Rates = Rates {
+        uplink: None,
+        origin: None,
+        downlink: None,
+    };
+
+    fn measured(done: Vec<f64>) -> Measured {
+        Measured {
             mode: "swarm",
             package_bytes: 1 << 20,
             update: false,
@@ -699,7 +727,12 @@ mod tests {
             cpu: Cpu::default(),
             wall_seconds: 1.0,
             peak_rss: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_target_that_did_not_finish_makes_the_p99_infinite() {
+        let (args, rates) = (args(&["--nodes", "200"]), NO_CAPS);
         // 199 of 200 done in a second: the 200th weighs on p99 and max.
         let r = RunResult::new(&args, &rates, measured(vec![1.0; 199]));
         assert_eq!(r.unfinished(), 1);
@@ -710,6 +743,22 @@ mod tests {
         let all = RunResult::new(&args, &rates, measured(vec![1.0; 200]));
         assert_eq!(all.unfinished(), 0);
         assert_eq!(all.completion_seconds.p99, 1.0);
+    }
+
+    #[test]
+    fn repeated_runs_are_summed_up_as_median_and_range() {
+        let args = args(&["--nodes", "2", "--repeat", "4"]);
+        let runs: Vec<RunResult> = [vec![1.0, 3.0], vec![1.0, 1.0], vec![2.0, 2.0], vec![1.0]]
+            .into_iter()
+            .map(|done| RunResult::new(&args, &NO_CAPS, measured(done)))
+            .collect();
+        let s = report::summary(&runs);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].runs, 4);
+        // p99 per run: 3, 1, 2, infinite (a target did not finish).
+        assert_eq!(s[0].p99_seconds.min, 1.0);
+        assert_eq!(s[0].p99_seconds.median, 2.0);
+        assert!(s[0].p99_seconds.max.is_infinite());
     }
 
     #[test]

@@ -16,8 +16,12 @@ pub(super) fn report(
     args: &BenchArgs,
     out: &Output,
 ) -> Result<()> {
-    let table = markdown(idle, results, args);
-    let data = json!({ "runs": results, "idle_rss": idle });
+    let mut table = markdown(idle, results, args);
+    let summary = summary(results);
+    if args.repeat > 1 {
+        table += &summary_markdown(&summary, args.repeat);
+    }
+    let data = json!({ "runs": results, "idle_rss": idle, "summary": summary });
     out.emit(data.clone(), || table.clone());
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -30,6 +34,95 @@ pub(super) fn report(
         );
     }
     Ok(())
+}
+
+/// Median and range of one figure over a mode's runs.
+#[derive(serde::Serialize)]
+pub(super) struct Spread {
+    pub(super) median: f64,
+    pub(super) min: f64,
+    pub(super) max: f64,
+}
+
+impl Spread {
+    fn of(values: impl Iterator<Item = f64>) -> Self {
+        let mut v: Vec<f64> = values.collect();
+        v.sort_by(f64::total_cmp);
+        Self {
+            median: crate::remote::quantile(&v, 0.5),
+            min: v.first().copied().unwrap_or(0.0),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// A mode's figures over its `--repeat` runs.
+#[derive(serde::Serialize)]
+pub(super) struct Summary {
+    pub(super) mode: String,
+    pub(super) update: bool,
+    pub(super) runs: usize,
+    pub(super) p50_seconds: Spread,
+    pub(super) p99_seconds: Spread,
+    pub(super) ratio_to_bound: Spread,
+    pub(super) origin_egress_bytes: Spread,
+    pub(super) total_bytes: Spread,
+    pub(super) cpu_seconds: Spread,
+}
+
+/// Each mode's (and update's) runs summed up, in the order first run.
+pub(super) fn summary(results: &[RunResult]) -> Vec<Summary> {
+    let mut keys: Vec<(&str, bool)> = Vec::new();
+    for r in results {
+        if !keys.contains(&(r.mode.as_str(), r.update)) {
+            keys.push((r.mode.as_str(), r.update));
+        }
+    }
+    keys.into_iter()
+        .map(|(mode, update)| {
+            let runs: Vec<&RunResult> = results
+                .iter()
+                .filter(|r| r.mode == mode && r.update == update)
+                .collect();
+            let of = |f: &dyn Fn(&RunResult) -> f64| Spread::of(runs.iter().map(|r| f(r)));
+            Summary {
+                mode: mode.into(),
+                update,
+                runs: runs.len(),
+                p50_seconds: of(&|r| r.completion_seconds.p50),
+                p99_seconds: of(&|r| r.completion_seconds.p99),
+                ratio_to_bound: of(&|r| r.ratio_to_bound.unwrap_or(f64::NAN)),
+                origin_egress_bytes: of(&|r| r.origin_egress_bytes as f64),
+                total_bytes: of(&|r| r.total_bytes as f64),
+                cpu_seconds: of(&|r| r.cpu_seconds),
+            }
+        })
+        .collect()
+}
+
+fn summary_markdown(summary: &[Summary], repeat: usize) -> String {
+    let mut s = format!(
+        "\nover {repeat} runs each: median [min, max]\n\n| mode | update | p50 s | p99 s | p99/bound | origin egress | fleet CPU s |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+    );
+    let secs = |x: &Spread| match x.median.is_nan() {
+        true => "-".to_string(), // no bound: unlimited caps
+        false => format!("{:.2} [{:.2}, {:.2}]", x.median, x.min, x.max),
+    };
+    for m in summary {
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} [{}, {}] | {} |\n",
+            m.mode,
+            if m.update { "yes" } else { "no" },
+            secs(&m.p50_seconds),
+            secs(&m.p99_seconds),
+            secs(&m.ratio_to_bound),
+            format_bytes(m.origin_egress_bytes.median as u64),
+            format_bytes(m.origin_egress_bytes.min as u64),
+            format_bytes(m.origin_egress_bytes.max as u64),
+            secs(&m.cpu_seconds),
+        );
+    }
+    s
 }
 
 /// One run in a line, for stderr while the bench goes on.
@@ -72,7 +165,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
     };
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let mut s = format!(
-        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {} --delta-bases {}\n\n",
+        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {} --delta-bases {}{}\n\n",
         args.nodes,
         flag("size", &args.size),
         args.uplink,
@@ -85,6 +178,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
         args.dcs,
         args.push_parallel,
         args.delta_bases,
+        flag("repeat", &(args.repeat > 1).then(|| args.repeat.to_string())),
     );
     s += "| mode | update | bytes/target | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | verified | fleet CPU s | origin CPU s | peak RSS target / origin |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
