@@ -5,7 +5,10 @@
 //! Requests to peers run as their own tasks and report back on a channel,
 //! so the loop never waits on the network. Orders are kept under
 //! `DATA/staging/` until the release is staged, so a restarted target
-//! resumes them, fetching only what its store lacks.
+//! resumes them, fetching only what its store lacks. An order may come
+//! with a patch from a release the target holds: its deltas are fetched
+//! as a staging of their own (a unit, see [`crate::patching`]) and the
+//! files it covers rebuilt, or fetched as chunks if that fails.
 //!
 //! Delivery (the coordinator's `Deliver`) runs as a task of its own, one at
 //! a time per target: drain, materialise under `DATA/releases`, hooks,
