@@ -261,10 +261,22 @@ pub(super) fn tcp_runs(
     v1: &Path,
     v2: Option<&Path>,
 ) -> Result<Vec<RunResult>> {
-    let root = fleet.dir.path().join("tcp");
-    let mut runs = vec![tcp_once(&root, args, rates, &whole_files(v1)?, false)?];
-    if let Some(v2) = v2 {
-        runs.push(tcp_once(&root, args, rates, &changed_runs(v1, v2)?, true)?);
+    let mut runs = Vec::new();
+    // Plain, then as a target must receive: every byte hashed and synced.
+    for verify in [false, true] {
+        let root = fleet.dir.path().join(tcp_mode(verify));
+        runs.push(tcp_once(
+            &root,
+            args,
+            rates,
+            &whole_files(v1)?,
+            false,
+            verify,
+        )?);
+        if let Some(v2) = v2 {
+            let ranges = changed_runs(v1, v2)?;
+            runs.push(tcp_once(&root, args, rates, &ranges, true, verify)?);
+        }
     }
     Ok(runs)
 }
@@ -309,12 +321,45 @@ fn sorted_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The tcp baseline's name: plain, or verifying like a target.
+pub(super) fn tcp_mode(verify: bool) -> &'static str {
+    if verify {
+        "tcp-verify"
+    } else {
+        "tcp"
+    }
+}
+
+/// What a receiver does with the bytes: plain, the file written; with
+/// `verify`, as a convoy target does with a chunk, each block BLAKE3-hashed
+/// as it is written and the file synced before it counts as received.
+fn receive(conn: &mut TcpStream, file: &mut std::fs::File, verify: bool) -> Result<u64> {
+    if !verify {
+        return Ok(std::io::copy(conn, file)?);
+    }
+    // Blocks of a chunk's average size.
+    let mut buf = vec![0u8; 64 << 10];
+    let mut n = 0u64;
+    loop {
+        let k = conn.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        std::hint::black_box(convoy_chunker::ChunkHash::of(&buf[..k]));
+        file.write_all(&buf[..k])?;
+        n += k as u64;
+    }
+    file.sync_all()?;
+    Ok(n)
+}
+
 fn tcp_once(
     root: &Path,
     args: &BenchArgs,
     rates: &Rates,
     ranges: &[Range],
     update: bool,
+    verify: bool,
 ) -> Result<RunResult> {
     let package_bytes: u64 = ranges.iter().map(|r| r.len).sum();
     let per_transfer = rates.origin.map(|r| (r / args.push_parallel as u64).max(1));
@@ -333,7 +378,7 @@ fn tcp_once(
             let receiver = scope.spawn(|| -> Result<u64> {
                 let (mut conn, _) = listener.accept()?;
                 let mut file = std::fs::File::create(&dest)?;
-                let n = std::io::copy(&mut conn, &mut file)?;
+                let n = receive(&mut conn, &mut file, verify)?;
                 *receiver_cpu.lock().expect("not poisoned") += thread_cpu_seconds();
                 Ok(n)
             });
@@ -353,7 +398,7 @@ fn tcp_once(
         args,
         rates,
         Measured {
-            mode: "tcp",
+            mode: tcp_mode(verify),
             package_bytes,
             update,
             deltas: None,

@@ -49,7 +49,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub downlink: Option<String>,
     /// Modes to run, in order: swarm, push, pull, rsync (the staging-diff
-    /// push of today), tcp (the same bytes over plain TCP: the ceiling)
+    /// push of today), tcp (the same bytes over plain TCP: the ceiling;
+    /// then again as tcp-verify, which BLAKE3-hashes and fsyncs what it
+    /// receives, as a target must)
     #[arg(long, value_delimiter = ',', default_value = "swarm,push,pull")]
     pub modes: Vec<String>,
     /// Also stage a second version with this percentage of the content
@@ -545,9 +547,15 @@ async fn run_all(
             }
             Mode::Rsync | Mode::Tcp => {
                 // A baseline's copies of an earlier run would be its base.
-                let copies = fleet.dir.path().join(name);
-                if copies.exists() {
-                    std::fs::remove_dir_all(&copies)?;
+                let dirs = match mode {
+                    Mode::Rsync => vec![name],
+                    _ => vec![baseline::tcp_mode(false), baseline::tcp_mode(true)],
+                };
+                for dir in dirs {
+                    let copies = fleet.dir.path().join(dir);
+                    if copies.exists() {
+                        std::fs::remove_dir_all(&copies)?;
+                    }
                 }
                 match mode {
                     Mode::Rsync => baseline::rsync_runs(&fleet, args, rates, &v1, v2)?,
@@ -743,6 +751,23 @@ mod tests {
         let all = RunResult::new(&args, &rates, measured(vec![1.0; 200]));
         assert_eq!(all.unfinished(), 0);
         assert_eq!(all.completion_seconds.p99, 1.0);
+    }
+
+    #[test]
+    fn a_convoy_run_is_set_against_both_tcp_copies() {
+        let args = args(&["--nodes", "1"]);
+        let run = |mode: &str, secs: f64| {
+            let mut r = RunResult::new(&args, &NO_CAPS, measured(vec![secs]));
+            r.mode = mode.into();
+            r
+        };
+        let runs = [run("tcp", 1.0), run("tcp-verify", 2.0), run("pull", 4.0)];
+        let line = report::against_tcp(&runs);
+        assert!(
+            line.contains("pull: 0.25 of tcp's speed, 0.50 of tcp-verify's"),
+            "{line}"
+        );
+        assert_eq!(report::against_tcp(&runs[2..]), "", "no tcp run, no line");
     }
 
     #[test]

@@ -125,6 +125,39 @@ fn summary_markdown(summary: &[Summary], repeat: usize) -> String {
     s
 }
 
+/// Each convoy run's speed as a share of the same run's plain TCP copy
+/// and of one that hashes and syncs as a target must (p99 over p99):
+/// empty unless `tcp` ran beside it.
+pub(super) fn against_tcp(results: &[RunResult]) -> String {
+    let mut s = String::new();
+    let p99_of = |mode: &str, r: &RunResult| {
+        results
+            .iter()
+            .find(|t| t.mode == mode && t.update == r.update && t.repeat == r.repeat)
+            .map(|t| t.completion_seconds.p99)
+    };
+    for r in results
+        .iter()
+        .filter(|r| !r.mode.starts_with("tcp") && r.mode != "rsync")
+    {
+        let (Some(tcp), Some(verify)) = (p99_of("tcp", r), p99_of("tcp-verify", r)) else {
+            continue;
+        };
+        let p99 = r.completion_seconds.p99;
+        s += &format!(
+            "\n{}{}: {:.2} of tcp's speed, {:.2} of tcp-verify's (p99 {p99:.2} s against {tcp:.2} s and {verify:.2} s)",
+            r.mode,
+            if r.update { " (update)" } else { "" },
+            tcp / p99,
+            verify / p99,
+        );
+    }
+    if !s.is_empty() {
+        s.push('\n');
+    }
+    s
+}
+
 /// One run in a line, for stderr while the bench goes on.
 pub(super) fn summary_line(r: &RunResult) -> String {
     format!(
@@ -211,6 +244,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
             rss,
         );
     }
+    s += &against_tcp(results);
     s += &format!(
         "\nidle RSS: origin {}, largest target {}\n",
         format_bytes(idle.origin_bytes),
