@@ -407,6 +407,59 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
 }
 
 #[test]
+fn a_patch_whose_deltas_never_come_is_given_up_and_the_chunks_fetched() {
+    use convoy_chunker::{ChunkHash, ChunkRef, Patch, PatchFile};
+    use convoy_daemon::store::{RocksStore, Store};
+
+    let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
+    publish(&fleet, &version(&root, "v1", None), "web@1");
+    let v2 = version(&root, "v2", Some(20_000));
+    publish(&fleet, &v2, "web@2");
+    fleet.stage_and_wait("web@1", "pull", "name=a");
+
+    // A patch whose delta chunk the origin does not hold: asked for, it is
+    // answered with nothing, again and again.
+    fleet.coordinator.stop();
+    {
+        let store = RocksStore::open(&root.join("coordinator/store")).unwrap();
+        let (v1m, v2m) = (web(&store, "1"), web(&store, "2"));
+        let (path, base) = v1m.files().next().unwrap();
+        let file = PatchFile {
+            path: path.to_string(),
+            base_path: path.to_string(),
+            base_digest: convoy_chunker::file_digest(base),
+            delta: vec![ChunkRef {
+                hash: ChunkHash::of(b"never stored"),
+                len: 100,
+            }],
+            size: 1 << 20,
+            wire_bytes: 1 << 20,
+        };
+        let patch = Patch::new(v1m.release_id(), v2m.release_id(), vec![file]);
+        store.put_patch(&patch).unwrap();
+        store.flush().unwrap();
+    }
+    fleet.coordinator.restart();
+    fleet.wait_for_targets(1);
+
+    let report = fleet.stage_and_wait("web@2", "pull", "name=a");
+    assert_eq!(report["staged"], 1, "{report}");
+    assert_eq!(
+        metric(&fleet, "convoy_delta_orders_total"),
+        1,
+        "the patch was sent"
+    );
+    let log = fleet.targets[0].log_text();
+    assert!(
+        log.contains("giving the patch up"),
+        "the patch was not given up:\n{log}"
+    );
+    let n = received_by(&report, "a");
+    assert!(n > 900 << 10, "a fetched {n} bytes: not the chunks");
+    assert_staged_as(&mut fleet, 0, "web@2", &v2);
+}
+
+#[test]
 fn an_order_with_a_hostile_patch_record_is_refused_before_any_work() {
     use convoy_chunker::{Patch, PatchFile};
     use convoy_daemon::protocol::{
