@@ -464,6 +464,7 @@ fn report_json(r: &StagingReport) -> serde_json::Value {
             "alive": t.alive,
             "state": t.progress.as_ref().map(|p| stage_state(&p.state)),
             "seconds": t.progress.as_ref().map(|p| p.elapsed_ms as f64 / 1000.0),
+            "finished_unix_ms": t.progress.as_ref().and_then(|p| p.finished_unix_ms),
             "chunks_held": t.progress.as_ref().map(|p| p.chunks_held),
             "chunks_total": r.chunks_total,
             "bytes_received": t.progress.as_ref().map(|p| p.bytes_received),

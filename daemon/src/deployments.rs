@@ -212,9 +212,7 @@ impl HistoryEntry {
         deployment: Option<u64>,
     ) -> Self {
         Self {
-            at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            at_ms: crate::units::unix_ms(std::time::SystemTime::now()),
             action: action.into(),
             version: version.map(str::to_string),
             env: env.map(str::to_string),

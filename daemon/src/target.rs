@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId};
 use libp2p::identity::PublicKey;
@@ -183,7 +183,8 @@ struct Staging {
     announce_rare: bool,
     last_announce: Instant,
     started: Instant,
-    elapsed: Option<Duration>,
+    /// Once it ended: how long it took, and when by the wall clock.
+    finished: Option<(Duration, SystemTime)>,
     bytes_received: u64,
     bytes_cross_dc: u64,
     state: StageState,
@@ -219,7 +220,7 @@ impl Staging {
             announce_rare: false,
             last_announce: Instant::now(),
             started: Instant::now(),
-            elapsed: None,
+            finished: None,
             bytes_received: 0,
             bytes_cross_dc: 0,
             state: StageState::Running,
@@ -239,14 +240,25 @@ impl Staging {
         }
     }
 
+    /// Marks it ended (its state is set by the caller).
+    fn finish(&mut self) {
+        self.finishing = false;
+        self.finished = Some((self.started.elapsed(), SystemTime::now()));
+    }
+
     fn progress(&self, release: ReleaseId) -> StageProgress {
+        let (elapsed, at) = match self.finished {
+            Some((d, at)) => (d, Some(at)),
+            None => (self.started.elapsed(), None),
+        };
         StageProgress {
             release,
             chunks_held: self.have.count() as u32,
             chunks_total: self.have.len() as u32,
             bytes_received: self.bytes_received,
             bytes_received_cross_dc: self.bytes_cross_dc,
-            elapsed_ms: self.elapsed.unwrap_or(self.started.elapsed()).as_millis() as u64,
+            elapsed_ms: elapsed.as_millis() as u64,
+            finished_unix_ms: at.map(crate::units::unix_ms),
             state: self.state.clone(),
         }
     }
@@ -1190,7 +1202,7 @@ impl Target {
         staging.fetcher = fetcher;
         if staged {
             staging.state = StageState::Staged;
-            staging.elapsed = Some(Duration::ZERO);
+            staging.finished = Some((Duration::ZERO, SystemTime::now()));
         }
         if let Some(p) = patch {
             staging.unit = Some(p.unit);
@@ -1573,8 +1585,7 @@ impl Target {
             }
             Internal::Staged { release, result } => {
                 if let Some(s) = self.stagings.get_mut(&release) {
-                    s.finishing = false;
-                    s.elapsed = Some(s.started.elapsed());
+                    s.finish();
                     match result {
                         Ok(()) => {
                             info!(release = %release, seconds = s.started.elapsed().as_secs_f64(), "staged");
@@ -1643,8 +1654,7 @@ impl Target {
         if u.state != StageState::Running {
             return;
         }
-        u.finishing = false;
-        u.elapsed = Some(u.started.elapsed());
+        u.finish();
         u.state = match &rebuilt {
             Some(r) if r.failed.is_empty() => StageState::Staged,
             Some(r) => StageState::Failed(format!("{} files not rebuilt", r.failed.len())),

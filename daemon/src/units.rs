@@ -1,4 +1,13 @@
-//! Sizes and rates as people write them: `64MiB`, `2MiB` (per second), `1.5GiB`.
+//! Sizes and rates as people write them: `64MiB`, `2MiB` (per second),
+//! `1.5GiB`; wall-clock instants as the wire carries them.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch (0 for an instant before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Parses a byte count with an optional binary (`KiB`, `MiB`, `GiB`, `TiB`)
 /// or decimal (`kB`, `MB`, `GB`) suffix; `B` or no suffix means bytes.

@@ -48,7 +48,7 @@ pub const HELLO_PROTOCOL: &str = "/convoy/hello/1";
 /// Chunk bodies.
 pub const CHUNK_PROTOCOL: &str = "/convoy/chunk/3";
 /// Control messages.
-pub const CONTROL_PROTOCOL: &str = "/convoy/control/3";
+pub const CONTROL_PROTOCOL: &str = "/convoy/control/4";
 /// Have announcements: a stream of [`Announcement`] frames.
 pub const HAVE_PROTOCOL: &str = "/convoy/have/1";
 
@@ -258,6 +258,11 @@ pub struct StageProgress {
     pub bytes_received_cross_dc: u64,
     /// Milliseconds from the order reaching the target to completion.
     pub elapsed_ms: u64,
+    /// When it ended (staged or failed), in milliseconds since the Unix
+    /// epoch by the target's clock; `None` while it runs. Lets a bench
+    /// whose processes share one clock time every target from the one
+    /// instant it gave the order, rather than from each target's receipt.
+    pub finished_unix_ms: Option<u64>,
     /// Where it stands.
     pub state: StageState,
 }
@@ -816,6 +821,36 @@ mod tests {
         assert!(bytes.len() <= MAX_HELLO_FRAME);
     }
 
+    /// Pins a target's progress report (control/4 added its finishing
+    /// time): a change here is a protocol version change.
+    #[test]
+    fn golden_stage_progress() {
+        let p = StageProgress {
+            release: ReleaseId([3; 32]),
+            chunks_held: 2,
+            chunks_total: 300,
+            bytes_received: 7,
+            bytes_received_cross_dc: 0,
+            elapsed_ms: 1,
+            finished_unix_ms: Some(1000),
+            state: StageState::Staged,
+        };
+        let mut expected = vec![44, 0, 0, 0];
+        expected.extend([3; 32]);
+        // Varints: 2, 300, 7, 0, 1; Some(1000); the second variant.
+        expected.extend([2, 251, 44, 1, 7, 0, 1, 1, 251, 232, 3, 1]);
+        assert_eq!(frame::<_, MAX_CONTROL_FRAME>(&p), expected);
+        let running = StageProgress {
+            finished_unix_ms: None,
+            state: StageState::Running,
+            ..p
+        };
+        assert_eq!(
+            &frame::<_, MAX_CONTROL_FRAME>(&running)[36..],
+            &[2, 251, 44, 1, 7, 0, 1, 0, 0]
+        );
+    }
+
     #[test]
     fn every_control_message_round_trips() {
         let order = StageOrder {
@@ -831,6 +866,7 @@ mod tests {
             bytes_received: 1 << 40,
             bytes_received_cross_dc: 5,
             elapsed_ms: 12,
+            finished_unix_ms: Some(1_700_000_000_123),
             state: StageState::Failed("disk full".into()),
         };
         let report = TargetReport {

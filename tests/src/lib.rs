@@ -541,20 +541,35 @@ impl TestFleet {
     /// Stages `release` on the targets `selector` names in `mode` and
     /// waits (bounded: 120 s); the staging's report (`--json`).
     pub fn stage_and_wait(&self, release: &str, mode: &str, selector: &str) -> serde_json::Value {
-        self.convoy(&[
-            "stage",
-            release,
-            "--mode",
-            mode,
-            "--targets",
-            selector,
-            "--wait",
-            "--timeout",
-            "120",
-            "--json",
-        ])
-        .success()
-        .json()
+        let before = unix_ms();
+        let report = self
+            .convoy(&[
+                "stage",
+                release,
+                "--mode",
+                mode,
+                "--targets",
+                selector,
+                "--wait",
+                "--timeout",
+                "120",
+                "--json",
+            ])
+            .success()
+            .json();
+        // Every target that ended says when, by the clock it shares with
+        // this test: within the command's run.
+        let after = unix_ms();
+        for t in report["per_target"].as_array().expect("per_target") {
+            if t["state"].as_str().is_some_and(|s| s != "running") {
+                let at = t["finished_unix_ms"].as_u64().expect("finished_unix_ms");
+                assert!(
+                    (before..=after).contains(&at),
+                    "{before} <= {at} <= {after}: {t}"
+                );
+            }
+        }
+        report
     }
 
     /// Waits (bounded) until the coordinator sees `n` live targets.
@@ -587,4 +602,10 @@ impl TestFleet {
         std::fs::write(dir.join("VERSION"), name).expect("package file");
         dir
     }
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn unix_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.expect("a clock after 1970").as_millis() as u64
 }

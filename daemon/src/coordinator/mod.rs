@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use convoy_chunker::{ChunkHash, ChunkRef, Manifest, ReleaseId};
 use libp2p::identity::Keypair;
@@ -400,10 +400,7 @@ pub async fn run(
 }
 
 fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::units::unix_ms(SystemTime::now())
 }
 
 fn label<'a>(labels: &'a Labels, key: &str) -> &'a str {
