@@ -1,6 +1,11 @@
 //! The baselines `convoy bench` puts beside the convoy modes: `rsync`, the
 //! staging-diff push teams run today, and `tcp`, plain sockets that show
 //! what the machine itself can move.
+//!
+//! Both get the origin's cap as push does: one [`Pacer`] for the origin's
+//! side as a whole, shared by the K transfers that run at once (for rsync,
+//! through a relay in front of its daemon), so fewer than K running get
+//! the whole cap rather than a fixed 1/K each.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
@@ -9,12 +14,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use convoy_daemon::rate::Pacer;
 
 use super::fleet::{cpu_seconds, Fleet, Proc};
 use super::{BenchArgs, Cpu, Measured, Rates, RunResult};
 
 /// The staging-diff push of today: rsync from a daemon on loopback into a
-/// directory per target, K at a time, each at 1/K of the origin's cap.
+/// directory per target, K at a time, the daemon's output capped as a
+/// whole at the origin's cap.
 pub(super) fn rsync_runs(
     fleet: &Fleet,
     args: &BenchArgs,
@@ -147,37 +154,39 @@ fn rsync_once(
     update: bool,
 ) -> Result<RunResult> {
     let k = args.push_parallel;
-    let bwlimit = rates
-        .origin
-        .map(|r| format!("--bwlimit={}", (r / k as u64 / 1024).max(1)));
-    let started = Instant::now();
+    let pacer = Pacer::new(rates.origin);
     let cpu0 = reaped_children_cpu() + cpu_seconds(daemon_pid);
-    let (done, received) = k_at_a_time(args.nodes, k, |i| {
-        let dest = root.join(format!("target-{i:03}"));
-        std::fs::create_dir_all(&dest)?;
-        let output = Command::new("rsync")
-            // -I: also when size and mtime match (a new build can keep both);
-            // -z: compressed, as a push across data centres runs.
-            .args(["-a", "-I", "-z", "--stats", "--inplace"])
-            .args(bwlimit.iter())
-            .arg(format!("rsync://127.0.0.1:{port}/{module}/"))
-            .arg(format!("{}/", dest.display()))
-            .stdin(Stdio::null())
-            .output()
-            .context("cannot run rsync")?;
-        if !output.status.success() {
-            bail!(
-                "rsync to target {i} failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        if !same_files(source, &dest)? {
-            bail!("rsync to target {i} finished but its tree differs from the package");
-        }
-        Ok(parse_rsync_received(&String::from_utf8_lossy(
-            &output.stdout,
-        )))
-    })?;
+    let started = Instant::now();
+    let (done, received) = paced_relay(port, &pacer, |port| {
+        k_at_a_time(args.nodes, k, started, |i| {
+            let dest = root.join(format!("target-{i:03}"));
+            std::fs::create_dir_all(&dest)?;
+            let output = Command::new("rsync")
+                // -I: also when size and mtime match (a new build can keep both);
+                // -z: compressed, as a push across data centres runs.
+                // --fsync: durable when it exits, as a staged convoy target is.
+                .args(["-a", "-I", "-z", "--stats", "--inplace", "--fsync"])
+                .arg(format!("rsync://127.0.0.1:{port}/{module}/"))
+                .arg(format!("{}/", dest.display()))
+                .stdin(Stdio::null())
+                .output()
+                .context("cannot run rsync")?;
+            let at = Instant::now();
+            if !output.status.success() {
+                bail!(
+                    "rsync to target {i} failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            if !same_files(source, &dest)? {
+                bail!("rsync to target {i} finished but its tree differs from the package");
+            }
+            Ok(Transferred {
+                bytes: parse_rsync_received(&String::from_utf8_lossy(&output.stdout)),
+                at,
+            })
+        })
+    })??;
     let cpu = reaped_children_cpu() + cpu_seconds(daemon_pid) - cpu0;
     Ok(RunResult::new(
         args,
@@ -204,15 +213,25 @@ fn rsync_once(
     ))
 }
 
+/// What one baseline transfer reports: the bytes it moved, and the
+/// instant its copy was complete (durable and checked where the mode
+/// does that), before any check of the bench's own.
+struct Transferred {
+    bytes: u64,
+    at: Instant,
+}
+
 /// Runs `transfer(i)` for every target `i`, at most `k` at once, each on
-/// its own thread; returns the completion times (seconds since the start)
-/// and the bytes the transfers reported.
+/// its own thread; returns each target's completion time in seconds since
+/// `started` (stamped by the caller before the first transfer starts, as
+/// the convoy modes stamp theirs before the order) and the bytes the
+/// transfers reported.
 fn k_at_a_time(
     nodes: usize,
     k: usize,
-    transfer: impl Fn(usize) -> Result<u64> + Sync,
+    started: Instant,
+    transfer: impl Fn(usize) -> Result<Transferred> + Sync,
 ) -> Result<(Vec<f64>, u64)> {
-    let started = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
         let mut next = 0;
@@ -229,17 +248,17 @@ fn k_at_a_time(
                         .unwrap_or_else(|_| {
                             Err(anyhow::anyhow!("the transfer to target {i} panicked"))
                         });
-                    let _ = tx.send((r, started.elapsed().as_secs_f64()));
+                    let _ = tx.send(r);
                 });
                 running += 1;
                 next += 1;
             }
-            let (r, at) = rx.recv().expect("a transfer thread reports");
+            let r = rx.recv().expect("a transfer thread reports");
             running -= 1;
             match r {
-                Ok(n) => {
-                    done.push(at);
-                    bytes += n;
+                Ok(t) => {
+                    done.push(t.at.saturating_duration_since(started).as_secs_f64());
+                    bytes += t.bytes;
                 }
                 Err(e) => failure = failure.or(Some(e)),
             }
@@ -362,12 +381,12 @@ fn tcp_once(
     verify: bool,
 ) -> Result<RunResult> {
     let package_bytes: u64 = ranges.iter().map(|r| r.len).sum();
-    let per_transfer = rates.origin.map(|r| (r / args.push_parallel as u64).max(1));
+    let pacer = Pacer::new(rates.origin);
     std::fs::create_dir_all(root)?;
     let sender_cpu = std::sync::Mutex::new(0.0f64);
     let receiver_cpu = std::sync::Mutex::new(0.0f64);
     let started = Instant::now();
-    let (done, received) = k_at_a_time(args.nodes, args.push_parallel, |i| {
+    let (done, received) = k_at_a_time(args.nodes, args.push_parallel, started, |i| {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let dest = root.join(format!("target-{i:03}.bin"));
@@ -375,19 +394,20 @@ fn tcp_once(
         // leave it blocked in accept (the listener's backlog holds it).
         let conn = TcpStream::connect(addr)?;
         std::thread::scope(|scope| {
-            let receiver = scope.spawn(|| -> Result<u64> {
+            let receiver = scope.spawn(|| -> Result<Transferred> {
                 let (mut conn, _) = listener.accept()?;
                 let mut file = std::fs::File::create(&dest)?;
-                let n = receive(&mut conn, &mut file, verify)?;
+                let bytes = receive(&mut conn, &mut file, verify)?;
+                let at = Instant::now();
                 *receiver_cpu.lock().expect("not poisoned") += thread_cpu_seconds();
-                Ok(n)
+                Ok(Transferred { bytes, at })
             });
-            let sent = send_ranges(conn, ranges, per_transfer);
+            let sent = send_ranges(conn, ranges, &pacer);
             *sender_cpu.lock().expect("not poisoned") += thread_cpu_seconds();
             let received = receiver.join().expect("the receiver does not panic")?;
             let sent = sent?;
-            if received != sent {
-                bail!("target {i} received {received} of {sent} bytes");
+            if received.bytes != sent {
+                bail!("target {i} received {} of {sent} bytes", received.bytes);
             }
             Ok(received)
         })
@@ -418,10 +438,18 @@ fn tcp_once(
     ))
 }
 
-/// Sends the ranges over one connection, paced at `rate` bytes per second.
-fn send_ranges(mut conn: TcpStream, ranges: &[Range], rate: Option<u64>) -> Result<u64> {
-    let mut buf = vec![0u8; 256 << 10];
-    let started = Instant::now();
+/// Sends the ranges over one connection through the origin's pacer: 64 KiB
+/// writes (a chunk's average size, as push paces chunks) when capped,
+/// 256 KiB when not.
+fn send_ranges(mut conn: TcpStream, ranges: &[Range], pacer: &Pacer) -> Result<u64> {
+    let mut buf = vec![
+        0u8;
+        if pacer.rate().is_some() {
+            64 << 10
+        } else {
+            256 << 10
+        }
+    ];
     let mut sent = 0u64;
     for r in ranges {
         let mut file = std::fs::File::open(&r.file)?;
@@ -430,12 +458,7 @@ fn send_ranges(mut conn: TcpStream, ranges: &[Range], rate: Option<u64>) -> Resu
         while left > 0 {
             let n = left.min(buf.len() as u64) as usize;
             file.read_exact(&mut buf[..n])?;
-            if let Some(rate) = rate {
-                // Pacing: this write is due when the bytes before it have
-                // had their time at the cap.
-                let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
-                std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            }
+            pace(pacer, n);
             conn.write_all(&buf[..n])?;
             sent += n as u64;
             left -= n as u64;
@@ -443,6 +466,72 @@ fn send_ranges(mut conn: TcpStream, ranges: &[Range], rate: Option<u64>) -> Resu
     }
     conn.shutdown(std::net::Shutdown::Write)?;
     Ok(sent)
+}
+
+/// Waits, on this thread, for the pacer's slot for `bytes`.
+fn pace(pacer: &Pacer, bytes: usize) {
+    let now = Instant::now();
+    std::thread::sleep(
+        pacer
+            .reserve(now, bytes as u64)
+            .saturating_duration_since(now),
+    );
+}
+
+/// Runs `body` with the port of a relay in front of the loopback port
+/// `upstream`: each connection to the relay is copied both ways, and what
+/// `upstream` sends goes through `pacer`, shared by every connection (the
+/// origin's cap as a whole). Returns once every relayed connection has
+/// closed (each side is bounded by a read timeout).
+fn paced_relay<R>(upstream: u16, pacer: &Pacer, body: impl FnOnce(u16) -> R) -> Result<R> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let r = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for down in listener.incoming() {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                // A failed connection drops the client's: rsync reports it.
+                let Ok(down) = down else { continue };
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else {
+                    continue;
+                };
+                scope.spawn(move || relay(down, up, None));
+                scope.spawn(move || relay(up2, down2, Some(pacer)));
+            }
+        });
+        let r = body(port);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accept loop, which sees `stop`.
+        let _ = TcpStream::connect(("127.0.0.1", port));
+        r
+    });
+    Ok(r)
+}
+
+/// Copies `from` to `to` until either ends (or `from` is silent for a
+/// minute), through `pacer` if given; then ends `to`'s writing side.
+fn relay(mut from: TcpStream, mut to: TcpStream, pacer: Option<&Pacer>) {
+    let _ = from.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(p) = pacer {
+            pace(p, n);
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
 }
 
 /// CPU seconds the calling thread has used.
@@ -478,6 +567,52 @@ fn parse_rsync_received(stats: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The relay caps its connections together, not each: three clients
+    /// reading 256 KiB each at once through a 1 MiB/s pacer cannot all be
+    /// done before 0.75 MiB has had its 0.75 s (less one 50 ms burst).
+    #[test]
+    fn the_relay_caps_every_connection_together() {
+        const EACH: usize = 256 << 10;
+        let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = upstream.local_addr().unwrap().port();
+        let body: Vec<u8> = (0..EACH).map(|i| (i % 251) as u8).collect();
+        let server = std::thread::spawn({
+            let body = body.clone();
+            move || {
+                for _ in 0..3 {
+                    let (mut c, _) = upstream.accept().unwrap();
+                    c.write_all(&body).unwrap();
+                }
+            }
+        });
+        let pacer = Pacer::new(Some(1 << 20));
+        let started = Instant::now();
+        let got = paced_relay(port, &pacer, |relay| {
+            std::thread::scope(|s| {
+                let clients: Vec<_> = (0..3)
+                    .map(|_| {
+                        s.spawn(move || {
+                            let mut c = TcpStream::connect(("127.0.0.1", relay)).unwrap();
+                            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                            let mut got = Vec::new();
+                            c.read_to_end(&mut got).unwrap();
+                            got
+                        })
+                    })
+                    .collect();
+                clients
+                    .into_iter()
+                    .map(|c| c.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .unwrap();
+        let took = started.elapsed();
+        server.join().unwrap();
+        assert!(got.iter().all(|g| *g == body), "every client got its bytes");
+        assert!(took >= Duration::from_millis(690), "done in {took:?}");
+    }
 
     #[test]
     fn rsync_stats_parse() {

@@ -15,19 +15,21 @@ mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Result};
 use convoy_daemon::client::Client;
-use convoy_daemon::protocol::{ControlRequest, ControlResponse, DistributionMode, StageState};
+use convoy_daemon::protocol::{
+    ControlRequest, ControlResponse, DistributionMode, StageState, StagingReport,
+};
 use convoy_daemon::store::{RocksStore, Store};
 use convoy_daemon::transfer::kumar_ross_bound;
-use convoy_daemon::units::parse_bytes;
+use convoy_daemon::units::{parse_bytes, unix_ms};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 
-use crate::remote::{completion_seconds, control, count, follow, publish_dir, quantile, runtime};
+use crate::remote::{control, count, follow, publish_dir, quantile, runtime};
 use crate::Output;
 use fleet::{convoyd_path, start_fleet, wait_for_targets, Fleet, ProcStats};
 
@@ -620,6 +622,10 @@ async fn stage_once(
     let stats = ProcStats::of_fleet(fleet);
     stats.reset_peak_rss();
     let cpu0 = stats.cpu();
+    // Every target's time runs from here, the one instant before the
+    // order, to its own report of when it finished (the fleet shares this
+    // host's clock).
+    let ordered = SystemTime::now();
     let started = Instant::now();
     let ControlResponse::StagingStarted { id: staging, .. } = control(
         client,
@@ -652,7 +658,7 @@ async fn stage_once(
             package_bytes,
             update: base.is_some(),
             deltas,
-            done: completion_seconds(&report),
+            done: completion_since(&report, ordered),
             origin_egress_bytes: report.origin_bytes_sent,
             total_bytes: progress.iter().map(|p| p.bytes_received).sum(),
             cross_dc_bytes: progress.iter().map(|p| p.bytes_received_cross_dc).sum(),
@@ -667,6 +673,22 @@ async fn stage_once(
             peak_rss: Some(stats.peak_rss()),
         },
     ))
+}
+
+/// Seconds from `ordered` to each staged target's report of when it
+/// finished (verified and durable), sorted.
+fn completion_since(report: &StagingReport, ordered: SystemTime) -> Vec<f64> {
+    let t0 = unix_ms(ordered);
+    let mut v: Vec<f64> = report
+        .targets
+        .iter()
+        .filter_map(|t| t.progress.as_ref())
+        .filter(|p| p.state == StageState::Staged)
+        .filter_map(|p| p.finished_unix_ms)
+        .map(|at| at.saturating_sub(t0) as f64 / 1000.0)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
 }
 
 /// The wire bytes a target holding `base` receives to get `target`, with
@@ -751,6 +773,47 @@ mod tests {
         let all = RunResult::new(&args, &rates, measured(vec![1.0; 200]));
         assert_eq!(all.unfinished(), 0);
         assert_eq!(all.completion_seconds.p99, 1.0);
+    }
+
+    #[test]
+    fn a_targets_time_runs_from_the_order_to_its_own_finish() {
+        use convoy_daemon::protocol::{StageProgress, TargetStaging};
+        let ordered = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let t0 = unix_ms(ordered);
+        // Each target's own clock started when the order reached it: a
+        // late receipt must not shorten its time.
+        let target = |finished: Option<u64>, elapsed_ms, state| TargetStaging {
+            peer_id: String::new(),
+            labels: Default::default(),
+            progress: Some(StageProgress {
+                release: convoy_chunker::ReleaseId([0; 32]),
+                chunks_held: 0,
+                chunks_total: 0,
+                bytes_received: 0,
+                bytes_received_cross_dc: 0,
+                elapsed_ms,
+                finished_unix_ms: finished.map(|ms| t0 + ms),
+                state,
+            }),
+            alive: true,
+        };
+        let report = StagingReport {
+            id: 1,
+            name: String::new(),
+            release: convoy_chunker::ReleaseId([0; 32]),
+            mode: DistributionMode::Push,
+            chunks_total: 0,
+            release_bytes: 0,
+            elapsed_ms: 0,
+            origin_bytes_sent: 0,
+            targets: vec![
+                target(Some(2500), 100, StageState::Staged),
+                target(Some(1500), 1500, StageState::Staged),
+                target(None, 9000, StageState::Running),
+                target(Some(700), 700, StageState::Failed("disk full".into())),
+            ],
+        };
+        assert_eq!(completion_since(&report, ordered), vec![1.5, 2.5]);
     }
 
     #[test]
