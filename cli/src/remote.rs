@@ -536,6 +536,8 @@ pub fn fleet(remote: &Remote, out: &Output) -> Result<ExitCode> {
             "releases": m.report.releases.iter().map(|r| r.to_hex()).collect::<Vec<_>>(),
             "bytes_sent": m.report.bytes_sent,
             "bytes_received": m.report.bytes_received,
+            "wire_bytes_sent": m.report.wire_bytes_sent,
+            "wire_bytes_received": m.report.wire_bytes_received,
             "stagings": m.report.stagings.iter().map(|p| json!({
                 "release_id": p.release.to_hex(),
                 "state": stage_state(&p.state),

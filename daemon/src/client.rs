@@ -30,6 +30,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// Bytes this session's connections have carried each way.
+    pub fn wire_bytes(&self) -> crate::net::WireBytes {
+        self.net.wire_bytes()
+    }
+
     /// Starts a network with a fresh identity that listens nowhere, and
     /// knows where the coordinator is; then proves to it that this session
     /// acts for `operator` (see [`crate::operators`]: the coordinator acts

@@ -8,6 +8,11 @@
 //! as long as the delivery, in memory, so a target killed mid-delivery
 //! comes back in load as it was before (the delivery did not finish: the
 //! coordinator sends it again, or has rolled back).
+//!
+//! `GET /metrics` on the same port gives the target's traffic counters in
+//! Prometheus' text format: chunk bytes sent and received, and the bytes
+//! its connections carried (`convoy_wire_bytes_total`, control traffic
+//! and framing included).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -119,6 +124,42 @@ pub fn health(load: &Load, releases: &Releases) -> Health {
 struct Shared {
     load: Arc<Load>,
     releases: Arc<Releases>,
+    counters: Counters,
+}
+
+/// The traffic counters `/metrics` shows.
+#[derive(Clone)]
+pub struct Counters {
+    /// The store's chunk traffic.
+    pub chunks: Arc<crate::serve::Chunks>,
+    /// The network's bytes on the wire.
+    pub wire: Arc<crate::net::WireCounters>,
+}
+
+impl Counters {
+    /// The counters in Prometheus' text format.
+    pub fn text(&self) -> String {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let wire = self.wire.get();
+        format!(
+            "# HELP convoy_chunk_bytes_total Chunk bytes this target sent to peers and received, by direction.\n\
+             # TYPE convoy_chunk_bytes_total counter\n\
+             convoy_chunk_bytes_total{{direction=\"sent\"}} {}\n\
+             convoy_chunk_bytes_total{{direction=\"received\"}} {}\n\
+             # HELP convoy_wire_bytes_total Bytes this target's TCP connections carried, by direction: chunk bodies, control, announcements, framing and all.\n\
+             # TYPE convoy_wire_bytes_total counter\n\
+             convoy_wire_bytes_total{{direction=\"sent\"}} {}\n\
+             convoy_wire_bytes_total{{direction=\"received\"}} {}\n",
+            load(&self.chunks.bytes_sent),
+            load(&self.chunks.bytes_received),
+            wire.sent,
+            wire.received,
+        )
+    }
+}
+
+async fn get_metrics(State(s): State<Shared>) -> String {
+    s.counters.text()
 }
 
 async fn get_health(State(s): State<Shared>) -> (StatusCode, Json<Health>) {
@@ -131,16 +172,23 @@ async fn get_health(State(s): State<Shared>) -> (StatusCode, Json<Health>) {
     (status, Json(h))
 }
 
-/// Serves `GET /health` on `listener` until `shutdown` completes.
+/// Serves `GET /health` and `GET /metrics` on `listener` until
+/// `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     load: Arc<Load>,
     releases: Arc<Releases>,
+    counters: Counters,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let app = Router::new()
         .route("/health", get(get_health))
-        .with_state(Shared { load, releases });
+        .route("/metrics", get(get_metrics))
+        .with_state(Shared {
+            load,
+            releases,
+            counters,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -559,15 +559,21 @@ fn run(cli: Cli) -> Result<()> {
                         format!("cannot listen for health checks on {health_listen}")
                     })?;
                 let health_addr = health.local_addr()?.to_string();
+                let ready = serde_json::json!({"health": health_addr});
+                let (_, chunks, net, events, listening) = start(&s, "target", ready).await?;
+                // Bound before the ready line named it: a check that
+                // comes before this waits in the listener's backlog.
                 info!(addr = %health_addr, "health endpoint listening");
                 tokio::spawn(health::serve(
                     health,
                     load.clone(),
                     releases.clone(),
+                    health::Counters {
+                        chunks: chunks.clone(),
+                        wire: net.wire_counters(),
+                    },
                     std::future::pending(),
                 ));
-                let ready = serde_json::json!({"health": health_addr});
-                let (_, chunks, net, events, listening) = start(&s, "target", ready).await?;
                 chunks
                     .corrupt_uploads
                     .store(fault_corrupt_uploads, std::sync::atomic::Ordering::Relaxed);

@@ -713,6 +713,8 @@ impl Target {
                 .collect(),
             bytes_sent: self.chunks.bytes_sent.load(Ordering::Relaxed),
             bytes_received: self.chunks.bytes_received.load(Ordering::Relaxed),
+            wire_bytes_sent: self.net.wire_bytes().sent,
+            wire_bytes_received: self.net.wire_bytes().received,
             active: Default::default(),
             in_load: self.config.load.in_load(),
             health: self.config.health_addr.clone(),

@@ -293,6 +293,13 @@ pub struct TargetReport {
     pub bytes_sent: u64,
     /// Bytes of chunk bodies it has received since it started.
     pub bytes_received: u64,
+    /// Bytes its TCP connections have carried since it started, sent and
+    /// received: chunk bodies and all the rest (control messages, have
+    /// announcements, bitfields, the handshake and the transport's
+    /// framing).
+    pub wire_bytes_sent: u64,
+    /// See `wire_bytes_sent`.
+    pub wire_bytes_received: u64,
     /// The release each app's `current` link names (app → version).
     pub active: BTreeMap<String, String>,
     /// Whether its health endpoint says it is in load (200) or drained (503).
@@ -876,6 +883,8 @@ mod tests {
             stagings: vec![progress],
             bytes_sent: 1,
             bytes_received: 2,
+            wire_bytes_sent: 3,
+            wire_bytes_received: 4,
             active: [("web".to_string(), "1.2".to_string())].into(),
             in_load: false,
             health: Some("127.0.0.1:7480".into()),

@@ -421,14 +421,24 @@ impl TestFleet {
 
     /// `convoy_refused_total{what="WHAT"}` in the coordinator's metrics.
     pub fn refused(&self, what: &str) -> u64 {
+        self.metric(&format!("convoy_refused_total{{what=\"{what}\"}}"))
+    }
+
+    /// The sample `name` (labels and all) of the coordinator's metrics.
+    pub fn metric(&self, name: &str) -> u64 {
         let (status, text) = http(&self.api_addr(), "GET", "/metrics", Some(&self.api_token()));
         assert_eq!(status, 200, "{text}");
-        let line = format!("convoy_refused_total{{what=\"{what}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .unwrap_or_else(|| panic!("no {line} in the metrics:\n{text}"))
-            .parse()
-            .expect("a count")
+        sample(&text, name)
+    }
+
+    /// The sample `name` of target `i`'s metrics (on its health endpoint).
+    pub fn target_metric(&self, i: usize, name: &str) -> u64 {
+        let addr = self.targets[i].ready["health"]
+            .as_str()
+            .expect("a health address");
+        let (status, text) = http(addr, "GET", "/metrics", None);
+        assert_eq!(status, 200, "{text}");
+        sample(&text, name)
     }
 
     /// The API's bearer token.
@@ -608,4 +618,13 @@ impl TestFleet {
 fn unix_ms() -> u64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     since.expect("a clock after 1970").as_millis() as u64
+}
+
+/// The value of the sample `name` (labels and all) in a metrics page.
+fn sample(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+        .parse()
+        .expect("a count")
 }

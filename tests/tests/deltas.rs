@@ -7,29 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use convoy_tests::{http, noise, TestFleet};
-
-/// `convoy_delta_patches_total{result="RESULT"}`, or another delta metric.
-fn metric(fleet: &TestFleet, line: &str) -> u64 {
-    let (status, text) = http(
-        &fleet.api_addr(),
-        "GET",
-        "/metrics",
-        Some(&fleet.api_token()),
-    );
-    assert_eq!(status, 200, "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {line} in the metrics:\n{text}"))
-        .parse()
-        .expect("a count")
-}
+use convoy_tests::{noise, TestFleet};
 
 fn patches(fleet: &TestFleet, result: &str) -> u64 {
-    metric(
-        fleet,
-        &format!("convoy_delta_patches_total{{result=\"{result}\"}}"),
-    )
+    fleet.metric(&format!(
+        "convoy_delta_patches_total{{result=\"{result}\"}}"
+    ))
 }
 
 /// Waits (bounded: 60 s) until `patches(result)` reaches `n`.
@@ -98,8 +81,8 @@ fn a_restarted_origin_makes_the_deltas_it_had_not_made_and_not_those_it_had() {
     fleet.coordinator.set_arg("--delta-bases", "2");
     fleet.coordinator.restart();
     wait_patches(&fleet, "made", 1);
-    let delta = metric(&fleet, "convoy_delta_bytes_total");
-    let replaced = metric(&fleet, "convoy_delta_replaced_wire_bytes_total");
+    let delta = fleet.metric("convoy_delta_bytes_total");
+    let replaced = fleet.metric("convoy_delta_replaced_wire_bytes_total");
     assert!(delta > 0 && delta < 8 << 10, "{delta} bytes of deltas");
     // Every chunk but perhaps a short last one holds an edit.
     assert!(replaced >= 15 << 16, "they replace {replaced} wire bytes");
@@ -148,10 +131,9 @@ fn stage(fleet: &TestFleet, release: &str, selector: &str) {
 }
 
 fn order_bytes(fleet: &TestFleet, form: &str) -> u64 {
-    metric(
-        fleet,
-        &format!("convoy_order_manifest_bytes_total{{form=\"{form}\"}}"),
-    )
+    fleet.metric(&format!(
+        "convoy_order_manifest_bytes_total{{form=\"{form}\"}}"
+    ))
 }
 
 #[test]
@@ -323,8 +305,8 @@ fn targets_holding_the_base_fetch_the_deltas_and_rebuild_the_release() {
 
     let report = fleet.stage_and_wait("web@2", "swarm", "");
     assert_eq!(report["staged"], 4, "{report}");
-    assert_eq!(metric(&fleet, "convoy_delta_orders_total"), 3);
-    let spared = metric(&fleet, "convoy_delta_spared_wire_bytes_total");
+    assert_eq!(fleet.metric("convoy_delta_orders_total"), 3);
+    let spared = fleet.metric("convoy_delta_spared_wire_bytes_total");
     assert!(spared > 3 * (900 << 10), "{spared} bytes spared");
     for name in ["a", "b", "c"] {
         let n = received_by(&report, name);
@@ -392,7 +374,7 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
     let report = fleet.stage_and_wait("web@2", "pull", "name=a");
     assert_eq!(report["staged"], 1, "{report}");
     assert_eq!(
-        metric(&fleet, "convoy_delta_orders_total"),
+        fleet.metric("convoy_delta_orders_total"),
         1,
         "the patch was sent"
     );
@@ -445,7 +427,7 @@ fn a_patch_whose_deltas_never_come_is_given_up_and_the_chunks_fetched() {
     let report = fleet.stage_and_wait("web@2", "pull", "name=a");
     assert_eq!(report["staged"], 1, "{report}");
     assert_eq!(
-        metric(&fleet, "convoy_delta_orders_total"),
+        fleet.metric("convoy_delta_orders_total"),
         1,
         "the patch was sent"
     );
@@ -586,7 +568,7 @@ fn in_push_mode_a_holder_of_the_base_is_sent_only_the_deltas() {
     // target pulls the deltas.
     let report = fleet.stage_and_wait("web@2", "push", "name=a");
     assert_eq!(report["staged"], 1, "{report}");
-    assert_eq!(metric(&fleet, "convoy_delta_orders_total"), 1);
+    assert_eq!(fleet.metric("convoy_delta_orders_total"), 1);
     let n = received_by(&report, "a");
     assert!(n < 16 << 10, "a received {n} bytes, not only deltas");
     assert_staged_as(&mut fleet, 0, "web@2", &v2);

@@ -118,6 +118,44 @@ fn a_swarm_of_ten_targets_stages_and_every_store_verifies() {
 }
 
 #[test]
+fn every_byte_a_connection_carries_is_counted_beside_the_chunks() {
+    let mut fleet = TestFleet::new(&[]);
+    fleet.add_target(&[]);
+    fleet.wait_for_targets(1);
+    let pkg = fleet.package("v1", 2 << 20, 4);
+    publish(&fleet, &pkg, "web@1");
+    let report = fleet.stage_and_wait("web@1", "pull", "all");
+    let staged = report["total_bytes"].as_u64().unwrap();
+    let wire = |dir: &str| {
+        fleet.target_metric(
+            0,
+            &format!("convoy_wire_bytes_total{{direction=\"{dir}\"}}"),
+        )
+    };
+    let (received, sent) = (wire("received"), wire("sent"));
+    let chunks = fleet.target_metric(0, "convoy_chunk_bytes_total{direction=\"received\"}");
+    assert!(chunks >= staged && staged >= 2 << 20, "{chunks} {staged}");
+    // Framing, the order's manifest, bitfields and heartbeats come on
+    // top of the chunks, and not much.
+    assert!(
+        received > chunks,
+        "{received} on the wire, {chunks} of chunks"
+    );
+    assert!(
+        received < chunks + chunks / 20 + (256 << 10),
+        "{received} for {chunks}"
+    );
+    assert!(sent > 0, "requests and reports went out");
+    // The target talks only to the origin: what it received, the origin
+    // sent (read later, with the operator's sessions on top).
+    let origin = fleet.metric("convoy_wire_bytes_total{direction=\"sent\"}");
+    assert!(
+        origin >= received,
+        "origin sent {origin}, target received {received}"
+    );
+}
+
+#[test]
 fn push_and_pull_stage_exactly_the_missing_chunks() {
     let mut fleet = TestFleet::new(&["--push-parallel", "2"]);
     for _ in 0..3 {

@@ -485,6 +485,8 @@ fn empty_report() -> TargetReport {
         stagings: Vec::new(),
         bytes_sent: 0,
         bytes_received: 0,
+        wire_bytes_sent: 0,
+        wire_bytes_received: 0,
         active: Default::default(),
         in_load: true,
         health: None,

@@ -900,6 +900,14 @@ impl Coordinator {
                 .bytes_sent
                 .load(std::sync::atomic::Ordering::Relaxed)
         );
+        let wire = self.net.wire_bytes();
+        out.push_str("# HELP convoy_wire_bytes_total Bytes the origin's TCP connections carried, by direction: chunk bodies, control, announcements, framing and all.\n# TYPE convoy_wire_bytes_total counter\n");
+        for (direction, n) in [("sent", wire.sent), ("received", wire.received)] {
+            let _ = writeln!(
+                out,
+                "convoy_wire_bytes_total{{direction=\"{direction}\"}} {n}"
+            );
+        }
         let d = &self.deltas.counters;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         out.push_str("# HELP convoy_delta_patches_total Patches (a release's deltas from one older release) by outcome: made, reused (found in the store), failed.\n# TYPE convoy_delta_patches_total counter\n");

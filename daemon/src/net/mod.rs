@@ -1,6 +1,7 @@
 //! The libp2p network: one event loop owns the `Swarm`.
 //!
-//! [`start`] builds the swarm (TCP and QUIC, noise, yamux, the four
+//! [`start`] builds the swarm (TCP — its streams counted below noise, see
+//! [`counted`] — and QUIC, noise, yamux, the four
 //! protocols of [`protocol`](crate::protocol) on the stream behaviour of
 //! [`streams`], a block list for banned peers) and spawns its loop. The rest of the process talks to it through
 //! a cloneable [`NetHandle`] (bounded command channel, a oneshot per reply)
@@ -52,8 +53,10 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+mod counted;
 pub mod streams;
 
+pub use counted::{WireBytes, WireCounters};
 pub use streams::OpenError;
 use streams::{Inbound, Opener};
 
@@ -268,9 +271,21 @@ pub struct NetHandle {
     peer_id: PeerId,
     request_timeout: Duration,
     refused: Arc<AtomicU64>,
+    wire: Arc<WireCounters>,
 }
 
 impl NetHandle {
+    /// Bytes its TCP connections have carried each way since it started:
+    /// chunk bodies, control, announcements, framing and all.
+    pub fn wire_bytes(&self) -> WireBytes {
+        self.wire.get()
+    }
+
+    /// The counters behind [`NetHandle::wire_bytes`], to read elsewhere.
+    pub fn wire_counters(&self) -> Arc<WireCounters> {
+        self.wire.clone()
+    }
+
     /// Peers refused so far: wrong, malformed or missing fleet key proof,
     /// or none in time.
     pub fn peers_refused(&self) -> u64 {
@@ -383,15 +398,24 @@ pub enum NetError {
 
 /// Starts the network loop on the current tokio runtime.
 pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+    let wire = Arc::new(WireCounters::default());
+    let counters = wire.clone();
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| NetError::Transport("tcp", e.to_string()))?
         .with_quic()
+        // TCP as `with_tcp` builds it, its streams counted below noise.
+        .with_other_transport(|key| {
+            use libp2p::Transport as _;
+            let noise = noise::Config::new(key)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .map(move |s, _| counted::Counted::new(s, counters.clone()))
+                    .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default()),
+            )
+        })
+        .map_err(|e| NetError::Transport("tcp", e.to_string()))?
         .with_behaviour(|_| Behaviour {
             limits: connection_limits::Behaviour::new(
                 connection_limits::ConnectionLimits::default()
@@ -443,6 +467,7 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
             peer_id,
             request_timeout: config.request_timeout,
             refused,
+            wire,
         },
         ev_rx,
     ))
