@@ -60,7 +60,7 @@ pub use manifest::{
     limits, validate_name, Entry, EntryKind, Manifest, ManifestError, ReleaseId, MODE_MASK,
 };
 pub use materialise::{materialise, materialise_reusing, ChunkSource, MaterialiseError, Reuse};
-pub use pack::{pack, ChunkSink, ChunkWriter, PackError, Progress};
+pub use pack::{pack, ChunkSink, ChunkWriter, Discard, PackError, Progress};
 pub use stored::{ChunkError, Compressor, Encoding, StoredChunk, COMPRESSION_LEVEL};
 
 /// Errors from the other side of a trait ([`ChunkSink`], [`ChunkSource`]).

@@ -32,6 +32,25 @@ pub trait ChunkWriter {
     fn finish(self) -> Result<(), BoxError>;
 }
 
+/// Keeps nothing: packing only to learn the manifest.
+pub struct Discard;
+
+impl ChunkSink for Discard {
+    type Writer = Discard;
+    fn writer(&self) -> Discard {
+        Discard
+    }
+}
+
+impl ChunkWriter for Discard {
+    fn write(&mut self, _: &[u8], _: &ChunkRef) -> Result<(), BoxError> {
+        Ok(())
+    }
+    fn finish(self) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
 /// Told how far long-running work has got.
 pub trait Progress: Sync {
     /// The total amount of work, in bytes, once known.
@@ -289,23 +308,6 @@ impl ChunkFailure {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
-
-    /// Keeps nothing: packing only to learn the manifest.
-    struct Discard;
-    impl ChunkSink for Discard {
-        type Writer = Discard;
-        fn writer(&self) -> Discard {
-            Discard
-        }
-    }
-    impl ChunkWriter for Discard {
-        fn write(&mut self, _: &[u8], _: &ChunkRef) -> Result<(), BoxError> {
-            Ok(())
-        }
-        fn finish(self) -> Result<(), BoxError> {
-            Ok(())
-        }
-    }
 
     fn pack_dir(root: &Path) -> Result<Manifest, PackError> {
         pack(root, "web", "1.0", &Discard, &())

@@ -98,6 +98,23 @@ impl Api {
         Ok((status, r.body_mut().read_json()?))
     }
 
+    /// `GET` a page that is not JSON (`/metrics`).
+    pub fn get_text(&self, path: &str) -> Result<String> {
+        let auth = format!("Bearer {}", self.token()?);
+        let mut resp = self
+            .agent
+            .get(&format!("{}{path}", self.url))
+            .header("Authorization", &auth)
+            .call()
+            .with_context(|| format!("cannot reach the coordinator's API at {}", self.url))?;
+        let status = resp.status();
+        let body = resp.body_mut().read_to_string()?;
+        if !status.is_success() {
+            bail!("GET {path}: HTTP {}: {}", status.as_u16(), body.trim());
+        }
+        Ok(body)
+    }
+
     pub fn get(&self, path: &str) -> Result<Value> {
         self.request("GET", path, None)
     }

@@ -157,7 +157,7 @@ fn rsync_once(
     let pacer = Pacer::new(rates.origin);
     let cpu0 = reaped_children_cpu() + cpu_seconds(daemon_pid);
     let started = Instant::now();
-    let (done, received) = paced_relay(port, &pacer, |port| {
+    let (done, received, sent) = paced_relay(port, &pacer, |port| {
         k_at_a_time(args.nodes, k, started, |i| {
             let dest = root.join(format!("target-{i:03}"));
             std::fs::create_dir_all(&dest)?;
@@ -181,8 +181,10 @@ fn rsync_once(
             if !same_files(source, &dest)? {
                 bail!("rsync to target {i} finished but its tree differs from the package");
             }
+            let stats = String::from_utf8_lossy(&output.stdout);
             Ok(Transferred {
-                bytes: parse_rsync_received(&String::from_utf8_lossy(&output.stdout)),
+                bytes: rsync_stat(&stats, "Total bytes received"),
+                back: rsync_stat(&stats, "Total bytes sent"),
                 at,
             })
         })
@@ -199,7 +201,9 @@ fn rsync_once(
             verified_nodes: done.len(),
             done,
             origin_egress_bytes: received,
-            total_bytes: received,
+            total_bytes: received + sent,
+            total_bytes_sent: None,
+            chunk_bytes: received,
             cross_dc_bytes: 0,
             max_target_bytes: 0,
             // The daemon's forks and the clients, not split by side.
@@ -218,6 +222,9 @@ fn rsync_once(
 /// does that), before any check of the bench's own.
 struct Transferred {
     bytes: u64,
+    /// What the receiving side sent back (rsync's file list requests and
+    /// block checksums).
+    back: u64,
     at: Instant,
 }
 
@@ -225,19 +232,19 @@ struct Transferred {
 /// its own thread; returns each target's completion time in seconds since
 /// `started` (stamped by the caller before the first transfer starts, as
 /// the convoy modes stamp theirs before the order) and the bytes the
-/// transfers reported.
+/// transfers reported, to the targets and back.
 fn k_at_a_time(
     nodes: usize,
     k: usize,
     started: Instant,
     transfer: impl Fn(usize) -> Result<Transferred> + Sync,
-) -> Result<(Vec<f64>, u64)> {
+) -> Result<(Vec<f64>, u64, u64)> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::scope(|scope| {
         let mut next = 0;
         let mut running = 0;
         let mut done = Vec::with_capacity(nodes);
-        let mut bytes = 0;
+        let (mut bytes, mut back) = (0, 0);
         let mut failure = None;
         while (next < nodes && failure.is_none()) || running > 0 {
             while running < k && next < nodes && failure.is_none() {
@@ -259,13 +266,14 @@ fn k_at_a_time(
                 Ok(t) => {
                     done.push(t.at.saturating_duration_since(started).as_secs_f64());
                     bytes += t.bytes;
+                    back += t.back;
                 }
                 Err(e) => failure = failure.or(Some(e)),
             }
         }
         match failure {
             Some(e) => Err(e),
-            None => Ok((done, bytes)),
+            None => Ok((done, bytes, back)),
         }
     })
 }
@@ -386,7 +394,7 @@ fn tcp_once(
     let sender_cpu = std::sync::Mutex::new(0.0f64);
     let receiver_cpu = std::sync::Mutex::new(0.0f64);
     let started = Instant::now();
-    let (done, received) = k_at_a_time(args.nodes, args.push_parallel, started, |i| {
+    let (done, received, _) = k_at_a_time(args.nodes, args.push_parallel, started, |i| {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let dest = root.join(format!("target-{i:03}.bin"));
@@ -400,7 +408,7 @@ fn tcp_once(
                 let bytes = receive(&mut conn, &mut file, verify)?;
                 let at = Instant::now();
                 *receiver_cpu.lock().expect("not poisoned") += thread_cpu_seconds();
-                Ok(Transferred { bytes, at })
+                Ok(Transferred { bytes, back: 0, at })
             });
             let sent = send_ranges(conn, ranges, &pacer);
             *sender_cpu.lock().expect("not poisoned") += thread_cpu_seconds();
@@ -426,6 +434,8 @@ fn tcp_once(
             done,
             origin_egress_bytes: received,
             total_bytes: received,
+            total_bytes_sent: None,
+            chunk_bytes: received,
             cross_dc_bytes: 0,
             max_target_bytes: package_bytes,
             cpu: Cpu {
@@ -556,10 +566,11 @@ fn rusage_seconds(who: libc::c_int) -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-fn parse_rsync_received(stats: &str) -> u64 {
+/// A figure of `rsync --stats`, 0 if it is not there.
+fn rsync_stat(stats: &str, name: &str) -> u64 {
     stats
         .lines()
-        .find_map(|l| l.strip_prefix("Total bytes received: "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
         .map(|v| v.replace(',', "").trim().parse().unwrap_or(0))
         .unwrap_or(0)
 }
@@ -617,7 +628,8 @@ mod tests {
     #[test]
     fn rsync_stats_parse() {
         let s = "Number of files: 3\nTotal bytes sent: 1,024\nTotal bytes received: 16,777,216\n";
-        assert_eq!(parse_rsync_received(s), 16_777_216);
-        assert_eq!(parse_rsync_received("nothing"), 0);
+        assert_eq!(rsync_stat(s, "Total bytes received"), 16_777_216);
+        assert_eq!(rsync_stat(s, "Total bytes sent"), 1_024);
+        assert_eq!(rsync_stat("nothing", "Total bytes sent"), 0);
     }
 }

@@ -47,6 +47,8 @@ fn stop(child: &mut Child) {
 pub(crate) struct Fleet {
     // Declared before `dir`: processes stop before their directory goes.
     targets: Vec<Proc>,
+    /// Each target's health endpoint (`host:port`), which serves `/metrics`.
+    target_health: Vec<String>,
     coordinator: Option<Proc>,
     pub coordinator_addr: String,
     /// The coordinator's ready line (its API address, token file...).
@@ -105,6 +107,7 @@ impl Fleet {
         convoy_daemon::fleet_key::generate(&key_file)?;
         Ok(Fleet {
             targets: Vec::new(),
+            target_health: Vec::new(),
             coordinator: None,
             coordinator_addr: String::new(),
             coordinator_ready: serde_json::Value::Null,
@@ -207,6 +210,9 @@ impl Fleet {
         a.extend_from_slice(args);
         let (proc, ready) = self.spawn(convoyd, name, &a)?;
         self.targets.push(proc);
+        if let Some(h) = ready["health"].as_str() {
+            self.target_health.push(h.to_string());
+        }
         Ok(ready)
     }
 
@@ -236,6 +242,104 @@ impl Fleet {
         let ready: serde_json::Value = serde_json::from_str(&line)
             .map_err(|_| anyhow!("{} did not start:\n{}", proc.name, self.tail(name)))?;
         Ok((proc, ready))
+    }
+}
+
+/// Bytes the fleet's daemons carried, summed over them: on the wire (as
+/// the senders count them and as the receivers do) and chunk bodies.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct Traffic {
+    pub wire_sent: u64,
+    pub wire_received: u64,
+    pub chunks_sent: u64,
+    pub chunks_received: u64,
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, o: Traffic) -> Traffic {
+        Traffic {
+            wire_sent: self.wire_sent.saturating_sub(o.wire_sent),
+            wire_received: self.wire_received.saturating_sub(o.wire_received),
+            chunks_sent: self.chunks_sent.saturating_sub(o.chunks_sent),
+            chunks_received: self.chunks_received.saturating_sub(o.chunks_received),
+        }
+    }
+}
+
+/// The value of the sample `name` (labels and all) in a Prometheus text page.
+fn sample(page: &str, name: &str) -> Result<u64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no {name} in the metrics page"))
+}
+
+impl Fleet {
+    /// Reads every daemon's counters now (the origin's through its API,
+    /// the targets' from their health endpoints), leaving out the bench's
+    /// own session with the coordinator (`client`): what it sent, the
+    /// coordinator received, and the other way round.
+    pub(super) async fn traffic(&self, client: &Client) -> Result<Traffic> {
+        let api = self.coordinator_ready["api"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the coordinator printed no API address"))?
+            .to_string();
+        let token_file = self.coordinator_ready["api_token_file"]
+            .as_str()
+            .map(PathBuf::from);
+        let targets = self.target_health.clone();
+        let own = client.wire_bytes();
+        let mut t = tokio::task::spawn_blocking(move || -> Result<Traffic> {
+            let origin = crate::operate::Api::new(Some(api), token_file).get_text("/metrics")?;
+            let mut t = Traffic {
+                wire_sent: sample(&origin, "convoy_wire_bytes_total{direction=\"sent\"}")?,
+                wire_received: sample(&origin, "convoy_wire_bytes_total{direction=\"received\"}")?,
+                chunks_sent: sample(&origin, "convoy_origin_bytes_sent_total")?,
+                chunks_received: 0,
+            };
+            let agent = ureq::Agent::new_with_defaults();
+            for h in &targets {
+                let page = agent
+                    .get(&format!("http://{h}/metrics"))
+                    .call()
+                    .and_then(|mut r| r.body_mut().read_to_string())
+                    .with_context(|| format!("cannot read the metrics of the target at {h}"))?;
+                let get = |what: &str, dir: &str| {
+                    sample(
+                        &page,
+                        &format!("convoy_{what}_bytes_total{{direction=\"{dir}\"}}"),
+                    )
+                };
+                t.wire_sent += get("wire", "sent")?;
+                t.wire_received += get("wire", "received")?;
+                t.chunks_sent += get("chunk", "sent")?;
+                t.chunks_received += get("chunk", "received")?;
+            }
+            Ok(t)
+        })
+        .await??;
+        t.wire_sent = t.wire_sent.saturating_sub(own.received);
+        t.wire_received = t.wire_received.saturating_sub(own.sent);
+        Ok(t)
+    }
+
+    /// Waits until chunk traffic has stopped — no chunk body sent or
+    /// received between two readings half a second apart (bounded: 30 s)
+    /// — and returns the last reading.
+    pub(super) async fn traffic_once_quiet(&self, client: &Client) -> Result<Traffic> {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.tick().await;
+        let mut last = self.traffic(client).await?;
+        for _ in 0..60 {
+            tick.tick().await;
+            let now = self.traffic(client).await?;
+            if (now.chunks_sent, now.chunks_received) == (last.chunks_sent, last.chunks_received) {
+                return Ok(now);
+            }
+            last = now;
+        }
+        bail!("chunk traffic had not stopped 30 s after the staging ended")
     }
 }
 
@@ -382,5 +486,27 @@ pub(crate) async fn wait_for_targets(client: &Client, n: usize) -> Result<()> {
                 bail!("only {alive} of {n} targets registered within 60 s");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_is_read_with_its_labels() {
+        let page = "# HELP x\nconvoy_wire_bytes_total{direction=\"sent\"} 12\nconvoy_wire_bytes_total{direction=\"received\"} 34\n";
+        assert_eq!(
+            sample(page, "convoy_wire_bytes_total{direction=\"received\"}").unwrap(),
+            34
+        );
+        assert_eq!(
+            sample(page, "convoy_wire_bytes_total{direction=\"sent\"}").unwrap(),
+            12
+        );
+        assert!(
+            sample(page, "convoy_wire_bytes_total").is_err(),
+            "a name without its labels"
+        );
     }
 }

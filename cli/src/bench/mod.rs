@@ -123,7 +123,23 @@ pub struct RunResult {
     pub downlink_bytes_per_sec: Option<u64>,
     pub completion_seconds: Quantiles,
     pub origin_egress_bytes: u64,
+    /// Every byte the run moved, control included: for convoy modes what
+    /// the daemons' TCP connections carried (chunk bodies, orders with
+    /// their manifests, have announcements, bitfields, heartbeats during
+    /// the run, noise and yamux framing) as the receivers counted it; for
+    /// rsync its whole protocol stream both ways; for tcp the bytes copied.
     pub total_bytes: u64,
+    /// Convoy modes: the same bytes as the senders counted them (read once
+    /// chunk traffic had stopped): a cross-check of `total_bytes`.
+    pub total_bytes_sent: Option<u64>,
+    /// Chunk bodies (payload) the targets received; the copies' bytes for
+    /// the baselines.
+    pub chunk_bytes: u64,
+    /// For an update, the one reference every mode is set against: the
+    /// 64 KiB runs of the package that changed (what tcp sends), and the
+    /// bytes of the chunks the new version adds (FastCDC, as packed).
+    pub changed_bytes: Option<u64>,
+    pub new_chunk_bytes: Option<u64>,
     pub cross_dc_bytes: u64,
     /// The most any target received, over `package_bytes`.
     pub max_target_bytes_ratio: f64,
@@ -167,6 +183,8 @@ struct Measured {
     done: Vec<f64>,
     origin_egress_bytes: u64,
     total_bytes: u64,
+    total_bytes_sent: Option<u64>,
+    chunk_bytes: u64,
     cross_dc_bytes: u64,
     max_target_bytes: u64,
     verified_nodes: usize,
@@ -218,6 +236,10 @@ impl RunResult {
             completion_seconds: q,
             origin_egress_bytes: m.origin_egress_bytes,
             total_bytes: m.total_bytes,
+            total_bytes_sent: m.total_bytes_sent,
+            chunk_bytes: m.chunk_bytes,
+            changed_bytes: None,
+            new_chunk_bytes: None,
             cross_dc_bytes: m.cross_dc_bytes,
             max_target_bytes_ratio: m.max_target_bytes as f64 / m.package_bytes.max(1) as f64,
             bound_seconds: bound,
@@ -565,8 +587,16 @@ async fn run_all(
                 }
             }
         };
+        let reference = match v2 {
+            Some(v2) => Some(update_reference(&v1, v2)?),
+            None => None,
+        };
         for r in runs.iter_mut() {
             r.repeat = repeat;
+            if let (true, Some((changed, new_chunks))) = (r.update, reference) {
+                r.changed_bytes = Some(changed);
+                r.new_chunk_bytes = Some(new_chunks);
+            }
             eprintln!("{}", report::summary_line(r));
         }
         results.extend(runs);
@@ -625,6 +655,7 @@ async fn stage_once(
     // Every target's time runs from here, the one instant before the
     // order, to its own report of when it finished (the fleet shares this
     // host's clock).
+    let traffic0 = fleet.traffic(client).await?;
     let ordered = SystemTime::now();
     let started = Instant::now();
     let ControlResponse::StagingStarted { id: staging, .. } = control(
@@ -644,6 +675,7 @@ async fn stage_once(
     let report = follow(client, staging, Some(timeout)).await?;
     let wall = started.elapsed().as_secs_f64();
     let cpu = stats.cpu() - cpu0;
+    let traffic = fleet.traffic_once_quiet(client).await? - traffic0;
     let (staged, _) = count(&report);
     let progress: Vec<_> = report
         .targets
@@ -660,7 +692,9 @@ async fn stage_once(
             deltas,
             done: completion_since(&report, ordered),
             origin_egress_bytes: report.origin_bytes_sent,
-            total_bytes: progress.iter().map(|p| p.bytes_received).sum(),
+            total_bytes: traffic.wire_received,
+            total_bytes_sent: Some(traffic.wire_sent),
+            chunk_bytes: traffic.chunks_received,
             cross_dc_bytes: progress.iter().map(|p| p.bytes_received_cross_dc).sum(),
             max_target_bytes: progress.iter().map(|p| p.bytes_received).max().unwrap_or(0),
             verified_nodes: progress
@@ -673,6 +707,24 @@ async fn stage_once(
             peak_rss: Some(stats.peak_rss()),
         },
     ))
+}
+
+/// An update's reference: the bytes of the 64 KiB runs that differ between
+/// the trees, and of the chunks `v2` has that `v1` has not.
+fn update_reference(v1: &Path, v2: &Path) -> Result<(u64, u64)> {
+    let pack = |dir: &Path| {
+        convoy_chunker::pack(dir, "bench", "reference", &convoy_chunker::Discard, &())
+            .map_err(|e| anyhow!("cannot chunk {}: {e}", dir.display()))
+    };
+    let (old, new) = (pack(v1)?, pack(v2)?);
+    let held: std::collections::HashSet<_> = old.chunk_refs().map(|c| c.hash).collect();
+    let new_chunks = new
+        .unique_chunks()
+        .iter()
+        .filter(|c| !held.contains(&c.hash))
+        .map(|c| u64::from(c.len))
+        .sum();
+    Ok((baseline::changed_bytes(v1, v2)?, new_chunks))
 }
 
 /// Seconds from `ordered` to each staged target's report of when it
@@ -751,6 +803,8 @@ mod tests {
             done,
             origin_egress_bytes: 0,
             total_bytes: 0,
+            total_bytes_sent: None,
+            chunk_bytes: 0,
             cross_dc_bytes: 0,
             max_target_bytes: 0,
             verified_nodes: 0,
@@ -831,6 +885,36 @@ mod tests {
             "{line}"
         );
         assert_eq!(report::against_tcp(&runs[2..]), "", "no tcp run, no line");
+    }
+
+    #[test]
+    fn an_update_is_set_against_the_bytes_that_changed_and_the_new_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        write_package(&a, 8 << 20, 1).unwrap();
+        write_edited(&a, &b, 10, 2).unwrap();
+        let (changed, new_chunks) = update_reference(&a, &b).unwrap();
+        assert_eq!(changed, baseline::changed_bytes(&a, &b).unwrap());
+        // Ten edits: at most two chunks each (one on a boundary), of at
+        // most 256 KiB, out of 8 MiB.
+        assert!(
+            new_chunks > 0 && new_chunks <= 20 * (256 << 10),
+            "{new_chunks}"
+        );
+        let args = args(&["--nodes", "2"]);
+        let mut r = RunResult::new(&args, &NO_CAPS, measured(vec![1.0, 1.0]));
+        (r.update, r.total_bytes, r.total_bytes_sent) = (true, 2 << 20, Some(2 << 20));
+        (r.changed_bytes, r.new_chunk_bytes) = (Some(2 << 20), Some(4 << 20));
+        r.chunk_bytes = 1 << 20;
+        let text = report::against_reference(&[r]);
+        assert!(
+            text.contains("swarm (update): 1.00 MiB per target moved, 0.50x the bytes that changed (2.00 MiB), 0.25x the new chunks' (4.00 MiB)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("as the senders did (+0.00%), of which chunk bodies 1.00 MiB"),
+            "{text}"
+        );
     }
 
     #[test]

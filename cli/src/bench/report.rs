@@ -158,10 +158,45 @@ pub(super) fn against_tcp(results: &[RunResult]) -> String {
     s
 }
 
+/// Each update's bytes per target, control included, against the one
+/// reference all modes share; and for convoy runs the receivers' count of
+/// the bytes moved against the senders'.
+pub(super) fn against_reference(results: &[RunResult]) -> String {
+    let mut s = String::new();
+    for r in results {
+        let name = format!("{}{}", r.mode, if r.update { " (update)" } else { "" });
+        if let (Some(changed), Some(new_chunks)) = (r.changed_bytes, r.new_chunk_bytes) {
+            let per_target = r.total_bytes as f64 / r.nodes.max(1) as f64;
+            s += &format!(
+                "\n{name}: {} per target moved, {}x the bytes that changed ({}), {}x the new chunks' ({})",
+                format_bytes(per_target as u64),
+                times(per_target / changed.max(1) as f64),
+                format_bytes(changed),
+                times(per_target / new_chunks.max(1) as f64),
+                format_bytes(new_chunks),
+            );
+        }
+        if let Some(sent) = r.total_bytes_sent {
+            let off = (sent as f64 - r.total_bytes as f64) / r.total_bytes.max(1) as f64;
+            s += &format!(
+                "\n{name}: {} moved as the receivers counted, {} as the senders did ({:+.2}%), of which chunk bodies {}",
+                format_bytes(r.total_bytes),
+                format_bytes(sent),
+                off * 100.0,
+                format_bytes(r.chunk_bytes),
+            );
+        }
+    }
+    if !s.is_empty() {
+        s.push('\n');
+    }
+    s
+}
+
 /// One run in a line, for stderr while the bench goes on.
 pub(super) fn summary_line(r: &RunResult) -> String {
     format!(
-        "{}{}: p50 {:.2}s p99 {:.2}s max {:.2}s, bound {} ({}), origin sent {}, cpu {:.1}s",
+        "{}{}: p50 {:.2}s p99 {:.2}s max {:.2}s, bound {} ({}), origin sent {}, moved {}, cpu {:.1}s",
         r.mode,
         if r.update { " (update)" } else { "" },
         r.completion_seconds.p50,
@@ -178,8 +213,18 @@ pub(super) fn summary_line(r: &RunResult) -> String {
             ),
             None => format_bytes(r.origin_egress_bytes),
         },
+        format_bytes(r.total_bytes),
         r.cpu_seconds,
     )
+}
+
+/// A ratio to two decimals, or two significant digits below 0.1.
+fn times(x: f64) -> String {
+    if x >= 0.1 || x <= 0.0 || !x.is_finite() {
+        return format!("{x:.2}");
+    }
+    let decimals = 1 - x.log10().floor() as i32;
+    format!("{x:.*}", decimals as usize)
 }
 
 fn seconds(s: Option<f64>) -> String {
@@ -213,7 +258,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
         args.delta_bases,
         flag("repeat", &(args.repeat > 1).then(|| args.repeat.to_string())),
     );
-    s += "| mode | update | bytes/target | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | verified | fleet CPU s | origin CPU s | peak RSS target / origin |\n";
+    s += "| mode | update | bytes/target | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved (control incl.) | cross-dc | verified | fleet CPU s | origin CPU s | peak RSS target / origin |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for r in results {
         let rss = match (r.target_peak_rss_bytes, r.origin_peak_rss_bytes) {
@@ -245,6 +290,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
         );
     }
     s += &against_tcp(results);
+    s += &against_reference(results);
     s += &format!(
         "\nidle RSS: origin {}, largest target {}\n",
         format_bytes(idle.origin_bytes),
