@@ -163,9 +163,10 @@ fn rsync_once(
             std::fs::create_dir_all(&dest)?;
             let output = Command::new("rsync")
                 // -I: also when size and mtime match (a new build can keep both);
+                // --fsync: durable when it exits, as a staged convoy target is;
                 // -z: compressed, as a push across data centres runs.
-                // --fsync: durable when it exits, as a staged convoy target is.
-                .args(["-a", "-I", "-z", "--stats", "--inplace", "--fsync"])
+                .args(["-a", "-I", "--stats", "--inplace", "--fsync"])
+                .args((!args.rsync_plain).then_some("-z"))
                 .arg(format!("rsync://127.0.0.1:{port}/{module}/"))
                 .arg(format!("{}/", dest.display()))
                 .stdin(Stdio::null())
@@ -194,7 +195,11 @@ fn rsync_once(
         args,
         rates,
         Measured {
-            mode: "rsync",
+            mode: if args.rsync_plain {
+                "rsync-plain"
+            } else {
+                "rsync"
+            },
             package_bytes,
             update,
             deltas: None,

@@ -83,6 +83,11 @@ pub struct BenchArgs {
     /// Push, rsync and tcp: targets served at once (K)
     #[arg(long, default_value_t = 4)]
     pub push_parallel: usize,
+    /// Run rsync without -z (as within one data centre, where compressing
+    /// costs more than it saves); by default it compresses, as a push
+    /// across data centres runs
+    #[arg(long)]
+    pub rsync_plain: bool,
     /// Write results.json, results.md and completion.svg here
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,

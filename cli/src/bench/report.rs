@@ -21,7 +21,12 @@ pub(super) fn report(
     if args.repeat > 1 {
         table += &summary_markdown(&summary, args.repeat);
     }
-    let data = json!({ "runs": results, "idle_rss": idle, "summary": summary });
+    let data = json!({
+        "meta": meta(),
+        "runs": results,
+        "idle_rss": idle,
+        "summary": summary,
+    });
     out.emit(data.clone(), || table.clone());
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -34,6 +39,29 @@ pub(super) fn report(
         );
     }
     Ok(())
+}
+
+/// Where and from what the figures come: the commit this binary was built
+/// from (`-dirty` if its tree differed), when, the command, the machine.
+fn meta() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let unix_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    json!({
+        "commit": env!("CONVOY_COMMIT"),
+        "unix_time": unix_time,
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "cpu": cpu,
+    })
 }
 
 /// Median and range of one figure over a mode's runs.
@@ -138,7 +166,7 @@ pub(super) fn against_tcp(results: &[RunResult]) -> String {
     };
     for r in results
         .iter()
-        .filter(|r| !r.mode.starts_with("tcp") && r.mode != "rsync")
+        .filter(|r| !r.mode.starts_with("tcp") && !r.mode.starts_with("rsync"))
     {
         let (Some(tcp), Some(verify)) = (p99_of("tcp", r), p99_of("tcp-verify", r)) else {
             continue;
@@ -243,7 +271,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
     };
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let mut s = format!(
-        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {} --delta-bases {}{}\n\n",
+        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {} --delta-bases {}{} (at {})\n\n",
         args.nodes,
         flag("size", &args.size),
         args.uplink,
@@ -257,6 +285,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
         args.push_parallel,
         args.delta_bases,
         flag("repeat", &(args.repeat > 1).then(|| args.repeat.to_string())),
+        env!("CONVOY_COMMIT"),
     );
     s += "| mode | update | bytes/target | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved (control incl.) | cross-dc | verified | fleet CPU s | origin CPU s | peak RSS target / origin |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
