@@ -34,6 +34,19 @@ pub const MAX_LOADING: usize = 16;
 /// them; more are answered busy. Each holds a chunk of up to 1 MiB.
 pub const MAX_UPLOADS: usize = 32;
 
+/// Whether a server with `backlog` of uploads queued at its cap and
+/// `serving` serves reading or waiting answers a new request busy, and if
+/// so how long the asker is told to wait: the rule of [`Chunks::busy`],
+/// which the simulator's origin follows too. Without it, a server with
+/// more requests than it can send within the askers' timeout sends none in
+/// time: each times out in the queue and is made again at its tail.
+pub fn busy_for(backlog: Duration, serving: usize) -> Option<Duration> {
+    if serving >= MAX_SERVES {
+        return Some(Duration::ZERO);
+    }
+    (backlog > MAX_UPLOAD_BACKLOG).then(|| backlog - MAX_UPLOAD_BACKLOG)
+}
+
 /// A release's distinct chunks, in index order.
 pub type ChunkList = Arc<Vec<ChunkRef>>;
 
@@ -187,11 +200,10 @@ impl Chunks {
     /// Whether the upload queue is full (a request now would wait too
     /// long), and if so how long until it has room again.
     pub fn busy(&self) -> Option<Duration> {
-        if self.serving.load(Ordering::Relaxed) >= MAX_SERVES {
-            return Some(Duration::ZERO);
-        }
-        let backlog = self.upload.backlog(Instant::now());
-        (backlog > MAX_UPLOAD_BACKLOG).then(|| backlog - MAX_UPLOAD_BACKLOG)
+        busy_for(
+            self.upload.backlog(Instant::now()),
+            self.serving.load(Ordering::Relaxed),
+        )
     }
 
     /// Admits a request for chunks `indices` of `release`: the chunks to

@@ -5,7 +5,10 @@
 //! The network model: every node has an uplink of fixed rate that sends
 //! one chunk at a time, first come first served (so requests queue at busy
 //! peers as they would at a capped socket); every message takes a fixed
-//! one-way latency. Downlinks are not modelled (the bound uses them only
+//! one-way latency. The origin answers a request busy when its queue is
+//! over the daemon's limit ([`crate::serve::busy_for`]); a target serving
+//! peers, once [`SimConfig::serve_queue`] chunks wait on its uplink.
+//! Downlinks are not modelled (the bound uses them only
 //! through `min(d_i)`, which benchmarks leave uncapped). Runs are
 //! deterministic for a given [`SimConfig::seed`].
 
@@ -178,7 +181,8 @@ enum Msg {
     Request(ChunkIndex),
     Cancel(ChunkIndex),
     Refuse(ChunkIndex),
-    Busy(ChunkIndex),
+    /// Busy, and how long to wait.
+    Busy(ChunkIndex, Duration),
     Have(ChunkIndex),
     Data {
         chunk: ChunkIndex,
@@ -215,6 +219,8 @@ struct Sim<'c> {
     neighbours: Vec<Vec<Node>>,
     uplink: Vec<VecDeque<(Node, ChunkIndex)>>,
     sending: Vec<bool>,
+    /// When each node's uplink is free of the send it is making.
+    sending_until: Vec<Duration>,
     fetchers: Vec<Option<Fetcher<Node>>>,
     /// The one timer each node has pending, if any.
     timer_at: Vec<Option<Duration>>,
@@ -257,6 +263,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         labels,
         uplink: vec![VecDeque::new(); nodes],
         sending: vec![false; nodes],
+        sending_until: vec![Duration::ZERO; nodes],
         fetchers: (0..nodes).map(|_| None).collect(),
         timer_at: vec![None; nodes],
         seeder: None,
@@ -435,6 +442,13 @@ impl Sim<'_> {
         let now = self.instant();
         match msg {
             Msg::Request(chunk) => {
+                // The origin says busy as the daemon's does (`busy_for`).
+                if to == ORIGIN {
+                    if let Some(wait) = self.origin_busy() {
+                        self.send(to, from, Msg::Busy(chunk, wait));
+                        return;
+                    }
+                }
                 let serve = match (to, self.seeder.as_mut()) {
                     (ORIGIN, Some(seeder)) => {
                         let idle = !self.sending[ORIGIN] && self.uplink[ORIGIN].is_empty();
@@ -445,7 +459,7 @@ impl Sim<'_> {
                 if !serve {
                     self.send(to, from, Msg::Refuse(chunk));
                 } else if to != ORIGIN && self.uplink[to].len() >= self.cfg.serve_queue {
-                    self.send(to, from, Msg::Busy(chunk));
+                    self.send(to, from, Msg::Busy(chunk, Duration::ZERO));
                 } else {
                     self.uplink[to].push_back((from, chunk));
                     self.pump_uplink(to);
@@ -466,9 +480,9 @@ impl Sim<'_> {
                 }
                 self.drain_fetcher(to);
             }
-            Msg::Busy(chunk) => {
+            Msg::Busy(chunk, wait) => {
                 if let Some(f) = self.fetchers[to].as_mut() {
-                    f.handle_busy(now, from, chunk, Duration::ZERO);
+                    f.handle_busy(now, from, chunk, wait);
                 }
                 self.drain_fetcher(to);
             }
@@ -536,6 +550,19 @@ impl Sim<'_> {
         }
     }
 
+    /// Whether the origin answers a request busy now: its queued sends and
+    /// the rest of the one it is making, at its cap, against the daemon's
+    /// rule.
+    fn origin_busy(&self) -> Option<Duration> {
+        let queued: u64 = self.uplink[ORIGIN]
+            .iter()
+            .map(|(_, c)| u64::from(self.cfg.chunk_sizes[*c as usize]))
+            .sum();
+        let backlog = Duration::from_secs_f64(queued as f64 / self.cfg.origin_uplink)
+            + self.sending_until[ORIGIN].saturating_sub(self.now);
+        crate::serve::busy_for(backlog, self.uplink[ORIGIN].len())
+    }
+
     fn store(&mut self, node: Node, chunk: ChunkIndex) {
         if !self.received_intact[node].contains(chunk) {
             self.report.corrupt_stored += 1;
@@ -571,6 +598,7 @@ impl Sim<'_> {
         };
         let airtime = Duration::from_secs_f64(bytes as f64 / rate);
         self.sending[node] = true;
+        self.sending_until[node] = self.now + airtime;
         self.report.total_bytes += bytes;
         if node == ORIGIN {
             self.report.origin_egress += bytes;
@@ -681,6 +709,25 @@ mod tests {
         assert!(r.quantile(1.0).unwrap() >= 40.0);
     }
 
+    /// More requests than the origin can serve within a request timeout
+    /// (100 targets × a window of 8 × 62 ms a chunk at 1 MiB/s = 50 s,
+    /// over the 30 s timeout): without busy answers every request timed
+    /// out in the queue and was made again at its tail, and the run never
+    /// finished (seen at 500 targets, 2 MiB/s).
+    #[test]
+    fn pull_finishes_when_the_origin_has_more_requests_than_it_can_serve_in_time() {
+        let cfg = SimConfig::new(SimMode::Pull, 100, MIB, MIB as f64);
+        let r = run(&cfg);
+        assert!(
+            all_complete(&r),
+            "{} of 100 unfinished",
+            r.completion.iter().filter(|c| c.is_none()).count()
+        );
+        assert_eq!(r.origin_egress, 100 * MIB, "each chunk sent once per target");
+        // N*F/u_s = 100 s; little time lost to back-offs.
+        assert!(r.quantile(1.0).unwrap() < 110.0, "{:?}", r.quantile(1.0));
+    }
+
     #[test]
     fn push_sends_exactly_what_each_target_lacks() {
         let mut cfg = SimConfig::new(SimMode::Push, 10, 2 * MIB, 2.0 * MIB as f64);
@@ -701,7 +748,10 @@ mod tests {
         );
         let bound = cfg.bound_seconds();
         let max = r.quantile(1.0).unwrap();
-        assert!(max <= 1.3 * bound, "max {max:.2}s vs bound {bound:.2}s");
+        // 1.26x while the simulated origin never said busy; 1.30x since it
+        // answers busy as the daemon's does (fewer extra copies: 8.6 MiB
+        // of origin egress, not 10.1).
+        assert!(max <= 1.35 * bound, "max {max:.2}s vs bound {bound:.2}s");
         assert!(
             r.origin_egress <= 2 * 8 * MIB,
             "origin sent {} MiB",
