@@ -723,7 +723,11 @@ mod tests {
             "{} of 100 unfinished",
             r.completion.iter().filter(|c| c.is_none()).count()
         );
-        assert_eq!(r.origin_egress, 100 * MIB, "each chunk sent once per target");
+        assert_eq!(
+            r.origin_egress,
+            100 * MIB,
+            "each chunk sent once per target"
+        );
         // N*F/u_s = 100 s; little time lost to back-offs.
         assert!(r.quantile(1.0).unwrap() < 110.0, "{:?}", r.quantile(1.0));
     }
