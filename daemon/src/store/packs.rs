@@ -154,25 +154,28 @@ impl Packs {
         &self,
         chunks: &[(ChunkRef, StoredChunk)],
     ) -> io::Result<(Vec<Location>, Writing<'_>)> {
-        let popped = {
+        // A pack is taken from the pool, or a new one's id taken, and
+        // marked as written to, all under the pool's lock, under which
+        // `seal` reads the id bound and the packs being written. A new
+        // id marked outside it let a seal in between see a pack below its
+        // bound that no writer held: compaction found no index entries in
+        // it and removed it under the writer, whose entries then pointed
+        // into a pack that was gone.
+        let (popped, id) = {
             let mut idle = self.idle.lock().expect("pack pool poisoned");
             let p = idle.pop();
-            if let Some(p) = &p {
-                self.mark_writing(p.id);
-            }
-            p
+            let id = match &p {
+                Some(p) => p.id,
+                None => self.next_id.fetch_add(1, Ordering::SeqCst),
+            };
+            self.mark_writing(id);
+            (p, id)
         };
+        // Dropped on every return: the pack is no longer being written.
+        let writing = Writing { packs: self, id };
         let mut pack = match popped {
             Some(p) => p,
-            None => {
-                let p = self.create()?;
-                self.mark_writing(p.id);
-                p
-            }
-        };
-        let writing = Writing {
-            packs: self,
-            id: pack.id,
+            None => self.create(id)?,
         };
         // Headers and bodies go out in one vectored write: no copy of the
         // bodies into a batch buffer.
@@ -234,8 +237,7 @@ impl Packs {
         (below, busy)
     }
 
-    fn create(&self) -> io::Result<OpenPack> {
-        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+    fn create(&self, id: u32) -> io::Result<OpenPack> {
         let file = File::options()
             .append(true)
             .create_new(true)
