@@ -62,7 +62,14 @@ impl Api {
             .with_context(|| format!("{} holds no token", path.display()))
     }
 
-    fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    /// Sends `method path` with the bearer token (a POST with `body`, or
+    /// `{}`); any status comes back as an answer.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
         let url = format!("{}{path}", self.url);
         let auth = format!("Bearer {}", self.token()?);
         let resp = match (method, body) {
@@ -73,8 +80,11 @@ impl Api {
                 .header("Authorization", &auth)
                 .send_json(body.unwrap_or_else(|| json!({}))),
         };
-        let mut resp =
-            resp.with_context(|| format!("cannot reach the coordinator's API at {}", self.url))?;
+        resp.with_context(|| format!("cannot reach the coordinator's API at {}", self.url))
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        let mut resp = self.send(method, path, body)?;
         let status = resp.status();
         let value: Value = resp
             .body_mut()
@@ -100,13 +110,7 @@ impl Api {
 
     /// `GET` a page that is not JSON (`/metrics`).
     pub fn get_text(&self, path: &str) -> Result<String> {
-        let auth = format!("Bearer {}", self.token()?);
-        let mut resp = self
-            .agent
-            .get(&format!("{}{path}", self.url))
-            .header("Authorization", &auth)
-            .call()
-            .with_context(|| format!("cannot reach the coordinator's API at {}", self.url))?;
+        let mut resp = self.send("GET", path, None)?;
         let status = resp.status();
         let body = resp.body_mut().read_to_string()?;
         if !status.is_success() {
