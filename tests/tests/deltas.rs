@@ -329,7 +329,7 @@ fn targets_holding_the_base_fetch_the_deltas_and_rebuild_the_release() {
 #[test]
 fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
     use convoy_chunker::{file_digest, Patch, PatchConfig, PatchFile};
-    use convoy_daemon::store::{patch_in_store, RocksStore, Store};
+    use convoy_daemon::store::patch_in_store;
 
     let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
     publish(&fleet, &version(&root, "v1", None), "web@1");
@@ -347,11 +347,9 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
 
     // A patch that claims to go from web@1 to web@2, its delta made
     // against web@1b: signed by the origin, as a faulty origin would.
-    fleet.coordinator.stop();
-    {
-        let store = RocksStore::open(&root.join("coordinator/store")).unwrap();
-        let (v1, v1b, v2m) = (web(&store, "1"), web(&store, "1b"), web(&store, "2"));
-        let (made, _) = patch_in_store(&store, &v1b, &v2m, &PatchConfig::default()).unwrap();
+    plant_patch(&mut fleet, &root, |store| {
+        let (v1, v1b, v2m) = (web(store, "1"), web(store, "1b"), web(store, "2"));
+        let (made, _) = patch_in_store(store, &v1b, &v2m, &PatchConfig::default()).unwrap();
         let v1_files: std::collections::HashMap<&str, &[convoy_chunker::ChunkRef]> =
             v1.files().collect();
         let files: Vec<PatchFile> = made
@@ -363,14 +361,34 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
             })
             .collect();
         assert_eq!(files.len(), 1);
-        store
-            .put_patch(&Patch::new(v1.release_id(), v2m.release_id(), files))
-            .unwrap();
+        Patch::new(v1.release_id(), v2m.release_id(), files)
+    });
+    stage_past_the_patch(&mut fleet, &v2, "cannot rebuild a file from its delta");
+}
+
+/// Stops the origin, puts the patch `make` gives into its store, and
+/// starts it again: a patch as a faulty origin would have made it.
+fn plant_patch(
+    fleet: &mut TestFleet,
+    root: &Path,
+    make: impl FnOnce(&convoy_daemon::store::RocksStore) -> convoy_chunker::Patch,
+) {
+    use convoy_daemon::store::{RocksStore, Store};
+    fleet.coordinator.stop();
+    {
+        let store = RocksStore::open(&root.join("coordinator/store")).unwrap();
+        let patch = make(&store);
+        store.put_patch(&patch).unwrap();
         store.flush().unwrap();
     }
     fleet.coordinator.restart();
     fleet.wait_for_targets(1);
+}
 
+/// Stages web@2 on target a, which holds web@1 and is sent the planted
+/// patch; checks its log says `why` the patch failed, that it fetched
+/// the chunks instead, and that it staged v2 bit for bit.
+fn stage_past_the_patch(fleet: &mut TestFleet, v2: &Path, why: &str) {
     let report = fleet.stage_and_wait("web@2", "pull", "name=a");
     assert_eq!(report["staged"], 1, "{report}");
     assert_eq!(
@@ -379,19 +397,15 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
         "the patch was sent"
     );
     let log = fleet.targets[0].log_text();
-    assert!(
-        log.contains("cannot rebuild a file from its delta"),
-        "the rebuild did not fail:\n{log}"
-    );
+    assert!(log.contains(why), "no {why:?} in the log:\n{log}");
     let n = received_by(&report, "a");
     assert!(n > 900 << 10, "a fetched {n} bytes: not the chunks");
-    assert_staged_as(&mut fleet, 0, "web@2", &v2);
+    assert_staged_as(fleet, 0, "web@2", v2);
 }
 
 #[test]
 fn a_patch_whose_deltas_never_come_is_given_up_and_the_chunks_fetched() {
     use convoy_chunker::{ChunkHash, ChunkRef, Patch, PatchFile};
-    use convoy_daemon::store::{RocksStore, Store};
 
     let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
     publish(&fleet, &version(&root, "v1", None), "web@1");
@@ -401,10 +415,8 @@ fn a_patch_whose_deltas_never_come_is_given_up_and_the_chunks_fetched() {
 
     // A patch whose delta chunk the origin does not hold: asked for, it is
     // answered with nothing, again and again.
-    fleet.coordinator.stop();
-    {
-        let store = RocksStore::open(&root.join("coordinator/store")).unwrap();
-        let (v1m, v2m) = (web(&store, "1"), web(&store, "2"));
+    plant_patch(&mut fleet, &root, |store| {
+        let (v1m, v2m) = (web(store, "1"), web(store, "2"));
         let (path, base) = v1m.files().next().unwrap();
         let file = PatchFile {
             path: path.to_string(),
@@ -417,28 +429,9 @@ fn a_patch_whose_deltas_never_come_is_given_up_and_the_chunks_fetched() {
             size: 1 << 20,
             wire_bytes: 1 << 20,
         };
-        let patch = Patch::new(v1m.release_id(), v2m.release_id(), vec![file]);
-        store.put_patch(&patch).unwrap();
-        store.flush().unwrap();
-    }
-    fleet.coordinator.restart();
-    fleet.wait_for_targets(1);
-
-    let report = fleet.stage_and_wait("web@2", "pull", "name=a");
-    assert_eq!(report["staged"], 1, "{report}");
-    assert_eq!(
-        fleet.metric("convoy_delta_orders_total"),
-        1,
-        "the patch was sent"
-    );
-    let log = fleet.targets[0].log_text();
-    assert!(
-        log.contains("giving the patch up"),
-        "the patch was not given up:\n{log}"
-    );
-    let n = received_by(&report, "a");
-    assert!(n > 900 << 10, "a fetched {n} bytes: not the chunks");
-    assert_staged_as(&mut fleet, 0, "web@2", &v2);
+        Patch::new(v1m.release_id(), v2m.release_id(), vec![file])
+    });
+    stage_past_the_patch(&mut fleet, &v2, "giving the patch up");
 }
 
 #[test]
