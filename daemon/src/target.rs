@@ -32,7 +32,7 @@ use crate::net::{NetEvent, NetHandle, Reply, RequestError};
 use crate::patching::{plan_patch, signed_patch, PatchJob, PlannedPatch};
 use crate::protocol::{
     self, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
-    DeliveryReport, DistributionMode, Labels, PatchedOrder, StageOrder, StageOrderDelta,
+    DeliveryReport, DistributionMode, Labels, PatchedOrder, Place, StageOrder, StageOrderDelta,
     StageProgress, StageState, TargetReport, MAX_CONTROL_FRAME,
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
@@ -270,7 +270,11 @@ struct Target {
     net: NetHandle,
     chunks: Arc<Chunks>,
     stagings: HashMap<ReleaseId, Staging>,
-    labels_of: HashMap<PeerId, Labels>,
+    /// Where each known peer stands: as the coordinator's peer lists
+    /// name it, or as its have-set claims when no list has.
+    places: HashMap<PeerId, Place>,
+    /// Where this target stands, by its labels.
+    place: Place,
     internal: mpsc::Sender<Internal>,
     heartbeat: Duration,
     registered: bool,
@@ -310,7 +314,8 @@ pub async fn run(
         net,
         chunks,
         stagings: HashMap::new(),
-        labels_of: HashMap::new(),
+        places: HashMap::new(),
+        place: Place::of(&config.labels),
         internal: tx,
         heartbeat: DEFAULT_HEARTBEAT,
         registered: false,
@@ -584,19 +589,12 @@ fn label<'a>(labels: &'a Labels, key: &str) -> &'a str {
 }
 
 impl Target {
-    fn my_place(&self) -> (&str, &str) {
-        (
-            label(&self.config.labels, "dc"),
-            label(&self.config.labels, "zone"),
-        )
-    }
-
     fn locality_of(&self, peer: &PeerId) -> Locality {
         if *peer == self.config.coordinator {
             return Locality::Origin;
         }
-        match self.labels_of.get(peer) {
-            Some(l) => Locality::between(self.my_place(), (label(l, "dc"), label(l, "zone"))),
+        match self.places.get(peer) {
+            Some(p) => Locality::between((&self.place.dc, &self.place.zone), (&p.dc, &p.zone)),
             None => Locality::OtherDc,
         }
     }
@@ -730,7 +728,7 @@ impl Target {
             }
             NetEvent::Admitted(peer) if peer != self.config.coordinator => {
                 // A swarm peer back after a disconnection: exchange have-sets again.
-                if self.labels_of.contains_key(&peer) {
+                if self.places.contains_key(&peer) {
                     let running: Vec<ReleaseId> = self
                         .stagings
                         .iter()
@@ -1013,8 +1011,13 @@ impl Target {
                 warn!(%peer, "refusing an order from a peer that is not the coordinator");
                 ControlResponse::Denied
             }
-            ControlRequest::Bitfield { release, len, bits } => {
-                self.on_bitfield(peer, release, len, &bits);
+            ControlRequest::Bitfield {
+                release,
+                len,
+                bits,
+                place,
+            } => {
+                self.on_bitfield(peer, release, len, &bits, place);
                 ControlResponse::Ok
             }
             _ => ControlResponse::Error("a target does not answer that request".into()),
@@ -1187,7 +1190,7 @@ impl Target {
             chunks.len(),
             patch.iter().flat_map(|p| p.rebuilt.iter().copied()),
         );
-        let origin_in_my_dc = label(&order.origin_labels, "dc") == self.my_place().0;
+        let origin_in_my_dc = label(&order.origin_labels, "dc") == self.place.dc;
         let fetcher = self.fetcher(order.mode, origin_in_my_dc, &have, &deferred);
         info!(release = %id, name = %format!("{}@{}", manifest.app(), manifest.version()),
               mode = order.mode.name(), held = have.count(), total = have.len(),
@@ -1275,7 +1278,7 @@ impl Target {
         };
         let have = set_of(&p.held);
         let unwanted = set_of(&p.unwanted);
-        let origin_in_my_dc = label(&order.origin_labels, "dc") == self.my_place().0;
+        let origin_in_my_dc = label(&order.origin_labels, "dc") == self.place.dc;
         let fetcher = self.fetcher(mode, origin_in_my_dc, &have, &unwanted);
         info!(release = %p.job.release, patch = %unit, files = p.job.files.len(),
               wire_bytes = p.wire_bytes, wire_bytes_without_deltas = p.wire_bytes_without,
@@ -1315,10 +1318,10 @@ impl Target {
             }
             let addrs: Vec<Multiaddr> = p.addrs.iter().filter_map(|a| a.parse().ok()).collect();
             self.net.learn_addresses(id, addrs);
-            if self.labels_of.len() >= MAX_KNOWN_PEERS && !self.labels_of.contains_key(&id) {
+            if self.places.len() >= MAX_KNOWN_PEERS && !self.places.contains_key(&id) {
                 continue;
             }
-            self.labels_of.insert(id, p.labels);
+            self.places.insert(id, Place::of(&p.labels));
             new.push(id);
         }
         let now = Instant::now();
@@ -1342,9 +1345,15 @@ impl Target {
             }
             let mut fresh = Vec::new();
             for (p, loc) in &localities {
-                if s.peers.insert(*p, *loc).is_none() {
-                    f.add_peer(now, *p, *loc, HaveSet::empty(s.have.len()));
-                    fresh.push(*p);
+                match s.peers.insert(*p, *loc) {
+                    None => {
+                        f.add_peer(now, *p, *loc, HaveSet::empty(s.have.len()));
+                        fresh.push(*p);
+                    }
+                    // Known before by its own claim, or by none: the
+                    // coordinator's labels rank it from now on.
+                    Some(was) if was != *loc => f.set_locality(now, *p, *loc),
+                    Some(_) => {}
                 }
             }
             for p in fresh {
@@ -1354,7 +1363,19 @@ impl Target {
         }
     }
 
-    fn on_bitfield(&mut self, peer: PeerId, release: ReleaseId, len: u32, bits: &[u8]) {
+    fn on_bitfield(
+        &mut self,
+        peer: PeerId,
+        release: ReleaseId,
+        len: u32,
+        bits: &[u8],
+        place: Place,
+    ) {
+        // A peer no peer list named (lists are not symmetric) is placed
+        // where it says it is; the coordinator's word, when it comes, wins.
+        if self.places.len() < MAX_KNOWN_PEERS && peer != self.config.coordinator {
+            self.places.entry(peer).or_insert(place);
+        }
         let locality = self.locality_of(&peer);
         let Some(s) = self.stagings.get_mut(&release) else {
             return;
@@ -1409,11 +1430,13 @@ impl Target {
             bits[(i / 8) as usize] |= 1 << (i % 8);
         }
         let net = self.net.clone();
+        let place = self.place.clone();
         tokio::spawn(async move {
             let req = ControlRequest::Bitfield {
                 release,
                 len: len as u32,
                 bits,
+                place,
             };
             if let Err(e) = net.control(to, req).await {
                 debug!(peer = %to, "have-set not delivered: {e}");

@@ -48,7 +48,7 @@ pub const HELLO_PROTOCOL: &str = "/convoy/hello/1";
 /// Chunk bodies.
 pub const CHUNK_PROTOCOL: &str = "/convoy/chunk/3";
 /// Control messages.
-pub const CONTROL_PROTOCOL: &str = "/convoy/control/4";
+pub const CONTROL_PROTOCOL: &str = "/convoy/control/5";
 /// Have announcements: a stream of [`Announcement`] frames.
 pub const HAVE_PROTOCOL: &str = "/convoy/have/1";
 
@@ -202,6 +202,26 @@ pub enum ChunkResponse {
 
 /// A target's labels (`dc`, `zone`, ...).
 pub type Labels = BTreeMap<String, String>;
+
+/// Where a member stands: its `dc` and `zone` labels (empty when unset).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    /// Its data centre.
+    pub dc: String,
+    /// Its zone within the data centre.
+    pub zone: String,
+}
+
+impl Place {
+    /// The place `labels` name.
+    pub fn of(labels: &Labels) -> Self {
+        let get = |key: &str| labels.get(key).cloned().unwrap_or_default();
+        Self {
+            dc: get("dc"),
+            zone: get("zone"),
+        }
+    }
+}
 
 /// A fleet member another one should connect to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -371,6 +391,10 @@ pub enum ControlRequest {
         /// Bit `i` (LSB first) set when chunk `i` is held.
         #[serde(with = "serde_bytes_vec")]
         bits: Vec<u8>,
+        /// The sender's `dc` and `zone` labels, as it registered them: a
+        /// peer whose peer lists did not name the sender (they are not
+        /// symmetric) ranks it by these, not as another data centre's.
+        place: Place,
     },
     /// Operator: which of these chunks does the origin lack?
     MissingChunks(Vec<ChunkHash>),
@@ -828,6 +852,27 @@ mod tests {
         assert!(bytes.len() <= MAX_HELLO_FRAME);
     }
 
+    /// Pins a have-set (control/5 added the sender's place).
+    #[test]
+    fn golden_bitfield() {
+        let b = ControlRequest::Bitfield {
+            release: ReleaseId([3; 32]),
+            len: 9,
+            bits: vec![0xff, 1],
+            place: Place {
+                dc: "ams".into(),
+                zone: "a".into(),
+            },
+        };
+        let bytes = frame::<_, MAX_CONTROL_FRAME>(&b);
+        let variant = bytes[4];
+        assert_eq!(&bytes[5..37], &[3; 32]);
+        // len 9; two bytes of bits; "ams"; "a".
+        assert_eq!(&bytes[37..], &[9, 2, 0xff, 1, 3, b'a', b'm', b's', 1, b'a']);
+        assert_eq!(bytes[..4], ((bytes.len() - 4) as u32).to_le_bytes());
+        assert_eq!(variant, 3, "Bitfield is the fourth control request");
+    }
+
     /// Pins a target's progress report (control/4 added its finishing
     /// time): a change here is a protocol version change.
     #[test]
@@ -906,6 +951,10 @@ mod tests {
                 release: ReleaseId([3; 32]),
                 len: 9,
                 bits: vec![0xff, 1],
+                place: Place {
+                    dc: "ams".into(),
+                    zone: "a".into(),
+                },
             },
             ControlRequest::StartStaging {
                 release: "web@1".into(),

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
-use convoy_protocol::wire::{decode, encode, ControlRequest, MAX_CONTROL_FRAME};
+use convoy_protocol::wire::{decode, encode, ControlRequest, Place, MAX_CONTROL_FRAME};
 
 #[path = "../../chunker/tests/common/largest.rs"]
 mod largest;
@@ -17,11 +17,13 @@ fn a_short_control_frame_claiming_a_long_bitfield_allocates_in_proportion_to_its
         release: convoy_chunker::ReleaseId([7; 32]),
         len: 32,
         bits: vec![0xAA; 4],
+        place: Place::default(),
     };
     let mut body = encode::<_, MAX_CONTROL_FRAME>(&real).unwrap();
-    // The body ends with the bits' length (one byte: 4) and the four bytes.
-    assert_eq!(&body[body.len() - 5..], &[4, 0xAA, 0xAA, 0xAA, 0xAA]);
-    body.truncate(body.len() - 5);
+    // The body ends with the bits' length (one byte: 4), the four bytes
+    // and the empty place (two empty strings).
+    assert_eq!(&body[body.len() - 7..], &[4, 0xAA, 0xAA, 0xAA, 0xAA, 0, 0]);
+    body.truncate(body.len() - 7);
     body.push(252); // a u32 length follows
     body.extend((60u32 << 20).to_le_bytes());
     body.extend([0xAA; 16]);

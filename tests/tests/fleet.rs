@@ -117,6 +117,27 @@ fn a_swarm_of_ten_targets_stages_and_every_store_verifies() {
     }
 }
 
+/// Peer lists are not symmetric: with two peers each, most targets are
+/// asked by peers no list named to them. Those still stand in the one data
+/// centre (their have-sets say where they are), so nothing counts as
+/// crossing a data centre and no one ranks them below the rest.
+#[test]
+fn peers_that_found_a_target_first_are_placed_where_they_stand() {
+    let mut fleet = TestFleet::new(&["--swarm-degree", "2", "--label", "dc=one"]);
+    for _ in 0..8 {
+        fleet.add_target(&["--label", "dc=one", "--label", "zone=a"]);
+    }
+    fleet.wait_for_targets(8);
+    let pkg = fleet.package("v1", 4 << 20, 3);
+    publish(&fleet, &pkg, "web@1");
+    let report = fleet.stage_and_wait("web@1", "swarm", "all");
+    assert_eq!(report["staged"], 8, "{report}");
+    let origin = report["origin_egress_bytes"].as_u64().unwrap();
+    let release = report["release_bytes"].as_u64().unwrap();
+    assert!(origin < 8 * release, "the peers served nothing: {report}");
+    assert_eq!(report["cross_dc_bytes"], 0, "{report}");
+}
+
 #[test]
 fn every_byte_a_connection_carries_is_counted_beside_the_chunks() {
     let mut fleet = TestFleet::new(&[]);

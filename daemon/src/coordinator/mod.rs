@@ -1067,7 +1067,9 @@ impl Coordinator {
     fn answer_now(&mut self, peer: PeerId, request: ControlRequest) -> ControlResponse {
         match request {
             ControlRequest::Report(report) => self.on_report(peer, report),
-            ControlRequest::Bitfield { release, len, bits } => {
+            ControlRequest::Bitfield {
+                release, len, bits, ..
+            } => {
                 for run in self.runs.values_mut() {
                     if !run.targets.contains(&peer) {
                         continue;

@@ -327,6 +327,27 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         self.schedule(now);
     }
 
+    /// `peer` stands elsewhere than it was thought to (its labels came
+    /// after it did); the origin stays the origin.
+    pub fn set_locality(&mut self, now: Instant, peer: P, locality: Locality) {
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        let was = p.locality;
+        if was == locality || was == Locality::Origin || locality == Locality::Origin {
+            return;
+        }
+        let held: Vec<ChunkIndex> = p.have.iter().collect();
+        for c in held {
+            self.count_holder(c, was, -1);
+            self.count_holder(c, locality, 1);
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.locality = locality;
+        }
+        self.schedule(now);
+    }
+
     /// A peer is gone; its requests are made elsewhere.
     pub fn remove_peer(&mut self, now: Instant, peer: P) {
         self.forget_peer(peer);
@@ -1008,6 +1029,31 @@ mod tests {
         // The importer of chunk 2 left: this target now imports everything.
         f.set_import_rank(now, 0, 1);
         assert_eq!(requests(&drain(&mut f)), [(2, 2)]);
+    }
+
+    #[test]
+    fn a_peer_placed_again_is_asked_as_what_it_is() {
+        let now = Instant::now();
+        // Rank 1 of 2: of another data centre's peers, only odd chunks.
+        let cfg = FetchConfig {
+            import_rank: (1, 2),
+            origin_in_my_dc: false,
+            ..config(8)
+        };
+        let mut f = Fetcher::new(HaveSet::empty(4), cfg);
+        // Peer 2's labels were unknown when it came.
+        f.add_peer(now, 2, Locality::OtherDc, HaveSet::full(4));
+        let mut asked = requests(&drain(&mut f));
+        asked.sort();
+        assert_eq!(asked, [(2, 1), (2, 3)]);
+        // It stands in this data centre: everything may come from it.
+        f.set_locality(now, 2, Locality::SameZone);
+        let mut asked = requests(&drain(&mut f));
+        asked.sort();
+        assert_eq!(asked, [(2, 0), (2, 2)]);
+        // Its holdings count once, as local: gone with it, nothing is left.
+        f.remove_peer(now, 2);
+        assert!(f.local_holders.iter().chain(&f.holders).all(|n| *n == 0));
     }
 
     #[test]
