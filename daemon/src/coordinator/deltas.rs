@@ -143,9 +143,26 @@ pub(super) struct Deltas {
     /// The release whose deltas are being made.
     running: Option<ReleaseId>,
     pub(super) counters: Arc<DeltaCounters>,
-    /// Threads that make deltas: all cores but one, so serving chunks is
-    /// never starved.
+    /// Threads that make deltas: all cores but one, at the lowest
+    /// priority, so serving chunks is never starved: a delta is worth
+    /// making only while the CPU has nothing more urgent to do.
     pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+/// Gives the calling thread the lowest scheduling priority (nice 19;
+/// Linux keeps a nice value per thread). A failure only costs speed.
+fn lowest_priority() {
+    // SAFETY: gettid takes no arguments; setpriority only reads its own.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19)
+    };
+    if rc != 0 {
+        warn!(
+            "cannot lower a delta thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 impl Deltas {
@@ -158,6 +175,7 @@ impl Deltas {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .thread_name(|i| format!("convoy-delta-{i}"))
+                    .start_handler(|_| lowest_priority())
                     .build()
                     .map_err(|e| warn!("no threads for deltas, none are made: {e}"))
                     .ok()
@@ -319,5 +337,26 @@ impl Job {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deltas_are_made_at_the_lowest_priority() {
+        let deltas = Deltas::new(1);
+        let pool = deltas.pool.as_ref().expect("a pool when bases > 0");
+        let nice = pool.install(|| {
+            // SAFETY: as in lowest_priority; errno is cleared first, as
+            // getpriority may rightly return -1.
+            unsafe {
+                *libc::__errno_location() = 0;
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::getpriority(libc::PRIO_PROCESS, tid)
+            }
+        });
+        assert_eq!(nice, 19);
     }
 }
