@@ -60,6 +60,7 @@ impl Client {
             fleet_key,
             request_timeout: Duration::from_secs(120),
             admission_timeout: net::ADMISSION_TIMEOUT,
+            security: net::Security::default(),
         })
         .map_err(|e: NetError| e.to_string())?;
         net.add_addresses(coordinator, vec![addr]).await;

@@ -188,6 +188,7 @@ fn order_as(
             fleet_key,
             request_timeout: Duration::from_secs(30),
             admission_timeout: net::ADMISSION_TIMEOUT,
+            security: net::Security::default(),
         })
         .unwrap();
         tokio::spawn(async move { while events.recv().await.is_some() {} });

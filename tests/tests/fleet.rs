@@ -91,7 +91,14 @@ fn verify_store(fleet: &TestFleet, i: usize) {
 fn a_swarm_of_ten_targets_stages_and_every_store_verifies() {
     let mut fleet = TestFleet::new(&[]);
     for i in 0..10 {
-        fleet.add_target(&["--label", &format!("dc=dc{}", i % 2)]);
+        // A mixed fleet: every daemon accepts both handshakes.
+        let security = if i < 5 { "tls" } else { "noise" };
+        fleet.add_target(&[
+            "--label",
+            &format!("dc=dc{}", i % 2),
+            "--security",
+            security,
+        ]);
     }
     fleet.wait_for_targets(10);
     let pkg = fleet.package("v1", 6 << 20, 1);

@@ -54,6 +54,7 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
             fleet_key,
             request_timeout: std::time::Duration::from_secs(30),
             admission_timeout: net::ADMISSION_TIMEOUT,
+            security: net::Security::default(),
         })
         .unwrap();
         client.add_addresses(coordinator, vec![addr]).await;

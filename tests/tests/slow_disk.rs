@@ -206,6 +206,7 @@ fn loopback(keypair: Keypair, fleet_key: [u8; 32]) -> NetConfig {
         fleet_key,
         request_timeout: Duration::from_secs(30),
         admission_timeout: net::ADMISSION_TIMEOUT,
+        security: net::Security::default(),
     }
 }
 

@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// Push, rsync and tcp: targets served at once (K)
     #[arg(long, default_value_t = 4)]
     pub push_parallel: usize,
+    /// The handshake every daemon offers first (convoyd --security):
+    /// `tls` (AES-GCM) or `noise` (ChaCha20-Poly1305), to compare their cost
+    #[arg(long, value_name = "HANDSHAKE", default_value = "tls")]
+    pub security: convoy_daemon::net::Security,
     /// Run rsync without -z (as within one data centre, where compressing
     /// costs more than it saves); by default it compresses, as a push
     /// across data centres runs

@@ -271,7 +271,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
     };
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let mut s = format!(
-        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {} --delta-bases {}{} (at {})\n\n",
+        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {} --delta-bases {} --security {}{} (at {})\n\n",
         args.nodes,
         flag("size", &args.size),
         args.uplink,
@@ -284,6 +284,9 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
         args.dcs,
         args.push_parallel,
         args.delta_bases,
+        clap::ValueEnum::to_possible_value(&args.security)
+            .expect("named")
+            .get_name(),
         flag("repeat", &(args.repeat > 1).then(|| args.repeat.to_string())),
         env!("CONVOY_COMMIT"),
     );

@@ -47,16 +47,19 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::swarm::{dial_opts::DialOpts, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    allow_block_list, connection_limits, identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId,
+    allow_block_list, connection_limits, identity::Keypair, tcp, yamux, Multiaddr, PeerId,
     StreamProtocol, Swarm,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 mod counted;
+mod secure;
 pub mod streams;
+mod tls;
 
 pub use counted::{WireBytes, WireCounters};
+pub use secure::Security;
 pub use streams::OpenError;
 use streams::{Inbound, Opener};
 
@@ -122,6 +125,9 @@ pub struct NetConfig {
     /// A connected peer that has not proved membership this long is
     /// refused ([`ADMISSION_TIMEOUT`]).
     pub admission_timeout: Duration,
+    /// The handshake this process offers first on the TCP connections it
+    /// dials; it accepts either on those dialled to it.
+    pub security: Security,
 }
 
 /// Why a request to a peer failed.
@@ -403,15 +409,16 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_quic()
-        // TCP as `with_tcp` builds it, its streams counted below noise.
+        // TCP as `with_tcp` builds it, its streams counted below the
+        // security handshake, which offers both, the configured one first.
         .with_other_transport(|key| {
             use libp2p::Transport as _;
-            let noise = noise::Config::new(key)?;
+            let handshakes = secure::Handshakes::new(key, config.security)?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                 tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
                     .map(move |s, _| counted::Counted::new(s, counters.clone()))
                     .upgrade(libp2p::core::upgrade::Version::V1Lazy)
-                    .authenticate(noise)
+                    .authenticate(handshakes)
                     .multiplex(yamux::Config::default()),
             )
         })
@@ -1342,6 +1349,7 @@ mod tests {
     use super::*;
     use crate::protocol::{encode_frame, WireChunk};
     use futures::{AsyncReadExt, AsyncWriteExt};
+    use libp2p::noise;
 
     fn framed<T: serde::Serialize>(v: &T) -> Vec<u8> {
         encode_frame::<_, MAX_CONTROL_FRAME>(v).unwrap()
@@ -1521,6 +1529,7 @@ mod tests {
             fleet_key,
             request_timeout: Duration::from_secs(10),
             admission_timeout: ADMISSION_TIMEOUT,
+            security: Security::default(),
         }
     }
 
