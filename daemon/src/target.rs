@@ -40,20 +40,10 @@ use crate::store::{
     collect, compact_in_background, rebuild_in_store, Collector, Pass, Rebuilt, Retention, Store,
     StoreSource,
 };
-use crate::transfer::{FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode};
+use crate::transfer::{
+    Announcer, FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode, ANNOUNCE_RARE_EVERY,
+};
 
-/// How often newly held chunks are announced to peers. An announcement
-/// is a frame on a stream kept open to each peer; as a request each (at
-/// c1be011) it cost more CPU than moving the chunks, and was sent every
-/// 2 s. Measured on a 50-target loopback swarm: 2 s gave p99 12.1-13.3 s,
-/// 250 ms 11.2-11.6 s, 500 ms 11.3-11.8 s.
-const ANNOUNCE_EVERY: Duration = Duration::from_millis(250);
-/// How soon a chunk few other peers hold is announced: a swarm multiplies
-/// a chunk fastest while it is rare, at the start (chunks straight from
-/// the origin) and at the end.
-const ANNOUNCE_RARE_EVERY: Duration = Duration::from_millis(50);
-/// A chunk with fewer known holders than this is rare.
-const RARE_HOLDERS: u32 = 3;
 /// Requests in flight to the origin in pull mode (64 KiB chunks: 8 MiB).
 /// Its answers pass through several tasks and the store on each side, so
 /// even on loopback a chunk's round trip is milliseconds: 32 held an
@@ -183,10 +173,8 @@ struct Staging {
     fetcher: Option<Fetcher<PeerId>>,
     /// Peers of this staging and how close each is.
     peers: BTreeMap<PeerId, Locality>,
-    announce: Vec<u32>,
-    /// Whether `announce` holds a rare chunk.
-    announce_rare: bool,
-    last_announce: Instant,
+    /// The chunks held since the last announcement.
+    announcer: Announcer,
     started: Instant,
     /// Once it ended: how long it took, and when by the wall clock.
     finished: Option<(Duration, SystemTime)>,
@@ -221,9 +209,7 @@ impl Staging {
             job: None,
             fetcher: None,
             peers: [(coordinator, Locality::Origin)].into(),
-            announce: Vec::new(),
-            announce_rare: false,
-            last_announce: Instant::now(),
+            announcer: Announcer::new(Instant::now()),
             started: Instant::now(),
             finished: None,
             bytes_received: 0,
@@ -1453,18 +1439,11 @@ impl Target {
     /// at once when `now`, soon when one of them is rare, else on the
     /// slower cadence.
     fn announce(&mut self, now: bool) {
+        let at = Instant::now();
         for (release, s) in self.stagings.iter_mut() {
-            // Ticks come every ANNOUNCE_RARE_EVERY; half a tick of slack
-            // keeps the slow cadence on the tick nearest ANNOUNCE_EVERY.
-            let due = now
-                || s.announce_rare
-                || s.last_announce.elapsed() >= ANNOUNCE_EVERY - ANNOUNCE_RARE_EVERY / 2;
-            if s.announce.is_empty() || !due {
+            let Some(chunks) = s.announcer.due(at, now) else {
                 continue;
-            }
-            s.announce_rare = false;
-            s.last_announce = Instant::now();
-            let chunks = std::mem::take(&mut s.announce);
+            };
             for chunks in chunks.chunks(protocol::MAX_HAVE_BATCH) {
                 for peer in s.peers.keys() {
                     let announcement = Announcement {
@@ -1499,8 +1478,7 @@ impl Target {
                 FetchAction::Cancel { .. } => {}
                 FetchAction::Announce { chunk } => {
                     if s.order.mode == DistributionMode::Swarm {
-                        s.announce.push(chunk);
-                        s.announce_rare |= f.holders(chunk) < RARE_HOLDERS;
+                        s.announcer.held(chunk, f.holders(chunk));
                     }
                 }
                 FetchAction::Ban { peer } => {

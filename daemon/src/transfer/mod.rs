@@ -20,12 +20,14 @@
 //! chunks ([`Manifest::unique_chunks`](convoy_chunker::Manifest::unique_chunks)),
 //! which every party derives from the same signed manifest.
 
+mod announce;
 mod fetch;
 mod have;
 mod push;
 mod seed;
 pub mod sim;
 
+pub use announce::{Announcer, ANNOUNCE_EVERY, ANNOUNCE_RARE_EVERY, RARE_HOLDERS};
 pub use fetch::{FetchAction, FetchConfig, Fetcher, Mode};
 pub use have::HaveSet;
 pub use push::{PushAction, PushConfig, Pusher};

@@ -2,14 +2,18 @@
 //! state machines ([`Fetcher`], [`Seeder`], [`Pusher`]) over a virtual
 //! network stepped in virtual time.
 //!
+//! The glue between those machines is the daemon's own: a target asks
+//! for up to [`MAX_GET_BATCH`] chunks of one peer in a request, answered
+//! at once when all are sent; it announces what it holds on the
+//! [`Announcer`]'s cadence; every server, origin or target, answers busy
+//! by [`crate::serve::busy_for`]; a request once made cannot be withdrawn
+//! (its answer is ignored), as on the wire.
+//!
 //! The network model: every node has an uplink of fixed rate that sends
-//! one chunk at a time, first come first served (so requests queue at busy
-//! peers as they would at a capped socket); every message takes a fixed
-//! one-way latency. The origin answers a request busy when its queue is
-//! over the daemon's limit ([`crate::serve::busy_for`]); a target serving
-//! peers, once [`SimConfig::serve_queue`] chunks wait on its uplink.
-//! Downlinks are not modelled (the bound uses them only
-//! through `min(d_i)`, which benchmarks leave uncapped). Runs are
+//! one answer at a time, first come first served (so requests queue at
+//! busy peers as they would at a capped socket); every message takes a
+//! fixed one-way latency. Downlinks are not modelled (the bound uses them
+//! only through `min(d_i)`, which benchmarks leave uncapped). Runs are
 //! deterministic for a given [`SimConfig::seed`].
 
 use std::cmp::Reverse;
@@ -21,9 +25,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::{
-    kumar_ross_bound, ChunkIndex, FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode,
-    PushAction, PushConfig, Pusher, Seeder, ServeDecision,
+    kumar_ross_bound, Announcer, ChunkIndex, FetchAction, FetchConfig, Fetcher, HaveSet, Locality,
+    Mode, PushAction, PushConfig, Pusher, Seeder, ServeDecision, ANNOUNCE_RARE_EVERY,
 };
+use crate::protocol::MAX_GET_BATCH;
 
 /// Which distribution mode to simulate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,8 +83,6 @@ pub struct SimConfig {
     pub push: PushConfig,
     /// Seeder copy limits for swarm: (normal, when the origin is idle).
     pub seeder_copies: (u32, u32),
-    /// A target serving peers answers "busy" once this many chunks wait on its uplink.
-    pub serve_queue: usize,
     /// Seed for peer choice and every fetcher's tie-breaks.
     pub seed: u64,
     /// Virtual time after which the run stops unfinished.
@@ -113,7 +116,6 @@ impl SimConfig {
             fetch: FetchConfig::default(),
             push: PushConfig::default(),
             seeder_copies: (1, 2),
-            serve_queue: 4,
             seed: 1,
             time_limit: Duration::from_secs(24 * 3600),
             max_events: 50_000_000,
@@ -178,12 +180,18 @@ const ORIGIN: Node = 0;
 
 #[derive(Debug)]
 enum Msg {
-    Request(ChunkIndex),
-    Cancel(ChunkIndex),
-    Refuse(ChunkIndex),
+    /// A request for up to [`MAX_GET_BATCH`] chunks.
+    Request(Vec<ChunkIndex>),
+    /// Its answer: the chunks sent (and whether intact), those refused.
+    Answer {
+        chunks: Vec<(ChunkIndex, bool)>,
+        refused: Vec<ChunkIndex>,
+    },
     /// Busy, and how long to wait.
-    Busy(ChunkIndex, Duration),
-    Have(ChunkIndex),
+    Busy(Vec<ChunkIndex>, Duration),
+    /// An announcement.
+    Haves(Vec<ChunkIndex>),
+    /// A chunk sent unasked: by the origin ([`Seeder::gift`]) or pushed.
     Data {
         chunk: ChunkIndex,
         valid: bool,
@@ -198,9 +206,26 @@ enum Msg {
 
 #[derive(Debug)]
 enum Event {
-    Arrive { to: Node, from: Node, msg: Msg },
+    Arrive {
+        to: Node,
+        from: Node,
+        msg: Msg,
+    },
     UplinkFree(Node),
     Timer(Node),
+    /// A target's announcement tick.
+    Announce(Node),
+}
+
+/// What a node's uplink sends next.
+#[derive(Debug)]
+struct Send {
+    to: Node,
+    chunks: Vec<ChunkIndex>,
+    /// Answered as refused with the chunks.
+    refused: Vec<ChunkIndex>,
+    /// Unasked (a gift or a push), one chunk.
+    unasked: Option<bool>,
 }
 
 struct Label {
@@ -217,7 +242,7 @@ struct Sim<'c> {
     seq: u64,
     labels: Vec<Label>,
     neighbours: Vec<Vec<Node>>,
-    uplink: Vec<VecDeque<(Node, ChunkIndex)>>,
+    uplink: Vec<VecDeque<Send>>,
     sending: Vec<bool>,
     /// When each node's uplink is free of the send it is making.
     sending_until: Vec<Duration>,
@@ -225,8 +250,9 @@ struct Sim<'c> {
     /// The one timer each node has pending, if any.
     timer_at: Vec<Option<Duration>>,
     seeder: Option<Seeder<Node>>,
-    /// Sends on the origin's uplink that are gifts, not answers.
-    gifts: std::collections::BTreeSet<(Node, ChunkIndex)>,
+    announcers: Vec<Announcer>,
+    /// Whether a node's announcement tick is scheduled.
+    ticking: Vec<bool>,
     pusher: Option<Pusher<Node>>,
     have: Vec<HaveSet>,
     /// Chunks each node has received intact at least once.
@@ -252,22 +278,24 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let start_have = HaveSet::from_indices(n, cfg.preloaded.iter().copied());
     let mut have = vec![start_have.clone(); nodes];
     have[ORIGIN] = HaveSet::full(n);
+    let base = Instant::now();
     let mut sim = Sim {
         cfg,
-        base: Instant::now(),
+        base,
         now: Duration::ZERO,
         queue: BinaryHeap::new(),
         events: Vec::new(),
         seq: 0,
         neighbours: choose_neighbours(cfg, &labels),
         labels,
-        uplink: vec![VecDeque::new(); nodes],
+        uplink: (0..nodes).map(|_| VecDeque::new()).collect(),
         sending: vec![false; nodes],
         sending_until: vec![Duration::ZERO; nodes],
         fetchers: (0..nodes).map(|_| None).collect(),
         timer_at: vec![None; nodes],
         seeder: None,
-        gifts: Default::default(),
+        announcers: (0..nodes).map(|_| Announcer::new(base)).collect(),
+        ticking: vec![false; nodes],
         pusher: None,
         received_intact: have.clone(),
         have,
@@ -431,6 +459,10 @@ impl Sim<'_> {
                 }
                 self.drain_fetcher(node);
             }
+            Event::Announce(node) => {
+                self.ticking[node] = false;
+                self.announce(node, false);
+            }
             Event::Arrive { to, from, msg } => self.arrive(to, from, msg),
         }
     }
@@ -441,58 +473,71 @@ impl Sim<'_> {
         }
         let now = self.instant();
         match msg {
-            Msg::Request(chunk) => {
-                // The origin says busy as the daemon's does (`busy_for`).
-                if to == ORIGIN {
-                    if let Some(wait) = self.origin_busy() {
-                        self.send(to, from, Msg::Busy(chunk, wait));
-                        return;
+            Msg::Request(chunks) => {
+                // Every server says busy as the daemon's does (`busy_for`).
+                if let Some(wait) = self.busy(to) {
+                    self.send(to, from, Msg::Busy(chunks, wait));
+                    return;
+                }
+                let idle = !self.sending[to] && self.uplink[to].is_empty();
+                let (mut served, mut refused) = (Vec::new(), Vec::new());
+                for c in chunks {
+                    let serve = match (to, self.seeder.as_mut()) {
+                        (ORIGIN, Some(seeder)) => {
+                            seeder.handle_request(from, c, idle) == ServeDecision::Serve
+                        }
+                        _ => self.have[to].contains(c),
+                    };
+                    if serve {
+                        served.push(c);
+                    } else {
+                        refused.push(c);
                     }
                 }
-                let serve = match (to, self.seeder.as_mut()) {
-                    (ORIGIN, Some(seeder)) => {
-                        let idle = !self.sending[ORIGIN] && self.uplink[ORIGIN].is_empty();
-                        seeder.handle_request(from, chunk, idle) == ServeDecision::Serve
-                    }
-                    _ => self.have[to].contains(chunk),
-                };
-                if !serve {
-                    self.send(to, from, Msg::Refuse(chunk));
-                } else if to != ORIGIN && self.uplink[to].len() >= self.cfg.serve_queue {
-                    self.send(to, from, Msg::Busy(chunk, Duration::ZERO));
+                if served.is_empty() {
+                    let chunks = Vec::new();
+                    self.send(to, from, Msg::Answer { chunks, refused });
                 } else {
-                    self.uplink[to].push_back((from, chunk));
+                    self.uplink[to].push_back(Send {
+                        to: from,
+                        chunks: served,
+                        refused,
+                        unasked: None,
+                    });
                     self.pump_uplink(to);
                 }
             }
-            Msg::Cancel(chunk) => {
-                let before = self.uplink[to].len();
-                self.uplink[to].retain(|q| *q != (from, chunk));
-                if to == ORIGIN && self.uplink[to].len() != before {
-                    if let Some(s) = self.seeder.as_mut() {
-                        s.handle_send_failed(from, chunk);
+            Msg::Answer { chunks, refused } => {
+                if let Some(f) = self.fetchers[to].as_mut() {
+                    for (c, valid) in chunks {
+                        if valid {
+                            self.received_intact[to].insert(c);
+                        }
+                        f.handle_chunk(now, from, c, valid);
+                    }
+                    for c in refused {
+                        f.handle_refused(now, from, c);
                     }
                 }
+                self.drain_fetcher(to);
             }
-            Msg::Refuse(chunk) => {
+            Msg::Busy(chunks, wait) => {
                 if let Some(f) = self.fetchers[to].as_mut() {
-                    f.handle_refused(now, from, chunk);
+                    for c in chunks {
+                        f.handle_busy(now, from, c, wait);
+                    }
                 }
                 self.drain_fetcher(to);
             }
-            Msg::Busy(chunk, wait) => {
-                if let Some(f) = self.fetchers[to].as_mut() {
-                    f.handle_busy(now, from, chunk, wait);
-                }
-                self.drain_fetcher(to);
-            }
-            Msg::Have(chunk) => {
+            Msg::Haves(chunks) => {
                 if to == ORIGIN {
                     if let Some(s) = self.seeder.as_mut() {
-                        s.handle_have(from, chunk);
+                        for c in chunks {
+                            s.handle_have(from, c);
+                        }
                     }
                 } else if let Some(f) = self.fetchers[to].as_mut() {
-                    f.handle_have(now, from, chunk);
+                    f.handle_haves(now, from, chunks);
                     self.drain_fetcher(to);
                 }
             }
@@ -512,23 +557,15 @@ impl Sim<'_> {
                 valid,
                 gift: false,
             } => {
-                if valid {
+                // Pushed.
+                let reply = if valid {
                     self.received_intact[to].insert(chunk);
-                }
-                if self.cfg.mode == SimMode::Push {
-                    let reply = if valid {
-                        Msg::Delivered(chunk)
-                    } else {
-                        Msg::Rejected(chunk)
-                    };
-                    if valid {
-                        self.store(to, chunk);
-                    }
-                    self.send(to, from, reply);
-                } else if let Some(f) = self.fetchers[to].as_mut() {
-                    f.handle_chunk(now, from, chunk, valid);
-                    self.drain_fetcher(to);
-                }
+                    self.store(to, chunk);
+                    Msg::Delivered(chunk)
+                } else {
+                    Msg::Rejected(chunk)
+                };
+                self.send(to, from, reply);
             }
             Msg::Banned(peer) => {
                 if let Some(s) = self.seeder.as_mut() {
@@ -550,17 +587,27 @@ impl Sim<'_> {
         }
     }
 
-    /// Whether the origin answers a request busy now: its queued sends and
-    /// the rest of the one it is making, at its cap, against the daemon's
-    /// rule.
-    fn origin_busy(&self) -> Option<Duration> {
-        let queued: u64 = self.uplink[ORIGIN]
+    /// Whether `node` answers a request busy now: its queued answers and
+    /// the rest of the one it is sending, at its cap, against the
+    /// daemon's rule.
+    fn busy(&self, node: Node) -> Option<Duration> {
+        let queued: u64 = self.uplink[node]
             .iter()
-            .map(|(_, c)| u64::from(self.cfg.chunk_sizes[*c as usize]))
+            .flat_map(|s| &s.chunks)
+            .map(|c| u64::from(self.cfg.chunk_sizes[*c as usize]))
             .sum();
-        let backlog = Duration::from_secs_f64(queued as f64 / self.cfg.origin_uplink)
-            + self.sending_until[ORIGIN].saturating_sub(self.now);
-        crate::serve::busy_for(backlog, self.uplink[ORIGIN].len())
+        let backlog = Duration::from_secs_f64(queued as f64 / self.rate(node))
+            + self.sending_until[node].saturating_sub(self.now);
+        let serving = self.uplink[node].len() + usize::from(self.sending[node]);
+        crate::serve::busy_for(backlog, serving)
+    }
+
+    fn rate(&self, node: Node) -> f64 {
+        if node == ORIGIN {
+            self.cfg.origin_uplink
+        } else {
+            self.cfg.target_uplink
+        }
     }
 
     fn store(&mut self, node: Node, chunk: ChunkIndex) {
@@ -582,59 +629,99 @@ impl Sim<'_> {
         // coordinator does.
         if node == ORIGIN && self.uplink[node].is_empty() {
             if let Some((to, chunk)) = self.seeder.as_mut().and_then(|s| s.gift(true)) {
-                self.gifts.insert((to, chunk));
-                self.uplink[node].push_back((to, chunk));
+                self.uplink[node].push_back(Send {
+                    to,
+                    chunks: vec![chunk],
+                    refused: Vec::new(),
+                    unasked: Some(true),
+                });
             }
         }
-        let Some((to, chunk)) = self.uplink[node].pop_front() else {
+        let Some(send) = self.uplink[node].pop_front() else {
             return;
         };
-        let gift = node == ORIGIN && self.gifts.remove(&(to, chunk));
-        let bytes = u64::from(self.cfg.chunk_sizes[chunk as usize]);
-        let rate = if node == ORIGIN {
-            self.cfg.origin_uplink
-        } else {
-            self.cfg.target_uplink
-        };
-        let airtime = Duration::from_secs_f64(bytes as f64 / rate);
+        let bytes: u64 = send
+            .chunks
+            .iter()
+            .map(|c| u64::from(self.cfg.chunk_sizes[*c as usize]))
+            .sum();
+        let airtime = Duration::from_secs_f64(bytes as f64 / self.rate(node));
         self.sending[node] = true;
         self.sending_until[node] = self.now + airtime;
         self.report.total_bytes += bytes;
         if node == ORIGIN {
             self.report.origin_egress += bytes;
         }
-        if self.labels[node].dc != self.labels[to].dc {
+        if self.labels[node].dc != self.labels[send.to].dc {
             self.report.cross_dc_bytes += bytes;
         }
         let valid = !(node != ORIGIN && self.cfg.corrupt_targets.contains(&(node - 1)));
         self.schedule(airtime, Event::UplinkFree(node));
+        let msg = match send.unasked {
+            Some(gift) => Msg::Data {
+                chunk: send.chunks[0],
+                valid,
+                gift,
+            },
+            None => Msg::Answer {
+                chunks: send.chunks.into_iter().map(|c| (c, valid)).collect(),
+                refused: send.refused,
+            },
+        };
         self.schedule(
             airtime + self.cfg.latency,
             Event::Arrive {
-                to,
+                to: send.to,
                 from: node,
-                msg: Msg::Data { chunk, valid, gift },
+                msg,
             },
         );
+    }
+
+    /// Sends `node`'s pending announcement to its peers and the origin if
+    /// its [`Announcer`] says so, and keeps its ticks coming while
+    /// anything waits.
+    fn announce(&mut self, node: Node, at_once: bool) {
+        let now = self.instant();
+        if let Some(chunks) = self.announcers[node].due(now, at_once) {
+            let to: Vec<Node> = self.neighbours[node]
+                .iter()
+                .copied()
+                .chain([ORIGIN])
+                .collect();
+            for peer in to {
+                self.send(node, peer, Msg::Haves(chunks.clone()));
+            }
+        }
+        if !self.announcers[node].is_idle() && !self.ticking[node] {
+            // The daemon's ticks run on a fixed interval: the next one.
+            let tick = ANNOUNCE_RARE_EVERY.as_nanos();
+            let next = (self.now.as_nanos() / tick + 1) * tick;
+            self.ticking[node] = true;
+            let after = Duration::from_nanos((next - self.now.as_nanos()) as u64);
+            self.schedule(after, Event::Announce(node));
+        }
     }
 
     fn drain_fetcher(&mut self, node: Node) {
         let Some(mut f) = self.fetchers[node].take() else {
             return;
         };
+        // This round's requests, per peer: a few chunks to a request.
+        let mut batches: std::collections::BTreeMap<Node, Vec<ChunkIndex>> = Default::default();
+        let mut held = false;
         while let Some(action) = f.poll_action() {
             match action {
-                FetchAction::Request { peer, chunk } => self.send(node, peer, Msg::Request(chunk)),
-                FetchAction::Cancel { peer, chunk } => self.send(node, peer, Msg::Cancel(chunk)),
+                FetchAction::Request { peer, chunk } => {
+                    batches.entry(peer).or_default().push(chunk)
+                }
+                // A request in flight cannot be withdrawn; its answer is ignored.
+                FetchAction::Cancel { .. } => {}
                 FetchAction::Announce { chunk } => {
                     self.store(node, chunk);
-                    let to: Vec<Node> = self.neighbours[node]
-                        .iter()
-                        .copied()
-                        .chain([ORIGIN])
-                        .collect();
-                    for peer in to {
-                        self.send(node, peer, Msg::Have(chunk));
+                    if self.cfg.mode == SimMode::Swarm {
+                        self.announcers[node].held(chunk, f.holders(chunk));
+                        held = true;
                     }
                 }
                 FetchAction::Ban { peer } => {
@@ -645,6 +732,11 @@ impl Sim<'_> {
                 FetchAction::Complete | FetchAction::GaveUp { .. } => {}
             }
         }
+        for (peer, wanted) in batches {
+            for chunks in wanted.chunks(MAX_GET_BATCH) {
+                self.send(node, peer, Msg::Request(chunks.to_vec()));
+            }
+        }
         if let Some(t) = f.poll_timeout() {
             let at = self.now + t.saturating_duration_since(self.instant());
             if self.timer_at[node] != Some(at) {
@@ -653,6 +745,11 @@ impl Sim<'_> {
             }
         }
         self.fetchers[node] = Some(f);
+        if held {
+            // A target that now holds everything announces at once.
+            let done = self.have[node].is_full();
+            self.announce(node, done);
+        }
     }
 
     fn drain_pusher(&mut self) {
@@ -662,7 +759,12 @@ impl Sim<'_> {
         while let Some(action) = p.poll_action() {
             match action {
                 PushAction::Send { peer, chunk } => {
-                    self.uplink[ORIGIN].push_back((peer, chunk));
+                    self.uplink[ORIGIN].push_back(Send {
+                        to: peer,
+                        chunks: vec![chunk],
+                        refused: Vec::new(),
+                        unasked: Some(false),
+                    });
                 }
                 PushAction::Done { .. } | PushAction::Failed { .. } => {}
             }
@@ -752,10 +854,12 @@ mod tests {
         );
         let bound = cfg.bound_seconds();
         let max = r.quantile(1.0).unwrap();
-        // 1.26x while the simulated origin never said busy; 1.30x since it
-        // answers busy as the daemon's does (fewer extra copies: 8.6 MiB
-        // of origin egress, not 10.1).
-        assert!(max <= 1.35 * bound, "max {max:.2}s vs bound {bound:.2}s");
+        // 1.30x with the simulator's own glue (a chunk a request, haves
+        // after 1 ms, busy targets at 4 queued chunks); 1.64x with the
+        // daemon's (four a request answered whole, haves on the 50/250 ms
+        // cadence, busy past 500 ms of backlog), which brought the
+        // simulator within 7% of real daemons at 10, 50 and 200 targets.
+        assert!(max <= 1.75 * bound, "max {max:.2}s vs bound {bound:.2}s");
         assert!(
             r.origin_egress <= 2 * 8 * MIB,
             "origin sent {} MiB",
