@@ -36,7 +36,9 @@ use crate::protocol::{
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
 use crate::store::{collect, compact_in_background, Collector, Pass, Retention, Store};
-use crate::transfer::{HaveSet, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
+use crate::transfer::{
+    choose_peers, HaveSet, Locality, PushAction, PushConfig, Pusher, Seeder, ServeDecision,
+};
 
 /// Registered targets the coordinator tracks.
 const MAX_MEMBERS: usize = 10_000;
@@ -1629,37 +1631,22 @@ impl Coordinator {
                     && !run.targets.contains(p)
             })
             .map(|(p, _)| p);
-        let mut others: Vec<(u8, u64, PeerId)> = run
+        let others: Vec<(Locality, u64, PeerId)> = run
             .targets
             .iter()
             .chain(seeds)
             .filter(|p| **p != target)
             .map(|p| {
                 let l = labels_of(p);
-                let closeness = match (label(&l, "dc") == my_dc, label(&l, "zone") == my_zone) {
-                    (true, true) => 0,
-                    (true, false) => 1,
-                    _ => 2,
-                };
+                let place =
+                    Locality::between((my_dc, my_zone), (label(&l, "dc"), label(&l, "zone")));
                 // A per-pair pseudo-random order spreads the choices.
                 let mix = blake3::hash(&[target.to_bytes(), p.to_bytes()].concat());
                 let mix = u64::from_le_bytes(mix.as_bytes()[..8].try_into().expect("8"));
-                (closeness, mix, *p)
+                (place, mix, *p)
             })
             .collect();
-        others.sort();
-        // Half the places go to the nearest peers, the rest to random ones,
-        // so the swarm graph stays connected across data centres.
-        let degree = self.config.swarm_degree.min(MAX_PEERS_PER_LIST);
-        let near = degree.div_ceil(2);
-        let mut chosen: Vec<PeerId> = others.iter().take(near).map(|o| o.2).collect();
-        let mut rest: Vec<&(u8, u64, PeerId)> = others.iter().skip(near).collect();
-        rest.sort_by_key(|o| o.1);
-        chosen.extend(
-            rest.iter()
-                .take(degree - chosen.len().min(degree))
-                .map(|o| o.2),
-        );
+        let chosen = choose_peers(others, self.config.swarm_degree.min(MAX_PEERS_PER_LIST));
         let peers = chosen
             .iter()
             .map(|p| {

@@ -23,6 +23,7 @@
 mod announce;
 mod fetch;
 mod have;
+mod peers;
 mod push;
 mod seed;
 pub mod sim;
@@ -30,6 +31,7 @@ pub mod sim;
 pub use announce::{Announcer, ANNOUNCE_EVERY, ANNOUNCE_RARE_EVERY, RARE_HOLDERS};
 pub use fetch::{FetchAction, FetchConfig, Fetcher, Mode};
 pub use have::HaveSet;
+pub use peers::choose_peers;
 pub use push::{PushAction, PushConfig, Pusher};
 pub use seed::{Seeder, ServeDecision};
 

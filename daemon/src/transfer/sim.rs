@@ -21,12 +21,12 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 
 use super::{
-    kumar_ross_bound, Announcer, ChunkIndex, FetchAction, FetchConfig, Fetcher, HaveSet, Locality,
-    Mode, PushAction, PushConfig, Pusher, Seeder, ServeDecision, ANNOUNCE_RARE_EVERY,
+    choose_peers, kumar_ross_bound, Announcer, ChunkIndex, FetchAction, FetchConfig, Fetcher,
+    HaveSet, Locality, Mode, PushAction, PushConfig, Pusher, Seeder, ServeDecision,
+    ANNOUNCE_RARE_EVERY,
 };
 use crate::protocol::MAX_GET_BATCH;
 
@@ -73,8 +73,10 @@ pub struct SimConfig {
     pub zones: usize,
     /// One-way latency of every message.
     pub latency: Duration,
-    /// Peers each target picks (closest first); links are symmetric.
-    pub max_peers: usize,
+    /// Peers named to each target, as the coordinator's `--swarm-degree`
+    /// chooses them ([`choose_peers`]); links are symmetric, as a peer
+    /// that dials another is taken up by it.
+    pub swarm_degree: usize,
     /// Targets (0-based) that serve corrupt bytes for every chunk.
     pub corrupt_targets: Vec<usize>,
     /// Target-side tuning.
@@ -111,7 +113,7 @@ impl SimConfig {
             dcs: 1,
             zones: 1,
             latency: Duration::from_millis(1),
-            max_peers: 16,
+            swarm_degree: 8,
             corrupt_targets: Vec::new(),
             fetch: FetchConfig::default(),
             push: PushConfig::default(),
@@ -263,7 +265,7 @@ struct Sim<'c> {
 
 /// Runs one transfer and reports what it measured.
 pub fn run(cfg: &SimConfig) -> SimReport {
-    assert!(cfg.targets >= 1 && cfg.dcs >= 1 && cfg.zones >= 1 && cfg.max_peers >= 1);
+    assert!(cfg.targets >= 1 && cfg.dcs >= 1 && cfg.zones >= 1 && cfg.swarm_degree >= 1);
     let n = cfg.chunk_sizes.len();
     let nodes = cfg.targets + 1;
     let labels: Vec<Label> = (0..nodes)
@@ -328,18 +330,31 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     sim.report
 }
 
-/// Each target links to its closest peers (random among equals), up to
-/// `max_peers`; links are made symmetric.
+/// Where target `b` stands from target `a`.
+fn place(a: &Label, b: &Label) -> Locality {
+    match (a.dc == b.dc, a.zone == b.zone) {
+        (true, true) => Locality::SameZone,
+        (true, false) => Locality::SameDc,
+        _ => Locality::OtherDc,
+    }
+}
+
+/// Each target's peers as the coordinator names them ([`choose_peers`]),
+/// a seeded per-pair number standing for its hash of the two peer ids;
+/// links are made symmetric.
 fn choose_neighbours(cfg: &SimConfig, labels: &[Label]) -> Vec<Vec<Node>> {
     let nodes = labels.len();
-    let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5eed);
     let mut links = vec![std::collections::BTreeSet::new(); nodes];
     for t in 1..nodes {
-        let mut others: Vec<Node> = (1..nodes).filter(|o| *o != t).collect();
-        others.shuffle(&mut rng);
-        let me = &labels[t];
-        others.sort_by_key(|o| (labels[*o].dc != me.dc, labels[*o].zone != me.zone));
-        for o in others.into_iter().take(cfg.max_peers) {
+        let others: Vec<(Locality, u64, Node)> = (1..nodes)
+            .filter(|o| *o != t)
+            .map(|o| {
+                let mix =
+                    SmallRng::seed_from_u64(cfg.seed ^ ((t as u64) << 32) ^ o as u64).next_u64();
+                (place(&labels[t], &labels[o]), mix, o)
+            })
+            .collect();
+        for o in choose_peers(others, cfg.swarm_degree) {
             links[t].insert(o);
             links[o].insert(t);
         }
@@ -367,12 +382,7 @@ impl Sim<'_> {
         if peer == ORIGIN {
             return Locality::Origin;
         }
-        let (a, b) = (&self.labels[me], &self.labels[peer]);
-        match (a.dc == b.dc, a.zone == b.zone) {
-            (true, true) => Locality::SameZone,
-            (true, false) => Locality::SameDc,
-            _ => Locality::OtherDc,
-        }
+        place(&self.labels[me], &self.labels[peer])
     }
 
     /// The tracker's ranking of targets within each data centre.
