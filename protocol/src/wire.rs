@@ -852,10 +852,8 @@ mod tests {
         assert!(bytes.len() <= MAX_HELLO_FRAME);
     }
 
-    /// Pins a have-set (control/5 added the sender's place).
-    #[test]
-    fn golden_bitfield() {
-        let b = ControlRequest::Bitfield {
+    fn sample_bitfield() -> ControlRequest {
+        ControlRequest::Bitfield {
             release: ReleaseId([3; 32]),
             len: 9,
             bits: vec![0xff, 1],
@@ -863,8 +861,13 @@ mod tests {
                 dc: "ams".into(),
                 zone: "a".into(),
             },
-        };
-        let bytes = frame::<_, MAX_CONTROL_FRAME>(&b);
+        }
+    }
+
+    /// Pins a have-set (control/5 added the sender's place).
+    #[test]
+    fn golden_bitfield() {
+        let bytes = frame::<_, MAX_CONTROL_FRAME>(&sample_bitfield());
         let variant = bytes[4];
         assert_eq!(&bytes[5..37], &[3; 32]);
         // len 9; two bytes of bits; "ams"; "a".
@@ -947,15 +950,7 @@ mod tests {
                 patch_signature: vec![6; 64],
             }),
             ControlRequest::Stage(order),
-            ControlRequest::Bitfield {
-                release: ReleaseId([3; 32]),
-                len: 9,
-                bits: vec![0xff, 1],
-                place: Place {
-                    dc: "ams".into(),
-                    zone: "a".into(),
-                },
-            },
+            sample_bitfield(),
             ControlRequest::StartStaging {
                 release: "web@1".into(),
                 selector: Labels::new(),

@@ -1008,16 +1008,21 @@ mod tests {
         assert_eq!(asked.iter().filter(|(p, _)| *p == 2).count(), 3);
     }
 
-    #[test]
-    fn only_the_designated_importer_fetches_from_another_data_centre() {
-        let now = Instant::now();
-        // Rank 1 of 2 in its data centre: imports the odd chunks only.
+    /// Four chunks to fetch, as rank 1 of 2 in its data centre: of
+    /// another data centre's peers it imports the odd chunks only.
+    fn odd_chunks_importer() -> Fetcher<u32> {
         let cfg = FetchConfig {
             import_rank: (1, 2),
             origin_in_my_dc: false,
             ..config(8)
         };
-        let mut f = Fetcher::new(HaveSet::empty(4), cfg);
+        Fetcher::new(HaveSet::empty(4), cfg)
+    }
+
+    #[test]
+    fn only_the_designated_importer_fetches_from_another_data_centre() {
+        let now = Instant::now();
+        let mut f = odd_chunks_importer();
         f.add_peer(now, 1, Locality::SameDc, HaveSet::empty(4));
         f.add_peer(now, 2, Locality::OtherDc, HaveSet::full(4));
         let mut asked = requests(&drain(&mut f));
@@ -1034,13 +1039,7 @@ mod tests {
     #[test]
     fn a_peer_placed_again_is_asked_as_what_it_is() {
         let now = Instant::now();
-        // Rank 1 of 2: of another data centre's peers, only odd chunks.
-        let cfg = FetchConfig {
-            import_rank: (1, 2),
-            origin_in_my_dc: false,
-            ..config(8)
-        };
-        let mut f = Fetcher::new(HaveSet::empty(4), cfg);
+        let mut f = odd_chunks_importer();
         // Peer 2's labels were unknown when it came.
         f.add_peer(now, 2, Locality::OtherDc, HaveSet::full(4));
         let mut asked = requests(&drain(&mut f));
