@@ -139,6 +139,7 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
             "origin_egress_bytes": r.origin_egress,
             "total_bytes": r.total_bytes,
             "cross_dc_bytes": r.cross_dc_bytes,
+            "cross_dc_bytes_into": r.cross_dc_bytes_into,
             "completed": done,
             "events": r.events,
             "wall_seconds": started.elapsed().as_secs_f64(),
@@ -175,6 +176,23 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
             r["completed"],
             args.nodes,
         );
+    }
+    if args.dcs > 1 {
+        text += "\ncross-dc bytes into each data centre (dc0 holds the origin):\n";
+        for r in &rows {
+            let into: Vec<String> = r["cross_dc_bytes_into"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, b)| format!("dc{i} {}", format_bytes(b.as_u64().unwrap_or(0))))
+                .collect();
+            text += &format!(
+                "{}: {}\n",
+                r["mode"].as_str().unwrap_or(""),
+                into.join(", ")
+            );
+        }
     }
     out.emit(serde_json::Value::Array(rows), || text);
     Ok(())

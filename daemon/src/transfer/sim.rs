@@ -151,6 +151,8 @@ pub struct SimReport {
     pub total_bytes: u64,
     /// Chunk bytes that crossed between data centres.
     pub cross_dc_bytes: u64,
+    /// Of those, the bytes that came into each data centre (by index).
+    pub cross_dc_bytes_into: Vec<u64>,
     /// Bans issued by targets.
     pub bans: usize,
     /// Chunks a target stored without ever receiving them intact (must be zero).
@@ -307,6 +309,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             origin_egress: 0,
             total_bytes: 0,
             cross_dc_bytes: 0,
+            cross_dc_bytes_into: vec![0; cfg.dcs],
             bans: 0,
             corrupt_stored: 0,
             events: 0,
@@ -664,6 +667,7 @@ impl Sim<'_> {
         }
         if self.labels[node].dc != self.labels[send.to].dc {
             self.report.cross_dc_bytes += bytes;
+            self.report.cross_dc_bytes_into[self.labels[send.to].dc] += bytes;
         }
         let valid = !(node != ORIGIN && self.cfg.corrupt_targets.contains(&(node - 1)));
         self.schedule(airtime, Event::UplinkFree(node));
@@ -904,6 +908,16 @@ mod tests {
             r.cross_dc_bytes <= limit,
             "cross-dc {} MiB",
             r.cross_dc_bytes / MIB
+        );
+        // Every other data centre imported the package about once; the
+        // origin's own imported less (its targets ask other data centres
+        // only for what none of theirs holds yet, the origin last).
+        let into = &r.cross_dc_bytes_into;
+        assert_eq!(into.iter().sum::<u64>(), r.cross_dc_bytes);
+        assert!(into[1..].iter().all(|b| into[0] < *b), "{into:?}");
+        assert!(
+            into[1..].iter().all(|b| (8 * MIB..=12 * MIB).contains(b)),
+            "{into:?}"
         );
     }
 
