@@ -188,6 +188,27 @@ struct Staging {
 }
 
 impl Staging {
+    /// `peer`, at `locality`, takes part in this staging: added to the
+    /// swarm's fetcher when new, re-ranked when its place is known better
+    /// now (a claim, then the coordinator's list). True when new.
+    fn meet(&mut self, now: Instant, peer: PeerId, locality: Locality) -> bool {
+        let swarm = self.order.mode == DistributionMode::Swarm;
+        let fetcher = self.fetcher.as_mut().filter(|_| swarm);
+        match self.peers.insert(peer, locality) {
+            None => {
+                if let Some(f) = fetcher {
+                    f.add_peer(now, peer, locality, HaveSet::empty(self.have.len()));
+                }
+                true
+            }
+            Some(was) => {
+                if let (Some(f), true) = (fetcher, was != locality) {
+                    f.set_locality(now, peer, locality);
+                }
+                false
+            }
+        }
+    }
     /// A staging of `chunks` (held: `have`), deferring `deferred`; its
     /// fetcher, if any, is set by the caller.
     fn new(
@@ -831,13 +852,11 @@ impl Target {
         let now = Instant::now();
         let locality = self.locality_of(&peer);
         if let Some(s) = self.stagings.get_mut(&release) {
+            // A peer may announce before its have-set arrives.
+            if s.order.mode == DistributionMode::Swarm && s.fetcher.is_some() {
+                s.meet(now, peer, locality);
+            }
             if let Some(f) = s.fetcher.as_mut() {
-                // A peer may announce before its have-set arrives.
-                if s.order.mode == DistributionMode::Swarm
-                    && s.peers.insert(peer, locality).is_none()
-                {
-                    f.add_peer(now, peer, locality, HaveSet::empty(s.have.len()));
-                }
                 f.handle_haves(now, peer, chunks);
             }
         }
@@ -1334,19 +1353,11 @@ impl Target {
             if s.order.mode != DistributionMode::Swarm {
                 continue;
             }
-            let mut fresh = Vec::new();
-            for (p, loc) in &localities {
-                match s.peers.insert(*p, *loc) {
-                    None => {
-                        f.add_peer(now, *p, *loc, HaveSet::empty(s.have.len()));
-                        fresh.push(*p);
-                    }
-                    // Known before by its own claim, or by none: the
-                    // coordinator's labels rank it from now on.
-                    Some(was) if was != *loc => f.set_locality(now, *p, *loc),
-                    Some(_) => {}
-                }
-            }
+            let fresh: Vec<PeerId> = localities
+                .iter()
+                .filter(|(p, loc)| s.meet(now, *p, *loc))
+                .map(|(p, _)| *p)
+                .collect();
             for p in fresh {
                 self.send_bitfield(staging, p);
             }
@@ -1364,6 +1375,10 @@ impl Target {
     ) {
         // A peer no peer list named (lists are not symmetric) is placed
         // where it says it is; the coordinator's word, when it comes, wins.
+        if !place.within_limits() {
+            warn!(%peer, "ignoring a have-set whose place is longer than labels may be");
+            return;
+        }
         if self.places.len() < MAX_KNOWN_PEERS && peer != self.config.coordinator {
             self.places.entry(peer).or_insert(place);
         }
@@ -1384,19 +1399,15 @@ impl Target {
             len as usize,
             (0..len).filter(|i| bits[(*i / 8) as usize] & (1 << (i % 8)) != 0),
         );
-        let new = s.peers.insert(peer, locality).is_none();
+        let now = Instant::now();
+        let new = s.meet(now, peer, locality);
         if let Some(f) = s
             .fetcher
             .as_mut()
             .filter(|_| s.order.mode == DistributionMode::Swarm)
         {
-            let now = Instant::now();
-            if new {
-                f.add_peer(now, peer, locality, have);
-            } else {
-                // Merge: announcements may have overtaken this have-set.
-                f.handle_haves(now, peer, have.iter());
-            }
+            // Merged: announcements may have overtaken this have-set.
+            f.handle_haves(now, peer, have.iter());
         }
         if new {
             self.send_bitfield(release, peer);

@@ -221,6 +221,12 @@ impl Place {
             zone: get("zone"),
         }
     }
+
+    /// Whether both names fit a label's length ([`MAX_LABEL_BYTES`]), as
+    /// every registered label must: a place a peer claims is kept only then.
+    pub fn within_limits(&self) -> bool {
+        self.dc.len() <= MAX_LABEL_BYTES && self.zone.len() <= MAX_LABEL_BYTES
+    }
 }
 
 /// A fleet member another one should connect to.
@@ -862,6 +868,14 @@ mod tests {
                 zone: "a".into(),
             },
         }
+    }
+
+    #[test]
+    fn a_place_is_kept_only_within_a_labels_length() {
+        let mut p = Place::of(&Labels::from([("dc".into(), "a".repeat(MAX_LABEL_BYTES))]));
+        assert!(p.within_limits());
+        p.zone = "z".repeat(MAX_LABEL_BYTES + 1);
+        assert!(!p.within_limits());
     }
 
     /// Pins a have-set (control/5 added the sender's place).
