@@ -435,8 +435,7 @@ pub(super) async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path)
     let mut fleet = Fleet::new("convoy-bench-", args.logs.clone())?;
     let common = |fleet: &Fleet, name: &str, up: Option<u64>| -> Vec<String> {
         let mut a = fleet.common_args(name, &args.daemon_log_level, args.nodes + 1);
-        let security = clap::ValueEnum::to_possible_value(&args.security).expect("named");
-        a.extend(["--security".into(), security.get_name().to_string()]);
+        a.extend(["--security".into(), args.security.name().to_string()]);
         if let Some(u) = up {
             a.extend(["--upload-rate".into(), u.to_string()]);
         }

@@ -284,9 +284,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
         args.dcs,
         args.push_parallel,
         args.delta_bases,
-        clap::ValueEnum::to_possible_value(&args.security)
-            .expect("named")
-            .get_name(),
+        args.security.name(),
         flag("repeat", &(args.repeat > 1).then(|| args.repeat.to_string())),
         env!("CONVOY_COMMIT"),
     );

@@ -149,14 +149,17 @@ pub(super) struct Deltas {
     pool: Option<Arc<rayon::ThreadPool>>,
 }
 
+/// The calling thread's id, which Linux's priority calls take.
+fn thread_id() -> libc::id_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
+}
+
 /// Gives the calling thread the lowest scheduling priority (nice 19;
 /// Linux keeps a nice value per thread). A failure only costs speed.
 fn lowest_priority() {
-    // SAFETY: gettid takes no arguments; setpriority only reads its own.
-    let rc = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19)
-    };
+    // SAFETY: setpriority only reads its arguments.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, thread_id(), 19) };
     if rc != 0 {
         warn!(
             "cannot lower a delta thread's priority: {}",
@@ -349,13 +352,8 @@ mod tests {
         let deltas = Deltas::new(1);
         let pool = deltas.pool.as_ref().expect("a pool when bases > 0");
         let nice = pool.install(|| {
-            // SAFETY: as in lowest_priority; errno is cleared first, as
-            // getpriority may rightly return -1.
-            unsafe {
-                *libc::__errno_location() = 0;
-                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                libc::getpriority(libc::PRIO_PROCESS, tid)
-            }
+            // SAFETY: getpriority only reads its arguments.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, thread_id()) }
         });
         assert_eq!(nice, 19);
     }

@@ -1,8 +1,8 @@
 //! Bytes on the wire: every byte a daemon's TCP connections carry, each
 //! way — chunk bodies and everything around them (control messages, have
-//! announcements, bitfields, the handshake, noise and yamux framing).
+//! announcements, bitfields, the handshake, TLS or noise and yamux framing).
 //!
-//! The counting wraps the TCP stream below noise, so the figures are what
+//! The counting wraps the TCP stream below the security handshake, so the figures are what
 //! crossed the sockets; the two ends of a connection count the same bytes,
 //! which lets a benchmark check its senders' sums against its receivers'.
 //! QUIC connections are not counted.

@@ -22,6 +22,16 @@ pub enum Security {
     Noise,
 }
 
+impl Security {
+    /// The name flags and reports spell it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Noise => "noise",
+        }
+    }
+}
+
 /// Both handshakes, `first` proposed first by a dialler; a listener
 /// takes whichever the dialler proposes.
 #[derive(Clone)]
