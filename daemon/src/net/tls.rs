@@ -4,8 +4,9 @@
 //! `libp2p-tls` fixes its cipher suites with ChaCha20 first, and a TLS 1.3
 //! server follows the client's order, so every libp2p TLS connection uses
 //! ChaCha20, as noise does. On a CPU with AES instructions AES-GCM costs a
-//! fraction of it: in an uncapped 1 GiB pull here the cipher's share of
-//! each daemon's CPU fell from about a quarter to a twentieth. This
+//! fraction of it: profiled (perf) in an uncapped 1 GiB pull here, the
+//! cipher's share of each daemon's CPU fell from about a quarter to a
+//! twentieth. This
 //! upgrade builds the same certificates and checks them the same way
 //! (with `libp2p-tls`'s own `certificate` module), offering the same three
 //! suites in the order this CPU prefers, so it interoperates with any
