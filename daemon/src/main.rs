@@ -66,6 +66,11 @@ enum Command {
         /// How often targets report, in milliseconds
         #[arg(long, env = "CONVOY_HEARTBEAT_MS", value_name = "MS")]
         heartbeat_ms: Option<u64>,
+        /// Reports per second the whole fleet may send: a fleet larger than
+        /// this at --heartbeat-ms is asked to report less often
+        /// [default: 1000]
+        #[arg(long, env = "CONVOY_MAX_REPORTS_PER_SECOND", value_name = "N")]
+        max_reports_per_second: Option<u64>,
         /// Where the operator API (HTTP, JSON, /metrics) listens
         /// [default: 127.0.0.1:7410]
         #[arg(long, env = "CONVOY_API_LISTEN", value_name = "HOST:PORT")]
@@ -228,6 +233,7 @@ struct FileConfig {
     push_parallel: Option<usize>,
     swarm_degree: Option<usize>,
     heartbeat_ms: Option<u64>,
+    max_reports_per_second: Option<u64>,
     health_listen: Option<String>,
     api_listen: Option<String>,
     api_token_file: Option<PathBuf>,
@@ -427,6 +433,7 @@ fn run(cli: Cli) -> Result<()> {
             push_parallel,
             swarm_degree,
             heartbeat_ms,
+            max_reports_per_second,
             api_listen,
             api_token_file,
             operators,
@@ -436,12 +443,21 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let file = load_file(common.config.as_deref())?;
             init_logging(&common, &file);
+            let open_files = convoy_daemon::net::raise_open_files_limit();
+            tracing::debug!(open_files, "open files limit");
             let s = settings(&common, &file, 7400)?;
             let push_parallel = push_parallel.or(file.push_parallel).unwrap_or(4);
             let swarm_degree = swarm_degree.or(file.swarm_degree).unwrap_or(8);
             let heartbeat = heartbeat_ms.or(file.heartbeat_ms).unwrap_or(1000);
-            if push_parallel == 0 || swarm_degree == 0 || heartbeat < 100 {
-                bail!("--push-parallel and --swarm-degree must be at least 1, --heartbeat-ms at least 100");
+            let max_reports_per_second = max_reports_per_second
+                .or(file.max_reports_per_second)
+                .unwrap_or(1000);
+            if push_parallel == 0
+                || swarm_degree == 0
+                || heartbeat < 100
+                || max_reports_per_second == 0
+            {
+                bail!("--push-parallel, --swarm-degree and --max-reports-per-second must be at least 1, --heartbeat-ms at least 100");
             }
             let pipelines = match pipelines.or(file.pipelines.clone()) {
                 Some(path) => {
@@ -504,6 +520,7 @@ fn run(cli: Cli) -> Result<()> {
                     push_parallel,
                     swarm_degree,
                     heartbeat: Duration::from_millis(heartbeat),
+                    max_reports_per_second,
                     pipelines,
                     operators,
                     refusals,

@@ -433,6 +433,7 @@ impl Started {
             push_parallel: 4,
             swarm_degree: 4,
             heartbeat: Duration::from_millis(50),
+            max_reports_per_second: 1000,
             pipelines,
             operators,
             refusals: Default::default(),

@@ -36,9 +36,7 @@ use crate::protocol::{
 };
 use crate::serve::{ChunkList, Chunks, ReceiveError};
 use crate::store::{collect, compact_in_background, Collector, Pass, Retention, Store};
-use crate::transfer::{
-    choose_peers, HaveSet, Locality, PushAction, PushConfig, Pusher, Seeder, ServeDecision,
-};
+use crate::transfer::{HaveSet, PeerPool, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
 
 /// Registered targets the coordinator tracks.
 const MAX_MEMBERS: usize = 10_000;
@@ -64,8 +62,12 @@ pub struct CoordinatorConfig {
     pub push_parallel: usize,
     /// Swarm mode: peers named to each target.
     pub swarm_degree: usize,
-    /// How often targets report.
+    /// How often targets report, at most: a fleet too large for
+    /// `max_reports_per_second` at this cadence is asked to report less
+    /// often ([`Coordinator::heartbeat`]).
     pub heartbeat: Duration,
+    /// Reports per second the fleet sends at most, on average.
+    pub max_reports_per_second: u64,
     /// Apps, environments and their pipelines.
     pub pipelines: crate::pipeline::Pipelines,
     /// Who may publish, upload, stage and list the fleet.
@@ -113,14 +115,79 @@ struct Run {
     units: HashMap<ReleaseId, UnitRun>,
     chunks: ChunkList,
     release_bytes: u64,
-    targets: Vec<PeerId>,
+    targets: RunTargets,
     started: Instant,
     origin_bytes: Arc<AtomicU64>,
     seeder: Option<Seeder<PeerId>>,
     /// Chunks the seeder handed out that are on their way.
     gifts: usize,
     pusher: Option<Pusher<PeerId>>,
-    progress: HashMap<PeerId, StageProgress>,
+    progress: RunProgress,
+}
+
+/// A staging's targets in the order they were given (import ranks follow
+/// it), with a set beside them: every report, have-set and chunk request
+/// asks whether its sender is one, and a list of 10,000 made each ask
+/// cost 10,000 comparisons.
+struct RunTargets {
+    list: Vec<PeerId>,
+    set: HashSet<PeerId>,
+}
+
+impl RunTargets {
+    fn new(mut list: Vec<PeerId>) -> Self {
+        let mut set = HashSet::with_capacity(list.len());
+        list.retain(|p| set.insert(*p));
+        Self { list, set }
+    }
+
+    fn contains(&self, peer: &PeerId) -> bool {
+        self.set.contains(peer)
+    }
+}
+
+impl std::ops::Deref for RunTargets {
+    type Target = [PeerId];
+    fn deref(&self) -> &[PeerId] {
+        &self.list
+    }
+}
+
+/// What a staging's targets last reported of it, and how many have not
+/// yet reported it staged or failed: whether a run has ended is asked on
+/// every report.
+struct RunProgress {
+    of: HashMap<PeerId, StageProgress>,
+    unfinished: usize,
+}
+
+impl RunProgress {
+    fn new(targets: usize) -> Self {
+        Self {
+            of: HashMap::new(),
+            unfinished: targets,
+        }
+    }
+
+    /// Records a target's report (of one of the run's targets).
+    fn record(&mut self, peer: PeerId, p: StageProgress) {
+        let done = |p: &StageProgress| p.state != StageState::Running;
+        match (self.of.get(&peer).is_some_and(done), done(&p)) {
+            (false, true) => self.unfinished -= 1,
+            (true, false) => self.unfinished += 1,
+            _ => {}
+        }
+        self.of.insert(peer, p);
+    }
+
+    fn get(&self, peer: &PeerId) -> Option<&StageProgress> {
+        self.of.get(peer)
+    }
+
+    /// Every target has reported the staging staged or failed.
+    fn finished(&self) -> bool {
+        self.unfinished == 0
+    }
 }
 
 /// A patch's delta chunks on their way in a run.
@@ -401,6 +468,13 @@ pub async fn run(
     Ok(())
 }
 
+/// The cadence at which `members` targets send at most `per_second`
+/// reports a second between them, and not more often than `configured`.
+fn report_cadence(configured: Duration, members: usize, per_second: u64) -> Duration {
+    let spread = (members as u64 * 1000).div_ceil(per_second.max(1));
+    configured.max(Duration::from_millis(spread))
+}
+
 fn now_unix_ms() -> u64 {
     crate::units::unix_ms(SystemTime::now())
 }
@@ -478,6 +552,7 @@ fn prepare_run(
     release: Option<ReleaseId>,
     targets: Vec<PeerId>,
 ) -> Result<Run, String> {
+    let targets = RunTargets::new(targets);
     let release = match release {
         Some(r) => r,
         None => {
@@ -559,10 +634,10 @@ fn prepare_run(
         units,
         chunks: list,
         release_bytes,
+        progress: RunProgress::new(targets.len()),
         targets,
         started,
         origin_bytes: Arc::new(AtomicU64::new(0)),
-        progress: HashMap::new(),
     })
 }
 
@@ -676,7 +751,7 @@ impl Coordinator {
         let Some(run) = self.runs.get(&id) else {
             return;
         };
-        let (release, targets, mode) = (run.release, run.targets.clone(), run.record.mode);
+        let (release, targets, mode) = (run.release, run.targets.to_vec(), run.record.mode);
         info!(
             id,
             name = %run.record.name,
@@ -744,18 +819,29 @@ impl Coordinator {
     }
 
     fn run_finished(&self, run: &Run) -> bool {
-        run.targets.iter().all(|t| {
-            run.progress
-                .get(t)
-                .is_some_and(|p| p.state != StageState::Running)
-        })
+        run.progress.finished()
     }
 
     /// Connected, and reported within five heartbeats (3 s at least, so a
     /// loaded machine's late heartbeat does not count as a departure).
     fn alive(&self, m: &Member) -> bool {
-        m.connected
-            && m.last_seen.elapsed() < (self.config.heartbeat * 5).max(Duration::from_secs(3))
+        m.connected && m.last_seen.elapsed() < (self.heartbeat() * 5).max(Duration::from_secs(3))
+    }
+
+    /// The cadence targets are asked to report at: the configured one, or
+    /// slower when the fleet would otherwise send more than
+    /// `max_reports_per_second` (as Nomad spreads its clients' heartbeats).
+    /// Each report costs the coordinator a stream and its handshake (about
+    /// 130 µs of CPU here), so 10,000 targets at one a second would take
+    /// more than a core; what must be quick does not wait for a heartbeat
+    /// (a target reports at once when a staging ends, a delivery is
+    /// reported by its own message, a lost connection is seen at once).
+    fn heartbeat(&self) -> Duration {
+        report_cadence(
+            self.config.heartbeat,
+            self.members.len(),
+            self.config.max_reports_per_second,
+        )
     }
 
     async fn on_net(&mut self, event: NetEvent) {
@@ -1230,7 +1316,7 @@ impl Coordinator {
                         .bytes_by_mode
                         .entry(run.record.mode.name())
                         .or_default() += p.bytes_received.saturating_sub(before);
-                    run.progress.insert(peer, p.clone());
+                    run.progress.record(peer, p.clone());
                 }
             }
         }
@@ -1292,7 +1378,7 @@ impl Coordinator {
             self.send_order(id, peer.to_string(), request);
         }
         ControlResponse::Registered {
-            heartbeat_ms: self.config.heartbeat.as_millis() as u64,
+            heartbeat_ms: self.heartbeat().as_millis() as u64,
         }
     }
 
@@ -1491,12 +1577,11 @@ impl Coordinator {
         let Some(run) = self.runs.get(&id) else {
             return;
         };
-        let peer_lists: Vec<(PeerId, ControlRequest)> =
-            if run.record.mode == DistributionMode::Swarm {
-                to.iter().map(|t| (*t, self.peers_for(run, *t))).collect()
-            } else {
-                Vec::new()
-            };
+        let peer_lists = if run.record.mode == DistributionMode::Swarm {
+            self.peer_lists(run, &to)
+        } else {
+            Vec::new()
+        };
         let net = self.net.clone();
         let order = run.order.clone();
         let tx = self.internal.clone();
@@ -1609,18 +1694,20 @@ impl Coordinator {
         });
     }
 
-    /// The peers a target of a swarm run should fetch from: its data
-    /// centre's first (same zone before other zones), then others, up to
-    /// the configured degree; and its import rank in its data centre.
-    fn peers_for(&self, run: &Run, target: PeerId) -> ControlRequest {
-        let labels_of = |p: &PeerId| {
-            self.members
-                .get(p)
-                .map(|m| m.report.labels.clone())
-                .unwrap_or_default()
+    /// The peer list of each of `to`, targets of a swarm run: whom each
+    /// should fetch from — its data centre's first (same zone before
+    /// other zones), then others, up to the configured degree, as
+    /// [`PeerPool`] draws them — and its import rank in its data centre.
+    /// The candidates are grouped once for the whole batch.
+    fn peer_lists(&self, run: &Run, to: &[PeerId]) -> Vec<(PeerId, ControlRequest)> {
+        let place = |p: &PeerId| {
+            self.members.get(p).map_or(("", ""), |m| {
+                (
+                    label(&m.report.labels, "dc"),
+                    label(&m.report.labels, "zone"),
+                )
+            })
         };
-        let mine = labels_of(&target);
-        let (my_dc, my_zone) = (label(&mine, "dc"), label(&mine, "zone"));
         // The run's targets, and live members that already hold the release.
         let seeds = self
             .members
@@ -1630,47 +1717,47 @@ impl Coordinator {
                     && m.report.releases.contains(&run.release)
                     && !run.targets.contains(p)
             })
-            .map(|(p, _)| p);
-        let others: Vec<(Locality, u64, PeerId)> = run
-            .targets
-            .iter()
-            .chain(seeds)
-            .filter(|p| **p != target)
-            .map(|p| {
-                let l = labels_of(p);
-                let place =
-                    Locality::between((my_dc, my_zone), (label(&l, "dc"), label(&l, "zone")));
-                // A per-pair pseudo-random order spreads the choices.
-                let mix = blake3::hash(&[target.to_bytes(), p.to_bytes()].concat());
-                let mix = u64::from_le_bytes(mix.as_bytes()[..8].try_into().expect("8"));
-                (place, mix, *p)
-            })
-            .collect();
-        let chosen = choose_peers(others, self.config.swarm_degree.min(MAX_PEERS_PER_LIST));
-        let peers = chosen
-            .iter()
-            .map(|p| {
-                let m = self.members.get(p);
-                PeerInfo {
-                    peer_id: p.to_bytes(),
-                    addrs: m.map(|m| m.report.addrs.clone()).unwrap_or_default(),
-                    labels: m.map(|m| m.report.labels.clone()).unwrap_or_default(),
-                }
-            })
-            .collect();
-        let dc_mates: Vec<PeerId> = run
-            .targets
-            .iter()
-            .filter(|p| label(&labels_of(p), "dc") == my_dc)
-            .copied()
-            .collect();
-        let rank = dc_mates.iter().position(|p| *p == target).unwrap_or(0) as u32;
-        ControlRequest::Peers {
-            release: run.release,
-            peers,
-            rank,
-            dc_size: dc_mates.len().max(1) as u32,
+            .map(|(p, _)| *p);
+        let pool = PeerPool::new(run.targets.iter().copied().chain(seeds).map(|p| {
+            let (dc, zone) = place(&p);
+            (p, dc, zone)
+        }));
+        // A target's rank: its place among its data centre's targets.
+        let mut dc_sizes: HashMap<&str, u32> = HashMap::new();
+        let mut ranks: HashMap<PeerId, u32> = HashMap::with_capacity(run.targets.len());
+        for p in run.targets.iter() {
+            let n = dc_sizes.entry(place(p).0).or_default();
+            ranks.insert(*p, *n);
+            *n += 1;
         }
+        let degree = self.config.swarm_degree.min(MAX_PEERS_PER_LIST);
+        to.iter()
+            .map(|target| {
+                let (dc, zone) = place(target);
+                // Per target and release, so lists differ between targets.
+                let seed = blake3::hash(&[target.to_bytes(), run.release.0.to_vec()].concat());
+                let seed = u64::from_le_bytes(seed.as_bytes()[..8].try_into().expect("8"));
+                let peers = pool
+                    .choose(*target, &dc, &zone, degree, seed)
+                    .iter()
+                    .map(|p| {
+                        let m = self.members.get(p);
+                        PeerInfo {
+                            peer_id: p.to_bytes(),
+                            addrs: m.map(|m| m.report.addrs.clone()).unwrap_or_default(),
+                            labels: m.map(|m| m.report.labels.clone()).unwrap_or_default(),
+                        }
+                    })
+                    .collect();
+                let request = ControlRequest::Peers {
+                    release: run.release,
+                    peers,
+                    rank: ranks.get(target).copied().unwrap_or(0),
+                    dc_size: dc_sizes.get(dc).copied().unwrap_or(0).max(1),
+                };
+                (*target, request)
+            })
+            .collect()
     }
 
     async fn on_internal(&mut self, event: Internal) {
@@ -1850,5 +1937,53 @@ impl Coordinator {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_fleet_is_asked_to_report_less_often() {
+        let second = Duration::from_secs(1);
+        assert_eq!(report_cadence(second, 500, 1000), second);
+        assert_eq!(report_cadence(second, 10_000, 1000), 10 * second);
+        assert_eq!(
+            report_cadence(second, 3_001, 1000),
+            Duration::from_millis(3001)
+        );
+        assert_eq!(report_cadence(5 * second, 3_000, 1000), 5 * second);
+    }
+
+    #[test]
+    fn a_run_ends_when_every_target_reported_it_done_and_not_before() {
+        let progress = |state| StageProgress {
+            release: ReleaseId([0; 32]),
+            chunks_held: 0,
+            chunks_total: 1,
+            bytes_received: 0,
+            bytes_received_cross_dc: 0,
+            elapsed_ms: 0,
+            finished_unix_ms: None,
+            state,
+        };
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let targets = RunTargets::new(vec![a, b, a]);
+        assert_eq!(targets.len(), 2, "a target named twice counts once");
+        let mut run = RunProgress::new(targets.len());
+        run.record(a, progress(StageState::Staged));
+        run.record(a, progress(StageState::Staged));
+        assert!(
+            !run.finished(),
+            "one target's repeated report ended the run"
+        );
+        run.record(b, progress(StageState::Running));
+        assert!(!run.finished());
+        run.record(b, progress(StageState::Failed("disk".into())));
+        assert!(run.finished());
+        // Restaged after a restart: running again.
+        run.record(a, progress(StageState::Running));
+        assert!(!run.finished());
     }
 }

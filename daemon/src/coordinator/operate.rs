@@ -5,7 +5,7 @@
 //! what happens (target reports, delivery reports, answers to orders, the
 //! clock, operators) and carries out their commands over the network.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -697,17 +697,18 @@ impl Coordinator {
         }
         // A run restored after a restart, or one being started, may
         // already cover them.
-        let covers = |r: ReleaseId, targets: &[PeerId]| {
-            r == release && run_targets.iter().all(|t| targets.contains(t))
+        let covers = |r: ReleaseId, has: &dyn Fn(&PeerId) -> bool| {
+            r == release && run_targets.iter().all(has)
         };
         let covered = self
             .runs
             .values()
-            .any(|r| !self.run_finished(r) && covers(r.release, &r.targets))
-            || self
-                .starting
-                .values()
-                .any(|s| s.release.is_some_and(|r| covers(r, &s.targets)));
+            .any(|r| !self.run_finished(r) && covers(r.release, &|t| r.targets.contains(t)))
+            || self.starting.values().any(|s| {
+                let targets: HashSet<&PeerId> = s.targets.iter().collect();
+                s.release
+                    .is_some_and(|r| covers(r, &|t| targets.contains(t)))
+            });
         if run_targets.is_empty() || covered {
             return;
         }

@@ -83,8 +83,14 @@ pub const MAX_CONTROL_IN_FLIGHT: usize = 32;
 const MAX_HELLOS_IN_FLIGHT: usize = 4;
 /// How long a connected peer has to prove membership, by default.
 pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Commands and events waiting between the loop and the daemon.
+/// Commands waiting for the loop.
 const CHANNEL_CAPACITY: usize = 4096;
+/// Requests from peers waiting for the daemon: one from every member of a
+/// full fleet fits, since a staging order makes each target answer at
+/// once (its have-set, then its report). At 4096, a 10,000-target staging
+/// overflowed it and 1,440 reports were answered busy.
+const EVENTS_CAPACITY: usize = 16_384;
+const _: () = assert!(EVENTS_CAPACITY as u32 >= MAX_ESTABLISHED_INCOMING);
 /// Peers whose addresses the loop remembers.
 const MAX_ADDRESS_BOOK: usize = 8192;
 /// Announcements queued for one peer's stream; more are dropped.
@@ -402,6 +408,34 @@ pub enum NetError {
     },
 }
 
+/// Raises this process's soft limit of open files to its hard limit, as
+/// servers of many connections do: a coordinator holds a socket per
+/// target, and the usual soft limit (1024) would cap a fleet far below
+/// [`MAX_ESTABLISHED_INCOMING`]. Returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid resource and a pointer
+    // to a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
 /// Starts the network loop on the current tokio runtime.
 pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
     let wire = Arc::new(WireCounters::default());
@@ -449,7 +483,7 @@ pub fn start(config: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>),
     }
     let streams = swarm.behaviour().streams.opener();
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENTS_CAPACITY);
     let peer_id = *swarm.local_peer_id();
     let refused = Arc::new(AtomicU64::new(0));
     let event_loop = EventLoop {

@@ -31,7 +31,7 @@ pub mod sim;
 pub use announce::{Announcer, ANNOUNCE_EVERY, ANNOUNCE_RARE_EVERY, RARE_HOLDERS};
 pub use fetch::{FetchAction, FetchConfig, Fetcher, Mode};
 pub use have::HaveSet;
-pub use peers::choose_peers;
+pub use peers::PeerPool;
 pub use push::{PushAction, PushConfig, Pusher};
 pub use seed::{Seeder, ServeDecision};
 

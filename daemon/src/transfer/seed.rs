@@ -201,21 +201,26 @@ impl<P: Copy + Ord> Seeder<P> {
             }
             (c, true)
         };
-        // Ties go round the targets in turn.
-        let len = self.targets.len();
-        let (turn, peer) = self
-            .targets
-            .iter()
-            .enumerate()
-            .filter(|(_, (p, have))| !have.contains(chunk) && !self.sending.contains(&(**p, chunk)))
-            .min_by_key(|(i, (p, _))| {
-                let sends = self
-                    .sending
-                    .range((**p, 0)..=(**p, ChunkIndex::MAX))
-                    .count();
-                (sends, (i + len - self.turn % len) % len)
-            })
-            .map(|(i, (p, _))| (i, *p))?;
+        // Ties go round the targets in turn: the first in turn with the
+        // fewest sends, so a walk from the turn stops at the first with
+        // none (a walk of every target per gift cost a fleet of 10,000
+        // a sixth of the coordinator's CPU).
+        let start = self.turn % self.targets.len();
+        let in_turn = self.targets.iter().enumerate().skip(start);
+        let mut best: Option<(usize, usize, P)> = None;
+        for (i, (p, have)) in in_turn.chain(self.targets.iter().enumerate().take(start)) {
+            if have.contains(chunk) || self.sending.contains(&(*p, chunk)) {
+                continue;
+            }
+            let sends = self.sending.range((*p, 0)..=(*p, ChunkIndex::MAX)).count();
+            if best.is_none_or(|(least, _, _)| sends < least) {
+                best = Some((sends, i, *p));
+                if sends == 0 {
+                    break;
+                }
+            }
+        }
+        let (_, turn, peer) = best?;
         self.turn = turn + 1;
         // Only a copy that goes out spends the budget.
         self.extra += usize::from(extra);

@@ -20,13 +20,9 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
-use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
-
 use super::{
-    choose_peers, kumar_ross_bound, Announcer, ChunkIndex, FetchAction, FetchConfig, Fetcher,
-    HaveSet, Locality, Mode, PushAction, PushConfig, Pusher, Seeder, ServeDecision,
-    ANNOUNCE_RARE_EVERY,
+    kumar_ross_bound, Announcer, ChunkIndex, FetchAction, FetchConfig, Fetcher, HaveSet, Locality,
+    Mode, PeerPool, PushAction, PushConfig, Pusher, Seeder, ServeDecision, ANNOUNCE_RARE_EVERY,
 };
 use crate::protocol::MAX_GET_BATCH;
 
@@ -74,7 +70,7 @@ pub struct SimConfig {
     /// One-way latency of every message.
     pub latency: Duration,
     /// Peers named to each target, as the coordinator's `--swarm-degree`
-    /// chooses them ([`choose_peers`]); links are symmetric, as a peer
+    /// chooses them ([`PeerPool`]); links are symmetric, as a peer
     /// that dials another is taken up by it.
     pub swarm_degree: usize,
     /// Targets (0-based) that serve corrupt bytes for every chunk.
@@ -342,22 +338,16 @@ fn place(a: &Label, b: &Label) -> Locality {
     }
 }
 
-/// Each target's peers as the coordinator names them ([`choose_peers`]),
-/// a seeded per-pair number standing for its hash of the two peer ids;
-/// links are made symmetric.
+/// Each target's peers as the coordinator names them ([`PeerPool`]),
+/// seeded per target; links are made symmetric.
 fn choose_neighbours(cfg: &SimConfig, labels: &[Label]) -> Vec<Vec<Node>> {
     let nodes = labels.len();
     let mut links = vec![std::collections::BTreeSet::new(); nodes];
+    let pool = PeerPool::new((1..nodes).map(|o| (o, labels[o].dc, labels[o].zone)));
     for t in 1..nodes {
-        let others: Vec<(Locality, u64, Node)> = (1..nodes)
-            .filter(|o| *o != t)
-            .map(|o| {
-                let mix =
-                    SmallRng::seed_from_u64(cfg.seed ^ ((t as u64) << 32) ^ o as u64).next_u64();
-                (place(&labels[t], &labels[o]), mix, o)
-            })
-            .collect();
-        for o in choose_peers(others, cfg.swarm_degree) {
+        let (dc, zone) = (labels[t].dc, labels[t].zone);
+        let seed = cfg.seed ^ ((t as u64) << 32);
+        for o in pool.choose(t, &dc, &zone, cfg.swarm_degree, seed) {
             links[t].insert(o);
             links[o].insert(t);
         }
