@@ -260,7 +260,11 @@ pub fn watch(api: &Api, id: u64, show: bool) -> Result<Value> {
     let mut seen = 0usize;
     let mut shown_done = BTreeSet::new();
     loop {
+        let asked = std::time::Instant::now();
         let d = api.get(&format!("/v1/deployments/{id}"))?;
+        // A roll-out of thousands is a large answer: ask at most a third
+        // of the time, so following it never loads the coordinator.
+        let pause = Duration::from_millis(200).max(asked.elapsed() * 2);
         let states = d["target_states"].as_object().cloned().unwrap_or_default();
         let total = states.len() as u64;
         let staged = states
@@ -311,7 +315,7 @@ pub fn watch(api: &Api, id: u64, show: bool) -> Result<Value> {
             multi.clear().ok();
             return Ok(d);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(pause);
     }
 }
 

@@ -872,7 +872,10 @@ impl Rollout {
                 .iter()
                 .filter_map(|id| self.targets[id].delivery_ms)
                 .collect();
-            if done.is_empty() {
+            // Until half the wave has finished, the median would be the
+            // fastest few's: with orders to thousands going out over
+            // seconds, every later target would count as a straggler.
+            if done.is_empty() || 2 * done.len() < self.waves[n].len() {
                 return;
             }
             done.sort_unstable();
@@ -1250,6 +1253,28 @@ mod tests {
                 median_ms: 100
             }]
         );
+    }
+
+    #[test]
+    fn no_straggler_is_named_before_half_the_wave_has_finished() {
+        let mut run = Run::new(spec(10, Strategy::Live, "100%", "0"));
+        for id in run.ids() {
+            run.at(100, Event::Staged(id, Ok(())));
+        }
+        for id in ["t00", "t01", "t02", "t03"] {
+            run.at(200, Event::Delivered(id.into(), Ok(())));
+        }
+        run.at(1000, Event::Tick);
+        let stragglers = |run: &Run| {
+            run.notices()
+                .iter()
+                .filter(|n| matches!(n, Notice::Straggler { .. }))
+                .count()
+        };
+        assert_eq!(stragglers(&run), 0, "named by the fastest four's median");
+        run.at(1000, Event::Delivered("t04".into(), Ok(())));
+        run.at(1100, Event::Tick);
+        assert_eq!(stragglers(&run), 5, "the wave's median is known now");
     }
 
     #[test]

@@ -90,6 +90,33 @@ pub struct TargetConfig {
     pub gc_every: Option<Duration>,
 }
 
+/// Tells the coordinator how a delivery ended, until it takes the report:
+/// a coordinator under load answers "busy" (its queue from the network
+/// was full) and one that restarts does not answer, and a report lost
+/// left the roll-out waiting for the target until its deadline (a
+/// 10,000-target wave lost 286 of them to busy answers). Gives up after
+/// about a minute; the coordinator, if it restarted, orders again and a
+/// delivered release answers at once.
+pub async fn report_delivery(net: &NetHandle, coordinator: PeerId, report: DeliveryReport) {
+    for attempt in 0..8u32 {
+        match net
+            .control(coordinator, ControlRequest::Delivered(report.clone()))
+            .await
+        {
+            Ok(ControlResponse::Ok) => return,
+            Ok(ControlResponse::Denied) => {
+                warn!("the coordinator refused the delivery report");
+                return;
+            }
+            Ok(other) => debug!(attempt, "delivery report not taken: {other:?}"),
+            Err(e) => debug!(attempt, "cannot report the delivery: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500 << attempt).min(Duration::from_secs(10)))
+            .await;
+    }
+    warn!(release = %report.release, "the coordinator took no report of this delivery");
+}
+
 /// The coordinator's public key, taken from its peer id (ed25519 ids embed it).
 pub fn public_key_of(peer: &PeerId) -> Option<PublicKey> {
     let mh: &libp2p::multihash::Multihash<64> = peer.as_ref();
@@ -1094,20 +1121,7 @@ impl Target {
             };
             let report = task.run().await;
             delivering.lock().expect("not poisoned").remove(&release);
-            // The coordinator may be restarting: it then orders again, and
-            // a delivered release answers at once.
-            for attempt in 0..3u32 {
-                match net
-                    .control(coordinator, ControlRequest::Delivered(report.clone()))
-                    .await
-                {
-                    Ok(_) => break,
-                    Err(e) => {
-                        debug!(attempt, "cannot report the delivery: {e}");
-                        tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
-                    }
-                }
-            }
+            report_delivery(&net, coordinator, report).await;
         });
     }
 
