@@ -15,6 +15,7 @@ use serde_json::json;
 mod bench;
 mod deltas;
 mod demo;
+mod load;
 mod operate;
 mod progress;
 mod remote;
@@ -289,6 +290,22 @@ enum Command {
     ///
     /// Example: convoy sim --nodes 5000 --size 64MiB --uplink 10MiB --dcs 4 --modes swarm
     Sim(sim::SimArgs),
+    /// Load one real coordinator with thousands of simulated targets
+    ///
+    /// For each fleet size, starts a coordinator and spreads the targets
+    /// over a few worker processes: each target is a libp2p peer of its own
+    /// (TLS, fleet proof) that reports on the coordinator's cadence, takes
+    /// staging orders, peer lists and deliveries and reports them, but
+    /// stores nothing. Prints the coordinator's CPU under steady heartbeats,
+    /// its memory, how long staging orders and each roll-out wave's orders
+    /// take to reach every target, and how fast `convoy fleet` and
+    /// `GET /v1/fleet` answer.
+    ///
+    /// Example: convoy load-test --targets 1000,3000,10000 --out results/
+    LoadTest(load::LoadArgs),
+    /// One process of `convoy load-test`'s simulated targets (started by it)
+    #[command(hide = true)]
+    LoadWorker(load::worker::WorkerArgs),
     /// Run the whole product on a local fleet: distribution and three roll-outs
     ///
     /// Starts a coordinator and a fleet (12 targets in 3 data centres, half
@@ -457,6 +474,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(args) => return bench::bench(args, &out),
         Command::Demo(args) => return demo::demo(args, &out),
         Command::Sim(args) => return sim::sim(args, &out).map(|()| ExitCode::SUCCESS),
+        Command::LoadTest(args) => return load::load_test(args, &out),
+        Command::LoadWorker(args) => return load::worker::worker(args).map(|()| ExitCode::SUCCESS),
         _ => {}
     }
     let api = operate::Api::new(cli.api, cli.api_token_file);

@@ -86,6 +86,11 @@ impl Fleet {
         }
     }
 
+    /// The coordinator's process id, once started.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        self.coordinator.as_ref().map(|p| p.child.id())
+    }
+
     pub fn log(&self, name: &str) -> PathBuf {
         self.logs.join(format!("{name}.log"))
     }
@@ -396,7 +401,7 @@ impl ProcStats {
 }
 
 /// CPU seconds (user + system) a process and its reaped children used, from /proc.
-pub(super) fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -416,7 +421,7 @@ pub(super) fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Resident bytes of a process now and at its peak (VmRSS, VmHWM).
-fn rss(pid: u32) -> (u64, u64) {
+pub(crate) fn rss(pid: u32) -> (u64, u64) {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return (0, 0);
     };

@@ -13,6 +13,8 @@ mod baseline;
 pub(crate) mod fleet;
 mod report;
 
+pub(crate) use report::meta;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};

@@ -43,7 +43,7 @@ pub(super) fn report(
 
 /// Where and from what the figures come: the commit this binary was built
 /// from (`-dirty` if its tree differed), when, the command, the machine.
-fn meta() -> serde_json::Value {
+pub(crate) fn meta() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
