@@ -46,6 +46,10 @@ fn a_small_load_test_registers_stages_and_rolls_out_every_target() {
             "a wave's orders never all arrived: {row}"
         );
     }
+    assert!(
+        row["restart_s"].as_f64().is_some_and(|s| s > 0.0),
+        "not every target came back after the restart: {row}"
+    );
     let listed = row["fleet_api_s"].as_array().unwrap();
     assert_eq!(listed.len(), 3, "{row}");
     assert!(row["rss_bytes"].as_u64().unwrap() > 0, "{row}");

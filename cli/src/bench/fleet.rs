@@ -183,6 +183,27 @@ impl Fleet {
         Ok(())
     }
 
+    /// Kills the coordinator (SIGKILL, as a crash or power cut would) and
+    /// starts it again on the same data directory and address, so the
+    /// targets find it where it was.
+    pub fn restart_coordinator(&mut self, convoyd: &Path, args: &[String]) -> Result<()> {
+        if let Some(mut p) = self.coordinator.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        let listen = self
+            .coordinator_addr
+            .split("/p2p/")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let mut args = args.to_vec();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = listen;
+        }
+        self.start_coordinator(convoyd, &args)
+    }
+
     /// Connects to the coordinator as its local operator (the key it made
     /// in its data directory).
     pub async fn operator_client(&self) -> Result<Client> {

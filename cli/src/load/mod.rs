@@ -110,7 +110,12 @@ pub struct Row {
     /// Seconds the whole roll-out took, and how it ended.
     pub rollout_s: f64,
     pub rollout_outcome: String,
-    /// Reports that failed (refused, timed out) over the run.
+    /// Seconds from the coordinator's restart (killed, started again on
+    /// its data) until it listed every target alive again, and its CPU
+    /// seconds over that.
+    pub restart_s: f64,
+    pub restart_cpu_s: f64,
+    /// Reports that failed (refused, timed out) before the restart.
     pub report_failures: u64,
 }
 
@@ -236,8 +241,12 @@ fn print_row(r: &Row) {
         r.rollout_s,
         waves.join(", ")
     );
+    println!(
+        "  coordinator killed and restarted: every target back in {:.1} s ({:.1} CPU-s)",
+        r.restart_s, r.restart_cpu_s
+    );
     if r.report_failures > 0 {
-        println!("  {} reports failed", r.report_failures);
+        println!("  {} reports failed before the restart", r.report_failures);
     }
 }
 
@@ -304,10 +313,7 @@ impl Workers {
                 name: format!("worker-{w}"),
             });
         }
-        Ok(Self {
-            procs,
-            tally,
-        })
+        Ok(Self { procs, tally })
     }
 
     /// CPU seconds the workers have used: they share this machine with
@@ -406,7 +412,10 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
     let register_s = started.elapsed().as_secs_f64();
 
     // Steady state: every target reports on the coordinator's cadence.
-    let heartbeat_ms = workers.with(|t| t.heartbeat_ms.values().copied().max().unwrap_or(1000));
+    // The cadence the last registrations were given (the first ones, in
+    // a smaller fleet, may have been given a shorter one).
+    let heartbeat = || workers.with(|t| t.heartbeat_ms.values().copied().max().unwrap_or(1000));
+    let heartbeat_ms = heartbeat();
     eprintln!("   measuring heartbeat handling over {} s", args.window);
     tokio::time::sleep(Duration::from_millis(2 * heartbeat_ms)).await;
     let (cpu0, reports0) = (cpu_seconds(pid), workers.with(|t| Tally::sum(&t.reports)));
@@ -415,6 +424,8 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
     tokio::time::sleep(Duration::from_secs(args.window)).await;
     let (cpu1, reports1) = (cpu_seconds(pid), workers.with(|t| Tally::sum(&t.reports)));
     let workers_cpu1 = workers.cpu();
+    // Every target has reported since the fleet was whole: its cadence.
+    let heartbeat_ms = heartbeat();
     let secs = t0.elapsed().as_secs_f64();
     let (rss_bytes, peak_rss_bytes) = rss(pid);
 
@@ -546,6 +557,31 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
         wave_targets.push(targets.len());
     }
     let report_failures = workers.with(|t| Tally::sum(&t.report_failures));
+
+    // The coordinator killed and started again: every target comes back
+    // on its own cadence and registers again.
+    eprintln!("   restarting the coordinator with {n} targets connected");
+    drop(client);
+    let restarted = Instant::now();
+    fleet.restart_coordinator(convoyd, &cargs)?;
+    let pid = fleet.coordinator_pid().context("no coordinator")?;
+    let client = fleet.operator_client().await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        tick.tick().await;
+        let alive = match control(&client, ControlRequest::Fleet).await? {
+            ControlResponse::Fleet(m) => m.iter().filter(|m| m.alive).count(),
+            other => bail!("unexpected answer: {other:?}"),
+        };
+        if alive >= n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{alive} of {n} targets came back within 600 s of the restart");
+        }
+    }
+    let restart_s = restarted.elapsed().as_secs_f64();
+    let restart_cpu_s = cpu_seconds(pid);
     let (reports_before, reports_after) = (reports0, reports1);
     drop(workers);
     drop(fleet);
@@ -569,6 +605,8 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
         wave_targets,
         rollout_s,
         rollout_outcome: d["outcome"].as_str().unwrap_or("unknown").to_string(),
+        restart_s,
+        restart_cpu_s,
         report_failures,
     })
 }

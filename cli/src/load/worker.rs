@@ -35,8 +35,6 @@ use tokio::time::sleep_until;
 /// Registrations one worker has in flight: the coordinator takes at most
 /// 128 connections in their handshake at once and refuses the rest.
 const REGISTERING_AT_ONCE: usize = 32;
-/// A report that failed is sent again this much later.
-const RETRY: Duration = Duration::from_secs(1);
 
 /// `convoy load-worker`'s flags (the driver sets them).
 #[derive(Args, Debug)]
@@ -252,9 +250,11 @@ impl Simulated {
                             self.counters.heartbeat_ms.store(heartbeat_ms, Ordering::Relaxed);
                             next_report = tokio::time::Instant::now() + self.heartbeat;
                         }
+                        // As a target does: again at its cadence (the
+                        // first registration's is a second).
                         Err(_) => {
                             self.counters.report_failures.fetch_add(1, Ordering::Relaxed);
-                            next_report = tokio::time::Instant::now() + RETRY;
+                            next_report = tokio::time::Instant::now() + self.heartbeat;
                         }
                     }
                 }
