@@ -412,6 +412,19 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // But a process that holds connections to daemons it may see die (the
+    // benchmarks kill and restart them) must not die itself of a write to
+    // a reset socket: a load-test worker did, silently, when the
+    // coordinator it loaded was killed. Still before any other thread.
+    if matches!(
+        cli.command,
+        Command::Bench(_) | Command::Demo(_) | Command::LoadTest(_) | Command::LoadWorker(_)
+    ) {
+        // SAFETY: as above; SIG_IGN is valid.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        }
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -316,6 +316,17 @@ impl Workers {
         Ok(Self { procs, tally })
     }
 
+    /// Fails if a worker has exited: its targets are gone, and waiting
+    /// for them would only time out.
+    fn check(&mut self) -> Result<()> {
+        for p in &mut self.procs {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("{} exited ({status}); its log says why", p.name);
+            }
+        }
+        Ok(())
+    }
+
     /// CPU seconds the workers have used: they share this machine with
     /// the coordinator, as a real fleet's targets do not.
     fn cpu(&self) -> f64 {
@@ -385,7 +396,7 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
 
     eprintln!("   registering {n} targets from {} workers", args.workers);
     let started = Instant::now();
-    let workers = Workers::start(args, n, &fleet)?;
+    let mut workers = Workers::start(args, n, &fleet)?;
     let alive = || async {
         match control(&client, ControlRequest::Fleet).await? {
             ControlResponse::Fleet(m) => {
@@ -398,6 +409,7 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
+        workers.check()?;
         let registered = workers.with(|t| Tally::sum(&t.registered)) as usize;
         if registered >= n && alive().await? >= n {
             break;
@@ -488,7 +500,10 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
     until(
         Duration::from_secs(300),
         "not every target had its order",
-        || Ok(workers.with(|t| t.last("stage").0 >= n && t.last("peers").0 >= n)),
+        || {
+            workers.check()?;
+            Ok(workers.with(|t| t.last("stage").0 >= n && t.last("peers").0 >= n))
+        },
     )
     .await?;
     let (_, stage_last) = workers.with(|t| t.last("stage"));
@@ -530,7 +545,10 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
         until(
             Duration::from_secs(10),
             "not every target's delivery order was seen",
-            || Ok(workers.with(|t| t.last("deliver").0 >= n)),
+            || {
+                workers.check()?;
+                Ok(workers.with(|t| t.last("deliver").0 >= n))
+            },
         )
         .await?;
     }
@@ -569,6 +587,7 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         tick.tick().await;
+        workers.check()?;
         let alive = match control(&client, ControlRequest::Fleet).await? {
             ControlResponse::Fleet(m) => m.iter().filter(|m| m.alive).count(),
             other => bail!("unexpected answer: {other:?}"),
