@@ -1747,8 +1747,12 @@ impl Coordinator {
         to.iter()
             .map(|target| {
                 let (dc, zone) = place(target);
-                // Per target and release, so lists differ between targets.
-                let seed = blake3::hash(&[target.to_bytes(), run.release.0.to_vec()].concat());
+                // Per target, so lists differ between targets but not
+                // between stagings: the next release's peers are this
+                // one's, and their connections (each a TLS handshake of
+                // some kilobytes) are reused. Seeded per release, an
+                // update of 50 targets moved 58–67 KiB a target, not 39.
+                let seed = blake3::hash(&target.to_bytes());
                 let seed = u64::from_le_bytes(seed.as_bytes()[..8].try_into().expect("8"));
                 let peers = pool
                     .choose(*target, &dc, &zone, degree, seed)
