@@ -101,6 +101,34 @@ impl Fleet {
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
 
+    /// Why a staging may not have finished, from the daemons' logs: a
+    /// full disk makes targets keep what they hold and wait, which looks
+    /// like a slow staging until the bench's timeout (it happened: a disk
+    /// filled by earlier runs' directories).
+    pub fn diagnose(&self) -> Option<String> {
+        let full: Vec<String> = std::fs::read_dir(&self.logs)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                std::fs::read_to_string(e.path())
+                    .is_ok_and(|t| t.contains("No space left on device"))
+            })
+            .map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .trim_end_matches(".log")
+                    .to_string()
+            })
+            .collect();
+        (!full.is_empty()).then(|| {
+            format!(
+                "the disk under {} is full: {} logged \"No space left on device\"",
+                self.dir.path().display(),
+                full.join(", ")
+            )
+        })
+    }
+
     /// A fleet directory with a fresh fleet key, logs under `logs` (or in
     /// the directory), nothing running yet.
     pub fn new(prefix: &str, logs: Option<PathBuf>) -> Result<Self> {
@@ -519,6 +547,23 @@ pub(crate) async fn wait_for_targets(client: &Client, n: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_named_from_the_logs() {
+        let fleet = Fleet::new("convoy-diagnose-", None).unwrap();
+        std::fs::write(fleet.log("target-000"), "INFO staged\n").unwrap();
+        assert_eq!(fleet.diagnose(), None);
+        std::fs::write(
+            fleet.log("target-001"),
+            "WARN cannot store a chunk: writing a pack: No space left on device (os error 28)\n",
+        )
+        .unwrap();
+        let why = fleet.diagnose().unwrap();
+        assert!(
+            why.contains("target-001") && !why.contains("target-000"),
+            "{why}"
+        );
+    }
 
     #[test]
     fn a_sample_is_read_with_its_labels() {

@@ -683,7 +683,13 @@ async fn stage_once(
     };
     let slowest = rates.slowest_seconds(args.nodes, package_bytes);
     let timeout = Duration::from_secs_f64(3.0 * slowest + 120.0);
-    let report = follow(client, staging, Some(timeout)).await?;
+    let report = match follow(client, staging, Some(timeout)).await {
+        Ok(r) => r,
+        Err(e) => match fleet.diagnose() {
+            Some(why) => return Err(e.context(why)),
+            None => return Err(e),
+        },
+    };
     let wall = started.elapsed().as_secs_f64();
     let cpu = stats.cpu() - cpu0;
     let traffic = fleet.traffic_once_quiet(client).await? - traffic0;
