@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use convoy_daemon::client::Client;
 use convoy_daemon::protocol::{ControlRequest, ControlResponse, DistributionMode};
 use convoy_daemon::store::RocksStore;
 use convoy_daemon::units::unix_ms;
@@ -353,6 +354,38 @@ async fn until(limit: Duration, what: &str, mut done: impl FnMut() -> Result<boo
     }
 }
 
+/// Polls the coordinator's fleet listing every half second, once `ready`
+/// holds of what the workers said, until `n` targets are alive (at most
+/// 600 s, failing at once if a worker exits).
+async fn wait_alive(
+    client: &Client,
+    workers: &mut Workers,
+    n: usize,
+    ready: impl Fn(&Tally) -> bool,
+    what: &str,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        workers.check()?;
+        let alive = if workers.with(&ready) {
+            match control(client, ControlRequest::Fleet).await? {
+                ControlResponse::Fleet(m) => m.iter().filter(|m| m.alive).count(),
+                other => bail!("unexpected answer to the fleet listing: {other:?}"),
+            }
+        } else {
+            0
+        };
+        if alive >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{alive} of {n} targets {what} within 600 s; the coordinator's log may say why");
+        }
+    }
+}
+
 /// A small release: four files of 64 KiB.
 fn write_release(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -397,30 +430,10 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
     eprintln!("   registering {n} targets from {} workers", args.workers);
     let started = Instant::now();
     let mut workers = Workers::start(args, n, &fleet)?;
-    let alive = || async {
-        match control(&client, ControlRequest::Fleet).await? {
-            ControlResponse::Fleet(m) => {
-                Ok::<_, anyhow::Error>(m.iter().filter(|m| m.alive).count())
-            }
-            other => Err(anyhow!("unexpected answer: {other:?}")),
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tick.tick().await;
-        workers.check()?;
-        let registered = workers.with(|t| Tally::sum(&t.registered)) as usize;
-        if registered >= n && alive().await? >= n {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{registered} of {n} targets registered within 600 s; see {}",
-                fleet.log("coordinator").display()
-            );
-        }
-    }
+    // The workers' count first: listing 10,000 targets costs the
+    // coordinator a tenth of a second.
+    let registered = |t: &Tally| Tally::sum(&t.registered) as usize >= n;
+    wait_alive(&client, &mut workers, n, registered, "registered").await?;
     let register_s = started.elapsed().as_secs_f64();
 
     // Steady state: every target reports on the coordinator's cadence.
@@ -584,21 +597,14 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
     fleet.restart_coordinator(convoyd, &cargs)?;
     let pid = fleet.coordinator_pid().context("no coordinator")?;
     let client = fleet.operator_client().await?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        tick.tick().await;
-        workers.check()?;
-        let alive = match control(&client, ControlRequest::Fleet).await? {
-            ControlResponse::Fleet(m) => m.iter().filter(|m| m.alive).count(),
-            other => bail!("unexpected answer: {other:?}"),
-        };
-        if alive >= n {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{alive} of {n} targets came back within 600 s of the restart");
-        }
-    }
+    wait_alive(
+        &client,
+        &mut workers,
+        n,
+        |_| true,
+        "came back after the restart",
+    )
+    .await?;
     let restart_s = restarted.elapsed().as_secs_f64();
     let restart_cpu_s = cpu_seconds(pid);
     let (reports_before, reports_after) = (reports0, reports1);

@@ -65,7 +65,6 @@ struct Counters {
     registered: AtomicU64,
     reports: AtomicU64,
     report_failures: AtomicU64,
-    requests: AtomicU64,
     heartbeat_ms: AtomicU64,
 }
 
@@ -128,7 +127,6 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                         "registered": c.registered.load(Ordering::Relaxed),
                         "reports": c.reports.load(Ordering::Relaxed),
                         "report_failures": c.report_failures.load(Ordering::Relaxed),
-                        "requests": c.requests.load(Ordering::Relaxed),
                         "heartbeat_ms": c.heartbeat_ms.load(Ordering::Relaxed),
                     });
                     writeln!(stdout, "{status}")?;
@@ -160,7 +158,6 @@ enum Internal {
 }
 
 struct Simulated {
-    index: usize,
     net: NetHandle,
     coordinator: PeerId,
     labels: Labels,
@@ -195,7 +192,6 @@ impl Simulated {
         ]
         .into();
         Self {
-            index,
             net,
             coordinator,
             labels,
@@ -345,7 +341,6 @@ impl Simulated {
     fn line(&self, what: &str) {
         let _ = self.lines.send(json!({
             "e": what,
-            "t": self.index,
             "id": self.net.peer_id().to_string(),
             "ms": unix_ms(),
         }));
@@ -370,7 +365,6 @@ impl Simulated {
             }
             _ => return,
         };
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
         if peer != self.coordinator {
             return reply.answer(ControlResponse::Denied);
         }
@@ -455,8 +449,7 @@ impl Simulated {
         if let Some(old) = self.active.insert(app.clone(), version.clone()) {
             self.previous.insert(app, old);
         }
-        let (net, to, lines) = (self.net.clone(), self.coordinator, self.lines.clone());
-        let (index, id) = (self.index, self.net.peer_id().to_string());
+        let (net, to) = (self.net.clone(), self.coordinator);
         tokio::spawn(async move {
             let started = Instant::now();
             if let Some(ms) = drain_ms {
@@ -468,7 +461,6 @@ impl Simulated {
                 switch_us: 0,
                 total_ms: started.elapsed().as_millis() as u64,
             };
-            let _ = lines.send(json!({"e": "delivered", "t": index, "id": id, "ms": unix_ms()}));
             convoy_daemon::target::report_delivery(&net, to, report).await;
         });
     }

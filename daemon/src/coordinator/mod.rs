@@ -466,12 +466,7 @@ pub async fn run(
             _ = tick.tick() => {
                 c.tick_rollouts();
                 c.drive_gifts();
-                for (id, mut back) in std::mem::take(&mut c.returning) {
-                    // Back twice within a tick: one order.
-                    back.sort_unstable();
-                    back.dedup();
-                    c.send_orders(id, back);
-                }
+                c.send_returning();
             }
             _ = flush.tick() => c.flush_if_dirty(),
         }
@@ -828,6 +823,17 @@ impl Coordinator {
                 }
                 Err(e) => warn!(id = rec.id, "cannot resume staging: {e}"),
             }
+        }
+    }
+
+    /// Sends the targets that came back their unfinished orders, a run at
+    /// a time (see `returning`).
+    fn send_returning(&mut self) {
+        for (id, mut back) in std::mem::take(&mut self.returning) {
+            // Back twice within a tick: one order.
+            back.sort_unstable();
+            back.dedup();
+            self.send_orders(id, back);
         }
     }
 

@@ -43,16 +43,6 @@ impl<P: Copy + Eq, D: Hash + Eq + Clone, Z: Hash + Eq + Clone> PeerPool<P, D, Z>
         pool
     }
 
-    /// Candidates in the pool.
-    pub fn len(&self) -> usize {
-        self.all.len()
-    }
-
-    /// Whether the pool has none.
-    pub fn is_empty(&self) -> bool {
-        self.all.is_empty()
-    }
-
     /// `degree` peers (fewer if the pool has fewer) for `me`, which stands
     /// at `(dc, zone)` and is never chosen: half the places to the nearest,
     /// the rest at random. `seed` makes the draw repeatable (the
