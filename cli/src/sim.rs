@@ -43,6 +43,9 @@ pub struct SimArgs {
     /// Seed of the peer choices, tie-breaks and the generated chunk sizes
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Write the completion-time distribution of every mode here (SVG)
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<std::path::PathBuf>,
 }
 
 /// Chunk lengths of `size` bytes of incompressible files of at most 4 MiB,

@@ -727,16 +727,12 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         let start = self
             .rng
             .random_range(0..self.have.len().max(1) as ChunkIndex);
-        for c in self.blocked.missing_from(start) {
+        for c in self.blocked.missing_held_by_from(&p.have, start) {
             if seen >= PICK_SAMPLE || best.is_some_and(|(r, _)| r <= 1) {
                 break;
             }
             let i = c as usize;
-            if !p.have.contains(c)
-                || p.refused.contains_key(&c)
-                || self.outstanding.contains_key(&c)
-                || self.given_up(c)
-            {
+            if p.refused.contains_key(&c) || self.outstanding.contains_key(&c) || self.given_up(c) {
                 continue;
             }
             // Each chunk should cross a data-centre link once, and leave the

@@ -78,20 +78,48 @@ impl HaveSet {
     /// The chunks not held, ascending from `start`, then from 0 up to it:
     /// a scan that begins anywhere without walking the bits before it.
     pub fn missing_from(&self, start: ChunkIndex) -> impl Iterator<Item = ChunkIndex> + '_ {
-        let len = self.len() as u64;
-        let start = if len == 0 { 0 } else { u64::from(start) % len };
-        self.missing_in(start, len).chain(self.missing_in(0, start))
+        self.scan_from(None, start)
     }
 
-    /// The chunks in `from..to` not held, ascending.
-    fn missing_in(&self, from: u64, to: u64) -> impl Iterator<Item = ChunkIndex> + '_ {
+    /// The chunks not held here that `other` holds, in the order of
+    /// [`HaveSet::missing_from`]: 64 chunks to a step, so a peer holding
+    /// little of what is missing costs little to scan.
+    pub fn missing_held_by_from<'a>(
+        &'a self,
+        other: &'a HaveSet,
+        start: ChunkIndex,
+    ) -> impl Iterator<Item = ChunkIndex> + 'a {
+        assert_eq!(self.len(), other.len(), "sets of different releases");
+        self.scan_from(Some(other), start)
+    }
+
+    fn scan_from<'a>(
+        &'a self,
+        mask: Option<&'a HaveSet>,
+        start: ChunkIndex,
+    ) -> impl Iterator<Item = ChunkIndex> + 'a {
+        let len = self.len() as u64;
+        let start = if len == 0 { 0 } else { u64::from(start) % len };
+        self.missing_in(mask, start, len)
+            .chain(self.missing_in(mask, 0, start))
+    }
+
+    /// The chunks in `from..to` not held (and held in `mask`, if given),
+    /// ascending.
+    fn missing_in<'a>(
+        &'a self,
+        mask: Option<&'a HaveSet>,
+        from: u64,
+        to: u64,
+    ) -> impl Iterator<Item = ChunkIndex> + 'a {
         const BITS: u64 = usize::BITS as u64;
         let blocks = self.0.as_slice();
+        let masks = mask.map(|m| m.0.as_slice());
         let first = (from / BITS) as usize;
         let last = to.div_ceil(BITS) as usize;
         (first..last.min(blocks.len())).flat_map(move |b| {
             let base = b as u64 * BITS;
-            let mut zeroes = !blocks[b];
+            let mut zeroes = !blocks[b] & masks.map_or(usize::MAX, |m| m[b]);
             if b == first {
                 zeroes &= usize::MAX << (from % BITS);
             }
@@ -128,6 +156,22 @@ mod tests {
                     let expect = all.iter().copied().find(|c| *c >= s).unwrap_or(all[0]);
                     assert_eq!(f, expect, "len {len} start {start}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn missing_held_by_is_missing_filtered_by_the_other_set() {
+        for len in [0usize, 1, 63, 64, 65, 200] {
+            let h = HaveSet::from_indices(len, (0..len as u32).filter(|i| i % 3 == 0));
+            let other = HaveSet::from_indices(len, (0..len as u32).filter(|i| i % 2 == 0));
+            for start in [0u32, 1, 62, 63, 64, 130, 199] {
+                let want: Vec<_> = h
+                    .missing_from(start)
+                    .filter(|c| other.contains(*c))
+                    .collect();
+                let got: Vec<_> = h.missing_held_by_from(&other, start).collect();
+                assert_eq!(got, want, "len {len} start {start}");
             }
         }
     }

@@ -189,7 +189,8 @@ enum Msg {
     },
     /// Busy, and how long to wait.
     Busy(Vec<ChunkIndex>, Duration),
-    /// An announcement.
+    /// An announcement (reaching one peer; [`Event::Announced`] reaches
+    /// all of a node's peers at once).
     Haves(Vec<ChunkIndex>),
     /// A chunk sent unasked: by the origin ([`Seeder::gift`]) or pushed.
     Data {
@@ -215,6 +216,41 @@ enum Event {
     Timer(Node),
     /// A target's announcement tick.
     Announce(Node),
+    /// An announcement arriving at every peer of `from` and the origin:
+    /// one event for what the daemon sends as one message per peer, all
+    /// of them the same latency away.
+    Announced {
+        from: Node,
+        chunks: Vec<ChunkIndex>,
+    },
+}
+
+/// An event in the queue, ordered by when it happens, then by when it
+/// was scheduled (so runs are deterministic).
+struct Queued {
+    at: Duration,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
 }
 
 /// What a node's uplink sends next.
@@ -237,9 +273,12 @@ struct Sim<'c> {
     cfg: &'c SimConfig,
     base: Instant,
     now: Duration,
-    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
-    events: Vec<Option<Event>>,
+    queue: BinaryHeap<Reverse<Queued>>,
     seq: u64,
+    /// Targets neither complete nor corrupt (the run ends at zero).
+    unsettled: usize,
+    /// Each target's (rank, count) among its data centre's targets.
+    import_ranks: Vec<(u32, u32)>,
     labels: Vec<Label>,
     neighbours: Vec<Vec<Node>>,
     uplink: Vec<VecDeque<Send>>,
@@ -279,13 +318,27 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let mut have = vec![start_have.clone(); nodes];
     have[ORIGIN] = HaveSet::full(n);
     let base = Instant::now();
+    let mut import_ranks = vec![(0, 0); nodes];
+    let mut per_dc = vec![0u32; cfg.dcs];
+    for t in 1..nodes {
+        let dc = labels[t].dc;
+        import_ranks[t].0 = per_dc[dc];
+        per_dc[dc] += 1;
+    }
+    for t in 1..nodes {
+        import_ranks[t].1 = per_dc[labels[t].dc];
+    }
+    let corrupt = (0..cfg.targets)
+        .filter(|t| cfg.corrupt_targets.contains(t))
+        .count();
     let mut sim = Sim {
         cfg,
         base,
         now: Duration::ZERO,
         queue: BinaryHeap::new(),
-        events: Vec::new(),
         seq: 0,
+        unsettled: cfg.targets - corrupt,
+        import_ranks,
         neighbours: choose_neighbours(cfg, &labels),
         labels,
         uplink: (0..nodes).map(|_| VecDeque::new()).collect(),
@@ -312,19 +365,16 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         },
     };
     sim.start(&start_have);
-    while let Some(Reverse((at, _, slot))) = sim.queue.pop() {
+    while sim.unsettled > 0 {
+        let Some(Reverse(Queued { at, event, .. })) = sim.queue.pop() else {
+            break;
+        };
         if at > cfg.time_limit || sim.report.events >= cfg.max_events {
             break;
         }
         sim.now = at;
         sim.report.events += 1;
-        let event = sim.events[slot].take().expect("each event runs once");
         sim.handle(event);
-        let settled =
-            |(t, c): (usize, &Option<Duration>)| c.is_some() || cfg.corrupt_targets.contains(&t);
-        if sim.report.completion.iter().enumerate().all(settled) {
-            break;
-        }
     }
     sim.report
 }
@@ -361,9 +411,11 @@ impl Sim<'_> {
     }
 
     fn schedule(&mut self, after: Duration, event: Event) {
-        let slot = self.events.len();
-        self.events.push(Some(event));
-        self.queue.push(Reverse((self.now + after, self.seq, slot)));
+        self.queue.push(Reverse(Queued {
+            at: self.now + after,
+            seq: self.seq,
+            event,
+        }));
         self.seq += 1;
     }
 
@@ -376,19 +428,6 @@ impl Sim<'_> {
             return Locality::Origin;
         }
         place(&self.labels[me], &self.labels[peer])
-    }
-
-    /// The tracker's ranking of targets within each data centre.
-    fn import_rank(&self, t: Node) -> (u32, u32) {
-        let dc = self.labels[t].dc;
-        let same: Vec<Node> = (1..=self.cfg.targets)
-            .filter(|o| self.labels[*o].dc == dc)
-            .collect();
-        let rank = same
-            .iter()
-            .position(|o| *o == t)
-            .expect("a target is in its own data centre");
-        (rank as u32, same.len() as u32)
     }
 
     fn start(&mut self, start_have: &HaveSet) {
@@ -415,7 +454,7 @@ impl Sim<'_> {
                     let config = FetchConfig {
                         mode,
                         seed: self.cfg.seed.wrapping_mul(31).wrapping_add(t as u64),
-                        import_rank: self.import_rank(t),
+                        import_rank: self.import_ranks[t],
                         origin_in_my_dc: self.labels[t].dc == self.labels[ORIGIN].dc,
                         ..self.cfg.fetch.clone()
                     };
@@ -467,6 +506,13 @@ impl Sim<'_> {
                 self.announce(node, false);
             }
             Event::Arrive { to, from, msg } => self.arrive(to, from, msg),
+            Event::Announced { from, chunks } => {
+                for i in 0..self.neighbours[from].len() {
+                    let to = self.neighbours[from][i];
+                    self.arrive(to, from, Msg::Haves(chunks.clone()));
+                }
+                self.arrive(ORIGIN, from, Msg::Haves(chunks));
+            }
         }
     }
 
@@ -618,8 +664,11 @@ impl Sim<'_> {
             self.report.corrupt_stored += 1;
         }
         self.have[node].insert(chunk);
-        if self.have[node].is_full() {
-            self.report.completion[node - 1].get_or_insert(self.now);
+        if self.have[node].is_full() && self.report.completion[node - 1].is_none() {
+            self.report.completion[node - 1] = Some(self.now);
+            if !self.cfg.corrupt_targets.contains(&(node - 1)) {
+                self.unsettled -= 1;
+            }
         }
     }
 
@@ -688,14 +737,8 @@ impl Sim<'_> {
     fn announce(&mut self, node: Node, at_once: bool) {
         let now = self.instant();
         if let Some(chunks) = self.announcers[node].due(now, at_once) {
-            let to: Vec<Node> = self.neighbours[node]
-                .iter()
-                .copied()
-                .chain([ORIGIN])
-                .collect();
-            for peer in to {
-                self.send(node, peer, Msg::Haves(chunks.clone()));
-            }
+            let from = node;
+            self.schedule(self.cfg.latency, Event::Announced { from, chunks });
         }
         if !self.announcers[node].is_idle() && !self.ticking[node] {
             // The daemon's ticks run on a fixed interval: the next one.
