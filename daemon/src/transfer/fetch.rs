@@ -155,6 +155,24 @@ impl Peer {
     }
 }
 
+/// The chunks the target ranked `rank` of `size` in its data centre
+/// imports: every `size`-th from `rank`, or all when it is alone.
+fn imports(len: usize, (rank, size): (u32, u32)) -> HaveSet {
+    if size <= 1 {
+        return HaveSet::full(len);
+    }
+    HaveSet::from_indices(len, (rank..len as u32).step_by(size as usize))
+}
+
+/// Marks `chunk` in `set` or not.
+fn set_if(set: &mut HaveSet, chunk: ChunkIndex, yes: bool) {
+    if yes {
+        set.insert(chunk);
+    } else {
+        set.remove(chunk);
+    }
+}
+
 struct Outstanding<P> {
     peer: P,
     since: Instant,
@@ -198,6 +216,13 @@ pub struct Fetcher<P> {
     holders: Vec<u32>,
     /// Peers in this target's data centre holding each chunk.
     local_holders: Vec<u32>,
+    /// The chunks with a holder in `holders`, and in `local_holders`: the
+    /// sets a pick's scan masks with.
+    held: HaveSet,
+    held_locally: HaveSet,
+    /// The chunks this target imports from other data centres when none
+    /// of its own holds them ([`FetchConfig::import_rank`]).
+    imports: HaveSet,
     /// Requests in flight per chunk (two at most, in the endgame).
     outstanding: BTreeMap<ChunkIndex, Vec<Outstanding<P>>>,
     actions: VecDeque<FetchAction<P>>,
@@ -257,12 +282,16 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             banned: Vec::new(),
             holders: vec![0; n],
             local_holders: vec![0; n],
+            held: HaveSet::empty(n),
+            held_locally: HaveSet::empty(n),
+            imports: HaveSet::empty(n),
             outstanding: BTreeMap::new(),
             actions: VecDeque::new(),
             completed: false,
             failures: BTreeMap::new(),
             round_trip: None,
         };
+        f.imports = imports(n, f.config.import_rank);
         f.check_complete();
         f
     }
@@ -275,6 +304,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             "rank {rank} outside a data centre of {size}"
         );
         self.config.import_rank = (rank, size);
+        self.imports = imports(self.have.len(), self.config.import_rank);
         self.schedule(now);
     }
 
@@ -602,9 +632,11 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         let c = chunk as usize;
         if locality != Locality::Origin {
             self.holders[c] = self.holders[c].wrapping_add_signed(delta);
+            set_if(&mut self.held, chunk, self.holders[c] > 0);
         }
         if locality.is_local() {
             self.local_holders[c] = self.local_holders[c].wrapping_add_signed(delta);
+            set_if(&mut self.held_locally, chunk, self.local_holders[c] > 0);
         }
     }
 
@@ -710,12 +742,17 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// The rarest chunk `peer` may serve, ties broken at random.
     fn pick(&mut self, peer: P) -> Option<ChunkIndex> {
         let p = &self.peers[&peer];
-        let swarm = self.config.mode == Mode::Swarm;
-        let (rank, size) = self.config.import_rank;
-        let remote = match p.locality {
-            Locality::OtherDc => true,
-            Locality::Origin => !self.config.origin_in_my_dc,
-            Locality::SameZone | Locality::SameDc => false,
+        // Each chunk should cross a data-centre link once, and leave the
+        // origin as few times as possible: ask further away only for what
+        // no closer peer holds, and from another data centre only what
+        // this target imports for its own (`imports`) while none of its
+        // data centre holds it.
+        let (all_of, none_of): (&[&HaveSet], &[&HaveSet]) = match p.locality {
+            _ if self.config.mode != Mode::Swarm => (&[&p.have], &[]),
+            Locality::SameZone | Locality::SameDc => (&[&p.have], &[]),
+            Locality::OtherDc => (&[&p.have, &self.imports], &[&self.held_locally]),
+            Locality::Origin if self.config.origin_in_my_dc => (&[&p.have], &[&self.held]),
+            Locality::Origin => (&[&p.have, &self.imports], &[&self.held]),
         };
         let mut best: Option<(u32, ChunkIndex)> = None;
         let mut ties = 0u32;
@@ -727,26 +764,13 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         let start = self
             .rng
             .random_range(0..self.have.len().max(1) as ChunkIndex);
-        for c in self.blocked.missing_held_by_from(&p.have, start) {
+        for c in self.blocked.missing_from_where(start, all_of, none_of) {
             if seen >= PICK_SAMPLE || best.is_some_and(|(r, _)| r <= 1) {
                 break;
             }
             let i = c as usize;
             if p.refused.contains_key(&c) || self.outstanding.contains_key(&c) || self.given_up(c) {
                 continue;
-            }
-            // Each chunk should cross a data-centre link once, and leave the
-            // origin as few times as possible: ask further away only for
-            // what no closer peer holds.
-            if swarm {
-                match p.locality {
-                    Locality::Origin if self.holders[i] > 0 => continue,
-                    Locality::OtherDc if self.local_holders[i] > 0 => continue,
-                    _ => {}
-                }
-                if remote && self.local_holders[i] == 0 && size > 1 && c % size != rank {
-                    continue; // another target of this data centre imports it
-                }
             }
             seen += 1;
             let rarity = self.holders[i];
@@ -1030,6 +1054,19 @@ mod tests {
         // The importer of chunk 2 left: this target now imports everything.
         f.set_import_rank(now, 0, 1);
         assert_eq!(requests(&drain(&mut f)), [(2, 2)]);
+    }
+
+    #[test]
+    fn what_this_data_centre_holds_is_not_imported_even_when_its_holder_is_busy() {
+        let now = Instant::now();
+        let mut f = odd_chunks_importer();
+        f.add_peer(now, 1, Locality::SameDc, HaveSet::from_indices(4, [1]));
+        assert_eq!(requests(&drain(&mut f)), [(1, 1)]);
+        f.handle_busy(now, 1, 1, Duration::from_secs(1));
+        assert!(requests(&drain(&mut f)).is_empty());
+        // Chunk 1 waits for the local peer; chunk 3 comes from afar.
+        f.add_peer(now, 2, Locality::OtherDc, HaveSet::full(4));
+        assert_eq!(requests(&drain(&mut f)), [(2, 3)]);
     }
 
     #[test]

@@ -4,6 +4,9 @@ use fixedbitset::FixedBitSet;
 
 use super::ChunkIndex;
 
+/// Sets a scan's chunks must all be in, and sets they must be in none of.
+type Masks<'a> = (&'a [&'a HaveSet], &'a [&'a HaveSet]);
+
 /// A set of chunk indices of one release.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HaveSet(FixedBitSet);
@@ -81,21 +84,27 @@ impl HaveSet {
         self.scan_from(None, start)
     }
 
-    /// The chunks not held here that `other` holds, in the order of
-    /// [`HaveSet::missing_from`]: 64 chunks to a step, so a peer holding
-    /// little of what is missing costs little to scan.
-    pub fn missing_held_by_from<'a>(
+    /// The chunks not held here, held in every set of `all_of` and in
+    /// none of `none_of`, in the order of [`HaveSet::missing_from`]: 64
+    /// chunks to a step, so a peer holding little of what is missing
+    /// costs little to scan.
+    pub fn missing_from_where<'a>(
         &'a self,
-        other: &'a HaveSet,
         start: ChunkIndex,
+        all_of: &'a [&'a HaveSet],
+        none_of: &'a [&'a HaveSet],
     ) -> impl Iterator<Item = ChunkIndex> + 'a {
-        assert_eq!(self.len(), other.len(), "sets of different releases");
-        self.scan_from(Some(other), start)
+        let len = self.len();
+        assert!(
+            all_of.iter().chain(none_of).all(|s| s.len() == len),
+            "sets of different releases"
+        );
+        self.scan_from(Some((all_of, none_of)), start)
     }
 
     fn scan_from<'a>(
         &'a self,
-        mask: Option<&'a HaveSet>,
+        mask: Option<Masks<'a>>,
         start: ChunkIndex,
     ) -> impl Iterator<Item = ChunkIndex> + 'a {
         let len = self.len() as u64;
@@ -104,22 +113,29 @@ impl HaveSet {
             .chain(self.missing_in(mask, 0, start))
     }
 
-    /// The chunks in `from..to` not held (and held in `mask`, if given),
+    /// The chunks in `from..to` not held (and passing `mask`, if given),
     /// ascending.
     fn missing_in<'a>(
         &'a self,
-        mask: Option<&'a HaveSet>,
+        mask: Option<Masks<'a>>,
         from: u64,
         to: u64,
     ) -> impl Iterator<Item = ChunkIndex> + 'a {
         const BITS: u64 = usize::BITS as u64;
         let blocks = self.0.as_slice();
-        let masks = mask.map(|m| m.0.as_slice());
         let first = (from / BITS) as usize;
         let last = to.div_ceil(BITS) as usize;
         (first..last.min(blocks.len())).flat_map(move |b| {
             let base = b as u64 * BITS;
-            let mut zeroes = !blocks[b] & masks.map_or(usize::MAX, |m| m[b]);
+            let mut zeroes = !blocks[b];
+            if let Some((all_of, none_of)) = mask {
+                for s in all_of {
+                    zeroes &= s.0.as_slice()[b];
+                }
+                for s in none_of {
+                    zeroes &= !s.0.as_slice()[b];
+                }
+            }
             if b == first {
                 zeroes &= usize::MAX << (from % BITS);
             }
@@ -161,17 +177,21 @@ mod tests {
     }
 
     #[test]
-    fn missing_held_by_is_missing_filtered_by_the_other_set() {
+    fn missing_from_where_is_missing_filtered_by_the_masks() {
         for len in [0usize, 1, 63, 64, 65, 200] {
-            let h = HaveSet::from_indices(len, (0..len as u32).filter(|i| i % 3 == 0));
-            let other = HaveSet::from_indices(len, (0..len as u32).filter(|i| i % 2 == 0));
+            let set = |m: u32| HaveSet::from_indices(len, (0..len as u32).filter(|i| i % m == 0));
+            let (h, two, five, seven) = (set(3), set(2), set(5), set(7));
             for start in [0u32, 1, 62, 63, 64, 130, 199] {
                 let want: Vec<_> = h
                     .missing_from(start)
-                    .filter(|c| other.contains(*c))
+                    .filter(|c| two.contains(*c) && five.contains(*c) && !seven.contains(*c))
                     .collect();
-                let got: Vec<_> = h.missing_held_by_from(&other, start).collect();
+                let got: Vec<_> = h
+                    .missing_from_where(start, &[&two, &five], &[&seven])
+                    .collect();
                 assert_eq!(got, want, "len {len} start {start}");
+                let all: Vec<_> = h.missing_from_where(start, &[], &[]).collect();
+                assert_eq!(all, h.missing_from(start).collect::<Vec<_>>());
             }
         }
     }
