@@ -17,6 +17,7 @@ mod deltas;
 mod demo;
 mod load;
 mod operate;
+mod plot;
 mod progress;
 mod remote;
 mod sim;

@@ -115,6 +115,7 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
     }
     let bound = base.bound_seconds();
     let mut rows = Vec::new();
+    let mut lines = Vec::new();
     for mode in modes {
         let started = Instant::now();
         let cfg = SimConfig {
@@ -124,6 +125,16 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
         let r = run(&cfg);
         let q = |x| r.quantile(x);
         let done = r.completion.iter().filter(|c| c.is_some()).count();
+        let mut seconds: Vec<f64> = r
+            .completion
+            .iter()
+            .map(|c| c.map_or(f64::INFINITY, |d| d.as_secs_f64()))
+            .collect();
+        seconds.sort_by(f64::total_cmp);
+        lines.push(crate::plot::Line {
+            label: mode.name().to_string(),
+            seconds,
+        });
         eprintln!(
             "{}: simulated in {:.1} s ({} events)",
             mode.name(),
@@ -196,6 +207,21 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
                 into.join(", ")
             );
         }
+    }
+    if let Some(path) = &args.svg {
+        let title = format!(
+            "{} targets, {} at {}/s{}: targets done over time",
+            args.nodes,
+            args.size,
+            args.uplink,
+            if args.dcs > 1 {
+                format!(", {} dcs", args.dcs)
+            } else {
+                String::new()
+            }
+        );
+        crate::plot::completion_svg(path, &title, &lines)?;
+        text += &format!("\ncompletion CDF: {}\n", path.display());
     }
     out.emit(serde_json::Value::Array(rows), || text);
     Ok(())

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use convoy_daemon::units::format_bytes;
 use serde_json::json;
 
@@ -344,55 +344,12 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
 
 /// Completion-time distributions: the share of targets done against time.
 pub(super) fn plot(results: &[RunResult], path: &Path) -> Result<()> {
-    use plotters::prelude::*;
-    let max_t = results
+    let lines: Vec<crate::plot::Line> = results
         .iter()
-        .flat_map(|r| &r.per_target_seconds)
-        .copied()
-        .filter(|t| t.is_finite())
-        .fold(0.0f64, f64::max)
-        .max(0.001)
-        * 1.05;
-    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("targets done over time", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..max_t, 0.0..1.0)
-        .map_err(|e| anyhow!("plot: {e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since the staging started")
-        .y_desc("share of targets staged")
-        .draw()
-        .map_err(|e| anyhow!("plot: {e}"))?;
-    for (i, r) in results.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let n = r.per_target_seconds.len().max(1) as f64;
-        let mut points = vec![(0.0, 0.0)];
-        // A target that did not finish never reaches the line's top.
-        for (k, t) in r.per_target_seconds.iter().enumerate() {
-            if !t.is_finite() {
-                break;
-            }
-            points.push((*t, k as f64 / n));
-            points.push((*t, (k + 1) as f64 / n));
-        }
-        let label = format!("{}{}", r.mode, if r.update { " (update)" } else { "" });
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(|e| anyhow!("plot: {e}"))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(|e| anyhow!("plot: {e}"))?;
-    root.present().map_err(|e| anyhow!("plot: {e}"))?;
-    Ok(())
+        .map(|r| crate::plot::Line {
+            label: format!("{}{}", r.mode, if r.update { " (update)" } else { "" }),
+            seconds: r.per_target_seconds.clone(),
+        })
+        .collect();
+    crate::plot::completion_svg(path, "targets done over time", &lines)
 }

@@ -1,0 +1,50 @@
+//! `convoy sim` through the real binary: every mode, the data centres'
+//! imports and the completion CDF.
+
+use convoy_tests::Convoy;
+
+#[test]
+fn sim_reports_every_mode_per_data_centre_and_draws_the_cdf() {
+    let work = tempfile::tempdir().unwrap();
+    let svg = work.path().join("cdf.svg");
+    let run = Convoy::new(&work.path().join("store")).run(&[
+        "--json",
+        "sim",
+        "--nodes",
+        "30",
+        "--size",
+        "2MiB",
+        "--dcs",
+        "3",
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    let rows = run.json();
+    let rows = rows.as_array().unwrap();
+    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["swarm", "push", "pull"]);
+    for r in rows {
+        assert_eq!(r["completed"], 30, "{r}");
+        let into = r["cross_dc_bytes_into"].as_array().unwrap();
+        assert_eq!(into.len(), 3, "{r}");
+        let sum: u64 = into.iter().map(|b| b.as_u64().unwrap()).sum();
+        assert_eq!(sum, r["cross_dc_bytes"].as_u64().unwrap(), "{r}");
+    }
+    // Push and pull send every target everything from the origin; the
+    // swarm finishes first.
+    let p99 = |i: usize| rows[i]["p99_seconds"].as_f64().unwrap();
+    assert!(p99(0) < p99(1) && p99(0) < p99(2), "{rows:?}");
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    for mode in modes {
+        assert!(drawn.contains(mode), "{mode} missing from the SVG");
+    }
+}
+
+#[test]
+fn sim_names_a_bad_mode_once() {
+    let work = tempfile::tempdir().unwrap();
+    let run = Convoy::new(&work.path().join("store")).run(&["sim", "--modes", "swarm,flood"]);
+    assert!(!run.ok);
+    assert_eq!(run.stderr.matches("flood").count(), 1, "{}", run.stderr);
+}
