@@ -646,7 +646,10 @@ async fn start(s: &Settings, role: &str, extra: serde_json::Value) -> Result<Sta
         .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
     let keypair = identity(&s.data_dir)?;
     let store = RocksStore::open(&s.data_dir.join("store"))?;
-    let chunks = Chunks::new(Arc::new(store), s.upload_rate, s.download_rate);
+    let chunks = match role {
+        "coordinator" => Chunks::origin(Arc::new(store), s.upload_rate, s.download_rate),
+        _ => Chunks::new(Arc::new(store), s.upload_rate, s.download_rate),
+    };
     let (handle, mut events) = net::start(NetConfig {
         keypair: keypair.clone(),
         listen: s.listen.clone(),

@@ -47,6 +47,68 @@ pub fn busy_for(backlog: Duration, serving: usize) -> Option<Duration> {
     (backlog > MAX_UPLOAD_BACKLOG).then(|| backlog - MAX_UPLOAD_BACKLOG)
 }
 
+/// The askers a server has told to wait and not served since, so that
+/// each is told to come back after its turn: with N askers all told the
+/// same short wait, a lone origin in pull mode answered every one of
+/// them busy about twice a second (1,000 targets: 31.8M simulated events
+/// for 256,000 chunks, 98% of them busy answers).
+#[derive(Debug)]
+pub struct Crowd<P> {
+    /// Each waiting asker and when it was told to come back.
+    waiting: HashMap<P, Instant>,
+    /// Size after the last sweep of askers long overdue.
+    swept: usize,
+}
+
+/// An asker that has not come back this long after its turn is forgotten.
+const CROWD_GRACE: Duration = Duration::from_secs(30);
+
+impl<P: std::hash::Hash + Eq + Copy> Default for Crowd<P> {
+    fn default() -> Self {
+        Self {
+            waiting: HashMap::new(),
+            swept: 0,
+        }
+    }
+}
+
+impl<P: std::hash::Hash + Eq + Copy> Crowd<P> {
+    /// Whether `peer`'s request is answered busy ([`busy_for`]), and for
+    /// how long: the backlog's excess plus a serve's share of the backlog
+    /// for every other asker already waiting.
+    pub fn busy(
+        &mut self,
+        now: Instant,
+        peer: P,
+        backlog: Duration,
+        serving: usize,
+    ) -> Option<Duration> {
+        let Some(excess) = busy_for(backlog, serving) else {
+            self.waiting.remove(&peer);
+            return None;
+        };
+        if self.waiting.len() >= 2 * self.swept.max(64) {
+            self.waiting.retain(|_, back| *back + CROWD_GRACE > now);
+            self.swept = self.waiting.len();
+        }
+        let ahead = self.waiting.len() - usize::from(self.waiting.contains_key(&peer));
+        let per_serve = backlog / serving.max(1) as u32;
+        let wait = excess + per_serve.saturating_mul(ahead as u32);
+        self.waiting.insert(peer, now + wait);
+        Some(wait)
+    }
+
+    /// Askers waiting.
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// True when none waits.
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
 /// A release's distinct chunks, in index order.
 pub type ChunkList = Arc<Vec<ChunkRef>>;
 
@@ -70,6 +132,11 @@ pub struct Chunks {
     /// Fault injection for tests: serve every chunk with a byte flipped.
     pub corrupt_uploads: std::sync::atomic::AtomicBool,
     uploads: Arc<tokio::sync::Semaphore>,
+    /// The origin's askers told to wait ([`Chunks::origin`]); a target
+    /// answers by [`busy_for`] alone (a crowd rule cost its swarm 5–9% of
+    /// p99 in the simulator: peers told to wait their turn idled uplinks
+    /// that would have served them).
+    crowd: Option<Mutex<Crowd<libp2p::PeerId>>>,
 }
 
 /// Manifests being read off the loop, and releases the store lacked.
@@ -96,7 +163,23 @@ pub enum ReceiveError {
 impl Chunks {
     /// Shares `store` under the given caps (bytes per second).
     pub fn new(store: Arc<dyn Store>, upload: Option<u64>, download: Option<u64>) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new(Self::with(store, upload, download, None))
+    }
+
+    /// As [`Chunks::new`], for the origin: an asker it answers busy is
+    /// told to come back after the others waiting ([`Crowd`]).
+    pub fn origin(store: Arc<dyn Store>, upload: Option<u64>, download: Option<u64>) -> Arc<Self> {
+        let crowd = Some(Mutex::new(Crowd::default()));
+        Arc::new(Self::with(store, upload, download, crowd))
+    }
+
+    fn with(
+        store: Arc<dyn Store>,
+        upload: Option<u64>,
+        download: Option<u64>,
+        crowd: Option<Mutex<Crowd<libp2p::PeerId>>>,
+    ) -> Self {
+        Self {
             store,
             upload: Pacer::new(upload),
             download: Pacer::new(download),
@@ -108,7 +191,8 @@ impl Chunks {
             bytes_received: AtomicU64::new(0),
             corrupt_uploads: Default::default(),
             uploads: Arc::new(tokio::sync::Semaphore::new(MAX_UPLOADS)),
-        })
+            crowd,
+        }
     }
 
     /// One of the [`MAX_UPLOADS`] slots for an operator's upload, held
@@ -197,13 +281,19 @@ impl Chunks {
         self.loading.lock().expect("loading lock").now.len()
     }
 
-    /// Whether the upload queue is full (a request now would wait too
-    /// long), and if so how long until it has room again.
-    pub fn busy(&self) -> Option<Duration> {
-        busy_for(
-            self.upload.backlog(Instant::now()),
-            self.serving.load(Ordering::Relaxed),
-        )
+    /// Whether the upload queue is full (a request from `peer` now would
+    /// wait too long), and if so how long `peer` is told to wait.
+    pub fn busy(&self, peer: libp2p::PeerId) -> Option<Duration> {
+        let now = Instant::now();
+        let backlog = self.upload.backlog(now);
+        let serving = self.serving.load(Ordering::Relaxed);
+        match &self.crowd {
+            Some(crowd) => crowd
+                .lock()
+                .expect("crowd lock")
+                .busy(now, peer, backlog, serving),
+            None => busy_for(backlog, serving),
+        }
     }
 
     /// Admits a request for chunks `indices` of `release`: the chunks to
@@ -213,6 +303,7 @@ impl Chunks {
     /// queue is full, or the release's manifest is being read).
     pub fn admit(
         self: &Arc<Self>,
+        peer: libp2p::PeerId,
         release: &ReleaseId,
         indices: &[u32],
     ) -> Result<Vec<Option<ChunkRef>>, ChunkResponse> {
@@ -223,7 +314,7 @@ impl Chunks {
             )));
         }
         let list = self.list_or_load(release)?;
-        if let Some(wait) = self.busy() {
+        if let Some(wait) = self.busy(peer) {
             return Err(busy(wait));
         }
         Ok(indices
@@ -413,6 +504,41 @@ impl Syncer {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_asker_is_told_to_wait_behind_the_others_and_forgotten_once_served() {
+        let t0 = Instant::now();
+        let mut crowd = Crowd::default();
+        // 1.5 s queued over 3 serves: 1 s over the limit, 0.5 s a serve.
+        let (backlog, serving) = (Duration::from_millis(1500), 3);
+        let ms = Duration::from_millis;
+        assert_eq!(crowd.busy(t0, 'a', backlog, serving), Some(ms(1000)));
+        assert_eq!(crowd.busy(t0, 'b', backlog, serving), Some(ms(1500)));
+        assert_eq!(crowd.busy(t0, 'c', backlog, serving), Some(ms(2000)));
+        // Asking again keeps no place of its own in the count.
+        assert_eq!(crowd.busy(t0, 'a', backlog, serving), Some(ms(2000)));
+        assert_eq!(crowd.len(), 3);
+        // Served: it leaves the crowd; the next asker has one fewer ahead.
+        assert_eq!(crowd.busy(t0, 'a', ms(100), 1), None);
+        assert_eq!(crowd.busy(t0, 'd', backlog, serving), Some(ms(2000)));
+        // Not busy: nobody is told to wait, whatever the crowd.
+        assert_eq!(crowd.busy(t0, 'e', ms(400), 1), None);
+    }
+
+    #[test]
+    fn askers_that_never_came_back_are_forgotten() {
+        let t0 = Instant::now();
+        let mut crowd = Crowd::default();
+        let (backlog, serving) = (Duration::from_millis(600), 1);
+        for i in 0..100u32 {
+            crowd.busy(t0, i, backlog, serving);
+        }
+        let later = t0 + Duration::from_secs(3600);
+        for i in 100..300u32 {
+            crowd.busy(later, i, backlog, serving);
+        }
+        assert!(crowd.len() <= 200, "{}", crowd.len());
+    }
+
     use super::*;
     use crate::store::MemoryStore;
 

@@ -817,7 +817,7 @@ impl Target {
                 reply,
             } => match request {
                 ChunkRequest::Get { release, indices } => {
-                    match self.chunks.admit(&release, &indices) {
+                    match self.chunks.admit(peer, &release, &indices) {
                         Ok(wanted) => {
                             tokio::spawn(self.chunks.clone().serve(wanted, reply, None));
                         }

@@ -817,7 +817,7 @@ async fn requests_for_releases_not_in_memory_read_at_most_sixteen_manifests_at_o
     let chunks = Chunks::new(Arc::new(store), None, None);
     gate.shut();
     for i in 0..100u8 {
-        let answer = chunks.admit(&ReleaseId([i; 32]), &[0]);
+        let answer = chunks.admit(libp2p::PeerId::random(), &ReleaseId([i; 32]), &[0]);
         assert!(
             matches!(answer, Err(ChunkResponse::Busy { .. })),
             "{answer:?}"

@@ -926,7 +926,7 @@ impl Coordinator {
     async fn on_chunk(&mut self, peer: PeerId, request: ChunkRequest, reply: ChunkAnswer) {
         match request {
             ChunkRequest::Get { release, indices } => {
-                let mut wanted = match self.chunks.admit(&release, &indices) {
+                let mut wanted = match self.chunks.admit(peer, &release, &indices) {
                     Ok(wanted) => wanted,
                     Err(answer) => return reply.send(answer).await,
                 };

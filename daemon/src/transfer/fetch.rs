@@ -194,6 +194,9 @@ const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(640);
 /// The longest a busy peer is left alone on its own estimate (a peer
 /// cannot keep others away for long by claiming a long queue).
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(5);
+/// The longest wait the origin may ask for: its turn behind every other
+/// target waiting ([`crate::serve::Crowd`]).
+const MAX_ORIGIN_BUSY_WAIT: Duration = Duration::from_secs(600);
 
 /// Candidates a pick weighs: the rarest of this many wins.
 const PICK_SAMPLE: usize = 256;
@@ -538,9 +541,16 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                 } else {
                     0
                 };
+                // The origin is trusted to name its queue; any other peer
+                // claiming a long one is asked again after MAX_BUSY_WAIT.
+                let most = if p.locality == Locality::Origin {
+                    MAX_ORIGIN_BUSY_WAIT
+                } else {
+                    MAX_BUSY_WAIT
+                };
                 let backoff = (self.config.busy_backoff * 2u32.pow(streak))
                     .min(MAX_BUSY_BACKOFF.max(self.config.busy_backoff))
-                    .max(retry_after.min(MAX_BUSY_WAIT));
+                    .max(retry_after.min(most));
                 p.busy_streak += 1;
                 p.busy_until = Some(now + backoff);
                 // It was serving what is still in flight to it, at most.
@@ -949,6 +959,21 @@ mod tests {
         // A peer claiming a queue of hours is asked again after MAX_BUSY_WAIT.
         f.handle_busy(due, 1, again[0].1, Duration::from_secs(3600));
         assert_eq!(f.poll_timeout(), Some(due + MAX_BUSY_WAIT));
+    }
+
+    #[test]
+    fn the_origin_may_name_a_turn_minutes_away_but_not_hours() {
+        let now = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(4), config(1));
+        f.add_peer(now, 1, Locality::Origin, HaveSet::full(4));
+        let asked = requests(&drain(&mut f));
+        f.handle_busy(now, 1, asked[0].1, Duration::from_secs(90));
+        assert_eq!(f.poll_timeout(), Some(now + Duration::from_secs(90)));
+        let due = now + Duration::from_secs(90);
+        f.handle_timeout(due);
+        let again = requests(&drain(&mut f));
+        f.handle_busy(due, 1, again[0].1, Duration::from_secs(3600));
+        assert_eq!(f.poll_timeout(), Some(due + MAX_ORIGIN_BUSY_WAIT));
     }
 
     #[test]
