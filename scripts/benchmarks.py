@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes BENCHMARKS.md from the recorded `convoy bench` results.
+"""Writes BENCHMARKS.md from the recorded `convoy bench`, `convoy load-test`
+and `convoy sim` results.
 
 Each directory under benchmarks/ that holds a results.json (as
 `convoy bench --out DIR` writes it) is one measurement: the generated
@@ -110,6 +111,26 @@ def load_table(rows):
     return lines
 
 
+def sim_table(rows):
+    lines = [
+        "| mode | targets | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | completed | events | CPU s | peak RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['targets']} | {secs(r['p50_seconds'])} | {secs(r['p99_seconds'])} "
+            f"| {secs(r['max_seconds'])} | {r['bound_seconds']:.2f} | {ratio(r['p99_over_bound'])} "
+            f"| {size(r['origin_egress_bytes'])} | {size(r['total_bytes'])} | {size(r['cross_dc_bytes'])} "
+            f"| {r['completed']}/{r['targets']} | {r['events']} | {r['cpu_seconds']:.1f} | {size(r['peak_rss_bytes'])} |"
+        )
+    if any(len(r["cross_dc_bytes_into"]) > 1 for r in rows):
+        lines += ["", "Cross-dc bytes into each data centre (dc0 holds the origin):", ""]
+        for r in rows:
+            into = ", ".join(f"dc{i} {size(b)}" for i, b in enumerate(r["cross_dc_bytes_into"]))
+            lines.append(f"- {r['mode']}: {into}")
+    return lines
+
+
 def measurement(path):
     data = json.loads(path.read_text())
     meta = data.get("meta")
@@ -126,6 +147,14 @@ def measurement(path):
         "```",
         "",
     ]
+    if "sim" in data:
+        # `convoy sim`: the daemon's distribution logic in virtual time, one process.
+        lines += [
+            "Simulated (`convoy sim`): no processes, sockets or disks; CPU and peak RSS of the one simulating process.",
+            "",
+            *sim_table(data["sim"]),
+        ]
+        return meta["unix_time"], lines
     if "rows" in data:
         # `convoy load-test`: one coordinator under simulated targets.
         lines += [

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use convoy_chunker::chunk_slice;
 use convoy_daemon::transfer::sim::{run, SimConfig, SimMode};
@@ -46,6 +46,10 @@ pub struct SimArgs {
     /// Write the completion-time distribution of every mode here (SVG)
     #[arg(long, value_name = "FILE")]
     pub svg: Option<std::path::PathBuf>,
+    /// Write results.json (with the commit and command), results.md and
+    /// completion.svg here, as `convoy bench --out` does
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<std::path::PathBuf>,
 }
 
 /// Chunk lengths of `size` bytes of incompressible files of at most 4 MiB,
@@ -116,8 +120,10 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
     let bound = base.bound_seconds();
     let mut rows = Vec::new();
     let mut lines = Vec::new();
+    let me = std::process::id();
     for mode in modes {
         let started = Instant::now();
+        let cpu_before = crate::bench::fleet::cpu_seconds(me);
         let cfg = SimConfig {
             mode,
             ..base.clone()
@@ -157,6 +163,9 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
             "completed": done,
             "events": r.events,
             "wall_seconds": started.elapsed().as_secs_f64(),
+            "cpu_seconds": crate::bench::fleet::cpu_seconds(me) - cpu_before,
+            // The process's peak so far: each mode's run is freed before the next.
+            "peak_rss_bytes": crate::bench::fleet::rss(me).1,
         }));
     }
     let mut text = format!(
@@ -171,13 +180,13 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
         args.dcs,
         env!("CONVOY_COMMIT"),
     );
-    text += "| mode | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | completed |\n";
-    text += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    text += "| mode | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | completed | events | CPU s | peak RSS |\n";
+    text += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     let secs = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |s| format!("{s:.2}"));
     for r in &rows {
         let bytes = |k: &str| format_bytes(r[k].as_u64().unwrap_or(0));
         text += &format!(
-            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {}/{} |\n",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {}/{} | {} | {:.1} | {} |\n",
             r["mode"].as_str().unwrap_or(""),
             secs(&r["p50_seconds"]),
             secs(&r["p99_seconds"]),
@@ -189,6 +198,9 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
             bytes("cross_dc_bytes"),
             r["completed"],
             args.nodes,
+            r["events"],
+            r["cpu_seconds"].as_f64().unwrap_or(0.0),
+            bytes("peak_rss_bytes"),
         );
     }
     if args.dcs > 1 {
@@ -208,20 +220,38 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
             );
         }
     }
+    let title = format!(
+        "{} targets, {} at {}/s{}: targets done over time",
+        args.nodes,
+        args.size,
+        args.uplink,
+        if args.dcs > 1 {
+            format!(", {} dcs", args.dcs)
+        } else {
+            String::new()
+        }
+    );
     if let Some(path) = &args.svg {
-        let title = format!(
-            "{} targets, {} at {}/s{}: targets done over time",
-            args.nodes,
-            args.size,
-            args.uplink,
-            if args.dcs > 1 {
-                format!(", {} dcs", args.dcs)
-            } else {
-                String::new()
-            }
-        );
         crate::plot::completion_svg(path, &title, &lines)?;
         text += &format!("\ncompletion CDF: {}\n", path.display());
+    }
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let value = serde_json::json!({
+            "meta": crate::bench::meta(),
+            "sim": rows,
+        });
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+        };
+        write("results.json", &serde_json::to_vec_pretty(&value)?)?;
+        write("results.md", text.as_bytes())?;
+        crate::plot::completion_svg(&dir.join("completion.svg"), &title, &lines)?;
+        text += &format!(
+            "\nwrote results.json, results.md and completion.svg to {}\n",
+            dir.display()
+        );
     }
     out.emit(serde_json::Value::Array(rows), || text);
     Ok(())

@@ -7,6 +7,7 @@ use convoy_tests::Convoy;
 fn sim_reports_every_mode_per_data_centre_and_draws_the_cdf() {
     let work = tempfile::tempdir().unwrap();
     let svg = work.path().join("cdf.svg");
+    let out = work.path().join("out");
     let run = Convoy::new(&work.path().join("store")).run(&[
         "--json",
         "sim",
@@ -18,6 +19,8 @@ fn sim_reports_every_mode_per_data_centre_and_draws_the_cdf() {
         "3",
         "--svg",
         svg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(run.ok, "{}", run.stderr);
     let rows = run.json();
@@ -35,6 +38,16 @@ fn sim_reports_every_mode_per_data_centre_and_draws_the_cdf() {
     // swarm finishes first.
     let p99 = |i: usize| rows[i]["p99_seconds"].as_f64().unwrap();
     assert!(p99(0) < p99(1) && p99(0) < p99(2), "{rows:?}");
+    // --out keeps the same rows with the commit and command, for
+    // scripts/benchmarks.py.
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(saved["sim"].as_array().unwrap().len(), 3);
+    assert!(saved["meta"]["command"]
+        .as_str()
+        .unwrap()
+        .contains("--dcs 3"));
+    assert!(out.join("completion.svg").exists() && out.join("results.md").exists());
     let drawn = std::fs::read_to_string(&svg).unwrap();
     for mode in modes {
         assert!(drawn.contains(mode), "{mode} missing from the SVG");
