@@ -117,6 +117,15 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
         let changed = ((n as f64 * pct / 100.0).ceil() as usize).clamp(1, n);
         base.preloaded = (0..(n - changed) as u32).collect();
     }
+    // Push and pull take N*F/u_s from one origin: 100,000 targets of
+    // 2 MiB at 2 MiB/s is 28 virtual hours, past SimConfig's default day.
+    let one_origin = args.nodes as f64 * base.bytes_needed() as f64 / origin;
+    base.time_limit = base
+        .time_limit
+        .max(std::time::Duration::from_secs_f64(4.0 * one_origin));
+    base.max_events = base
+        .max_events
+        .max(200 * args.nodes as u64 * base.chunk_sizes.len() as u64);
     let bound = base.bound_seconds();
     let mut rows = Vec::new();
     let mut lines = Vec::new();
