@@ -947,36 +947,36 @@ mod tests {
         assert_eq!(f.in_flight(), 4);
     }
 
-    #[test]
-    fn a_busy_peer_is_left_alone_as_long_as_it_asks_within_a_bound() {
+    /// A peer at `locality` answers busy asking for `wait`, which is
+    /// honoured; then for a week, of which only `bound` is.
+    fn busy_waits_are_honoured_up_to(locality: Locality, wait: Duration, bound: Duration) {
         let now = Instant::now();
         let mut f = Fetcher::new(HaveSet::empty(4), config(1));
-        f.add_peer(now, 1, Locality::SameDc, HaveSet::full(4));
+        f.add_peer(now, 1, locality, HaveSet::full(4));
         let asked = requests(&drain(&mut f));
-        f.handle_busy(now, 1, asked[0].1, Duration::from_millis(300));
-        assert_eq!(f.poll_timeout(), Some(now + Duration::from_millis(300)));
-        let due = now + Duration::from_millis(300);
-        f.handle_timeout(due);
-        let again = requests(&drain(&mut f));
-        assert_eq!(again.len(), 1);
-        // A peer claiming a queue of hours is asked again after MAX_BUSY_WAIT.
-        f.handle_busy(due, 1, again[0].1, Duration::from_secs(3600));
-        assert_eq!(f.poll_timeout(), Some(due + MAX_BUSY_WAIT));
-    }
-
-    #[test]
-    fn the_origin_may_name_a_turn_hours_away_but_not_days() {
-        let now = Instant::now();
-        let mut f = Fetcher::new(HaveSet::empty(4), config(1));
-        f.add_peer(now, 1, Locality::Origin, HaveSet::full(4));
-        let asked = requests(&drain(&mut f));
-        f.handle_busy(now, 1, asked[0].1, Duration::from_secs(3 * 3600));
-        let due = now + Duration::from_secs(3 * 3600);
+        f.handle_busy(now, 1, asked[0].1, wait);
+        let due = now + wait;
         assert_eq!(f.poll_timeout(), Some(due));
         f.handle_timeout(due);
         let again = requests(&drain(&mut f));
-        f.handle_busy(due, 1, again[0].1, Duration::from_secs(30 * 24 * 3600));
-        assert_eq!(f.poll_timeout(), Some(due + MAX_ORIGIN_BUSY_WAIT));
+        assert_eq!(again.len(), 1);
+        f.handle_busy(due, 1, again[0].1, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(f.poll_timeout(), Some(due + bound));
+    }
+
+    #[test]
+    fn a_busy_peer_is_left_alone_as_long_as_it_asks_within_a_bound() {
+        busy_waits_are_honoured_up_to(Locality::SameDc, Duration::from_millis(300), MAX_BUSY_WAIT);
+    }
+
+    /// The origin names a turn behind every target waiting for it.
+    #[test]
+    fn the_origin_may_name_a_turn_hours_away_but_not_days() {
+        busy_waits_are_honoured_up_to(
+            Locality::Origin,
+            Duration::from_secs(3 * 3600),
+            MAX_ORIGIN_BUSY_WAIT,
+        );
     }
 
     #[test]
