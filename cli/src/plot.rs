@@ -41,6 +41,31 @@ fn steps(seconds: &[f64]) -> Vec<(f64, f64)> {
     points
 }
 
+/// Writes a measurement to `dir` as `--out` promises: results.json
+/// (`data`), results.md (`table`) and completion.svg (`lines`).
+pub fn write_results(
+    dir: &Path,
+    data: &serde_json::Value,
+    table: &str,
+    title: &str,
+    lines: &[Line],
+) -> Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    };
+    write("results.json", &serde_json::to_vec_pretty(data)?)?;
+    write("results.md", table.as_bytes())?;
+    completion_svg(&dir.join("completion.svg"), title, lines)?;
+    eprintln!(
+        "wrote results.json, results.md and completion.svg to {}",
+        dir.display()
+    );
+    Ok(())
+}
+
 /// Writes `lines` to `path`. The time axis is logarithmic when the
 /// slowest line ends over 100 times later than the fastest starts, as
 /// a swarm against push of 100,000 targets does.

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use convoy_chunker::chunk_slice;
 use convoy_daemon::transfer::sim::{run, SimConfig, SimMode};
@@ -245,22 +245,8 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
         text += &format!("\ncompletion CDF: {}\n", path.display());
     }
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let value = serde_json::json!({
-            "meta": crate::bench::meta(),
-            "sim": rows,
-        });
-        let write = |name: &str, bytes: &[u8]| {
-            let path = dir.join(name);
-            std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
-        };
-        write("results.json", &serde_json::to_vec_pretty(&value)?)?;
-        write("results.md", text.as_bytes())?;
-        crate::plot::completion_svg(&dir.join("completion.svg"), &title, &lines)?;
-        text += &format!(
-            "\nwrote results.json, results.md and completion.svg to {}\n",
-            dir.display()
-        );
+        let data = serde_json::json!({ "meta": crate::bench::meta(), "sim": rows });
+        crate::plot::write_results(dir, &data, &text, &title, &lines)?;
     }
     out.emit(serde_json::Value::Array(rows), || text);
     Ok(())

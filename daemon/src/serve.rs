@@ -107,16 +107,6 @@ impl<P: std::hash::Hash + Eq + Copy> Crowd<P> {
         self.waiting.insert(peer, now + wait);
         Some(wait)
     }
-
-    /// Askers waiting.
-    pub fn len(&self) -> usize {
-        self.waiting.len()
-    }
-
-    /// True when none waits.
-    pub fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
-    }
 }
 
 /// A release's distinct chunks, in index order.
@@ -526,7 +516,7 @@ mod tests {
         assert_eq!(crowd.busy(t0, 'c', backlog, serving), Some(ms(2000)));
         // Asking again keeps no place of its own in the count.
         assert_eq!(crowd.busy(t0, 'a', backlog, serving), Some(ms(2000)));
-        assert_eq!(crowd.len(), 3);
+        assert_eq!(crowd.waiting.len(), 3);
         // Served: it leaves the crowd; the next asker has one fewer ahead.
         assert_eq!(crowd.busy(t0, 'a', ms(100), 1), None);
         assert_eq!(crowd.busy(t0, 'd', backlog, serving), Some(ms(2000)));
@@ -538,7 +528,7 @@ mod tests {
         );
         let turn = turn - ms(1) + ms(2000);
         assert_eq!(crowd.busy(turn, 'b', backlog, serving), None);
-        assert_eq!(crowd.len(), 2);
+        assert_eq!(crowd.waiting.len(), 2);
         // Unless the server is at its limit of serves.
         assert!(crowd.busy(turn, 'b', backlog, MAX_SERVES).is_some());
         // Not busy: nobody is told to wait, whatever the crowd.
@@ -557,7 +547,7 @@ mod tests {
         for i in 100..300u32 {
             crowd.busy(later, i, backlog, serving);
         }
-        assert!(crowd.len() <= 200, "{}", crowd.len());
+        assert!(crowd.waiting.len() <= 200, "{}", crowd.waiting.len());
     }
 
     use super::*;

@@ -1,8 +1,6 @@
 //! What `convoy bench` prints and writes: a table, JSON and a plot.
 
-use std::path::Path;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use convoy_daemon::units::format_bytes;
 use serde_json::json;
 
@@ -29,14 +27,7 @@ pub(super) fn report(
     });
     out.emit(data.clone(), || table.clone());
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(&data)?)?;
-        std::fs::write(dir.join("results.md"), &table)?;
-        plot(results, &dir.join("completion.svg"))?;
-        eprintln!(
-            "wrote results.json, results.md and completion.svg to {}",
-            dir.display()
-        );
+        crate::plot::write_results(dir, &data, &table, TITLE, &lines(results))?;
     }
     Ok(())
 }
@@ -342,14 +333,15 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
     s
 }
 
-/// Completion-time distributions: the share of targets done against time.
-pub(super) fn plot(results: &[RunResult], path: &Path) -> Result<()> {
-    let lines: Vec<crate::plot::Line> = results
+const TITLE: &str = "targets done over time";
+
+/// Each run's completion times, as the plot draws them.
+fn lines(results: &[RunResult]) -> Vec<crate::plot::Line> {
+    results
         .iter()
         .map(|r| crate::plot::Line {
             label: format!("{}{}", r.mode, if r.update { " (update)" } else { "" }),
             seconds: r.per_target_seconds.clone(),
         })
-        .collect();
-    crate::plot::completion_svg(path, "targets done over time", &lines)
+        .collect()
 }

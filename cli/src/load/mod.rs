@@ -369,7 +369,8 @@ async fn wait_alive(
     loop {
         tick.tick().await;
         workers.check()?;
-        let alive = if workers.with(&ready) {
+        let ready = workers.with(&ready);
+        let alive = if ready {
             match control(client, ControlRequest::Fleet).await? {
                 ControlResponse::Fleet(m) => m.iter().filter(|m| m.alive).count(),
                 other => bail!("unexpected answer to the fleet listing: {other:?}"),
@@ -381,6 +382,9 @@ async fn wait_alive(
             return Ok(());
         }
         if Instant::now() > deadline {
+            if !ready {
+                bail!("the workers did not report {n} targets {what} within 600 s; their stderr and the coordinator's log may say why");
+            }
             bail!("{alive} of {n} targets {what} within 600 s; the coordinator's log may say why");
         }
     }

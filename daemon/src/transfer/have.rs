@@ -4,9 +4,6 @@ use fixedbitset::FixedBitSet;
 
 use super::ChunkIndex;
 
-/// Sets a scan's chunks must all be in, and sets they must be in none of.
-type Masks<'a> = (&'a [&'a HaveSet], &'a [&'a HaveSet]);
-
 /// A set of chunk indices of one release.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HaveSet(FixedBitSet);
@@ -81,7 +78,7 @@ impl HaveSet {
     /// The chunks not held, ascending from `start`, then from 0 up to it:
     /// a scan that begins anywhere without walking the bits before it.
     pub fn missing_from(&self, start: ChunkIndex) -> impl Iterator<Item = ChunkIndex> + '_ {
-        self.scan_from(None, start)
+        self.missing_from_where(start, &[], &[])
     }
 
     /// The chunks not held here, held in every set of `all_of` and in
@@ -99,25 +96,18 @@ impl HaveSet {
             all_of.iter().chain(none_of).all(|s| s.len() == len),
             "sets of different releases"
         );
-        self.scan_from(Some((all_of, none_of)), start)
-    }
-
-    fn scan_from<'a>(
-        &'a self,
-        mask: Option<Masks<'a>>,
-        start: ChunkIndex,
-    ) -> impl Iterator<Item = ChunkIndex> + 'a {
-        let len = self.len() as u64;
+        let len = len as u64;
         let start = if len == 0 { 0 } else { u64::from(start) % len };
-        self.missing_in(mask, start, len)
-            .chain(self.missing_in(mask, 0, start))
+        self.missing_in(all_of, none_of, start, len)
+            .chain(self.missing_in(all_of, none_of, 0, start))
     }
 
-    /// The chunks in `from..to` not held (and passing `mask`, if given),
-    /// ascending.
+    /// The chunks in `from..to` not held, in all of `all_of` and none of
+    /// `none_of`, ascending.
     fn missing_in<'a>(
         &'a self,
-        mask: Option<Masks<'a>>,
+        all_of: &'a [&'a HaveSet],
+        none_of: &'a [&'a HaveSet],
         from: u64,
         to: u64,
     ) -> impl Iterator<Item = ChunkIndex> + 'a {
@@ -128,13 +118,11 @@ impl HaveSet {
         (first..last.min(blocks.len())).flat_map(move |b| {
             let base = b as u64 * BITS;
             let mut zeroes = !blocks[b];
-            if let Some((all_of, none_of)) = mask {
-                for s in all_of {
-                    zeroes &= s.0.as_slice()[b];
-                }
-                for s in none_of {
-                    zeroes &= !s.0.as_slice()[b];
-                }
+            for s in all_of {
+                zeroes &= s.0.as_slice()[b];
+            }
+            for s in none_of {
+                zeroes &= !s.0.as_slice()[b];
             }
             if b == first {
                 zeroes &= usize::MAX << (from % BITS);
