@@ -169,6 +169,7 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
             "total_bytes": r.total_bytes,
             "cross_dc_bytes": r.cross_dc_bytes,
             "cross_dc_bytes_into": r.cross_dc_bytes_into,
+            "dc_complete_seconds": r.dc_complete.iter().map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
             "completed": done,
             "events": r.events,
             "wall_seconds": started.elapsed().as_secs_f64(),
@@ -213,14 +214,18 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
         );
     }
     if args.dcs > 1 {
-        text += "\ncross-dc bytes into each data centre (dc0 holds the origin):\n";
+        text += "\ncross-dc bytes into each data centre (dc0 holds the origin), and when the dc first held the whole release:\n";
         for r in &rows {
             let into: Vec<String> = r["cross_dc_bytes_into"]
                 .as_array()
                 .into_iter()
                 .flatten()
+                .zip(r["dc_complete_seconds"].as_array().into_iter().flatten())
                 .enumerate()
-                .map(|(i, b)| format!("dc{i} {}", format_bytes(b.as_u64().unwrap_or(0))))
+                .map(|(i, (b, at))| {
+                    let bytes = format_bytes(b.as_u64().unwrap_or(0));
+                    format!("dc{i} {bytes} (at {} s)", secs(at))
+                })
                 .collect();
             text += &format!(
                 "{}: {}\n",

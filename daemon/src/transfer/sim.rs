@@ -149,6 +149,10 @@ pub struct SimReport {
     pub cross_dc_bytes: u64,
     /// Of those, the bytes that came into each data centre (by index).
     pub cross_dc_bytes_into: Vec<u64>,
+    /// When each data centre first held every chunk between its targets
+    /// (by index); `None` if it never did. The rest of a dc's targets'
+    /// time is spreading inside it.
+    pub dc_complete: Vec<Option<Duration>>,
     /// Bans issued by targets.
     pub bans: usize,
     /// Chunks a target stored without ever receiving them intact (must be zero).
@@ -301,6 +305,8 @@ struct Sim<'c> {
     /// Chunks each node has received intact at least once.
     received_intact: Vec<HaveSet>,
     banned: Vec<Vec<Node>>,
+    /// The chunks held by some target in each data centre.
+    dc_have: Vec<HaveSet>,
     report: SimReport,
 }
 
@@ -358,12 +364,14 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         received_intact: have.clone(),
         have,
         banned: vec![Vec::new(); nodes],
+        dc_have: vec![start_have.clone(); cfg.dcs],
         report: SimReport {
             completion: vec![None; cfg.targets],
             origin_egress: 0,
             total_bytes: 0,
             cross_dc_bytes: 0,
             cross_dc_bytes_into: vec![0; cfg.dcs],
+            dc_complete: vec![start_have.is_full().then_some(Duration::ZERO); cfg.dcs],
             bans: 0,
             corrupt_stored: 0,
             events: 0,
@@ -673,6 +681,13 @@ impl Sim<'_> {
             self.report.corrupt_stored += 1;
         }
         self.have[node].insert(chunk);
+        let dc = self.labels[node].dc;
+        if !self.dc_have[dc].contains(chunk) {
+            self.dc_have[dc].insert(chunk);
+            if self.dc_have[dc].is_full() {
+                self.report.dc_complete[dc] = Some(self.now);
+            }
+        }
         if self.have[node].is_full() && self.report.completion[node - 1].is_none() {
             self.report.completion[node - 1] = Some(self.now);
             if !self.cfg.corrupt_targets.contains(&(node - 1)) {
