@@ -201,6 +201,15 @@ const MAX_BUSY_WAIT: Duration = Duration::from_secs(5);
 /// and went to the tail again (simulated: 50M events for 4% of them).
 const MAX_ORIGIN_BUSY_WAIT: Duration = Duration::from_secs(6 * 3600);
 
+/// A swarm target that has had nothing to ask anyone for this long
+/// imports whatever it lacks ([`Fetcher::handle_timeout`]): the one
+/// importer of a chunk in its data centre may be out of its reach (with
+/// two peers each, 126 of 600 simulated targets in 10 dcs sat in islands
+/// that never got some chunks). Long enough that a data centre waiting
+/// for the origin's next chunks, which reach it within seconds, does not
+/// import them twice.
+pub const STARVED_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Candidates a pick weighs: the rarest of this many wins.
 const PICK_SAMPLE: usize = 256;
 
@@ -241,6 +250,9 @@ pub struct Fetcher<P> {
     /// Endgame duplicates allowed ([`FetchConfig::endgame_share`]), and made.
     endgame_budget: usize,
     duplicates: usize,
+    /// Since when nothing has been in flight while chunks were missing
+    /// (see [`STARVED_PATIENCE`]).
+    starved_since: Option<Instant>,
 }
 
 impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
@@ -296,6 +308,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             completed: false,
             failures: BTreeMap::new(),
             round_trip: None,
+            starved_since: None,
         };
         f.imports = imports(n, f.config.import_rank);
         f.check_complete();
@@ -460,6 +473,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             // A freed slot at this peer; nothing became newly eligible elsewhere.
             self.fill(now, peer);
             self.endgame(now);
+            self.note_starving(now);
         } else {
             self.schedule(now);
         }
@@ -587,7 +601,20 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             self.count_failure(chunk);
             self.actions.push_back(FetchAction::Cancel { peer, chunk });
         }
+        if self.starved_until().is_some_and(|t| t <= now) {
+            // Whatever its data centre's importers are doing, none of it
+            // reaches this target: it imports for itself.
+            self.imports = HaveSet::full(self.have.len());
+        }
         self.schedule(now);
+    }
+
+    /// When a starved swarm target starts importing everything it lacks.
+    fn starved_until(&self) -> Option<Instant> {
+        let narrow = self.config.mode == Mode::Swarm && self.config.import_rank.1 > 1;
+        self.starved_since
+            .filter(|_| narrow && !self.imports.is_full())
+            .map(|t| t + STARVED_PATIENCE)
     }
 
     /// The next thing to do, if any.
@@ -616,6 +643,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         requests
             .chain(refusals)
             .chain(endgame.into_iter().flatten())
+            .chain(self.starved_until())
             .min()
     }
 
@@ -722,6 +750,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// Fills every peer's window, closest peers first.
     fn schedule(&mut self, now: Instant) {
         if self.completed {
+            self.starved_since = None;
             return;
         }
         let mut order: Vec<(Locality, usize, P)> = self
@@ -735,6 +764,20 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             self.fill(now, peer);
         }
         self.endgame(now);
+        self.note_starving(now);
+    }
+
+    /// Starts or ends the wait [`STARVED_PATIENCE`] bounds: nothing in
+    /// flight while some chunk may be asked for.
+    fn note_starving(&mut self, now: Instant) {
+        let starved = !self.completed
+            && self.outstanding.is_empty()
+            && self.blocked.count() < self.have.len();
+        self.starved_since = if starved {
+            self.starved_since.or(Some(now))
+        } else {
+            None
+        };
     }
 
     /// Fills one peer's window.
@@ -1082,6 +1125,31 @@ mod tests {
         // The importer of chunk 2 left: this target now imports everything.
         f.set_import_rank(now, 0, 1);
         assert_eq!(requests(&drain(&mut f)), [(2, 2)]);
+    }
+
+    /// The importer of chunks 0 and 2 is out of this target's reach (no
+    /// local peer of its holds them): once it has had nothing to ask for
+    /// STARVED_PATIENCE, it imports them itself.
+    #[test]
+    fn a_target_its_importers_never_reach_imports_for_itself() {
+        let now = Instant::now();
+        let mut f = odd_chunks_importer();
+        f.add_peer(now, 1, Locality::SameDc, HaveSet::empty(4));
+        f.add_peer(now, 2, Locality::OtherDc, HaveSet::full(4));
+        let asked = requests(&drain(&mut f));
+        assert_eq!(asked.len(), 2);
+        for (peer, chunk) in asked {
+            f.handle_chunk(now, peer, chunk, true);
+        }
+        assert!(requests(&drain(&mut f)).is_empty());
+        let due = f.poll_timeout().expect("a starved target keeps a deadline");
+        assert_eq!(due, now + STARVED_PATIENCE);
+        f.handle_timeout(due - Duration::from_millis(1));
+        assert!(requests(&drain(&mut f)).is_empty(), "imported too soon");
+        f.handle_timeout(due);
+        let mut asked = requests(&drain(&mut f));
+        asked.sort();
+        assert_eq!(asked, [(2, 0), (2, 2)]);
     }
 
     #[test]
