@@ -47,6 +47,23 @@ pub fn busy_for(backlog: Duration, serving: usize) -> Option<Duration> {
     (backlog > MAX_UPLOAD_BACKLOG).then(|| backlog - MAX_UPLOAD_BACKLOG)
 }
 
+/// How a busy server tells an asker to wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Its turn after the askers already waiting ([`Crowd`]), where the
+    /// server keeps one: the origin's pulling targets, which have nowhere
+    /// else to go.
+    Turn,
+    /// The backlog's excess ([`busy_for`]): a swarm's targets, which find
+    /// most chunks at their peers meanwhile and come to the origin for
+    /// what no peer holds. Told turns minutes away, 10,000 simulated
+    /// targets lost the origin as that last resort: the few chunks whose
+    /// importers had no neighbour in the origin's data centre crossed to
+    /// the other nine only at their importers' turns, 400 s after the
+    /// rest (p99 4.2× the bound, 256 MiB in 10 dcs).
+    Backlog,
+}
+
 /// The askers a server has told to wait and not served since, so that
 /// each is told to come back after its turn: with N askers all told the
 /// same short wait, a lone origin in pull mode answered every one of
@@ -132,10 +149,10 @@ pub struct Chunks {
     /// Fault injection for tests: serve every chunk with a byte flipped.
     pub corrupt_uploads: std::sync::atomic::AtomicBool,
     uploads: Arc<tokio::sync::Semaphore>,
-    /// The origin's askers told to wait ([`Chunks::origin`]); a target
-    /// answers by [`busy_for`] alone (a crowd rule cost its swarm 5–9% of
-    /// p99 in the simulator: peers told to wait their turn idled uplinks
-    /// that would have served them).
+    /// The origin's askers told to wait their turn ([`Chunks::origin`],
+    /// [`Wait::Turn`]); a target answers by [`busy_for`] alone (a crowd
+    /// rule cost its swarm 5–9% of p99 in the simulator: peers told to
+    /// wait their turn idled uplinks that would have served them).
     crowd: Option<Mutex<Crowd<libp2p::PeerId>>>,
 }
 
@@ -283,16 +300,16 @@ impl Chunks {
 
     /// Whether the upload queue is full (a request from `peer` now would
     /// wait too long), and if so how long `peer` is told to wait.
-    pub fn busy(&self, peer: libp2p::PeerId) -> Option<Duration> {
+    pub fn busy(&self, peer: libp2p::PeerId, wait: Wait) -> Option<Duration> {
         let now = Instant::now();
         let backlog = self.upload.backlog(now);
         let serving = self.serving.load(Ordering::Relaxed);
-        match &self.crowd {
-            Some(crowd) => crowd
+        match (&self.crowd, wait) {
+            (Some(crowd), Wait::Turn) => crowd
                 .lock()
                 .expect("crowd lock")
                 .busy(now, peer, backlog, serving),
-            None => busy_for(backlog, serving),
+            _ => busy_for(backlog, serving),
         }
     }
 
@@ -300,12 +317,14 @@ impl Chunks {
     /// read (`None` for an index outside the release), or the answer to
     /// send instead — rejected (no chunk, or more than
     /// [`MAX_GET_BATCH`]), refused (release unknown) or busy (the upload
-    /// queue is full, or the release's manifest is being read).
+    /// queue is full, or the release's manifest is being read; `wait`
+    /// says for how long).
     pub fn admit(
         self: &Arc<Self>,
         peer: libp2p::PeerId,
         release: &ReleaseId,
         indices: &[u32],
+        wait: Wait,
     ) -> Result<Vec<Option<ChunkRef>>, ChunkResponse> {
         if indices.is_empty() || indices.len() > MAX_GET_BATCH {
             return Err(ChunkResponse::Rejected(format!(
@@ -314,7 +333,7 @@ impl Chunks {
             )));
         }
         let list = self.list_or_load(release)?;
-        if let Some(wait) = self.busy(peer) {
+        if let Some(wait) = self.busy(peer, wait) {
             return Err(busy(wait));
         }
         Ok(indices

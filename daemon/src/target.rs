@@ -35,7 +35,7 @@ use crate::protocol::{
     DeliveryReport, DistributionMode, Labels, PatchedOrder, Place, StageOrder, StageOrderDelta,
     StageProgress, StageState, TargetReport, MAX_CONTROL_FRAME,
 };
-use crate::serve::{ChunkList, Chunks, ReceiveError};
+use crate::serve::{ChunkList, Chunks, ReceiveError, Wait};
 use crate::store::{
     collect, compact_in_background, rebuild_in_store, Collector, Pass, Rebuilt, Retention, Store,
     StoreSource,
@@ -817,7 +817,7 @@ impl Target {
                 reply,
             } => match request {
                 ChunkRequest::Get { release, indices } => {
-                    match self.chunks.admit(peer, &release, &indices) {
+                    match self.chunks.admit(peer, &release, &indices, Wait::Backlog) {
                         Ok(wanted) => {
                             tokio::spawn(self.chunks.clone().serve(wanted, reply, None));
                         }

@@ -22,7 +22,7 @@ use convoy_daemon::protocol::{
     signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode,
     Labels, StageOrder, StageProgress, StageState, TargetReport, WireChunk,
 };
-use convoy_daemon::serve::Chunks;
+use convoy_daemon::serve::{Chunks, Wait};
 use convoy_daemon::store::{
     ChunkInfo, Ingest, MemoryStore, Release, Store, StoreError, StoreSource,
 };
@@ -817,7 +817,8 @@ async fn requests_for_releases_not_in_memory_read_at_most_sixteen_manifests_at_o
     let chunks = Chunks::new(Arc::new(store), None, None);
     gate.shut();
     for i in 0..100u8 {
-        let answer = chunks.admit(libp2p::PeerId::random(), &ReleaseId([i; 32]), &[0]);
+        let peer = libp2p::PeerId::random();
+        let answer = chunks.admit(peer, &ReleaseId([i; 32]), &[0], Wait::Backlog);
         assert!(
             matches!(answer, Err(ChunkResponse::Busy { .. })),
             "{answer:?}"

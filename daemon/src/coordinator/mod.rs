@@ -34,7 +34,7 @@ use crate::protocol::{
     StageProgress, StageState, StagingReport, TargetReport, TargetStaging, MAX_HASHES_PER_QUERY,
     MAX_LABELS, MAX_LABEL_BYTES, MAX_PEERS_PER_LIST,
 };
-use crate::serve::{ChunkList, Chunks, ReceiveError};
+use crate::serve::{ChunkList, Chunks, ReceiveError, Wait};
 use crate::store::{collect, compact_in_background, Collector, Pass, Retention, Store};
 use crate::transfer::{HaveSet, PeerPool, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
 
@@ -198,6 +198,22 @@ struct UnitRun {
 }
 
 impl Run {
+    /// Whether `peer` is a target of this run and `unit` is the release
+    /// or one of its patches' units.
+    fn fetches(&self, peer: &PeerId, unit: &ReleaseId) -> bool {
+        (self.release == *unit || self.units.contains_key(unit)) && self.targets.contains(peer)
+    }
+
+    /// Whether the origin seeds `unit` to a swarm rather than serving
+    /// every target itself.
+    fn seeds(&self, unit: &ReleaseId) -> bool {
+        if *unit == self.release {
+            self.seeder.is_some()
+        } else {
+            self.units.get(unit).is_some_and(|u| u.seeder.is_some())
+        }
+    }
+
     /// The chunk list and seeder of `unit`: the release, or one of its
     /// patches' units.
     fn unit_mut(&mut self, unit: &ReleaseId) -> Option<(&ChunkList, Option<&mut Seeder<PeerId>>)> {
@@ -926,15 +942,25 @@ impl Coordinator {
     async fn on_chunk(&mut self, peer: PeerId, request: ChunkRequest, reply: ChunkAnswer) {
         match request {
             ChunkRequest::Get { release, indices } => {
-                let mut wanted = match self.chunks.admit(peer, &release, &indices) {
+                // A swarm's target asks the origin for what no peer holds:
+                // its last resort is never a turn minutes away (Wait::Backlog).
+                let seeded = self
+                    .runs
+                    .values()
+                    .rev()
+                    .find(|r| r.fetches(&peer, &release))
+                    .is_some_and(|r| r.seeds(&release));
+                let wait = if seeded { Wait::Backlog } else { Wait::Turn };
+                let mut wanted = match self.chunks.admit(peer, &release, &indices, wait) {
                     Ok(wanted) => wanted,
                     Err(answer) => return reply.send(answer).await,
                 };
                 let idle = self.chunks.upload_idle();
-                let run = self.runs.values_mut().rev().find(|r| {
-                    (r.release == release || r.units.contains_key(&release))
-                        && r.targets.contains(&peer)
-                });
+                let run = self
+                    .runs
+                    .values_mut()
+                    .rev()
+                    .find(|r| r.fetches(&peer, &release));
                 let (run_id, counter) = match run {
                     Some(r) => {
                         let (id, counter) = (r.record.id, r.origin_bytes.clone());
