@@ -55,9 +55,6 @@ const PULL_WINDOW: usize = 128;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Heartbeat until the coordinator says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
-/// Flush ticks (seconds) without a new chunk before a staging stops
-/// waiting for its data centre's importer.
-const STALL_TICKS: u32 = 3;
 /// Peers whose labels a target remembers.
 const MAX_KNOWN_PEERS: usize = 4096;
 /// Stagings a target runs at once.
@@ -1793,18 +1790,17 @@ impl Target {
         });
     }
 
-    /// A staging that made no progress for [`STALL_TICKS`] seconds stops
-    /// waiting for its data centre's importer and fetches from any peer:
-    /// the import rank saves cross-dc bytes, it must never stall a target.
+    /// A patch that made no progress for [`PATCH_STALL_TICKS`] seconds is
+    /// given up. (A staging its data centre's importer does not reach
+    /// imports for itself: the fetcher's own rule,
+    /// [`crate::transfer::STARVED_PATIENCE`], which the simulator runs too.)
     fn watchdog(&mut self) {
-        let now = Instant::now();
-        let mut stalled = Vec::new();
         let mut given_up = Vec::new();
         for (r, s) in self.stagings.iter_mut() {
             let held = s.have.count();
-            let Some(f) = s.fetcher.as_mut() else {
+            if s.fetcher.is_none() {
                 continue;
-            };
+            }
             if s.state != StageState::Running || s.finishing || held != s.watch.0 {
                 s.watch = (held, 0);
                 continue;
@@ -1814,14 +1810,6 @@ impl Target {
                 info!(patch = %r, held, "no delta chunk for {PATCH_STALL_TICKS} s: giving the patch up");
                 given_up.push(*r);
             }
-            if s.watch.1 == STALL_TICKS {
-                info!(release = %r, held, "no progress: fetching from any data centre");
-                f.set_import_rank(now, 0, 1);
-                stalled.push(*r);
-            }
-        }
-        for r in stalled {
-            self.drive(r);
         }
         for unit in given_up {
             self.end_patch(unit, None);

@@ -29,7 +29,7 @@ mod seed;
 pub mod sim;
 
 pub use announce::{Announcer, ANNOUNCE_EVERY, ANNOUNCE_RARE_EVERY, RARE_HOLDERS};
-pub use fetch::{FetchAction, FetchConfig, Fetcher, Mode};
+pub use fetch::{FetchAction, FetchConfig, Fetcher, Mode, STARVED_PATIENCE};
 pub use have::HaveSet;
 pub use peers::PeerPool;
 pub use push::{PushAction, PushConfig, Pusher};
