@@ -406,26 +406,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Like other Unix tools: `convoy status | head` ends quietly when
-    // head closes the pipe, instead of failing to print.
-    // SAFETY: called before any other thread exists; SIG_DFL is valid.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored, as Rust leaves it: a write to a socket its
+    // peer closed must fail, not kill the process. With it at the default,
+    // `convoy fleet` died of the signal, silently, when the coordinator
+    // closed the connection of a client holding the wrong fleet key first.
+    // A closed stdout is handled where output is written ([`Output::emit`]).
     let cli = Cli::parse();
-    // But a process that holds connections to daemons it may see die (the
-    // benchmarks kill and restart them) must not die itself of a write to
-    // a reset socket: a load-test worker did, silently, when the
-    // coordinator it loaded was killed. Still before any other thread.
-    if matches!(
-        cli.command,
-        Command::Bench(_) | Command::Demo(_) | Command::LoadTest(_) | Command::LoadWorker(_)
-    ) {
-        // SAFETY: as above; SIG_IGN is valid.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        }
-    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -561,10 +547,30 @@ struct Output {
 impl Output {
     /// Prints `value` as JSON, or `text()` for people.
     fn emit(&self, value: serde_json::Value, text: impl FnOnce() -> String) {
-        if self.json {
-            println!("{value}");
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let written = if self.json {
+            writeln!(stdout, "{value}")
         } else {
-            print!("{}", text());
+            write!(stdout, "{}", text())
+        }
+        .and_then(|()| stdout.flush());
+        match written {
+            Ok(()) => {}
+            // Like other Unix tools: `convoy status | head` ends quietly,
+            // by the signal, when head closes the pipe.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                // SAFETY: resetting a signal to its default and raising it
+                // is valid at any time; the process ends here.
+                unsafe {
+                    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                    libc::raise(libc::SIGPIPE);
+                }
+            }
+            Err(e) => {
+                eprintln!("convoy: error: cannot write the output: {e}");
+                std::process::exit(1);
+            }
         }
     }
 }

@@ -1,0 +1,99 @@
+//! How the CLI meets closed pipes and sockets: a closed stdout ends it
+//! quietly, as it ends other Unix tools; a socket its peer closed is an
+//! error it reports, never a signal that kills it silently.
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use convoy_tests::bin_dir;
+
+/// `convoy sim ... | true`: the reader is gone before the table is
+/// written. The CLI ends by SIGPIPE, printing nothing.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    let work = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin_dir().join("convoy"))
+        .arg("--store")
+        .arg(work.path().join("store"))
+        .args(["sim", "--nodes", "20", "--size", "1MiB", "--modes", "swarm"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{status:?}: {stderr}");
+    // The simulator's progress goes to stderr; no error does.
+    assert!(!stderr.contains("error"), "{stderr}");
+}
+
+/// The CLI talking to a coordinator ignores SIGPIPE: with it at the
+/// default, `convoy fleet` died of the signal with no word when a
+/// coordinator closed the connection of a client with the wrong fleet
+/// key while the client was still writing (seen under load in
+/// `fleet::without_the_fleet_key_nothing_can_be_fetched_or_ordered`).
+#[test]
+fn a_client_of_the_coordinator_does_not_die_of_a_closed_socket() {
+    let work = tempfile::tempdir().unwrap();
+    let keys = |args: &[&str]| {
+        let ok = Command::new(bin_dir().join(args[0]))
+            .args(&args[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{args:?}");
+    };
+    let fleet_key = work.path().join("fleet.key");
+    let operator_key = work.path().join("operator.key");
+    keys(&["convoyd", "fleet-key", fleet_key.to_str().unwrap()]);
+    keys(&["convoy", "keygen", operator_key.to_str().unwrap()]);
+    // A "coordinator" that accepts and never answers: the client waits
+    // in its handshake, alive, for as long as this test looks at it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let peer = "12D3KooWGzh9Lo6SNsdGqjkS3w3bDBYBUQWuv7cfVtrUsGvT5Vdk";
+    let mut child = Command::new(bin_dir().join("convoy"))
+        .arg("--store")
+        .arg(work.path().join("store"))
+        .arg("--coordinator")
+        .arg(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}"))
+        .arg("--fleet-key-file")
+        .arg(&fleet_key)
+        .arg("--operator-key-file")
+        .arg(&operator_key)
+        .arg("fleet")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once it has connected, its main has long begun.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(listener.accept().map(|(stream, _)| stream));
+    });
+    let _held = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the CLI connects within 30 s")
+        .expect("accept");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|mask| u64::from_str_radix(mask.trim(), 16).unwrap())
+        .expect("SigIgn in /proc status");
+    let bit = 1u64 << (libc::SIGPIPE - 1);
+    assert_ne!(ignored & bit, 0, "SIGPIPE not ignored: SigIgn {ignored:#x}");
+}
