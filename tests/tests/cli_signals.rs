@@ -97,3 +97,75 @@ fn a_client_of_the_coordinator_does_not_die_of_a_closed_socket() {
     let bit = 1u64 << (libc::SIGPIPE - 1);
     assert_ne!(ignored & bit, 0, "SIGPIPE not ignored: SigIgn {ignored:#x}");
 }
+
+/// A coordinator that resets every connection: the error names the
+/// address and its cause once (libp2p's own text said "Connection reset
+/// by peer" three times, inside "Multistream select failed" twice).
+#[test]
+fn a_failed_dial_names_its_cause_once() {
+    use std::os::fd::AsRawFd;
+    let work = tempfile::tempdir().unwrap();
+    let fleet_key = work.path().join("fleet.key");
+    let operator_key = work.path().join("operator.key");
+    for (bin, args) in [("convoyd", "fleet-key"), ("convoy", "keygen")] {
+        let file = if bin == "convoyd" {
+            &fleet_key
+        } else {
+            &operator_key
+        };
+        let ok = Command::new(bin_dir().join(bin))
+            .arg(args)
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{bin} {args}");
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        // Bounded: the CLI dials a few times at most.
+        for stream in listener.incoming().take(16).flatten() {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: a valid socket and option of the right size; a zero
+            // linger makes the close a reset.
+            unsafe {
+                libc::setsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+            let mut first = [0u8; 8];
+            let _ = (&stream).read(&mut first);
+        }
+    });
+    let peer = "12D3KooWGzh9Lo6SNsdGqjkS3w3bDBYBUQWuv7cfVtrUsGvT5Vdk";
+    let out = Command::new(bin_dir().join("convoy"))
+        .arg("--store")
+        .arg(work.path().join("store"))
+        .arg("--coordinator")
+        .arg(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}"))
+        .arg("--fleet-key-file")
+        .arg(&fleet_key)
+        .arg("--operator-key-file")
+        .arg(&operator_key)
+        .arg("fleet")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr.matches("Connection reset by peer").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("tcp/{port}")), "{stderr}");
+}

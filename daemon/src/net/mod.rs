@@ -136,6 +136,30 @@ pub struct NetConfig {
     pub security: Security,
 }
 
+/// Why a dial failed, each cause once: per address tried, the innermost
+/// error. libp2p's own text repeats each layer's cause inside the next
+/// ("Multistream select failed: Multistream select failed: ... I/O
+/// error: Connection reset by peer (os error 104): I/O error:
+/// Connection reset by peer (os error 104): Connection reset by peer
+/// (os error 104)").
+fn dial_failure(error: &libp2p::swarm::DialError) -> String {
+    use libp2p::swarm::DialError;
+    fn innermost(mut e: &dyn std::error::Error) -> String {
+        while let Some(next) = e.source() {
+            e = next;
+        }
+        e.to_string()
+    }
+    match error {
+        DialError::Transport(tried) if !tried.is_empty() => tried
+            .iter()
+            .map(|(addr, e)| format!("{addr}: {}", innermost(e)))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
 /// Why a request to a peer failed.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -770,7 +794,7 @@ impl EventLoop {
             let addrs = self.addresses.get(&peer).cloned().unwrap_or_default();
             let opts = DialOpts::peer_id(peer).addresses(addrs).build();
             if let Err(e) = self.swarm.dial(opts) {
-                let reason = e.to_string();
+                let reason = dial_failure(&e);
                 self.fail_parked(peer, |p| RequestError::Unreachable(p, reason.clone()));
             }
         }
@@ -973,7 +997,7 @@ impl EventLoop {
             } => {
                 let connected = self.peers.get(&peer).is_some_and(|s| s.connections > 0);
                 if !connected {
-                    let reason = error.to_string();
+                    let reason = dial_failure(&error);
                     debug!(%peer, "dial failed: {reason}");
                     self.fail_parked(peer, |p| RequestError::Unreachable(p, reason.clone()));
                 }
