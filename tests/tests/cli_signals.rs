@@ -36,6 +36,39 @@ fn a_closed_stdout_ends_the_cli_quietly() {
     assert!(!stderr.contains("error"), "{stderr}");
 }
 
+/// `convoy fleet` against a "coordinator" listening on `port` of
+/// loopback, with keys of its own made in `work`.
+fn fleet_cli(work: &std::path::Path, port: u16) -> Command {
+    let fleet_key = work.join("fleet.key");
+    let operator_key = work.join("operator.key");
+    for (bin, verb, file) in [
+        ("convoyd", "fleet-key", &fleet_key),
+        ("convoy", "keygen", &operator_key),
+    ] {
+        let ok = Command::new(bin_dir().join(bin))
+            .arg(verb)
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{bin} {verb}");
+    }
+    let peer = "12D3KooWGzh9Lo6SNsdGqjkS3w3bDBYBUQWuv7cfVtrUsGvT5Vdk";
+    let mut cli = Command::new(bin_dir().join("convoy"));
+    cli.arg("--store")
+        .arg(work.join("store"))
+        .arg("--coordinator")
+        .arg(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}"))
+        .arg("--fleet-key-file")
+        .arg(&fleet_key)
+        .arg("--operator-key-file")
+        .arg(&operator_key)
+        .arg("fleet");
+    cli
+}
+
 /// The CLI talking to a coordinator ignores SIGPIPE: with it at the
 /// default, `convoy fleet` died of the signal with no word when a
 /// coordinator closed the connection of a client with the wrong fleet
@@ -44,35 +77,11 @@ fn a_closed_stdout_ends_the_cli_quietly() {
 #[test]
 fn a_client_of_the_coordinator_does_not_die_of_a_closed_socket() {
     let work = tempfile::tempdir().unwrap();
-    let keys = |args: &[&str]| {
-        let ok = Command::new(bin_dir().join(args[0]))
-            .args(&args[1..])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "{args:?}");
-    };
-    let fleet_key = work.path().join("fleet.key");
-    let operator_key = work.path().join("operator.key");
-    keys(&["convoyd", "fleet-key", fleet_key.to_str().unwrap()]);
-    keys(&["convoy", "keygen", operator_key.to_str().unwrap()]);
     // A "coordinator" that accepts and never answers: the client waits
     // in its handshake, alive, for as long as this test looks at it.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let peer = "12D3KooWGzh9Lo6SNsdGqjkS3w3bDBYBUQWuv7cfVtrUsGvT5Vdk";
-    let mut child = Command::new(bin_dir().join("convoy"))
-        .arg("--store")
-        .arg(work.path().join("store"))
-        .arg("--coordinator")
-        .arg(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}"))
-        .arg("--fleet-key-file")
-        .arg(&fleet_key)
-        .arg("--operator-key-file")
-        .arg(&operator_key)
-        .arg("fleet")
+    let mut child = fleet_cli(work.path(), port)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -105,24 +114,6 @@ fn a_client_of_the_coordinator_does_not_die_of_a_closed_socket() {
 fn a_failed_dial_names_its_cause_once() {
     use std::os::fd::AsRawFd;
     let work = tempfile::tempdir().unwrap();
-    let fleet_key = work.path().join("fleet.key");
-    let operator_key = work.path().join("operator.key");
-    for (bin, args) in [("convoyd", "fleet-key"), ("convoy", "keygen")] {
-        let file = if bin == "convoyd" {
-            &fleet_key
-        } else {
-            &operator_key
-        };
-        let ok = Command::new(bin_dir().join(bin))
-            .arg(args)
-            .arg(file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "{bin} {args}");
-    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -147,19 +138,7 @@ fn a_failed_dial_names_its_cause_once() {
             let _ = (&stream).read(&mut first);
         }
     });
-    let peer = "12D3KooWGzh9Lo6SNsdGqjkS3w3bDBYBUQWuv7cfVtrUsGvT5Vdk";
-    let out = Command::new(bin_dir().join("convoy"))
-        .arg("--store")
-        .arg(work.path().join("store"))
-        .arg("--coordinator")
-        .arg(format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}"))
-        .arg("--fleet-key-file")
-        .arg(&fleet_key)
-        .arg("--operator-key-file")
-        .arg(&operator_key)
-        .arg("fleet")
-        .output()
-        .unwrap();
+    let out = fleet_cli(work.path(), port).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(
