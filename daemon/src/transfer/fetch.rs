@@ -322,9 +322,13 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             rank < size.max(1),
             "rank {rank} outside a data centre of {size}"
         );
+        self.rank_as(rank, size);
+        self.schedule(now);
+    }
+
+    fn rank_as(&mut self, rank: u32, size: u32) {
         self.config.import_rank = (rank, size);
         self.imports = imports(self.have.len(), self.config.import_rank);
-        self.schedule(now);
     }
 
     /// What this target holds.
@@ -603,8 +607,9 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         }
         if self.starved_until().is_some_and(|t| t <= now) {
             // Whatever its data centre's importers are doing, none of it
-            // reaches this target: it imports for itself.
-            self.imports = HaveSet::full(self.have.len());
+            // reaches this target: it imports for itself, as one alone in
+            // its data centre would.
+            self.rank_as(0, 1);
         }
         self.schedule(now);
     }
@@ -613,7 +618,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     fn starved_until(&self) -> Option<Instant> {
         let narrow = self.config.mode == Mode::Swarm && self.config.import_rank.1 > 1;
         self.starved_since
-            .filter(|_| narrow && !self.imports.is_full())
+            .filter(|_| narrow)
             .map(|t| t + STARVED_PATIENCE)
     }
 
@@ -655,9 +660,13 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             .map(|o| o.since)
     }
 
+    /// Chunks that may still be requested: neither held nor deferred.
+    fn requestable(&self) -> usize {
+        self.have.len() - self.blocked.count()
+    }
+
     fn in_endgame(&self) -> bool {
-        // What may still be requested: deferred chunks are not.
-        let missing = self.have.len() - self.blocked.count();
+        let missing = self.requestable();
         missing > 0
             && missing <= self.config.endgame_chunks
             && self.outstanding.len() >= missing
@@ -750,7 +759,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// Fills every peer's window, closest peers first.
     fn schedule(&mut self, now: Instant) {
         if self.completed {
-            self.starved_since = None;
+            self.note_starving(now);
             return;
         }
         let mut order: Vec<(Locality, usize, P)> = self
@@ -770,9 +779,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// Starts or ends the wait [`STARVED_PATIENCE`] bounds: nothing in
     /// flight while some chunk may be asked for.
     fn note_starving(&mut self, now: Instant) {
-        let starved = !self.completed
-            && self.outstanding.is_empty()
-            && self.blocked.count() < self.have.len();
+        let starved = !self.completed && self.outstanding.is_empty() && self.requestable() > 0;
         self.starved_since = if starved {
             self.starved_since.or(Some(now))
         } else {
