@@ -942,25 +942,22 @@ impl Coordinator {
     async fn on_chunk(&mut self, peer: PeerId, request: ChunkRequest, reply: ChunkAnswer) {
         match request {
             ChunkRequest::Get { release, indices } => {
-                // A swarm's target asks the origin for what no peer holds:
-                // its last resort is never a turn minutes away (Wait::Backlog).
-                let seeded = self
-                    .runs
-                    .values()
-                    .rev()
-                    .find(|r| r.fetches(&peer, &release))
-                    .is_some_and(|r| r.seeds(&release));
-                let wait = if seeded { Wait::Backlog } else { Wait::Turn };
-                let mut wanted = match self.chunks.admit(peer, &release, &indices, wait) {
-                    Ok(wanted) => wanted,
-                    Err(answer) => return reply.send(answer).await,
-                };
-                let idle = self.chunks.upload_idle();
                 let run = self
                     .runs
                     .values_mut()
                     .rev()
                     .find(|r| r.fetches(&peer, &release));
+                // A swarm's target asks the origin for what no peer holds:
+                // its last resort is never a turn minutes away (Wait::Backlog).
+                let wait = match &run {
+                    Some(r) if r.seeds(&release) => Wait::Backlog,
+                    _ => Wait::Turn,
+                };
+                let mut wanted = match self.chunks.admit(peer, &release, &indices, wait) {
+                    Ok(wanted) => wanted,
+                    Err(answer) => return reply.send(answer).await,
+                };
+                let idle = self.chunks.upload_idle();
                 let (run_id, counter) = match run {
                     Some(r) => {
                         let (id, counter) = (r.record.id, r.origin_bytes.clone());
