@@ -42,6 +42,7 @@ use crate::store::{
 };
 use crate::transfer::{
     Announcer, FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode, ANNOUNCE_RARE_EVERY,
+    STARVED_PATIENCE,
 };
 
 /// Requests in flight to the origin in pull mode (64 KiB chunks: 8 MiB).
@@ -1515,6 +1516,9 @@ impl Target {
                 }
                 FetchAction::GaveUp { chunk } => {
                     warn!(release = %release, chunk, "chunk failed too often; waiting for new peers");
+                }
+                FetchAction::ImportAll => {
+                    info!(release = %release, "no chunk to ask for in {} s: importing from any data centre", STARVED_PATIENCE.as_secs());
                 }
                 FetchAction::Complete => complete = true,
             }

@@ -125,6 +125,9 @@ pub enum FetchAction<P> {
         /// The chunk given up.
         chunk: ChunkIndex,
     },
+    /// Nothing could be asked of anyone for [`STARVED_PATIENCE`]: this
+    /// target now imports from other data centres whatever it lacks.
+    ImportAll,
     /// Every chunk is held.
     Complete,
 }
@@ -610,6 +613,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             // reaches this target: it imports for itself, as one alone in
             // its data centre would.
             self.rank_as(0, 1);
+            self.actions.push_back(FetchAction::ImportAll);
         }
         self.schedule(now);
     }
@@ -1154,7 +1158,9 @@ mod tests {
         f.handle_timeout(due - Duration::from_millis(1));
         assert!(requests(&drain(&mut f)).is_empty(), "imported too soon");
         f.handle_timeout(due);
-        let mut asked = requests(&drain(&mut f));
+        let actions = drain(&mut f);
+        assert!(actions.contains(&FetchAction::ImportAll), "{actions:?}");
+        let mut asked = requests(&actions);
         asked.sort();
         assert_eq!(asked, [(2, 0), (2, 2)]);
     }

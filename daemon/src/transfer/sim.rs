@@ -802,7 +802,7 @@ impl Sim<'_> {
                     self.report.bans += 1;
                     self.send(node, ORIGIN, Msg::Banned(peer));
                 }
-                FetchAction::Complete | FetchAction::GaveUp { .. } => {}
+                FetchAction::Complete | FetchAction::GaveUp { .. } | FetchAction::ImportAll => {}
             }
         }
         for (peer, wanted) in batches {
