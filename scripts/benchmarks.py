@@ -113,15 +113,15 @@ def load_table(rows):
 
 def sim_table(rows):
     lines = [
-        "| mode | targets | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | completed | events | CPU s | peak RSS |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | targets | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | completed | origin busy answers | events | CPU s | peak RSS |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['targets']} | {secs(r['p50_seconds'])} | {secs(r['p99_seconds'])} "
             f"| {secs(r['max_seconds'])} | {r['bound_seconds']:.2f} | {ratio(r['p99_over_bound'])} "
             f"| {size(r['origin_egress_bytes'])} | {size(r['total_bytes'])} | {size(r['cross_dc_bytes'])} "
-            f"| {r['completed']}/{r['targets']} | {r['events']} | {r['cpu_seconds']:.1f} | {size(r['peak_rss_bytes'])} |"
+            f"| {r['completed']}/{r['targets']} | {r.get('origin_busy_answers', '-')} | {r['events']} | {r['cpu_seconds']:.1f} | {size(r['peak_rss_bytes'])} |"
         )
     if any(len(r["cross_dc_bytes_into"]) > 1 for r in rows):
         lines += ["", "Cross-dc bytes into each data centre (dc0 holds the origin):", ""]

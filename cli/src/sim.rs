@@ -171,6 +171,7 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
             "cross_dc_bytes_into": r.cross_dc_bytes_into,
             "dc_complete_seconds": r.dc_complete.iter().map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
             "completed": done,
+            "origin_busy_answers": r.origin_busy,
             "events": r.events,
             "wall_seconds": started.elapsed().as_secs_f64(),
             "cpu_seconds": crate::bench::fleet::cpu_seconds(me) - cpu_before,
@@ -190,13 +191,14 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
         args.dcs,
         env!("CONVOY_COMMIT"),
     );
-    text += "| mode | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | completed | events | CPU s | peak RSS |\n";
-    text += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    text += "| mode | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved | cross-dc | completed | origin busy answers | events | CPU s | peak RSS |\n";
+    text +=
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     let secs = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |s| format!("{s:.2}"));
     for r in &rows {
         let bytes = |k: &str| format_bytes(r[k].as_u64().unwrap_or(0));
         text += &format!(
-            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {}/{} | {} | {:.1} | {} |\n",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {}/{} | {} | {} | {:.1} | {} |\n",
             r["mode"].as_str().unwrap_or(""),
             secs(&r["p50_seconds"]),
             secs(&r["p99_seconds"]),
@@ -208,6 +210,7 @@ pub fn sim(args: SimArgs, out: &Output) -> Result<()> {
             bytes("cross_dc_bytes"),
             r["completed"],
             args.nodes,
+            r["origin_busy_answers"],
             r["events"],
             r["cpu_seconds"].as_f64().unwrap_or(0.0),
             bytes("peak_rss_bytes"),

@@ -38,6 +38,16 @@ fn sim_reports_every_mode_per_data_centre_and_draws_the_cdf() {
     // swarm finishes first.
     let p99 = |i: usize| rows[i]["p99_seconds"].as_f64().unwrap();
     assert!(p99(0) < p99(1) && p99(0) < p99(2), "{rows:?}");
+    // The origin's busy answers: none in push, which sends unasked; many
+    // in pull, 30 targets asking one uplink.
+    let busy = |i: usize| rows[i]["origin_busy_answers"].as_u64().unwrap();
+    assert_eq!(busy(1), 0, "{rows:?}");
+    assert!(busy(2) > 0, "{rows:?}");
+    // Every data centre came to hold the release.
+    for r in rows {
+        let at = r["dc_complete_seconds"].as_array().unwrap();
+        assert!(at.len() == 3 && at.iter().all(|t| t.as_f64().is_some()), "{r}");
+    }
     // --out keeps the same rows with the commit and command, for
     // scripts/benchmarks.py.
     let saved: serde_json::Value =

@@ -153,6 +153,9 @@ pub struct SimReport {
     /// (by index); `None` if it never did. The rest of a dc's targets'
     /// time is spreading inside it.
     pub dc_complete: Vec<Option<Duration>>,
+    /// Requests the origin answered busy: its load beyond the chunks it
+    /// sends, which a real coordinator pays for in CPU.
+    pub origin_busy: u64,
     /// Bans issued by targets.
     pub bans: usize,
     /// Chunks a target stored without ever receiving them intact (must be zero).
@@ -373,6 +376,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             cross_dc_bytes: 0,
             cross_dc_bytes_into: vec![0; cfg.dcs],
             dc_complete: vec![start_have.is_full().then_some(Duration::ZERO); cfg.dcs],
+            origin_busy: 0,
             bans: 0,
             corrupt_stored: 0,
             events: 0,
@@ -539,6 +543,7 @@ impl Sim<'_> {
             Msg::Request(chunks) => {
                 // Every server says busy as the daemon's does (`busy_for`).
                 if let Some(wait) = self.busy(to, from) {
+                    self.report.origin_busy += u64::from(to == ORIGIN);
                     self.send(to, from, Msg::Busy(chunks, wait));
                     return;
                 }
