@@ -46,7 +46,10 @@ fn sim_reports_every_mode_per_data_centre_and_draws_the_cdf() {
     // Every data centre came to hold the release.
     for r in rows {
         let at = r["dc_complete_seconds"].as_array().unwrap();
-        assert!(at.len() == 3 && at.iter().all(|t| t.as_f64().is_some()), "{r}");
+        assert!(
+            at.len() == 3 && at.iter().all(|t| t.as_f64().is_some()),
+            "{r}"
+        );
     }
     // --out keeps the same rows with the commit and command, for
     // scripts/benchmarks.py.
