@@ -496,7 +496,7 @@ fn run(cli: Cli) -> Result<()> {
                 tracing::warn!(file = %operators_file.display(), "no operators are listed: nobody can publish or stage");
             }
             let refusals = Arc::new(Refusals::default());
-            runtime(s.worker_threads)?.block_on(async move {
+            on_runtime(s.worker_threads, async move {
                 let listener = tokio::net::TcpListener::bind(&api_listen)
                     .await
                     .with_context(|| format!("cannot listen for the API on {api_listen}"))?;
@@ -578,7 +578,7 @@ fn run(cli: Cli) -> Result<()> {
             let load = Arc::new(
                 Load::open(&s.data_dir.join("load")).context("cannot read the load state")?,
             );
-            runtime(s.worker_threads)?.block_on(async move {
+            on_runtime(s.worker_threads, async move {
                 let health = tokio::net::TcpListener::bind(&health_listen)
                     .await
                     .with_context(|| {
@@ -620,15 +620,28 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
+/// Runs the daemon's main future on the runtime's worker threads, beside
+/// the network's tasks. Not on this thread (`block_on` would): every
+/// message between the role's loop and the network would then wake one
+/// thread from another, a third of a bench fleet's context switches.
+fn on_runtime<F>(worker_threads: Option<usize>, main: F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {
         builder.worker_threads(n);
     }
-    builder
+    let runtime = builder
         .enable_all()
         .build()
-        .context("cannot start the async runtime")
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match tokio::spawn(main).await {
+            Ok(result) => result,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    })
 }
 
 type Started = (
