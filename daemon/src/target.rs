@@ -366,7 +366,11 @@ pub async fn run(
     };
     t.resume_orders();
     t.register();
+    // Polled only while a staging runs or has chunks to announce: an idle
+    // target sleeps instead of waking 20 times a second. After such a
+    // pause the first tick comes at once, the next a period later.
     let mut announce = tokio::time::interval(ANNOUNCE_RARE_EVERY);
+    announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     let mut heartbeat = tokio::time::interval(t.heartbeat);
     let gc_every = t
@@ -382,7 +386,7 @@ pub async fn run(
             _ = &mut shutdown => break,
             Some(ev) = events.recv() => t.on_net(ev).await,
             Some(ev) = rx.recv() => t.on_internal(ev).await,
-            _ = announce.tick() => t.announce(false),
+            _ = announce.tick(), if t.announcing() => t.announce(false),
             _ = flush.tick() => {
                 t.flush_if_dirty();
                 t.watchdog();
@@ -1461,6 +1465,14 @@ impl Target {
     /// Sends the chunks held since the last announcement to every peer:
     /// at once when `now`, soon when one of them is rare, else on the
     /// slower cadence.
+    /// Whether announcements may be due: a staging is running (its chunks
+    /// are announced on the tick's cadence) or has chunks still to announce.
+    fn announcing(&self) -> bool {
+        self.stagings
+            .values()
+            .any(|s| s.state == StageState::Running || !s.announcer.is_idle())
+    }
+
     fn announce(&mut self, now: bool) {
         let at = Instant::now();
         for (release, s) in self.stagings.iter_mut() {
