@@ -1570,6 +1570,7 @@ impl Target {
                 let Some(f) = s.fetcher.as_mut() else {
                     return;
                 };
+                let mut store_failed = None;
                 for (index, outcome) in outcomes {
                     match outcome {
                         Outcome::Stored(bytes) => {
@@ -1594,9 +1595,8 @@ impl Target {
                         Outcome::Refused => f.handle_refused(now, peer, index),
                         Outcome::Busy(wait) => f.handle_busy(now, peer, index, wait),
                         Outcome::StoreFailed(e) => {
-                            warn!(release = %release, "cannot store a chunk: {e}");
-                            s.state = StageState::Failed(format!("store: {e}"));
-                            f.handle_refused(now, peer, index);
+                            store_failed = Some(e);
+                            break;
                         }
                         Outcome::Failed(e) => {
                             // Asked elsewhere after a back-off. A peer is dropped
@@ -1606,6 +1606,20 @@ impl Target {
                             f.handle_refused(now, peer, index);
                         }
                     }
+                }
+                if let Some(e) = store_failed {
+                    // The store takes no more writes (a full disk, a failed
+                    // sync): asking for more would only move bytes it drops.
+                    warn!(release = %release, "cannot store a chunk: {e}; the staging fails");
+                    if s.job.is_some() {
+                        self.end_patch(release, None);
+                    } else {
+                        s.finish();
+                        s.state = StageState::Failed(format!("store: {e}"));
+                        s.fetcher = None;
+                        self.register();
+                    }
+                    return;
                 }
                 self.drive(release);
             }

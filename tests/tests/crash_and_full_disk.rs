@@ -1,11 +1,11 @@
 //! A killed `convoy pack` and a full disk lose nothing that was already safe.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use convoy_tests::{bin_dir, noise, Convoy};
+use convoy_tests::{bin_dir, noise, Convoy, TestFleet};
 
 fn write_files(dir: &Path, count: u64, size: usize, seed: u64) {
     fs::create_dir_all(dir).unwrap();
@@ -83,34 +83,49 @@ fn pack_killed_mid_way_leaves_the_store_consistent_and_repack_completes() {
     }
 }
 
-/// Mounts a 48 MiB tmpfs; needs root, which the test environment (and CI) has.
-struct SmallDisk(tempfile::TempDir);
+/// A 48 MiB tmpfs; mounting needs root, which the test environment (and
+/// CI) has.
+struct SmallDisk {
+    path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
 
 impl SmallDisk {
+    /// Mounts one on a new temporary directory.
     fn mount() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let mut disk = Self::mount_at(temp.path());
+        disk._temp = Some(temp);
+        disk
+    }
+
+    /// Mounts one on `path`, made if missing.
+    fn mount_at(path: &Path) -> Self {
+        fs::create_dir_all(path).unwrap();
         let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                "size=48m",
-                "convoy-test",
-                dir.path().to_str().unwrap(),
-            ])
+            .args(["-t", "tmpfs", "-o", "size=48m", "convoy-test"])
+            .arg(path)
             .status()
             .expect("running mount");
         assert!(
             status.success(),
             "mounting a tmpfs failed: this test needs root"
         );
-        Self(dir)
+        Self {
+            path: path.to_path_buf(),
+            _temp: None,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
     }
 }
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
+        // Lazily: a daemon a failed test left running may still hold it.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
 
@@ -118,7 +133,7 @@ impl Drop for SmallDisk {
 fn full_disk_fails_pack_and_keeps_what_was_stored() {
     let disk = SmallDisk::mount();
     let work = tempfile::tempdir().unwrap();
-    let store = disk.0.path().join("store");
+    let store = disk.path().join("store");
     let convoy = Convoy::new(&store);
     let small = work.path().join("small");
     write_files(&small, 2, 4 << 20, 1);
@@ -147,11 +162,91 @@ fn unpack_onto_a_full_disk_fails_and_leaves_no_partial_tree() {
     let src = work.path().join("src");
     write_files(&src, 8, 8 << 20, 7);
     convoy.pack(&src, "web@1", &[]).success();
-    let dest = disk.0.path().join("out");
+    let dest = disk.path().join("out");
     let run = convoy.run(&["unpack", "web@1", dest.to_str().unwrap()]);
     assert!(!run.ok, "64 MiB cannot fit a 48 MiB disk");
     assert!(run.stderr.contains("No space left"), "{}", run.stderr);
     assert!(!dest.exists());
-    let left = fs::read_dir(disk.0.path()).unwrap().count();
+    let left = fs::read_dir(disk.path()).unwrap().count();
     assert_eq!(left, 0, "the partial tree was not removed");
+}
+
+#[test]
+fn a_target_whose_disk_fills_fails_the_staging_and_stops_fetching() {
+    // A paced origin, so that what it sends after the disk filled shows.
+    let mut fleet = TestFleet::new(&["--upload-rate", "8MiB"]);
+    let disk = SmallDisk::mount_at(&fleet.target_dir(0));
+    fleet.add_target(&[]);
+    fleet.wait_for_targets(1);
+    let small = fleet.package("v1", 2 << 20, 1);
+    let publish = |dir: &Path, release: &str| {
+        fleet
+            .convoy(&["publish", dir.to_str().unwrap(), release])
+            .success();
+    };
+    publish(&small, "web@1");
+    assert_eq!(fleet.stage_and_wait("web@1", "pull", "all")["staged"], 1);
+
+    publish(&fleet.package("v2", 96 << 20, 2), "web@2");
+    let before = fleet.metric("convoy_origin_bytes_sent_total");
+    let run = fleet.convoy(&[
+        "stage",
+        "web@2",
+        "--mode",
+        "pull",
+        "--wait",
+        "--timeout",
+        "60",
+        "--json",
+    ]);
+    assert!(!run.ok, "96 MiB cannot be staged on a 48 MiB disk");
+    let report = run.json();
+    let state = report["per_target"][0]["state"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        state.starts_with("failed") && state.contains("No space left"),
+        "{report}"
+    );
+
+    // It asks for nothing more: the origin's chunk traffic stops (bounded:
+    // 15 s) once it has served what was already asked, well short of the
+    // release a target still asking would take whole.
+    let sent = || fleet.metric("convoy_origin_bytes_sent_total") - before;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (mut last, mut since) = (sent(), Instant::now());
+    while since.elapsed() < Duration::from_secs(1) {
+        assert!(
+            Instant::now() < deadline,
+            "chunk traffic had not stopped 15 s after the staging failed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let now = sent();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    assert!(
+        last < 80 << 20,
+        "the origin sent {last} bytes of a 96 MiB release to a 48 MiB disk"
+    );
+
+    // What was staged before the disk filled is intact.
+    fleet.targets[0].stop();
+    let store = Convoy::new(&disk.path().join("store"));
+    let list = store.ok(&["list", "--json"]).json();
+    let names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}@{}",
+                r["app"].as_str().unwrap(),
+                r["version"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, ["web@1"], "{list}");
+    assert_eq!(store.ok(&["verify", "--json"]).json()["ok"], true);
 }
