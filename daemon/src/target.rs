@@ -136,6 +136,11 @@ enum Internal {
         index: u32,
         bytes: u64,
     },
+    /// The store refused a chunk of `release` the origin pushed.
+    StoreFailed {
+        release: ReleaseId,
+        error: String,
+    },
     Staged {
         release: ReleaseId,
         result: Result<(), String>,
@@ -862,7 +867,12 @@ impl Target {
                                     })
                                     .await;
                             }
-                            Err(e) => reply.send(ChunkResponse::Rejected(e.to_string())).await,
+                            Err(e) => {
+                                reply.send(ChunkResponse::Rejected(e.to_string())).await;
+                                if let ReceiveError::Store(error) = e {
+                                    let _ = tx.send(Internal::StoreFailed { release, error }).await;
+                                }
+                            }
                         }
                     });
                 }
@@ -1608,21 +1618,12 @@ impl Target {
                     }
                 }
                 if let Some(e) = store_failed {
-                    // The store takes no more writes (a full disk, a failed
-                    // sync): asking for more would only move bytes it drops.
-                    warn!(release = %release, "cannot store a chunk: {e}; the staging fails");
-                    if s.job.is_some() {
-                        self.end_patch(release, None);
-                    } else {
-                        s.finish();
-                        s.state = StageState::Failed(format!("store: {e}"));
-                        s.fetcher = None;
-                        self.register();
-                    }
+                    self.store_failed(release, &e);
                     return;
                 }
                 self.drive(release);
             }
+            Internal::StoreFailed { release, error } => self.store_failed(release, &error),
             Internal::Pushed {
                 release,
                 index,
@@ -1699,6 +1700,28 @@ impl Target {
                 }
             }
         }
+    }
+
+    /// Fails staging `release`, whose chunk the store refused: it takes no
+    /// more writes (a full disk, a failed sync), so asking for more would
+    /// only move bytes it drops. A patch unit is given up instead.
+    fn store_failed(&mut self, release: ReleaseId, e: &str) {
+        let Some(s) = self
+            .stagings
+            .get_mut(&release)
+            .filter(|s| s.state == StageState::Running)
+        else {
+            return;
+        };
+        warn!(release = %release, "cannot store a chunk: {e}; the staging fails");
+        if s.job.is_some() {
+            self.end_patch(release, None);
+            return;
+        }
+        s.finish();
+        s.state = StageState::Failed(format!("store: {e}"));
+        s.fetcher = None;
+        self.register();
     }
 
     /// Ends patch unit `unit`: its release gets the chunks of the files it

@@ -172,7 +172,19 @@ fn unpack_onto_a_full_disk_fails_and_leaves_no_partial_tree() {
 }
 
 #[test]
-fn a_target_whose_disk_fills_fails_the_staging_and_stops_fetching() {
+fn a_pulling_target_whose_disk_fills_fails_the_staging_and_stops_fetching() {
+    disk_fills_mid_staging("pull");
+}
+
+#[test]
+fn a_target_whose_disk_fills_under_a_push_fails_the_staging() {
+    disk_fills_mid_staging("push");
+}
+
+/// Stages 96 MiB in `mode` onto a target with a 48 MiB disk: the staging
+/// fails by itself, naming the full disk; the chunk traffic stops; what
+/// was staged before stays whole.
+fn disk_fills_mid_staging(mode: &str) {
     // A paced origin, so that what it sends after the disk filled shows.
     let mut fleet = TestFleet::new(&["--upload-rate", "8MiB"]);
     let disk = SmallDisk::mount_at(&fleet.target_dir(0));
@@ -185,7 +197,7 @@ fn a_target_whose_disk_fills_fails_the_staging_and_stops_fetching() {
             .success();
     };
     publish(&small, "web@1");
-    assert_eq!(fleet.stage_and_wait("web@1", "pull", "all")["staged"], 1);
+    assert_eq!(fleet.stage_and_wait("web@1", mode, "all")["staged"], 1);
 
     publish(&fleet.package("v2", 96 << 20, 2), "web@2");
     let before = fleet.metric("convoy_origin_bytes_sent_total");
@@ -193,13 +205,18 @@ fn a_target_whose_disk_fills_fails_the_staging_and_stops_fetching() {
         "stage",
         "web@2",
         "--mode",
-        "pull",
+        mode,
         "--wait",
         "--timeout",
         "60",
         "--json",
     ]);
     assert!(!run.ok, "96 MiB cannot be staged on a 48 MiB disk");
+    assert!(
+        !run.stderr.contains("not finished"),
+        "{mode}: the staging did not end: {}",
+        run.stderr
+    );
     let report = run.json();
     let state = report["per_target"][0]["state"]
         .as_str()
@@ -218,7 +235,7 @@ fn a_target_whose_disk_fills_fails_the_staging_and_stops_fetching() {
     while since.elapsed() < Duration::from_secs(1) {
         assert!(
             Instant::now() < deadline,
-            "chunk traffic had not stopped 15 s after the staging failed"
+            "{mode}: chunk traffic had not stopped 15 s after the staging failed"
         );
         std::thread::sleep(Duration::from_millis(100));
         let now = sent();
@@ -228,7 +245,7 @@ fn a_target_whose_disk_fills_fails_the_staging_and_stops_fetching() {
     }
     assert!(
         last < 80 << 20,
-        "the origin sent {last} bytes of a 96 MiB release to a 48 MiB disk"
+        "{mode}: the origin sent {last} bytes of a 96 MiB release to a 48 MiB disk"
     );
 
     // What was staged before the disk filled is intact.
