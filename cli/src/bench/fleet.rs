@@ -101,10 +101,10 @@ impl Fleet {
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
 
-    /// Why a staging may not have finished, from the daemons' logs: a
-    /// full disk makes targets keep what they hold and wait, which looks
-    /// like a slow staging until the bench's timeout (it happened: a disk
-    /// filled by earlier runs' directories).
+    /// Why a staging may not have finished in time, from the daemons'
+    /// logs: a full disk (it happened: a disk filled by earlier runs'
+    /// directories), which the targets log but the coordinator, whose
+    /// own writes fail, may not hear of.
     pub fn diagnose(&self) -> Option<String> {
         let full: Vec<String> = std::fs::read_dir(&self.logs)
             .ok()?

@@ -699,6 +699,22 @@ async fn stage_once(
         .iter()
         .filter_map(|t| t.progress.as_ref())
         .collect();
+    // A failed target makes the p99 infinite; the report says why.
+    let failed: Vec<&str> = progress
+        .iter()
+        .filter_map(|p| match &p.state {
+            StageState::Failed(why) => Some(why.as_str()),
+            _ => None,
+        })
+        .collect();
+    if let Some(first) = failed.first() {
+        eprintln!(
+            "convoy bench: {} of {} targets failed {}, the first with: {first}",
+            failed.len(),
+            args.nodes,
+            mode.name()
+        );
+    }
     Ok(RunResult::new(
         args,
         rates,
