@@ -116,6 +116,22 @@ impl Convoy {
         );
         run
     }
+
+    /// The releases its store names, as `APP@VERSION`, oldest first.
+    pub fn names(&self) -> Vec<String> {
+        let list = self.ok(&["list", "--json"]).json();
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}@{}",
+                    r["app"].as_str().expect("an app"),
+                    r["version"].as_str().expect("a version")
+                )
+            })
+            .collect()
+    }
 }
 
 pub use convoy_benches::noise;

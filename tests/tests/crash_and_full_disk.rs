@@ -251,19 +251,6 @@ fn disk_fills_mid_staging(mode: &str) {
     // What was staged before the disk filled is intact.
     fleet.targets[0].stop();
     let store = Convoy::new(&disk.path().join("store"));
-    let list = store.ok(&["list", "--json"]).json();
-    let names: Vec<String> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            format!(
-                "{}@{}",
-                r["app"].as_str().unwrap(),
-                r["version"].as_str().unwrap()
-            )
-        })
-        .collect();
-    assert_eq!(names, ["web@1"], "{list}");
+    assert_eq!(store.names(), ["web@1"]);
     assert_eq!(store.ok(&["verify", "--json"]).json()["ok"], true);
 }

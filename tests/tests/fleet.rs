@@ -65,22 +65,6 @@ fn wait_for_passes_to_remove(daemon: &convoy_tests::Daemon, n: u64) {
     }
 }
 
-/// The releases a store names, as `app@version`, oldest first.
-fn names_in(store: &std::path::Path) -> Vec<String> {
-    let list = Convoy::new(store).run(&["list", "--json"]).success().json();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            format!(
-                "{}@{}",
-                r["app"].as_str().unwrap(),
-                r["version"].as_str().unwrap()
-            )
-        })
-        .collect()
-}
-
 fn verify_store(fleet: &TestFleet, i: usize) {
     let run = Convoy::new(&fleet.target_store(i)).run(&["verify", "--json"]);
     let json = run.success().json();
@@ -397,7 +381,10 @@ fn a_running_target_drops_old_releases_and_keeps_what_its_staging_needs() {
     fleet.targets[0].stop();
     verify_store(&fleet, 0);
     let cli = Convoy::new(&fleet.target_store(0));
-    assert_eq!(names_in(&fleet.target_store(0)), ["web@3", "web@4"]);
+    assert_eq!(
+        Convoy::new(&fleet.target_store(0)).names(),
+        ["web@3", "web@4"]
+    );
     // Only the kept releases' chunks remain.
     let kept: u64 = ["web@3", "web@4"]
         .iter()
@@ -437,7 +424,7 @@ fn a_running_origin_drops_old_releases_and_keeps_what_is_being_published() {
     let kept = chunks_of(&fleet, "web@2") + chunks_of(&fleet, "web@3");
     fleet.coordinator.stop();
     let store = fleet.path().join("coordinator/store");
-    assert_eq!(names_in(&store), ["web@2", "web@3"]);
+    assert_eq!(Convoy::new(&store).names(), ["web@2", "web@3"]);
     let verified = Convoy::new(&store)
         .run(&["verify", "--json"])
         .success()
