@@ -1472,9 +1472,6 @@ impl Target {
         });
     }
 
-    /// Sends the chunks held since the last announcement to every peer:
-    /// at once when `now`, soon when one of them is rare, else on the
-    /// slower cadence.
     /// Whether announcements may be due: a staging is running (its chunks
     /// are announced on the tick's cadence) or has chunks still to announce.
     fn announcing(&self) -> bool {
@@ -1483,6 +1480,9 @@ impl Target {
             .any(|s| s.state == StageState::Running || !s.announcer.is_idle())
     }
 
+    /// Sends the chunks held since the last announcement to every peer:
+    /// at once when `now`, soon when one of them is rare, else on the
+    /// slower cadence.
     fn announce(&mut self, now: bool) {
         let at = Instant::now();
         for (release, s) in self.stagings.iter_mut() {
@@ -1510,7 +1510,7 @@ impl Target {
             return;
         };
         let mut complete = false;
-        let mut gave_up = false;
+        let mut gave_up = None;
         let is_unit = s.job.is_some();
         // This round's requests, per peer: sent a few chunks to a request.
         let mut batches: BTreeMap<PeerId, Vec<u32>> = BTreeMap::new();
@@ -1534,7 +1534,7 @@ impl Target {
                 }
                 FetchAction::GaveUp { chunk } if s.job.is_some() => {
                     warn!(patch = %release, chunk, "a delta chunk failed too often: giving the patch up");
-                    gave_up = true;
+                    gave_up = Some(format!("delta chunk {chunk} failed too often"));
                 }
                 FetchAction::GaveUp { chunk } => {
                     warn!(release = %release, chunk, "chunk failed too often; waiting for new peers");
@@ -1559,8 +1559,8 @@ impl Target {
                 ));
             }
         }
-        if gave_up {
-            self.end_patch(release, None);
+        if let Some(why) = gave_up {
+            self.end_patch(release, Err(why));
         } else if complete || is_unit {
             self.check_complete(release);
         }
@@ -1669,7 +1669,7 @@ impl Target {
                 }
             }
             Internal::Flushed(result) => self.sync.finished(result),
-            Internal::Rebuilt { unit, rebuilt } => self.end_patch(unit, Some(rebuilt)),
+            Internal::Rebuilt { unit, rebuilt } => self.end_patch(unit, Ok(rebuilt)),
             Internal::Prepared(prepared, reply) => {
                 self.collector.read();
                 let response = match prepared.and_then(|p| self.install(*p)) {
@@ -1715,7 +1715,7 @@ impl Target {
         };
         warn!(release = %release, "cannot store a chunk: {e}; the staging fails");
         if s.job.is_some() {
-            self.end_patch(release, None);
+            self.end_patch(release, Err(format!("store: {e}")));
             return;
         }
         s.finish();
@@ -1725,9 +1725,9 @@ impl Target {
     }
 
     /// Ends patch unit `unit`: its release gets the chunks of the files it
-    /// rebuilt (`None`: it was given up), and asks for every chunk still
-    /// deferred, as if there had been no patch.
-    fn end_patch(&mut self, unit: ReleaseId, rebuilt: Option<Rebuilt>) {
+    /// rebuilt (`Err`: it was given up, and why), and asks for every chunk
+    /// still deferred, as if there had been no patch.
+    fn end_patch(&mut self, unit: ReleaseId, rebuilt: Result<Rebuilt, String>) {
         let Some(u) = self.stagings.get_mut(&unit) else {
             return;
         };
@@ -1739,9 +1739,9 @@ impl Target {
         }
         u.finish();
         u.state = match &rebuilt {
-            Some(r) if r.failed.is_empty() => StageState::Staged,
-            Some(r) => StageState::Failed(format!("{} files not rebuilt", r.failed.len())),
-            None => StageState::Failed("given up".into()),
+            Ok(r) if r.failed.is_empty() => StageState::Staged,
+            Ok(r) => StageState::Failed(format!("{} files not rebuilt", r.failed.len())),
+            Err(why) => StageState::Failed(format!("given up: {why}")),
         };
         // It asks for nothing more; the deltas it holds are still served.
         u.fetcher = None;
@@ -1865,7 +1865,10 @@ impl Target {
             }
         }
         for unit in given_up {
-            self.end_patch(unit, None);
+            self.end_patch(
+                unit,
+                Err(format!("no delta chunk for {PATCH_STALL_TICKS} s")),
+            );
         }
     }
 
