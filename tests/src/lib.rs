@@ -564,6 +564,16 @@ impl TestFleet {
         cli.run(&all)
     }
 
+    /// Publishes `dir` as `release` (`APP@VERSION`); its release id.
+    pub fn publish(&self, dir: &Path, release: &str) -> String {
+        let dir = dir.to_str().expect("UTF-8 path");
+        let run = self.convoy(&["publish", dir, release, "--json"]).success();
+        run.json()["release_id"]
+            .as_str()
+            .expect("a release id")
+            .to_string()
+    }
+
     /// Stages `release` on the targets `selector` names in `mode` and
     /// waits (bounded: 120 s); the staging's report (`--json`).
     pub fn stage_and_wait(&self, release: &str, mode: &str, selector: &str) -> serde_json::Value {

@@ -190,16 +190,10 @@ fn disk_fills_mid_staging(mode: &str) {
     let disk = SmallDisk::mount_at(&fleet.target_dir(0));
     fleet.add_target(&[]);
     fleet.wait_for_targets(1);
-    let small = fleet.package("v1", 2 << 20, 1);
-    let publish = |dir: &Path, release: &str| {
-        fleet
-            .convoy(&["publish", dir.to_str().unwrap(), release])
-            .success();
-    };
-    publish(&small, "web@1");
+    fleet.publish(&fleet.package("v1", 2 << 20, 1), "web@1");
     assert_eq!(fleet.stage_and_wait("web@1", mode, "all")["staged"], 1);
 
-    publish(&fleet.package("v2", 96 << 20, 2), "web@2");
+    fleet.publish(&fleet.package("v2", 96 << 20, 2), "web@2");
     let before = fleet.metric("convoy_origin_bytes_sent_total");
     let run = fleet.convoy(&[
         "stage",

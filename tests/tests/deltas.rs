@@ -63,18 +63,12 @@ fn web(store: &dyn convoy_daemon::store::Store, version: &str) -> convoy_chunker
     store.get_manifest(&id).unwrap().unwrap()
 }
 
-fn publish(fleet: &TestFleet, dir: &Path, release: &str) {
-    fleet
-        .convoy(&["publish", dir.to_str().unwrap(), release])
-        .success();
-}
-
 #[test]
 fn a_restarted_origin_makes_the_deltas_it_had_not_made_and_not_those_it_had() {
     let mut fleet = TestFleet::new(&["--delta-bases", "0"]);
     let root = fleet.path().to_path_buf();
-    publish(&fleet, &version(&root, "v1", None), "web@1");
-    publish(&fleet, &version(&root, "v2", Some(20_000)), "web@2");
+    fleet.publish(&version(&root, "v1", None), "web@1");
+    fleet.publish(&version(&root, "v2", Some(20_000)), "web@2");
     assert_eq!(patches(&fleet, "made"), 0, "delta making is off");
 
     // On again: at start, the newest release of each app is due.
@@ -93,7 +87,7 @@ fn a_restarted_origin_makes_the_deltas_it_had_not_made_and_not_those_it_had() {
     assert_eq!(patches(&fleet, "made"), 0);
 
     // A publish makes the new release's deltas from the two before it.
-    publish(&fleet, &version(&root, "v3", Some(15_000)), "web@3");
+    fleet.publish(&version(&root, "v3", Some(15_000)), "web@3");
     wait_patches(&fleet, "made", 2);
     assert_eq!(patches(&fleet, "failed"), 0);
 }
@@ -140,8 +134,8 @@ fn order_bytes(fleet: &TestFleet, form: &str) -> u64 {
 fn a_target_holding_an_older_release_is_sent_the_manifest_as_a_delta() {
     let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
     // 300 files: a manifest of about 20 KB; one file changes.
-    publish(&fleet, &many_files(&root, "v1", 300, 0, 0), "web@1");
-    publish(&fleet, &many_files(&root, "v2", 300, 1, 9000), "web@2");
+    fleet.publish(&many_files(&root, "v1", 300, 0, 0), "web@1");
+    fleet.publish(&many_files(&root, "v2", 300, 1, 9000), "web@2");
     stage(&fleet, "web@1", "name=a");
     let whole = order_bytes(&fleet, "whole");
     assert!(whole > 10_000, "{whole} bytes: web@1's manifest, whole");
@@ -209,8 +203,8 @@ fn an_order_with_the_manifest_as_a_delta_is_taken_only_from_the_coordinator_as_s
     use libp2p::identity::Keypair;
 
     let (mut fleet, root) = fleet_of(&["a", "b"], &["--delta-bases", "0"]);
-    publish(&fleet, &many_files(&root, "v1", 300, 0, 0), "web@1");
-    publish(&fleet, &many_files(&root, "v2", 300, 1, 9000), "web@2");
+    fleet.publish(&many_files(&root, "v1", 300, 0, 0), "web@1");
+    fleet.publish(&many_files(&root, "v2", 300, 1, 9000), "web@2");
     stage(&fleet, "web@1", "name=a");
     let (v1, v2) = {
         let store = RocksStore::open(&root.join("cli-store")).unwrap();
@@ -285,7 +279,7 @@ fn assert_staged_as(fleet: &mut TestFleet, i: usize, release: &str, dir: &Path) 
 #[test]
 fn targets_holding_the_base_fetch_the_deltas_and_rebuild_the_release() {
     let (mut fleet, root) = fleet_of(&["a", "b", "c"], &[]);
-    publish(&fleet, &version(&root, "v1", None), "web@1");
+    fleet.publish(&version(&root, "v1", None), "web@1");
     fleet.stage_and_wait("web@1", "swarm", "");
     // Nearly every 64 KiB chunk of v2 holds an edit: about 1 MiB of new chunks.
     let v2 = version(&root, "v2", Some(20_000));
@@ -333,9 +327,9 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
     use convoy_daemon::store::patch_in_store;
 
     let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
-    publish(&fleet, &version(&root, "v1", None), "web@1");
+    fleet.publish(&version(&root, "v1", None), "web@1");
     let v2 = version(&root, "v2", Some(20_000));
-    publish(&fleet, &v2, "web@2");
+    fleet.publish(&v2, "web@2");
     // Another base: v2 with one byte changed. A delta from it to v2
     // copies nearly all of it; applied to v1, it gives v1's bytes back.
     let v1b = root.join("v1b");
@@ -343,7 +337,7 @@ fn a_delta_that_does_not_rebuild_its_file_is_refused_and_the_chunks_fetched() {
     let mut bytes = std::fs::read(v2.join("app.js")).unwrap();
     bytes[5] ^= 1;
     std::fs::write(v1b.join("app.js"), bytes).unwrap();
-    publish(&fleet, &v1b, "web@1b");
+    fleet.publish(&v1b, "web@1b");
     fleet.stage_and_wait("web@1", "pull", "name=a");
 
     // A patch that claims to go from web@1 to web@2, its delta made
@@ -409,9 +403,9 @@ fn a_patch_whose_deltas_never_come_is_given_up_and_the_chunks_fetched() {
     use convoy_chunker::{ChunkHash, ChunkRef, Patch, PatchFile};
 
     let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
-    publish(&fleet, &version(&root, "v1", None), "web@1");
+    fleet.publish(&version(&root, "v1", None), "web@1");
     let v2 = version(&root, "v2", Some(20_000));
-    publish(&fleet, &v2, "web@2");
+    fleet.publish(&v2, "web@2");
     fleet.stage_and_wait("web@1", "pull", "name=a");
 
     // A patch whose delta chunk the origin does not hold: asked for, it is
@@ -446,8 +440,8 @@ fn an_order_with_a_hostile_patch_record_is_refused_before_any_work() {
     use libp2p::identity::Keypair;
 
     let (mut fleet, root) = fleet_of(&["a"], &["--delta-bases", "0"]);
-    publish(&fleet, &version(&root, "v1", None), "web@1");
-    publish(&fleet, &version(&root, "v2", Some(20_000)), "web@2");
+    fleet.publish(&version(&root, "v1", None), "web@1");
+    fleet.publish(&version(&root, "v2", Some(20_000)), "web@2");
     fleet.stage_and_wait("web@1", "pull", "name=a");
     let (v1, v2) = {
         let store = RocksStore::open(&root.join("cli-store")).unwrap();
@@ -545,7 +539,7 @@ fn an_order_with_a_hostile_patch_record_is_refused_before_any_work() {
 #[test]
 fn in_push_mode_a_holder_of_the_base_is_sent_only_the_deltas() {
     let (mut fleet, root) = fleet_of(&["a"], &[]);
-    publish(&fleet, &version(&root, "v1", None), "web@1");
+    fleet.publish(&version(&root, "v1", None), "web@1");
     fleet.stage_and_wait("web@1", "push", "name=a");
     let v2 = version(&root, "v2", Some(20_000));
     let run = fleet

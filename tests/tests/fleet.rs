@@ -5,13 +5,6 @@ use std::time::{Duration, Instant};
 
 use convoy_tests::{Convoy, TestFleet};
 
-/// Publishes `dir` as `release` and returns the release id.
-fn publish(fleet: &TestFleet, dir: &std::path::Path, release: &str) -> String {
-    let run = fleet.convoy(&["publish", dir.to_str().unwrap(), release, "--json"]);
-    let json = run.success().json();
-    json["release_id"].as_str().unwrap().to_string()
-}
-
 /// Polls a staging's status through the CLI until `done` says so (bounded).
 fn wait_staging(
     fleet: &TestFleet,
@@ -86,7 +79,7 @@ fn a_swarm_of_ten_targets_stages_and_every_store_verifies() {
     }
     fleet.wait_for_targets(10);
     let pkg = fleet.package("v1", 6 << 20, 1);
-    let id = publish(&fleet, &pkg, "web@1");
+    let id = fleet.publish(&pkg, "web@1");
     let report = fleet.stage_and_wait("web@1", "swarm", "all");
     assert_eq!(report["staged"], 10, "{report}");
     assert_eq!(report["release_id"], id.as_str());
@@ -120,7 +113,7 @@ fn peers_that_found_a_target_first_are_placed_where_they_stand() {
     }
     fleet.wait_for_targets(8);
     let pkg = fleet.package("v1", 4 << 20, 3);
-    publish(&fleet, &pkg, "web@1");
+    fleet.publish(&pkg, "web@1");
     let report = fleet.stage_and_wait("web@1", "swarm", "all");
     assert_eq!(report["staged"], 8, "{report}");
     let origin = report["origin_egress_bytes"].as_u64().unwrap();
@@ -135,7 +128,7 @@ fn every_byte_a_connection_carries_is_counted_beside_the_chunks() {
     fleet.add_target(&[]);
     fleet.wait_for_targets(1);
     let pkg = fleet.package("v1", 2 << 20, 4);
-    publish(&fleet, &pkg, "web@1");
+    fleet.publish(&pkg, "web@1");
     let report = fleet.stage_and_wait("web@1", "pull", "all");
     let staged = report["total_bytes"].as_u64().unwrap();
     let wire = |dir: &str| {
@@ -175,7 +168,7 @@ fn push_and_pull_stage_exactly_the_missing_chunks() {
     }
     fleet.wait_for_targets(3);
     let v1 = fleet.package("v1", 4 << 20, 2);
-    publish(&fleet, &v1, "api@1");
+    fleet.publish(&v1, "api@1");
     let first = fleet.stage_and_wait("api@1", "push", "all");
     assert_eq!(first["staged"], 3, "{first}");
     // v2 appends to the file: only the last chunks change.
@@ -183,7 +176,7 @@ fn push_and_pull_stage_exactly_the_missing_chunks() {
     let mut bytes = std::fs::read(v2.join("bin/app")).unwrap();
     bytes.extend(convoy_tests::noise(100_000, 9));
     std::fs::write(v2.join("bin/app"), bytes).unwrap();
-    publish(&fleet, &v2, "api@2");
+    fleet.publish(&v2, "api@2");
     let second = fleet.stage_and_wait("api@2", "pull", "all");
     assert_eq!(second["staged"], 3, "{second}");
     let total = second["total_bytes"].as_u64().unwrap();
@@ -200,7 +193,7 @@ fn a_target_killed_mid_transfer_resumes_without_refetching() {
     fleet.add_target(&[]);
     fleet.wait_for_targets(1);
     let pkg = fleet.package("v1", 8 << 20, 3);
-    publish(&fleet, &pkg, "web@1");
+    fleet.publish(&pkg, "web@1");
     let started = fleet
         .convoy(&["stage", "web@1", "--mode", "pull", "--json"])
         .success()
@@ -233,7 +226,7 @@ fn a_peer_serving_corrupt_chunks_is_banned_and_the_release_still_completes() {
     let liar = fleet.add_target(&["--label", "role=liar", "--fault-corrupt-uploads"]);
     fleet.wait_for_targets(1);
     let pkg = fleet.package("v1", 4 << 20, 4);
-    publish(&fleet, &pkg, "web@1");
+    fleet.publish(&pkg, "web@1");
     // The liar gets the release first, so the others find it holding everything.
     fleet.stage_and_wait("web@1", "pull", "role=liar");
     for _ in 0..4 {
@@ -260,7 +253,7 @@ fn without_the_fleet_key_nothing_can_be_fetched_or_ordered() {
     fleet.add_target(&[]);
     fleet.wait_for_targets(1);
     let pkg = fleet.package("v1", 1 << 20, 5);
-    publish(&fleet, &pkg, "web@1");
+    fleet.publish(&pkg, "web@1");
     let other = fleet.path().join("other.key");
     assert!(
         std::process::Command::new(convoy_tests::bin_dir().join("convoyd"))
@@ -339,7 +332,7 @@ fn a_coordinator_restarted_mid_staging_lets_the_targets_finish() {
     }
     fleet.wait_for_targets(3);
     let pkg = fleet.package("v1", 8 << 20, 6);
-    publish(&fleet, &pkg, "web@1");
+    fleet.publish(&pkg, "web@1");
     let started = fleet
         .convoy(&["stage", "web@1", "--mode", "swarm", "--json"])
         .success()
@@ -367,11 +360,11 @@ fn a_running_target_drops_old_releases_and_keeps_what_its_staging_needs() {
     fleet.wait_for_targets(1);
     for v in 1..=3u64 {
         let pkg = fleet.package(&format!("v{v}"), 1 << 20, 40 + v);
-        publish(&fleet, &pkg, &format!("web@{v}"));
+        fleet.publish(&pkg, &format!("web@{v}"));
         fleet.stage_and_wait(&format!("web@{v}"), "pull", "all");
     }
     let big = fleet.package("v4", 16 << 20, 44);
-    publish(&fleet, &big, "web@4");
+    fleet.publish(&big, "web@4");
     let staged = fleet.stage_and_wait("web@4", "pull", "all");
     assert_eq!(staged["staged"], 1, "{staged}");
     // Passes every 100 ms drop web@1 and web@2 and, a pass later, their
@@ -381,10 +374,7 @@ fn a_running_target_drops_old_releases_and_keeps_what_its_staging_needs() {
     fleet.targets[0].stop();
     verify_store(&fleet, 0);
     let cli = Convoy::new(&fleet.target_store(0));
-    assert_eq!(
-        Convoy::new(&fleet.target_store(0)).names(),
-        ["web@3", "web@4"]
-    );
+    assert_eq!(cli.names(), ["web@3", "web@4"]);
     // Only the kept releases' chunks remain.
     let kept: u64 = ["web@3", "web@4"]
         .iter()
@@ -411,7 +401,7 @@ fn a_running_origin_drops_old_releases_and_keeps_what_is_being_published() {
     // names the release, all through passes every 100 ms.
     for v in 1..=3u64 {
         let pkg = fleet.package(&format!("v{v}"), 4 << 20, 60 + v);
-        publish(&fleet, &pkg, &format!("web@{v}"));
+        fleet.publish(&pkg, &format!("web@{v}"));
     }
     let dropped = chunks_of(&fleet, "web@1");
     wait_for_passes_to_remove(&fleet.coordinator, dropped);
@@ -444,7 +434,7 @@ fn a_finished_staging_is_not_recorded_again_at_every_report() {
     fleet.add_target(&[]);
     fleet.wait_for_targets(1);
     let pkg = fleet.package("v1", 256 << 10, 70);
-    publish(&fleet, &pkg, "web@1");
+    fleet.publish(&pkg, "web@1");
     fleet.stage_and_wait("web@1", "pull", "all");
     // The report that ended the staging recorded that; each record
     // replaces the file, so a new one would have a new inode.
