@@ -439,7 +439,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     };
     match cli.command {
         Command::Keygen { file } => {
-            let id = convoy_daemon::operators::generate_key(&file)?;
+            let id = convoy_daemon::coordinator::operators::generate_key(&file)?;
             out.emit(
                 serde_json::json!({"operator_id": id.to_string(), "key_file": file}),
                 || format!("{id}\n"),

@@ -57,7 +57,7 @@ impl Api {
         };
         let t = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the API token from {}", path.display()))?;
-        convoy_daemon::api::token_of_file(&t)
+        convoy_daemon::coordinator::api::token_of_file(&t)
             .map(str::to_string)
             .with_context(|| format!("{} holds no token", path.display()))
     }

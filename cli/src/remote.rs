@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use convoy_chunker::{ChunkRef, Manifest, ReleaseId};
-use convoy_daemon::client::Client;
+use convoy_daemon::net::client::Client;
 use convoy_daemon::protocol::{
     ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DeltasReport, DistributionMode,
     StageState, StagingReport, WireChunk, MAX_HASHES_PER_QUERY,
@@ -46,7 +46,7 @@ impl Remote {
             "no operator key: pass --operator-key-file FILE or set CONVOY_OPERATOR_KEY_FILE \
              (make one with `convoy keygen FILE` and list its id in the coordinator's operators file)",
         )?;
-        let identity = convoy_daemon::operators::read_key(operator)?;
+        let identity = convoy_daemon::coordinator::operators::read_key(operator)?;
         Client::connect(addr, key, identity)
             .await
             .map_err(|e| anyhow!(e))
@@ -274,7 +274,7 @@ async fn upload(client: &Client, store: &RocksStore, manifest: &Manifest) -> Res
                         "the coordinator answered busy to chunk {} for {}s (other operators' uploads fill its {} slots); publish again later: chunks already uploaded are not sent twice",
                         c.hash,
                         UPLOAD_PATIENCE.as_secs(),
-                        convoy_daemon::serve::MAX_UPLOADS
+                        convoy_daemon::net::serve::MAX_UPLOADS
                     );
                 }
                 let wait = Duration::from_millis(u64::from(retry_ms).clamp(5, 1000));

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use convoy_daemon::client::parse_peer_addr;
+use convoy_daemon::net::client::parse_peer_addr;
 use convoy_tests::TestFleet;
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::swarm::SwarmEvent;

@@ -173,7 +173,8 @@ fn order_as(
 ) -> convoy_daemon::protocol::ControlResponse {
     use convoy_daemon::net::{self, NetConfig};
     let fleet_key = convoy_daemon::fleet_key::read(&fleet.key).expect("fleet key");
-    let (target, addr) = convoy_daemon::client::parse_peer_addr(&fleet.targets[i].addr).unwrap();
+    let (target, addr) =
+        convoy_daemon::net::client::parse_peer_addr(&fleet.targets[i].addr).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (client, mut events) = net::start(NetConfig {

@@ -4,7 +4,7 @@
 //! stage, read a staging, list the fleet or call the operator API.
 
 use convoy_chunker::{ChunkHash, Manifest};
-use convoy_daemon::client::parse_peer_addr;
+use convoy_daemon::net::client::parse_peer_addr;
 use convoy_daemon::net::{self, NetConfig, NetEvent};
 use convoy_daemon::protocol::{
     operator_proof_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
@@ -114,7 +114,8 @@ fn a_stolen_target_key_may_not_act_as_an_operator() {
             .as_str()
             .unwrap();
         let operator =
-            convoy_daemon::operators::read_key(std::path::Path::new(operator_key)).unwrap();
+            convoy_daemon::coordinator::operators::read_key(std::path::Path::new(operator_key))
+                .unwrap();
         let elsewhere = Keypair::generate_ed25519().public().to_peer_id();
         let replayed = operator_proof_bytes(&elsewhere.to_bytes(), &coordinator.to_bytes());
         let session = ControlRequest::Operator {

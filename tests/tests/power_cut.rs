@@ -22,10 +22,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use convoy_chunker::{ChunkHash, ChunkRef, Compressor, Manifest};
-use convoy_daemon::deliver::Releases;
 use convoy_daemon::store::{
     collect, Ingest, MemoryStore, Retention, RocksStore, Store, StoreSource,
 };
+use convoy_daemon::target::deliver::Releases;
 use convoy_tests::cutfs::CutFs;
 
 const CHILD: &str = "CONVOY_CUTFS_CHILD";

@@ -10,23 +10,24 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use convoy_chunker::{ChunkHash, ChunkRef, Encoding, Manifest, Patch, ReleaseId, StoredChunk};
-use convoy_daemon::api::{Answer, ApiError, Call, DeployRequest, Op, PromoteRequest};
-use convoy_daemon::client::Client;
+use convoy_daemon::coordinator::api::{Answer, ApiError, Call, DeployRequest, Op, PromoteRequest};
+use convoy_daemon::coordinator::operators::Operators;
 use convoy_daemon::coordinator::{self, CoordinatorConfig};
-use convoy_daemon::deliver::Releases;
-use convoy_daemon::health::Load;
+use convoy_daemon::net::client::Client;
+use convoy_daemon::net::serve::Chunks;
 use convoy_daemon::net::{self, NetConfig, NetEvent};
-use convoy_daemon::operators::Operators;
 use convoy_daemon::pipeline::Pipelines;
 use convoy_daemon::protocol::{
     signed_bytes, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse, DistributionMode,
     Labels, StageOrder, StageProgress, StageState, TargetReport, WireChunk,
 };
-use convoy_daemon::serve::{Chunks, Wait};
 use convoy_daemon::store::{
     ChunkInfo, Ingest, MemoryStore, Release, Store, StoreError, StoreSource,
 };
+use convoy_daemon::target::deliver::Releases;
+use convoy_daemon::target::health::Load;
 use convoy_daemon::target::{self, TargetConfig};
+use convoy_daemon::transfer::crowd::Wait;
 use convoy_tests::cutfs::CutFs;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};

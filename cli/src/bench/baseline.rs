@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use convoy_daemon::rate::Pacer;
+use convoy_daemon::net::rate::Pacer;
 
 use super::fleet::{cpu_seconds, Fleet, Proc};
 use super::{BenchArgs, Cpu, Measured, Rates, RunResult};

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use convoy_daemon::client::Client;
+use convoy_daemon::net::client::Client;
 use convoy_daemon::protocol::{ControlRequest, ControlResponse};
 
 use super::{BenchArgs, Cpu, IdleRss, Rates};
@@ -239,7 +239,7 @@ impl Fleet {
         let operator_key = self.coordinator_ready["operator_key_file"]
             .as_str()
             .ok_or_else(|| anyhow!("the coordinator made no local operator key"))?;
-        let identity = convoy_daemon::operators::read_key(Path::new(operator_key))?;
+        let identity = convoy_daemon::coordinator::operators::read_key(Path::new(operator_key))?;
         Client::connect(&self.coordinator_addr, key, identity)
             .await
             .map_err(|e| anyhow!(e))

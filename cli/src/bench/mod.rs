@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Result};
-use convoy_daemon::client::Client;
+use convoy_daemon::net::client::Client;
 use convoy_daemon::protocol::{
     ControlRequest, ControlResponse, DistributionMode, StageState, StagingReport,
 };

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use convoy_daemon::client::Client;
+use convoy_daemon::net::client::Client;
 use convoy_daemon::protocol::{ControlRequest, ControlResponse, DistributionMode};
 use convoy_daemon::store::RocksStore;
 use convoy_daemon::units::unix_ms;

@@ -14,8 +14,8 @@ use convoy_chunker::{plan_fetch, ChunkHash, ChunkRef, Manifest, PatchConfig, Rel
 use libp2p::identity::Keypair;
 use tracing::{info, warn};
 
+use crate::net::serve::ChunkList;
 use crate::protocol::{patch_unit, signed_patch_bytes, DeltasReport, PatchSummary};
-use crate::serve::ChunkList;
 use crate::store::{patch_in_store, Release, Store};
 
 /// Releases waiting for their deltas, at most; past this the oldest is

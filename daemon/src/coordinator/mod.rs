@@ -9,9 +9,28 @@
 //! restarted coordinator picks them up as targets report back.
 //!
 //! It also runs roll-outs and answers the operator API: see [`operate`].
+//!
+//! What lives here, the coordinator role and nothing of the target's:
+//!
+//! - this module: the role's loop — registry of targets, tracker of what
+//!   each holds, stagings, the origin's serving;
+//! - [`operate`]: roll-outs and the API on that loop;
+//! - [`rollout`]: the roll-out engine, a sans-I/O state machine;
+//! - [`deployments`]: the book of roll-outs, promotions and history;
+//! - [`api`]: the operator API over HTTP;
+//! - [`operators`]: the principals allowed to publish and stage;
+//! - [`deltas`]: the origin's patches, made in the background.
+//!
+//! It may use [`net`](crate::net), [`store`](crate::store),
+//! [`transfer`](crate::transfer) and the shared plumbing at the crate's
+//! root; never [`target`](crate::target).
 
+pub mod api;
 mod deltas;
+pub mod deployments;
 mod operate;
+pub mod operators;
+pub mod rollout;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -26,16 +45,17 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::coordinator::operators::{Operators, Refusals};
+use crate::net::serve::{ChunkList, Chunks, ReceiveError};
 use crate::net::{ChunkAnswer, NetEvent, NetHandle, Reply};
-use crate::operators::{Operators, Refusals};
 use crate::protocol::{
     busy, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
     DistributionMode, FleetMember, Labels, PatchedOrder, PeerInfo, StageOrder, StageOrderDelta,
     StageProgress, StageState, StagingReport, TargetReport, TargetStaging, MAX_HASHES_PER_QUERY,
     MAX_LABELS, MAX_LABEL_BYTES, MAX_PEERS_PER_LIST,
 };
-use crate::serve::{ChunkList, Chunks, ReceiveError, Wait};
 use crate::store::{collect, compact_in_background, Collector, Pass, Retention, Store};
+use crate::transfer::crowd::Wait;
 use crate::transfer::{HaveSet, PeerPool, PushAction, PushConfig, Pusher, Seeder, ServeDecision};
 
 /// Registered targets the coordinator tracks.
@@ -47,7 +67,7 @@ const MAX_DEFERRED: usize = 64;
 /// Operator CLI sessions open at once, at most.
 const MAX_SESSIONS: usize = 1024;
 /// How long an operator waits before it sends an upload answered busy
-/// (all [`MAX_UPLOADS`](crate::serve::MAX_UPLOADS) slots taken) again.
+/// (all [`MAX_UPLOADS`](crate::net::serve::MAX_UPLOADS) slots taken) again.
 const UPLOAD_RETRY: Duration = Duration::from_millis(20);
 
 /// How a coordinator is set up.
@@ -269,7 +289,7 @@ enum Internal {
     /// Something happened to a roll-out.
     Rollout {
         id: u64,
-        event: crate::rollout::Event,
+        event: crate::coordinator::rollout::Event,
     },
     /// A flush ended.
     Flushed(Result<(), String>),
@@ -300,7 +320,7 @@ enum Internal {
     Recorded {
         id: u64,
         at: u64,
-        event: crate::rollout::Event,
+        event: crate::coordinator::rollout::Event,
         result: Result<(), String>,
         steered: Option<operate::Steered>,
     },
@@ -333,10 +353,10 @@ struct Coordinator {
     runs: BTreeMap<u64, Run>,
     internal: mpsc::Sender<Internal>,
     /// When what was stored is synced.
-    sync: crate::serve::Syncer,
-    deployments: crate::deployments::Deployments,
+    sync: crate::net::serve::Syncer,
+    deployments: crate::coordinator::deployments::Deployments,
     /// Roll-out events waiting for the recorder (see [`Coordinator::rollout_event`]).
-    queue: std::collections::VecDeque<(u64, crate::rollout::Event)>,
+    queue: std::collections::VecDeque<(u64, crate::coordinator::rollout::Event)>,
     /// Per roll-out, events handed to the recorder and not yet applied.
     recording: HashMap<u64, usize>,
     /// The releases of roll-outs whose logs are being opened, by app and
@@ -386,7 +406,7 @@ struct OrderBytes {
 /// A request that waits for a collection pass.
 enum Waiting {
     Control(PeerId, ControlRequest, Reply<ControlResponse>),
-    Api(crate::api::Call),
+    Api(crate::coordinator::api::Call),
 }
 
 /// Who started a staging, told once its orders go out.
@@ -421,15 +441,15 @@ pub async fn run(
     chunks: Arc<Chunks>,
     net: NetHandle,
     mut events: mpsc::Receiver<NetEvent>,
-    mut calls: mpsc::Receiver<crate::api::Call>,
+    mut calls: mpsc::Receiver<crate::coordinator::api::Call>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel(4096);
     // Unbounded: the record writer never waits for the loop (dropping the
     // book joins it, and a full channel would hold it there).
     let (recorded, mut recorded_rx) = mpsc::unbounded_channel();
-    let deployments =
-        crate::deployments::Deployments::load(chunks.store.clone()).map_err(anyhow::Error::msg)?;
+    let deployments = crate::coordinator::deployments::Deployments::load(chunks.store.clone())
+        .map_err(anyhow::Error::msg)?;
     let unfinished = deployments.all.values().any(|d| !d.rollout.is_done());
     let grace = (config.heartbeat * 3).max(Duration::from_secs(3));
     let delta_bases = config.delta_bases;
@@ -791,7 +811,7 @@ impl Coordinator {
             ..
         } = begun
         {
-            let h = crate::deployments::HistoryEntry::new(
+            let h = crate::coordinator::deployments::HistoryEntry::new(
                 "stage",
                 &by,
                 format!(
@@ -1448,7 +1468,7 @@ impl Coordinator {
                 store.flush().map_err(|e| e.to_string())?;
                 let id = store.put_release(&manifest).map_err(|e| e.to_string())?;
                 info!(release = %id, by, "published");
-                let h = crate::deployments::HistoryEntry::new(
+                let h = crate::coordinator::deployments::HistoryEntry::new(
                     "publish",
                     &by,
                     format!("release {id}"),
@@ -1456,7 +1476,7 @@ impl Coordinator {
                     None,
                     None,
                 );
-                crate::deployments::record(&*store, manifest.app(), &h);
+                crate::coordinator::deployments::record(&*store, manifest.app(), &h);
                 Ok(id)
             })
             .await
@@ -1588,7 +1608,10 @@ impl Coordinator {
                         for p in starting.map(|s| s.targets).unwrap_or_default() {
                             self.queue.push_back((
                                 rollout,
-                                crate::rollout::Event::Staged(p.to_string(), Err(e.clone())),
+                                crate::coordinator::rollout::Event::Staged(
+                                    p.to_string(),
+                                    Err(e.clone()),
+                                ),
                             ));
                         }
                         self.drain_queue();

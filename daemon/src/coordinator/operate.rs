@@ -1,7 +1,7 @@
 //! Roll-outs and the operator API, on the coordinator's event loop.
 //!
-//! The [`Rollout`](crate::rollout::Rollout) engines live in
-//! [`Deployments`](crate::deployments::Deployments); this part feeds them
+//! The [`Rollout`](crate::coordinator::rollout::Rollout) engines live in
+//! [`Deployments`](crate::coordinator::deployments::Deployments); this part feeds them
 //! what happens (target reports, delivery reports, answers to orders, the
 //! clock, operators) and carries out their commands over the network.
 
@@ -23,7 +23,7 @@ pub(super) type ApiReply = tokio::sync::oneshot::Sender<Result<Answer, ApiError>
 /// An operator's promotion, answered once it is written.
 pub(super) struct Promoting {
     app: String,
-    promotion: crate::deployments::Promotion,
+    promotion: crate::coordinator::deployments::Promotion,
     by: String,
     reply: ApiReply,
 }
@@ -46,13 +46,15 @@ pub(super) struct Steered {
     by: String,
     reply: ApiReply,
 }
-use crate::api::{
+use crate::coordinator::api::{
     Answer, ApiError, Call, DeployRequest, Op, PromoteRequest, RollbackRequest, Steer,
 };
-use crate::deployments::HistoryEntry;
+use crate::coordinator::deployments::HistoryEntry;
+use crate::coordinator::rollout::{
+    Command, Event, Member, Notice, Phase, Slice, Spec, TargetState,
+};
 use crate::pipeline::{parse_selector, selects};
 use crate::protocol::{ControlRequest, ControlResponse, DeliveryReport, StageState};
-use crate::rollout::{Command, Event, Member, Notice, Phase, Slice, Spec, TargetState};
 
 /// How often roll-outs check deadlines and stragglers.
 pub const TICK: Duration = Duration::from_millis(250);

@@ -38,6 +38,14 @@
 //! hands them back to the loop. An announcement is advisory: one
 //! that cannot be queued or written is dropped, as an unanswered request
 //! was before.
+//!
+//! What lives here, the plumbing both roles share: this loop and its
+//! protocols ([`streams`], the security handshake), chunk bodies served
+//! from and received into the store ([`serve`]), upload and download caps
+//! ([`rate`]), and the operator's short-lived [`client`]. It may use
+//! [`store`](crate::store), [`transfer`](crate::transfer)'s busy rule and
+//! the crate's root; never a role ([`coordinator`](crate::coordinator),
+//! [`target`](crate::target)).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,8 +61,11 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+pub mod client;
 mod counted;
+pub mod rate;
 mod secure;
+pub mod serve;
 pub mod streams;
 mod tls;
 

@@ -12,6 +12,9 @@
 //! after the flush of its chunks. A crash can lose chunks that no release
 //! names yet (they are fetched or packed again), never a chunk a stored
 //! release needs.
+//!
+//! It may use [`durable`](crate::durable) and the chunker; nothing of the
+//! network or the roles.
 
 mod ingest;
 mod maintenance;

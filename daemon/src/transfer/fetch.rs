@@ -198,7 +198,7 @@ const MAX_BUSY_BACKOFF: Duration = Duration::from_millis(640);
 /// cannot keep others away for long by claiming a long queue).
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(5);
 /// The longest wait the origin may ask for: its turn behind every other
-/// target waiting ([`crate::serve::Crowd`]). 100,000 targets pulling
+/// target waiting ([`crate::transfer::crowd::Crowd`]). 100,000 targets pulling
 /// from one origin wait about 100,000 × 125 ms, 3.5 hours, for a turn;
 /// capped at 10 minutes they came back early, found it not their turn
 /// and went to the tail again (simulated: 50M events for 4% of them).

@@ -19,8 +19,14 @@
 //! Chunks are named by their index in the release's list of distinct
 //! chunks ([`Manifest::unique_chunks`](convoy_chunker::Manifest::unique_chunks)),
 //! which every party derives from the same signed manifest.
+//!
+//! - [`crowd`]: when a busy server answers "wait", and for how long.
+//!
+//! It may use the [`protocol`](crate::protocol)'s types and nothing else
+//! of the crate: no I/O, no role.
 
 mod announce;
+pub mod crowd;
 mod fetch;
 mod have;
 mod peers;

@@ -6,7 +6,7 @@
 //! for up to [`MAX_GET_BATCH`] chunks of one peer in a request, answered
 //! at once when all are sent; it announces what it holds on the
 //! [`Announcer`]'s cadence; every server, origin or target, answers busy
-//! by [`crate::serve::busy_for`]; a request once made cannot be withdrawn
+//! by [`crate::transfer::crowd::busy_for`]; a request once made cannot be withdrawn
 //! (its answer is ignored), as on the wire.
 //!
 //! The network model: every node has an uplink of fixed rate that sends
@@ -296,11 +296,11 @@ struct Sim<'c> {
     /// The one timer each node has pending, if any.
     timer_at: Vec<Option<Duration>>,
     seeder: Option<Seeder<Node>>,
-    /// The origin's askers told to wait their turn ([`crate::serve::Crowd`]):
+    /// The origin's askers told to wait their turn ([`crate::transfer::crowd::Crowd`]):
     /// in pull, where it is their only source; a swarm's origin, and every
-    /// target, answers by [`crate::serve::busy_for`] alone
-    /// ([`crate::serve::Wait`]), as the daemon's do.
-    crowd: crate::serve::Crowd<Node>,
+    /// target, answers by [`crate::transfer::crowd::busy_for`] alone
+    /// ([`crate::transfer::crowd::Wait`]), as the daemon's do.
+    crowd: crate::transfer::crowd::Crowd<Node>,
     announcers: Vec<Announcer>,
     /// Whether a node's announcement tick is scheduled.
     ticking: Vec<bool>,
@@ -672,7 +672,7 @@ impl Sim<'_> {
             let now = self.instant();
             return self.crowd.busy(now, asker, backlog, serving);
         }
-        crate::serve::busy_for(backlog, serving)
+        crate::transfer::crowd::busy_for(backlog, serving)
     }
 
     fn rate(&self, node: Node) -> f64 {

@@ -34,7 +34,7 @@ use tracing::warn;
 
 pub use convoy_protocol::api::{DeployRequest, PromoteRequest, RollbackRequest};
 
-use crate::operators::Refusals;
+use crate::coordinator::operators::Refusals;
 
 /// What an operator asks for.
 #[derive(Debug)]

@@ -25,8 +25,10 @@ use convoy_chunker::ReleaseId;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::coordinator::rollout::{
+    Command, Event, Millis, Notice, Outcome, Rollout, Spec, TargetId,
+};
 use crate::pipeline::Pipelines;
-use crate::rollout::{Command, Event, Millis, Notice, Outcome, Rollout, Spec, TargetId};
 use crate::store::Store;
 
 /// Roll-outs kept in memory (older finished ones stay in the store).
@@ -84,7 +86,7 @@ impl Deployment {
     pub fn summary(&self) -> serde_json::Value {
         let r = &self.rollout;
         let outcome = match r.phase {
-            crate::rollout::Phase::Done(o) => Some(o.name()),
+            crate::coordinator::rollout::Phase::Done(o) => Some(o.name()),
             _ => None,
         };
         serde_json::json!({
@@ -337,7 +339,7 @@ pub struct Deployments {
     /// Roll-outs by id.
     pub all: BTreeMap<u64, Deployment>,
     promotions: HashMap<String, Vec<Promotion>>,
-    live_slices: HashMap<String, crate::rollout::Slice>,
+    live_slices: HashMap<String, crate::coordinator::rollout::Slice>,
     /// The number the next roll-out takes.
     next_id: u64,
 }
@@ -552,7 +554,8 @@ impl Deployments {
             .filter(|d| {
                 d.rollout.spec.app == app
                     && d.rollout.spec.version == version
-                    && d.rollout.phase == crate::rollout::Phase::Done(Outcome::Succeeded)
+                    && d.rollout.phase
+                        == crate::coordinator::rollout::Phase::Done(Outcome::Succeeded)
             })
             .map(|d| d.rollout.spec.env.clone())
             .collect()
@@ -628,12 +631,12 @@ impl Deployments {
     }
 
     /// The slice of blue-green environment `env` last put in load, if known.
-    pub fn live_slice(&self, env: &str) -> Option<crate::rollout::Slice> {
+    pub fn live_slice(&self, env: &str) -> Option<crate::coordinator::rollout::Slice> {
         self.live_slices.get(env).copied()
     }
 
     /// Records which slice of `env` is in load.
-    pub fn set_live_slice(&mut self, env: &str, slice: crate::rollout::Slice) {
+    pub fn set_live_slice(&mut self, env: &str, slice: crate::coordinator::rollout::Slice) {
         if self.live_slices.get(env) == Some(&slice) {
             return;
         }
@@ -688,8 +691,8 @@ fn note(dep: &mut Deployment, at: Millis, cmds: &[Command]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coordinator::rollout::{Amount, Member, Strategy};
     use crate::protocol::DistributionMode;
-    use crate::rollout::{Amount, Member, Strategy};
     use crate::store::MemoryStore;
 
     /// Promotes web@2 to `env` as the coordinator does: checked, written

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use convoy_chunker::{plan_fetch, ChunkHash, ChunkRef, Manifest, Patch, PatchFile, ReleaseId};
 use libp2p::identity::PublicKey;
 
+use crate::net::serve::ChunkList;
 use crate::protocol::{patch_unit, signed_patch_bytes, PatchedOrder};
-use crate::serve::ChunkList;
 use crate::store::Store;
 
 /// A patch's files to rebuild once its delta chunks are held.

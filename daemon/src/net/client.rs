@@ -37,7 +37,7 @@ impl Client {
 
     /// Starts a network with a fresh identity that listens nowhere, and
     /// knows where the coordinator is; then proves to it that this session
-    /// acts for `operator` (see [`crate::operators`]: the coordinator acts
+    /// acts for `operator` (see [`crate::coordinator::operators`]: the coordinator acts
     /// on operator requests from sessions of allow-listed keys only). Call
     /// from within a tokio runtime.
     pub async fn connect(

@@ -7,12 +7,27 @@
 //! `DATA/staging/` until the release is staged, so a restarted target
 //! resumes them, fetching only what its store lacks. An order may come
 //! with a patch from a release the target holds: its deltas are fetched
-//! as a staging of their own (a unit, see [`crate::patching`]) and the
+//! as a staging of their own (a unit, see [`patching`]) and the
 //! files it covers rebuilt, or fetched as chunks if that fails.
 //!
 //! Delivery (the coordinator's `Deliver`) runs as a task of its own, one at
 //! a time per target: drain, materialise under `DATA/releases`, hooks,
 //! switch, undrain; its outcome goes to the coordinator as `Delivered`.
+//!
+//! What lives here, the target role and nothing of the coordinator's:
+//!
+//! - this module: the role's loop — registration, reports, stagings;
+//! - [`deliver`]: materialising a staged release, hooks, the switch;
+//! - [`health`]: in load or drained, and the endpoint load balancers poll;
+//! - [`patching`]: rebuilding files from an order's deltas.
+//!
+//! It may use [`net`](crate::net), [`store`](crate::store),
+//! [`transfer`](crate::transfer) and the shared plumbing at the crate's
+//! root; never [`coordinator`](crate::coordinator).
+
+pub mod deliver;
+pub mod health;
+pub mod patching;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -26,20 +41,21 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::deliver::Releases;
-use crate::health::Load;
+use self::deliver::Releases;
+use self::health::Load;
+use self::patching::{plan_patch, signed_patch, PatchJob, PlannedPatch};
+use crate::net::serve::{ChunkList, Chunks, ReceiveError};
 use crate::net::{NetEvent, NetHandle, Reply, RequestError};
-use crate::patching::{plan_patch, signed_patch, PatchJob, PlannedPatch};
 use crate::protocol::{
     self, signed_bytes, Announcement, ChunkRequest, ChunkResponse, ControlRequest, ControlResponse,
     DeliveryReport, DistributionMode, Labels, PatchedOrder, Place, StageOrder, StageOrderDelta,
     StageProgress, StageState, TargetReport, MAX_CONTROL_FRAME,
 };
-use crate::serve::{ChunkList, Chunks, ReceiveError, Wait};
 use crate::store::{
     collect, compact_in_background, rebuild_in_store, Collector, Pass, Rebuilt, Retention, Store,
     StoreSource,
 };
+use crate::transfer::crowd::Wait;
 use crate::transfer::{
     Announcer, FetchAction, FetchConfig, Fetcher, HaveSet, Locality, Mode, ANNOUNCE_RARE_EVERY,
     STARVED_PATIENCE,
@@ -322,7 +338,7 @@ struct Target {
     registered: bool,
     registering: bool,
     /// When what was stored is synced.
-    sync: crate::serve::Syncer,
+    sync: crate::net::serve::Syncer,
     listen: Vec<Multiaddr>,
     /// Releases being delivered (a repeated order is answered, not rerun).
     delivering: Arc<std::sync::Mutex<HashSet<ReleaseId>>>,
@@ -721,7 +737,7 @@ impl Target {
                     .releases()
                     .map(|rs| rs.into_iter().map(|r| r.id).collect())
                     .unwrap_or_default();
-                (held, crate::health::health(&load, &releases).active)
+                (held, self::health::health(&load, &releases).active)
             })
             .await;
             if let Ok((held, active)) = from_disk {

@@ -25,8 +25,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::deliver::Releases;
 use crate::durable::write_atomically;
+use crate::target::deliver::Releases;
 
 const IN_LOAD: &str = "in load\n";
 const DRAINED: &str = "drained\n";
@@ -131,7 +131,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct Counters {
     /// The store's chunk traffic.
-    pub chunks: Arc<crate::serve::Chunks>,
+    pub chunks: Arc<crate::net::serve::Chunks>,
     /// The network's bytes on the wire.
     pub wire: Arc<crate::net::WireCounters>,
 }
