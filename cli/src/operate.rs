@@ -363,6 +363,7 @@ fn notice_text(n: &Value) -> Option<String> {
             body["live"].as_str().unwrap_or("?").to_lowercase()
         ),
         "Halted" => format!("halted: {}; rolling back", body.as_str().unwrap_or("?")),
+        "Warning" => format!("warning: {}", body.as_str().unwrap_or("?")),
         "Paused" => "paused before the next wave".into(),
         "Resumed" => "resumed".into(),
         "Finished" => return None,

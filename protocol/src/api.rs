@@ -65,7 +65,7 @@ impl DeployRequest {
             o.max_failures = v.clone();
         }
         if let Some(v) = self.drain_seconds {
-            o.drain_seconds = v;
+            o.drain_seconds = Some(v);
         }
         if let Some(v) = self.progress_deadline_seconds {
             o.progress_deadline_seconds = v;

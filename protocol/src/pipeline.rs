@@ -10,6 +10,11 @@
 //! selector = "env=production"
 //! blue_green = true          # its targets carry slice=blue or slice=green
 //!
+//! [environments.production.load_balancer]  # how its load balancers check /health
+//! check_interval_seconds = 2.0              # HAProxy's `inter`
+//! fall = 3                                  # failed checks that take a target out
+//! rise = 2                                  # good checks that put it back
+//!
 //! [apps.web]
 //! pipeline = ["staging", "production"]
 //!
@@ -18,7 +23,7 @@
 //! waves = "1,10%,50%,100%"
 //! mode = "swarm"
 //! max_failures = "10%"
-//! drain_seconds = 1.0
+//! drain_seconds = 7.0        # default: 1, or (fall + 1) × interval behind a load balancer
 //! progress_deadline_seconds = 120
 //! ```
 //!
@@ -42,6 +47,69 @@ pub struct Environment {
     /// Its targets are split in `slice=blue` and `slice=green`.
     #[serde(default)]
     pub blue_green: bool,
+    /// How the load balancers in front of its targets check their health
+    /// endpoint, if any do.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// How a load balancer checks a target's `GET /health`: what a drain and
+/// an undrain must wait for it to see.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadBalancer {
+    /// Seconds between two checks of one target (HAProxy: `inter`; nginx
+    /// plus: `interval`).
+    pub check_interval_seconds: f64,
+    /// Failed checks in a row that take a target out (HAProxy: `fall`).
+    pub fall: u32,
+    /// Good checks in a row that put it back (HAProxy: `rise`).
+    pub rise: u32,
+}
+
+impl Default for LoadBalancer {
+    /// HAProxy's defaults.
+    fn default() -> Self {
+        Self {
+            check_interval_seconds: 2.0,
+            fall: 3,
+            rise: 2,
+        }
+    }
+}
+
+impl LoadBalancer {
+    /// The longest a drained target may still be sent new requests: until
+    /// `fall` checks have failed, the first of them up to one interval
+    /// after the drain.
+    pub fn sees_drain_ms(&self) -> u64 {
+        (self.check_interval_seconds * 1000.0 * f64::from(self.fall)).round() as u64
+    }
+
+    /// The drain a roll-out waits by default: the time the balancer takes
+    /// to see it and one interval more for the requests it sent before.
+    pub fn default_drain_ms(&self) -> u64 {
+        (self.check_interval_seconds * 1000.0 * f64::from(self.fall + 1)).round() as u64
+    }
+
+    /// How long after an undrain until the balancer sends requests again:
+    /// `rise` good checks, the first up to one interval after.
+    pub fn sees_undrain_ms(&self) -> u64 {
+        (self.check_interval_seconds * 1000.0 * f64::from(self.rise)).round() as u64
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let i = self.check_interval_seconds;
+        if !(i.is_finite() && i > 0.0 && i <= 3600.0) {
+            return Err(format!(
+                "check_interval_seconds must be more than 0 and at most 3600, not {i}"
+            ));
+        }
+        if self.fall == 0 || self.rise == 0 {
+            return Err("fall and rise must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// How an app's deployments run unless the deploy says otherwise.
@@ -56,8 +124,10 @@ pub struct RolloutDefaults {
     pub mode: String,
     /// Failures tolerated over the roll-out: a count or a percentage.
     pub max_failures: String,
-    /// Seconds a rolling target stays drained before it switches.
-    pub drain_seconds: f64,
+    /// Seconds a rolling target stays drained before it switches; unset,
+    /// 1, or what the environment's load balancer needs
+    /// ([`LoadBalancer::default_drain_ms`]).
+    pub drain_seconds: Option<f64>,
     /// A target without progress this long is slow; twice this, failed.
     pub progress_deadline_seconds: f64,
 }
@@ -69,7 +139,7 @@ impl Default for RolloutDefaults {
             waves: "1,10%,50%,100%".into(),
             mode: "swarm".into(),
             max_failures: "0".into(),
-            drain_seconds: 1.0,
+            drain_seconds: None,
             progress_deadline_seconds: 120.0,
         }
     }
@@ -111,6 +181,12 @@ pub struct Settings {
     pub max_failures: Amount,
     /// Drain period, milliseconds.
     pub drain_ms: u64,
+    /// How long a target waits after going back into load before it
+    /// reports done, so that the load balancer sends it requests again
+    /// before the next wave drains others: milliseconds.
+    pub settle_ms: u64,
+    /// What is unsafe about these settings, for the operator to see.
+    pub warnings: Vec<String>,
     /// Progress deadline, milliseconds.
     pub progress_deadline_ms: u64,
 }
@@ -126,6 +202,10 @@ impl Pipelines {
     fn check(&self) -> Result<(), String> {
         for (name, env) in &self.environments {
             parse_selector(&env.selector).map_err(|e| format!("environment {name}: {e}"))?;
+            if let Some(lb) = &env.load_balancer {
+                lb.check()
+                    .map_err(|e| format!("environment {name}: load_balancer: {e}"))?;
+            }
         }
         for (name, app) in &self.apps {
             convoy_chunker::validate_name("app", name).map_err(|e| e.to_string())?;
@@ -180,12 +260,34 @@ impl Pipelines {
             return Err("progress_deadline_seconds must be more than 0".into());
         }
         self.app(app)?;
+        let lb = e.load_balancer.as_ref();
+        let drain_ms = match overrides.drain_seconds {
+            Some(s) => seconds("drain_seconds", s)?,
+            None => lb.map_or(1000, LoadBalancer::default_drain_ms),
+        };
+        let mut warnings = Vec::new();
+        if let Some(lb) = lb.filter(|lb| drain_ms <= lb.sees_drain_ms()) {
+            if strategy == Strategy::Rolling {
+                warnings.push(format!(
+                    "the drain ({:.1} s) is not longer than {env}'s load balancer takes to see it \
+                     ({} failed checks {} s apart: {:.1} s): it may send requests to a target \
+                     while it switches; drain for {:.1} s or more",
+                    drain_ms as f64 / 1000.0,
+                    lb.fall,
+                    lb.check_interval_seconds,
+                    lb.sees_drain_ms() as f64 / 1000.0,
+                    lb.default_drain_ms() as f64 / 1000.0,
+                ));
+            }
+        }
         Ok(Settings {
             strategy,
             waves: parse_waves(&overrides.waves)?,
             mode: overrides.mode.parse()?,
             max_failures: Amount::parse(&overrides.max_failures)?,
-            drain_ms: seconds("drain_seconds", overrides.drain_seconds)?,
+            drain_ms,
+            settle_ms: lb.map_or(0, LoadBalancer::sees_undrain_ms),
+            warnings,
             progress_deadline_ms: deadline,
         })
     }
@@ -274,6 +376,43 @@ drain_seconds = 0.5
         assert_eq!(s.drain_ms, 500);
         assert_eq!(s.max_failures, Amount::Percent(10.0));
         assert_eq!(s.progress_deadline_ms, 120_000);
+        assert_eq!(s.settle_ms, 0);
+        assert!(s.warnings.is_empty());
+    }
+
+    #[test]
+    fn a_load_balancer_sets_the_drain_and_warns_when_it_is_too_short() {
+        let text = "[environments.prod]\nselector = \"env=prod\"\n\
+                    [environments.prod.load_balancer]\ncheck_interval_seconds = 0.5\nfall = 2\n\
+                    [apps.web]\npipeline = [\"prod\"]\n";
+        let p = Pipelines::parse(text).unwrap();
+        let mut d = RolloutDefaults::default();
+        let s = p.settings("web", "prod", &d).unwrap();
+        // (fall + 1) × interval to drain; rise (HAProxy's 2) × interval to settle.
+        assert_eq!((s.drain_ms, s.settle_ms), (1500, 1000));
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        d.drain_seconds = Some(1.0);
+        let s = p.settings("web", "prod", &d).unwrap();
+        assert_eq!(s.drain_ms, 1000);
+        assert_eq!(s.warnings.len(), 1);
+        assert!(
+            s.warnings[0].contains("2 failed checks 0.5 s apart: 1.0 s"),
+            "{:?}",
+            s.warnings
+        );
+        // Without a load balancer: 1 s, nothing to wait for after.
+        let p = Pipelines::parse(FILE).unwrap();
+        let s = p
+            .settings("web", "staging", &RolloutDefaults::default())
+            .unwrap();
+        assert_eq!((s.drain_ms, s.settle_ms), (1000, 0));
+        let bad = "[environments.prod]\nselector = \"env=prod\"\n\
+                   [environments.prod.load_balancer]\ncheck_interval_seconds = 0\n";
+        let e = Pipelines::parse(bad).unwrap_err();
+        assert!(
+            e.contains("environment prod: load_balancer: check_interval_seconds"),
+            "{e}"
+        );
     }
 
     #[test]

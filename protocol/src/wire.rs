@@ -429,24 +429,36 @@ pub enum ControlRequest {
     Fleet,
     /// The coordinator orders a target to activate a staged release;
     /// with `drain_ms` it first takes itself out of load and waits that
-    /// long, and goes back into load afterwards. Answered at once; the
-    /// outcome follows as [`ControlRequest::Delivered`].
+    /// long, and goes back into load afterwards, then waits `settle_ms`
+    /// for its load balancer to see it. Answered at once; the outcome
+    /// follows as [`ControlRequest::Delivered`].
     Deliver {
         /// The release (staged on the target).
         release: ReleaseId,
         /// Drain for this many milliseconds before, undrain after.
         drain_ms: Option<u64>,
+        /// After the undrain, wait this long before reporting.
+        settle_ms: u64,
     },
     /// The coordinator orders a target to make an app's previous release
-    /// active again.
+    /// active again (out of load around it, as [`ControlRequest::Deliver`]
+    /// says); answered when done.
     Rollback {
         /// The app.
         app: String,
+        /// Drain for this many milliseconds before, undrain after.
+        drain_ms: Option<u64>,
+        /// After the undrain, wait this long before answering.
+        settle_ms: u64,
     },
-    /// The coordinator puts a target into load or drains it.
+    /// The coordinator puts a target into load or drains it; a target
+    /// whose load changed waits `wait_ms` before it answers, for its load
+    /// balancer to see the change.
     SetLoad {
         /// In load (health 200) or drained (503).
         in_load: bool,
+        /// After a change, wait this long before answering.
+        wait_ms: u64,
     },
     /// A target tells the coordinator how a delivery ended.
     Delivered(DeliveryReport),
@@ -973,9 +985,17 @@ mod tests {
             ControlRequest::Deliver {
                 release: ReleaseId([4; 32]),
                 drain_ms: Some(1500),
+                settle_ms: 400,
             },
-            ControlRequest::Rollback { app: "web".into() },
-            ControlRequest::SetLoad { in_load: false },
+            ControlRequest::Rollback {
+                app: "web".into(),
+                drain_ms: None,
+                settle_ms: 0,
+            },
+            ControlRequest::SetLoad {
+                in_load: false,
+                wait_ms: 400,
+            },
             ControlRequest::Delivered(DeliveryReport {
                 release: ReleaseId([5; 32]),
                 result: Err("validate failed".into()),

@@ -315,6 +315,7 @@ async fn a_target_whose_disk_hangs_under_its_orders_keeps_heartbeating() {
                 let deliver = ControlRequest::Deliver {
                     release,
                     drain_ms: None,
+                    settle_ms: 0,
                 };
                 coordinator.control(target_id, deliver).await
             }

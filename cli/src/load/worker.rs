@@ -378,12 +378,15 @@ impl Simulated {
                 self.line("peers");
                 reply.answer(ControlResponse::Ok)
             }
-            ControlRequest::Deliver { release, drain_ms } => self.deliver(release, drain_ms, reply),
-            ControlRequest::SetLoad { in_load } => {
+            // No load balancer watches these targets: nothing to settle.
+            ControlRequest::Deliver {
+                release, drain_ms, ..
+            } => self.deliver(release, drain_ms, reply),
+            ControlRequest::SetLoad { in_load, .. } => {
                 self.in_load = in_load;
                 reply.answer(ControlResponse::Ok)
             }
-            ControlRequest::Rollback { app } => {
+            ControlRequest::Rollback { app, .. } => {
                 match self.previous.get(&app) {
                     Some(v) => self.active.insert(app, v.clone()),
                     None => self.active.remove(&app),

@@ -45,8 +45,9 @@ pub struct Deployment {
     pub rollout: Rollout,
     /// What an operator was told, with times.
     pub notices: Vec<(Millis, Notice)>,
-    /// How long rolling targets drain, milliseconds.
-    pub drain_ms: u64,
+    /// How its targets leave load and come back.
+    #[serde(flatten)]
+    pub load: LoadTerms,
     /// Chunk bytes the targets received to stage it (this coordinator run).
     pub bytes_moved: u64,
     /// Per target, the chunks it held and the bytes it had received at
@@ -65,15 +66,20 @@ impl Deployment {
         release: ReleaseId,
         at: Millis,
         spec: Spec,
-        drain_ms: u64,
+        load: LoadTerms,
     ) -> (Self, Vec<Command>) {
         let (rollout, cmds) = Rollout::start(at, spec);
+        let notices = load
+            .warnings
+            .iter()
+            .map(|w| (at, Notice::Warning(w.clone())))
+            .collect();
         let mut dep = Self {
             id,
             release,
             rollout,
-            notices: Vec::new(),
-            drain_ms,
+            notices,
+            load,
             bytes_moved: 0,
             stage_seen: HashMap::new(),
             activations: BTreeMap::new(),
@@ -159,7 +165,24 @@ impl Deployment {
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
     release: String,
-    drain_ms: u64,
+    #[serde(flatten)]
+    load: LoadTerms,
+}
+
+/// How a roll-out's targets leave load and come back (from the
+/// environment's load balancer settings), and what its operator was
+/// warned of about them at its start.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadTerms {
+    /// How long rolling targets drain, milliseconds.
+    pub drain_ms: u64,
+    /// How long a target back in load waits before it answers, so that
+    /// its load balancer sends it requests again: milliseconds.
+    #[serde(default)]
+    pub settle_ms: u64,
+    /// What is unsafe about these settings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A record of a roll-out's log.
@@ -410,7 +433,7 @@ impl Deployments {
         let Some(Ok(Record::Event(at, Event::Started(spec)))) = records.next() else {
             return Err("its second record is not the roll-out's start".into());
         };
-        let (mut dep, _) = Deployment::start(id, release, at, spec, h.drain_ms);
+        let (mut dep, _) = Deployment::start(id, release, at, spec, h.load);
         for r in records {
             if let Record::Event(at, e) = r? {
                 let cmds = dep.rollout.handle(at, e);
@@ -428,7 +451,7 @@ impl Deployments {
         at: Millis,
         spec: &Spec,
         release: ReleaseId,
-        drain_ms: u64,
+        load: &LoadTerms,
     ) -> (u64, Vec<Vec<u8>>) {
         let id = self
             .next_id
@@ -436,7 +459,7 @@ impl Deployments {
         self.next_id = id + 1;
         let header = Record::Header(Header {
             release: release.to_hex(),
-            drain_ms,
+            load: load.clone(),
         });
         let records = [&header, &Record::Event(at, Event::Started(spec.clone()))]
             .iter()
@@ -465,9 +488,9 @@ impl Deployments {
         release: ReleaseId,
         at: Millis,
         spec: Spec,
-        drain_ms: u64,
+        load: LoadTerms,
     ) -> Vec<Command> {
-        let (dep, cmds) = Deployment::start(id, release, at, spec, drain_ms);
+        let (dep, cmds) = Deployment::start(id, release, at, spec, load);
         self.all.insert(id, dep);
         while self.all.len() > MAX_KEPT {
             let oldest = *self.all.keys().next().expect("not empty");
@@ -484,15 +507,15 @@ impl Deployments {
         at: Millis,
         spec: Spec,
         release: ReleaseId,
-        drain_ms: u64,
+        load: LoadTerms,
     ) -> Result<(u64, Vec<Command>), String> {
-        let (id, records) = self.open(at, &spec, release, drain_ms);
+        let (id, records) = self.open(at, &spec, release, &load);
         for r in records {
             self.store
                 .append_record(&log_name(id), &r)
                 .map_err(|e| format!("cannot record the roll-out: {e}"))?;
         }
-        Ok((id, self.opened(id, release, at, spec, drain_ms)))
+        Ok((id, self.opened(id, release, at, spec, load)))
     }
 
     /// The record of `event` for roll-out `id`, to be written before the
@@ -740,7 +763,12 @@ mod tests {
         let store: Arc<dyn Store> = rocks.clone();
         let mut d = Deployments::load(store).unwrap();
         let (id, _) = d
-            .create(1000, spec(&["a", "b"]), ReleaseId([1; 32]), 0)
+            .create(
+                1000,
+                spec(&["a", "b"]),
+                ReleaseId([1; 32]),
+                LoadTerms::default(),
+            )
             .unwrap();
         d.handle(id, 1100, Event::Staged("a".into(), Ok(())))
             .unwrap();
@@ -777,8 +805,13 @@ mod tests {
     fn a_reloaded_book_resumes_the_roll_out_where_it_was() {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let mut d = Deployments::load(store.clone()).unwrap();
+        let load = LoadTerms {
+            drain_ms: 300,
+            settle_ms: 200,
+            warnings: vec!["the drain is short".into()],
+        };
         let (id, _) = d
-            .create(1000, spec(&["a", "b"]), ReleaseId([1; 32]), 0)
+            .create(1000, spec(&["a", "b"]), ReleaseId([1; 32]), load.clone())
             .unwrap();
         d.handle(id, 1100, Event::Staged("a".into(), Ok(())))
             .unwrap();
@@ -796,6 +829,11 @@ mod tests {
         let dep = &again.all[&id];
         assert_eq!(serde_json::to_value(&dep.rollout).unwrap(), before);
         assert_eq!(dep.notices, d.all[&id].notices);
+        assert_eq!(dep.load, load);
+        assert_eq!(
+            dep.notices[0],
+            (1000, Notice::Warning("the drain is short".into()))
+        );
         assert_eq!(
             dep.rollout.resend(),
             vec![Command::Deliver {
@@ -804,6 +842,14 @@ mod tests {
             }]
         );
         assert!(again.running("web", "production").is_some());
+    }
+
+    #[test]
+    fn a_header_written_before_load_terms_reads_with_no_settle() {
+        let h: Header = serde_json::from_str(r#"{"release": "ab", "drain_ms": 500}"#).unwrap();
+        assert_eq!(h.load.drain_ms, 500);
+        assert_eq!(h.load.settle_ms, 0);
+        assert!(h.load.warnings.is_empty());
     }
 
     #[test]

@@ -1421,7 +1421,8 @@ impl Coordinator {
         }
         self.rollout_progress(peer);
         for (id, request) in self.deferred.remove(&peer).unwrap_or_default() {
-            let rollout = self.deployments.all.get(&id).map(|d| &d.rollout);
+            let deployment = self.deployments.all.get(&id);
+            let rollout = deployment.map(|d| &d.rollout);
             // A delivery is not started for a roll-out that has ended.
             let ended = rollout.is_none_or(|r| r.is_done());
             if ended && matches!(request, ControlRequest::Deliver { .. }) {
@@ -1432,9 +1433,18 @@ impl Coordinator {
             // before its rollback's undrain could otherwise land last and
             // leave the live slice out of load (chaos, seed 2026, trial 68).
             let request = match (request, rollout) {
-                (ControlRequest::SetLoad { in_load }, Some(r)) => ControlRequest::SetLoad {
-                    in_load: r.wanted_load(&peer.to_string()).unwrap_or(in_load),
-                },
+                (ControlRequest::SetLoad { in_load, wait_ms }, Some(r)) => {
+                    let wanted = r.wanted_load(&peer.to_string()).unwrap_or(in_load);
+                    let wait_ms = match deployment.map(|d| &d.load) {
+                        Some(l) if wanted => l.settle_ms,
+                        Some(l) => l.drain_ms,
+                        None => wait_ms,
+                    };
+                    ControlRequest::SetLoad {
+                        in_load: wanted,
+                        wait_ms,
+                    }
+                }
                 (request, _) => request,
             };
             self.send_order(id, peer.to_string(), request);

@@ -34,7 +34,7 @@ pub(super) struct Opening {
     at: u64,
     spec: Spec,
     release: convoy_chunker::ReleaseId,
-    drain_ms: u64,
+    load: LoadTerms,
     summary: String,
     by: String,
     reply: ApiReply,
@@ -49,9 +49,9 @@ pub(super) struct Steered {
 use crate::coordinator::api::{
     Answer, ApiError, Call, DeployRequest, Op, PromoteRequest, RollbackRequest, Steer,
 };
-use crate::coordinator::deployments::HistoryEntry;
+use crate::coordinator::deployments::{HistoryEntry, LoadTerms};
 use crate::coordinator::rollout::{
-    Command, Event, Member, Notice, Phase, Slice, Spec, TargetState,
+    Command, Event, Member, Notice, Phase, Slice, Spec, Strategy, TargetState,
 };
 use crate::pipeline::{parse_selector, selects};
 use crate::protocol::{ControlRequest, ControlResponse, DeliveryReport, StageState};
@@ -249,7 +249,7 @@ impl Coordinator {
 
     /// Starts a roll-out; the operator is answered once its log is open.
     fn deploy(&mut self, r: DeployRequest, by: String, reply: ApiReply) {
-        let (spec, release, drain_ms, summary) = match self.plan(&r) {
+        let (spec, release, load, summary) = match self.plan(&r) {
             Ok(p) => p,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -259,13 +259,16 @@ impl Coordinator {
         self.opening
             .insert((spec.app.clone(), spec.env.clone()), release);
         let at = now_unix_ms();
-        let (id, records) = self.deployments.open(at, &spec, release, drain_ms);
+        for w in &load.warnings {
+            warn!(app = spec.app, env = spec.env, "roll-out: {w}");
+        }
+        let (id, records) = self.deployments.open(at, &spec, release, &load);
         let opening = Opening {
             id,
             at,
             spec,
             release,
-            drain_ms,
+            load,
             summary,
             by,
             reply,
@@ -292,9 +295,7 @@ impl Coordinator {
             o.spec.version.clone(),
             o.spec.env.clone(),
         );
-        let cmds = self
-            .deployments
-            .opened(id, o.release, o.at, o.spec, o.drain_ms);
+        let cmds = self.deployments.opened(id, o.release, o.at, o.spec, o.load);
         let h = HistoryEntry::new(
             "deploy",
             &o.by,
@@ -318,7 +319,7 @@ impl Coordinator {
     fn plan(
         &self,
         r: &DeployRequest,
-    ) -> Result<(Spec, convoy_chunker::ReleaseId, u64, String), ApiError> {
+    ) -> Result<(Spec, convoy_chunker::ReleaseId, LoadTerms, String), ApiError> {
         let (app, version, release) = self.resolve(&r.release)?;
         if let Some(d) = self.deployments.running(&app, &r.env) {
             return Err(ApiError::conflict(format!(
@@ -373,7 +374,12 @@ impl Coordinator {
             spec.mode.name(),
             targets.len()
         );
-        Ok((spec, release, settings.drain_ms, summary))
+        let load = LoadTerms {
+            drain_ms: settings.drain_ms,
+            settle_ms: settings.settle_ms,
+            warnings: settings.warnings,
+        };
+        Ok((spec, release, load, summary))
     }
 
     /// Pauses, resumes or aborts roll-out `id`; the operator is answered
@@ -430,7 +436,14 @@ impl Coordinator {
                 .iter()
                 .filter_map(|p| {
                     let s = self.slice_of(p)?;
-                    Some((*p, ControlRequest::SetLoad { in_load: s != live }))
+                    let in_load = s != live;
+                    Some((
+                        *p,
+                        ControlRequest::SetLoad {
+                            in_load,
+                            wait_ms: 0,
+                        },
+                    ))
                 })
                 .collect()
         } else {
@@ -441,7 +454,14 @@ impl Coordinator {
                         .get(p)
                         .is_some_and(|m| m.report.active.contains_key(&r.app))
                 })
-                .map(|p| (*p, ControlRequest::Rollback { app: r.app.clone() }))
+                .map(|p| {
+                    let rollback = ControlRequest::Rollback {
+                        app: r.app.clone(),
+                        drain_ms: None,
+                        settle_ms: 0,
+                    };
+                    (*p, rollback)
+                })
                 .collect()
         };
         let what = if blue_green {
@@ -587,12 +607,12 @@ impl Coordinator {
         let Some(d) = self.deployments.all.get(&id) else {
             return;
         };
-        let (release, app, drain_ms, mode) = (
-            d.release,
-            d.rollout.spec.app.clone(),
-            d.drain_ms,
-            d.rollout.spec.mode,
-        );
+        let (release, app, mode) = (d.release, d.rollout.spec.app.clone(), d.rollout.spec.mode);
+        let (drain_ms, settle_ms) = (d.load.drain_ms, d.load.settle_ms);
+        // Rolling targets leave load around a change of release; the
+        // others are out of load already (blue-green's idle slice) or
+        // change in load (live).
+        let rolling = d.rollout.spec.strategy == Strategy::Rolling;
         let name = format!("{}@{}", app, d.rollout.spec.version);
         for c in cmds {
             let order = match c {
@@ -609,13 +629,20 @@ impl Coordinator {
                     ControlRequest::Deliver {
                         release,
                         drain_ms: drain.then_some(drain_ms),
+                        settle_ms,
                     },
                 ),
                 Command::SetLoad { target, in_load } => {
-                    (target, ControlRequest::SetLoad { in_load })
+                    let wait_ms = if in_load { settle_ms } else { drain_ms };
+                    (target, ControlRequest::SetLoad { in_load, wait_ms })
                 }
                 Command::Rollback(target) => {
-                    (target, ControlRequest::Rollback { app: app.clone() })
+                    let rollback = ControlRequest::Rollback {
+                        app: app.clone(),
+                        drain_ms: rolling.then_some(drain_ms),
+                        settle_ms,
+                    };
+                    (target, rollback)
                 }
             };
             self.send_order(id, order.0, order.1);

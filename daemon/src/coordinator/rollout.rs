@@ -178,6 +178,8 @@ pub enum Notice {
     },
     /// The roll-out halts and rolls back.
     Halted(String),
+    /// Something unsafe about the roll-out's settings (given at its start).
+    Warning(String),
     /// Paused between waves.
     Paused,
     /// Resumed.
@@ -278,6 +280,10 @@ pub struct TargetRecord {
     pub counted: bool,
     /// Blue-green: waiting for its load change.
     pub load_pending: bool,
+    /// Blue-green: its drain waits until every target going into load is
+    /// (a load balancer must never find both slices out).
+    #[serde(default)]
+    pub load_deferred: bool,
     /// It reported a failed delivery, so it is back on its previous release.
     #[serde(default)]
     pub switched_back: bool,
@@ -336,6 +342,7 @@ impl Rollout {
                         deliver_sent: false,
                         counted: false,
                         load_pending: false,
+                        load_deferred: false,
                         switched_back: false,
                     },
                 )
@@ -359,6 +366,11 @@ impl Rollout {
         };
         let all: Vec<TargetId> = r.targets.keys().cloned().collect();
         let mut out = vec![Command::Stage(all)];
+        // Blue-green: the idle slice leaves load (after a rolling or live
+        // roll-out both slices may be in) before it gets the release.
+        if r.spec.strategy == Strategy::BlueGreen && r.live_slice.is_some() {
+            r.set_loads(at, &mut out);
+        }
         // An empty environment has nothing to wait for.
         r.advance(at, &mut out);
         (r, out)
@@ -396,7 +408,7 @@ impl Rollout {
                     drain: self.spec.strategy == Strategy::Rolling,
                 }),
                 TargetState::RollingBack => out.push(Command::Rollback(id.clone())),
-                _ if t.load_pending => out.push(Command::SetLoad {
+                _ if t.load_pending && !t.load_deferred => out.push(Command::SetLoad {
                     target: id.clone(),
                     in_load: self.should_be_in_load(t),
                 }),
@@ -437,11 +449,12 @@ impl Rollout {
             Event::Delivered(id, result) => self.on_delivered(at, id, result, &mut out),
             Event::LoadSet(id, result) => {
                 if let Some(t) = self.targets.get_mut(&id) {
-                    if t.load_pending {
+                    if t.load_pending && !t.load_deferred {
                         t.load_pending = false;
                         if let Err(e) = result {
                             self.fail(&id, at, format!("load change failed: {e}"), &mut out);
                         }
+                        self.drain_deferred(at, &mut out);
                     }
                 }
             }
@@ -649,17 +662,46 @@ impl Rollout {
         t.slice.is_none() || t.slice == self.live_slice
     }
 
-    /// Every sliced target goes into load or out of it, per `live_slice`.
+    /// Every sliced target goes into load or out of it, per `live_slice`:
+    /// those going in first; those going out once all of them are in
+    /// ([`Self::drain_deferred`]), so that a load balancer always has a
+    /// slice to send requests to.
     fn set_loads(&mut self, at: Millis, out: &mut Vec<Command>) {
         let live = self.live_slice;
         for (id, t) in self.targets.iter_mut() {
             if t.slice.is_some() {
+                let in_load = t.slice == live;
                 t.load_pending = true;
+                t.load_deferred = !in_load;
                 t.progress = at;
                 t.slow = false;
+                if in_load {
+                    out.push(Command::SetLoad {
+                        target: id.clone(),
+                        in_load,
+                    });
+                }
+            }
+        }
+        self.drain_deferred(at, out);
+    }
+
+    /// Sends the deferred drains once no target is still going into load.
+    fn drain_deferred(&mut self, at: Millis, out: &mut Vec<Command>) {
+        if self
+            .targets
+            .values()
+            .any(|t| t.load_pending && !t.load_deferred)
+        {
+            return;
+        }
+        for (id, t) in self.targets.iter_mut() {
+            if t.load_deferred {
+                t.load_deferred = false;
+                t.progress = at;
                 out.push(Command::SetLoad {
                     target: id.clone(),
-                    in_load: t.slice == live,
+                    in_load: false,
                 });
             }
         }
@@ -671,17 +713,21 @@ impl Rollout {
             let before = self.phase.clone();
             match self.phase {
                 Phase::Distributing => {
-                    if self
+                    let staged = self
                         .targets_in(|s| *s == TargetState::Staging)
                         .next()
-                        .is_none()
-                    {
+                        .is_none();
+                    if staged && self.distribution_ms.is_none() {
                         let staged = self.targets_in(|s| *s == TargetState::Staged).count();
                         self.distribution_ms = Some(at - self.started);
                         out.push(Command::Notice(Notice::Distributed {
                             staged,
                             ms: at - self.started,
                         }));
+                    }
+                    // Blue-green: the first wave waits for the idle slice
+                    // to be out of load.
+                    if staged && !self.targets.values().any(|t| t.load_pending) {
                         self.plan_waves();
                         self.wave_started = at;
                         if self.wave_ends.is_empty() {
@@ -842,7 +888,9 @@ impl Rollout {
         let mut failed = Vec::new();
         for (id, t) in self.targets.iter_mut() {
             let what = match t.state {
-                _ if t.load_pending => "load change",
+                // A deferred drain waits on the others, whose own
+                // deadlines run.
+                _ if t.load_pending && !t.load_deferred => "load change",
                 TargetState::Staging => "staging",
                 TargetState::Delivering => "delivery",
                 TargetState::RollingBack => "rollback",
@@ -856,9 +904,11 @@ impl Rollout {
                 out.push(Command::Notice(Notice::Slow(id.clone())));
             }
         }
+        let gave_up = !failed.is_empty();
         for (id, what, idle) in failed {
             if let Some(t) = self.targets.get_mut(&id) {
                 t.load_pending = false;
+                t.load_deferred = false;
             }
             self.fail(
                 &id,
@@ -866,6 +916,9 @@ impl Rollout {
                 format!("no {what} progress for {:.1} s", idle as f64 / 1000.0),
                 out,
             );
+        }
+        if gave_up {
+            self.drain_deferred(at, out);
         }
         if let Phase::Delivering(n) = self.phase {
             let mut done: Vec<u64> = self.waves[n]
@@ -958,6 +1011,24 @@ mod tests {
         fn stage_all(&mut self) {
             for id in self.ids() {
                 self.ev(Event::Staged(id, Ok(())));
+            }
+            self.ack_loads();
+        }
+
+        /// Every target answers its load orders (blue-green), the
+        /// deferred ones as they go out.
+        fn ack_loads(&mut self) {
+            for _ in 0..2 {
+                let pending: Vec<TargetId> = self
+                    .r
+                    .targets
+                    .iter()
+                    .filter(|(_, t)| t.load_pending && !t.load_deferred)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in pending {
+                    self.ev(Event::LoadSet(id, Ok(())));
+                }
             }
         }
 
@@ -1103,24 +1174,73 @@ mod tests {
             .map(|(id, _)| id.clone())
             .collect();
         assert_eq!(run.delivering(), green, "one wave: the idle slice");
+        let loads = |run: &Run, from: usize| -> Vec<(TargetId, bool)> {
+            run.out[from..]
+                .iter()
+                .filter_map(|c| match c {
+                    Command::SetLoad { target, in_load } => Some((target.clone(), *in_load)),
+                    _ => None,
+                })
+                .collect()
+        };
         let before = run.out.len();
         run.deliver_wave();
-        let loads: Vec<_> = run.out[before..]
-            .iter()
-            .filter_map(|c| match c {
-                Command::SetLoad { target, in_load } => Some((target.clone(), *in_load)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(loads.len(), 4);
-        for (id, in_load) in &loads {
-            assert_eq!(*in_load, green.contains(id), "{id}");
-        }
-        for (id, _) in loads {
+        // The idle slice goes into load first...
+        let going_in = loads(&run, before);
+        assert_eq!(going_in.len(), 2);
+        assert!(going_in.iter().all(|(id, i)| *i && green.contains(id)));
+        // ...and the live one leaves only once the last of it is in.
+        let before = run.out.len();
+        run.ev(Event::LoadSet(going_in[0].0.clone(), Ok(())));
+        assert!(loads(&run, before).is_empty(), "a drain before all are in");
+        run.ev(Event::LoadSet(going_in[1].0.clone(), Ok(())));
+        let going_out = loads(&run, before);
+        assert_eq!(going_out.len(), 2);
+        assert!(going_out.iter().all(|(id, i)| !*i && !green.contains(id)));
+        assert_eq!(run.outcome(), None, "done before the drains are");
+        for (id, _) in going_out {
             run.ev(Event::LoadSet(id, Ok(())));
         }
         assert_eq!(run.outcome(), Some(Outcome::Succeeded));
         assert_eq!(run.r.live_slice, Some(Slice::Green));
+    }
+
+    #[test]
+    fn blue_green_takes_the_idle_slice_out_of_load_before_delivering_to_it() {
+        let mut run = Run::new(spec(4, Strategy::BlueGreen, "1", "0"));
+        let load_orders = |run: &Run| -> Vec<(TargetId, bool)> {
+            run.out
+                .iter()
+                .filter_map(|c| match c {
+                    Command::SetLoad { target, in_load } => Some((target.clone(), *in_load)),
+                    _ => None,
+                })
+                .collect()
+        };
+        // The live slice (blue: t00, t02) is confirmed in load first.
+        assert_eq!(
+            load_orders(&run),
+            vec![("t00".to_string(), true), ("t02".to_string(), true)]
+        );
+        for id in run.ids() {
+            run.ev(Event::Staged(id, Ok(())));
+        }
+        run.ev(Event::LoadSet("t00".into(), Ok(())));
+        run.ev(Event::LoadSet("t02".into(), Ok(())));
+        // Then the idle one leaves; staged, it is not delivered to yet.
+        assert_eq!(
+            load_orders(&run)[2..],
+            [("t01".to_string(), false), ("t03".to_string(), false)]
+        );
+        assert!(run.delivering().is_empty(), "delivered to while in load");
+        run.ev(Event::LoadSet("t01".into(), Ok(())));
+        assert!(run.delivering().is_empty());
+        run.ev(Event::LoadSet("t03".into(), Ok(())));
+        assert_eq!(run.delivering(), vec!["t01".to_string(), "t03".to_string()]);
+        assert!(run
+            .notices()
+            .iter()
+            .any(|n| matches!(n, Notice::Distributed { staged: 4, .. })));
     }
 
     #[test]
@@ -1142,8 +1262,8 @@ mod tests {
         }));
         assert!(after.contains(&Command::Rollback(green[1].clone())));
         assert_eq!(run.r.live_slice, Some(Slice::Blue));
-        // The switch ordered t00 out of load; an order to it still waiting
-        // (it was away) now says what the swap-back wants.
+        // Had the switch ordered t00 out of load, an order to it still
+        // waiting (it was away) would now say what the swap-back wants.
         assert_eq!(run.r.wanted_load("t00"), Some(true));
         assert_eq!(run.r.wanted_load(&green[1]), Some(false));
         assert_eq!(run.r.wanted_load("nobody"), None);

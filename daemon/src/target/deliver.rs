@@ -100,6 +100,18 @@ pub enum DeliverError {
         /// The limit.
         secs: u64,
     },
+    /// The release made active again after a failure (or by a rollback)
+    /// did not restart: its `after_activate` hook failed. `current`
+    /// names it all the same.
+    #[error("{first}; switched back to {version}, but {restart}")]
+    Restart {
+        /// Why the switch back happened (empty for a rollback).
+        first: String,
+        /// The version active again.
+        version: String,
+        /// Its `after_activate` failure.
+        restart: Box<DeliverError>,
+    },
     /// There is nothing to roll back to.
     #[error("{app}: no previous release to roll back to")]
     NoPrevious {
@@ -491,6 +503,17 @@ impl Releases {
                     Some(p) => self.switch(app, p, Some(version)).map(|_| ()),
                     None => self.unlink(app, version),
                 })?;
+                // The failed release's after_activate may have started
+                // its own processes: the one active again restarts.
+                if let Some(p) = &previous {
+                    if let Err(restart) = self.reactivated(app, p, version).await {
+                        return Err(DeliverError::Restart {
+                            first: e.to_string(),
+                            version: p.clone(),
+                            restart: Box::new(restart),
+                        });
+                    }
+                }
                 return Err(e);
             }
         }
@@ -504,18 +527,57 @@ impl Releases {
         })
     }
 
-    /// Makes the release before the active one active again (no hooks:
-    /// it ran before). Returns the version now active.
-    pub fn rollback(&self, app: &str) -> Result<String, DeliverError> {
-        let Some(previous) = self.previous(app)? else {
-            return Err(DeliverError::NoPrevious { app: app.into() });
-        };
-        // The release rolled back from leaves the history: the one before
-        // `previous` becomes the next rollback's target.
-        let active = self.active(app)?;
-        self.switch(app, &previous, active.as_deref())?;
+    /// Makes the release before the active one active again and runs its
+    /// `after_activate` hook (it restarts what the newer release's hooks
+    /// started; `before_activate` and `validate` ran when it was first
+    /// active). Returns the version now active.
+    pub async fn rollback(&self, app: &str) -> Result<String, DeliverError> {
+        let (previous, active) = blocking(|| {
+            let Some(previous) = self.previous(app)? else {
+                return Err(DeliverError::NoPrevious { app: app.into() });
+            };
+            // The release rolled back from leaves the history: the one
+            // before `previous` becomes the next rollback's target.
+            let active = self.active(app)?;
+            self.switch(app, &previous, active.as_deref())?;
+            Ok((previous, active))
+        })?;
         info!(app, version = %previous, "rolled back");
+        if let Err(restart) = self
+            .reactivated(app, &previous, active.as_deref().unwrap_or(""))
+            .await
+        {
+            return Err(DeliverError::Restart {
+                first: format!(
+                    "rolled back from {}",
+                    active.as_deref().unwrap_or("nothing")
+                ),
+                version: previous,
+                restart: Box::new(restart),
+            });
+        }
         Ok(previous)
+    }
+
+    /// Runs `after_activate` of `version`, active again in place of `from`.
+    async fn reactivated(&self, app: &str, version: &str, from: &str) -> Result<(), DeliverError> {
+        let dir = self.dir_of(app, version);
+        let record = self
+            .root
+            .join(app)
+            .join(META)
+            .join(format!("{version}.files"));
+        let release = read_written(&record).map(|w| w.release).unwrap_or_default();
+        let from_dir = (!from.is_empty()).then(|| self.dir_of(app, from));
+        let env = HookEnv {
+            app,
+            version,
+            release,
+            dir: &dir,
+            previous: (!from.is_empty()).then_some(from),
+            previous_dir: from_dir,
+        };
+        self.run_hook(Hook::AfterActivate, &env).await
     }
 
     /// Removes releases beyond the newest `retain` (by activation, then
@@ -913,7 +975,7 @@ mod tests {
         assert!(e.to_string().contains("injected write failure"), "{e}");
         assert_eq!(f.releases.active("web").unwrap().as_deref(), Some("1"));
         assert_eq!(f.current_file("a"), "1");
-        let e = f.releases.rollback("web").unwrap_err();
+        let e = f.releases.rollback("web").await.unwrap_err();
         assert!(matches!(e, DeliverError::NoPrevious { .. }), "{e}");
         f.releases
             .fail_history_writes
@@ -922,7 +984,7 @@ mod tests {
         f.releases
             .fail_history_writes
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        f.releases.rollback("web").unwrap_err();
+        f.releases.rollback("web").await.unwrap_err();
         assert_eq!(f.releases.active("web").unwrap().as_deref(), Some("2"));
     }
 
@@ -933,7 +995,7 @@ mod tests {
         f.deliver(&f.build("2", &[("a", "2")], &[])).await.unwrap();
         // A crash after the switch to 2, before its history was written.
         std::fs::write(f.root.join("web/.convoy/history.json"), r#"["1"]"#).unwrap();
-        assert_eq!(f.releases.rollback("web").unwrap(), "1");
+        assert_eq!(f.releases.rollback("web").await.unwrap(), "1");
         assert_eq!(f.current_file("a"), "1");
         assert_eq!(f.releases.history("web").unwrap(), vec!["1"]);
     }
@@ -1081,11 +1143,11 @@ mod tests {
         }
         // Three kept: 5 (active), 4 (previous), 3.
         assert_eq!(f.releases.versions("web").unwrap(), vec!["3", "4", "5"]);
-        assert_eq!(f.releases.rollback("web").unwrap(), "4");
+        assert_eq!(f.releases.rollback("web").await.unwrap(), "4");
         assert_eq!(f.current_file("a"), "4");
-        assert_eq!(f.releases.rollback("web").unwrap(), "3");
+        assert_eq!(f.releases.rollback("web").await.unwrap(), "3");
         assert!(matches!(
-            f.releases.rollback("web"),
+            f.releases.rollback("web").await,
             Err(DeliverError::NoPrevious { .. })
         ));
         assert_eq!(f.current_file("a"), "3");

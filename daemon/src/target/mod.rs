@@ -1023,19 +1023,36 @@ impl Target {
             ControlRequest::StagePatched(order) if from_coordinator => {
                 self.accept_off_loop(Incoming::Patched(order), reply)
             }
-            ControlRequest::Deliver { release, drain_ms } if from_coordinator => {
-                self.deliver(release, drain_ms.map(Duration::from_millis), reply)
+            ControlRequest::Deliver {
+                release,
+                drain_ms,
+                settle_ms,
+            } if from_coordinator => {
+                self.deliver(release, LoadWindow::new(drain_ms, settle_ms), reply)
             }
-            ControlRequest::Rollback { app } if from_coordinator => self.rollback(app, reply),
-            ControlRequest::SetLoad { in_load } if from_coordinator => {
+            ControlRequest::Rollback {
+                app,
+                drain_ms,
+                settle_ms,
+            } if from_coordinator => {
+                self.rollback(app, LoadWindow::new(drain_ms, settle_ms), reply)
+            }
+            ControlRequest::SetLoad { in_load, wait_ms } if from_coordinator => {
                 let load = self.config.load.clone();
                 tokio::spawn(async move {
+                    let changes = in_load != load.in_load();
                     let set = tokio::task::spawn_blocking(move || load.set(in_load)).await;
                     answer(
                         reply,
                         match set {
                             Ok(Ok(())) => {
                                 info!(in_load, "load changed");
+                                if changes && wait_ms > 0 {
+                                    // Answered once the load balancer has
+                                    // seen it: what changes next (the other
+                                    // slice's drain, a delivery) waits.
+                                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                                }
                                 ControlResponse::Ok
                             }
                             Ok(Err(e)) => {
@@ -1094,7 +1111,7 @@ impl Target {
     fn deliver(
         &mut self,
         release: ReleaseId,
-        drain: Option<Duration>,
+        window: LoadWindow,
         reply: Option<Reply<ControlResponse>>,
     ) {
         let answer = move |response| answer(reply, response);
@@ -1141,7 +1158,7 @@ impl Target {
             answer(ControlResponse::Ok);
             let task = DeliveryTask {
                 manifest,
-                drain,
+                window,
                 releases,
                 load,
                 store,
@@ -1153,25 +1170,23 @@ impl Target {
         });
     }
 
-    /// Makes an app's previous release active again, off the loop.
-    fn rollback(&mut self, app: String, reply: Option<Reply<ControlResponse>>) {
+    /// Makes an app's previous release active again, off the loop: out
+    /// of load around it when `window` says so, since its `after_activate`
+    /// restarts the app.
+    fn rollback(&mut self, app: String, window: LoadWindow, reply: Option<Reply<ControlResponse>>) {
         let Ok(guard) = self.delivery_lock.clone().try_lock_owned() else {
             let busy = ControlResponse::Error("a delivery is running; try again".into());
             return answer(reply, busy);
         };
-        let releases = self.config.releases.clone();
+        let (releases, load) = (self.config.releases.clone(), self.config.load.clone());
         tokio::spawn(async move {
-            let rolled = tokio::task::spawn_blocking(move || {
-                let _guard = guard;
-                releases.rollback(&app).map(|version| (app, version))
-            })
-            .await;
+            let _guard = guard;
+            let rolled = window.around(&load, releases.rollback(&app)).await;
             let response = match rolled {
-                Ok(Ok((app, version))) => {
+                Ok(version) => {
                     info!(app, version, "rolled back");
                     ControlResponse::Ok
                 }
-                Ok(Err(e)) => ControlResponse::Error(e.to_string()),
                 Err(e) => ControlResponse::Error(e.to_string()),
             };
             answer(reply, response);
@@ -1895,11 +1910,52 @@ impl Target {
     }
 }
 
+/// How a target leaves load around a change of its release and comes
+/// back: what the coordinator's order says, from the environment's load
+/// balancer settings.
+#[derive(Clone, Copy, Debug)]
+struct LoadWindow {
+    /// Drain this long first (the load balancer stops sending requests).
+    drain: Option<Duration>,
+    /// After going back into load, wait this long before answering (the
+    /// load balancer sends requests again).
+    settle: Duration,
+}
+
+impl LoadWindow {
+    fn new(drain_ms: Option<u64>, settle_ms: u64) -> Self {
+        Self {
+            drain: drain_ms.map(Duration::from_millis),
+            settle: Duration::from_millis(settle_ms),
+        }
+    }
+
+    /// Runs `change` drained, if the window drains and the target is in
+    /// load (a drained target stays drained: only what this drained goes
+    /// back into load), then waits the settle time.
+    async fn around<T>(self, load: &Load, change: impl std::future::Future<Output = T>) -> T {
+        // Not kept on disk: a target killed mid-change restarts in load.
+        let drained = self.drain.filter(|_| load.in_load());
+        let draining = drained.map(|_| load.drain());
+        if let Some(period) = drained {
+            info!(?period, "drained");
+            tokio::time::sleep(period).await;
+        }
+        let out = change.await;
+        if let Some(draining) = draining {
+            drop(draining);
+            info!("back in load");
+            tokio::time::sleep(self.settle).await;
+        }
+        out
+    }
+}
+
 /// One delivery: drain, materialise, activate (hooks, switch), undrain.
 struct DeliveryTask {
     manifest: Manifest,
-    /// Drain this long first (the load balancer stops sending requests).
-    drain: Option<Duration>,
+    /// Out of load around it.
+    window: LoadWindow,
     releases: Arc<Releases>,
     load: Arc<Load>,
     store: Arc<dyn crate::store::Store>,
@@ -1911,37 +1967,28 @@ impl DeliveryTask {
         let started = Instant::now();
         let release = self.manifest.release_id();
         let _guard = self.lock.lock().await;
-        // A drained target stays drained: only what this delivery drained
-        // goes back into load.
-        // Not kept on disk: a target killed mid-delivery restarts in load.
-        let drained = self.drain.filter(|_| self.load.in_load());
-        let draining = drained.map(|_| self.load.drain());
-        if let Some(period) = drained {
-            info!(?period, "drained");
-            tokio::time::sleep(period).await;
-        }
         let mut switch_us = 0;
         let manifest = Arc::new(self.manifest);
         let (m, releases, store) = (manifest.clone(), self.releases.clone(), self.store.clone());
-        let linked =
-            tokio::task::spawn_blocking(move || releases.materialise(&m, &StoreSource(&*store)))
-                .await
-                .map_err(|e| format!("materialising panicked: {e}"))
-                .and_then(|r| r.map_err(|e| e.to_string()));
-        let result = match linked {
-            Err(e) => Err(e),
-            Ok(linked) => match self.releases.activate(&manifest, linked).await {
-                Ok(a) => {
-                    switch_us = (a.switch_ms * 1000.0) as u64;
-                    Ok(a.version)
-                }
-                Err(e) => Err(e.to_string()),
-            },
+        let change = async {
+            let linked = tokio::task::spawn_blocking(move || {
+                releases.materialise(&m, &StoreSource(&*store))
+            })
+            .await
+            .map_err(|e| format!("materialising panicked: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            match linked {
+                Err(e) => Err(e),
+                Ok(linked) => match self.releases.activate(&manifest, linked).await {
+                    Ok(a) => {
+                        switch_us = (a.switch_ms * 1000.0) as u64;
+                        Ok(a.version)
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            }
         };
-        if let Some(draining) = draining {
-            drop(draining);
-            info!("back in load");
-        }
+        let result = self.window.around(&self.load, change).await;
         match &result {
             Ok(v) => info!(release = %release, version = %v, "delivered"),
             Err(e) => warn!(release = %release, "delivery failed: {e}"),
