@@ -59,23 +59,45 @@ ensure_build_deps() {
         return 1
     }
     [ ${#missing[@]} -eq 0 ] && return 0
-    local sudo=""
-    if [ "$(id -u)" -ne 0 ]; then
-        if command -v sudo >/dev/null 2>&1; then
-            sudo="sudo"
-        else
-            echo "building RocksDB needs ${missing[*]} (bindgen loads libclang.so, libclang-N.so or libclang.so.N; libclang-cpp is not it): run 'apt-get install ${missing[*]}' as root, or set LIBCLANG_PATH to a directory holding libclang, and retry" >&2
-            return 1
-        fi
-    fi
-    echo "installing build dependencies: ${missing[*]}" >&2
-    if ! { $sudo apt-get update -qq >&2 &&
-           DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2; }; then
-        echo "could not install ${missing[*]}, which building RocksDB needs: install them by hand ('apt-get install ${missing[*]}') and retry" >&2
+    apt_install "building RocksDB" "${missing[@]}" || {
+        [ -n "${LIBCLANG_PATH:-}" ] ||
+            echo "(bindgen loads libclang.so, libclang-N.so or libclang.so.N; libclang-cpp is not it; LIBCLANG_PATH may name a directory holding it)" >&2
         return 1
-    fi
+    }
     if [[ " ${missing[*]} " == *" libclang-dev "* ]] && ! find_libclang >/dev/null; then
         echo "libclang-dev is installed but no libclang that bindgen loads was found; set LIBCLANG_PATH to the directory holding libclang.so and retry" >&2
         return 1
     fi
+}
+
+# apt_install WHY PACKAGE...: installs Debian packages (as root, or with
+# sudo), saying what needs them; fails with what to run by hand.
+apt_install() {
+    local why="$1" sudo=""
+    shift
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then
+            sudo="sudo"
+        else
+            echo "$why needs $*: run 'apt-get install $*' as root and retry" >&2
+            return 1
+        fi
+    fi
+    echo "installing what $why needs: $*" >&2
+    if ! { $sudo apt-get update -qq >&2 &&
+           DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >&2; }; then
+        echo "could not install $*, which $why needs: install them by hand ('apt-get install $*') and retry" >&2
+        return 1
+    fi
+}
+
+# ensure_commands WHY COMMAND...: installs the Debian package of each
+# command missing from PATH (each package is named as its command).
+ensure_commands() {
+    local why="$1" missing=() c
+    shift
+    for c in "$@"; do
+        command -v "$c" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+    done
+    [ ${#missing[@]} -eq 0 ] || apt_install "$why" "${missing[@]}"
 }

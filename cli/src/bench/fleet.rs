@@ -25,7 +25,7 @@ impl Drop for Proc {
     }
 }
 
-fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
@@ -201,7 +201,7 @@ impl Fleet {
             "127.0.0.1:0".into(),
         ];
         a.extend_from_slice(args);
-        let (proc, ready) = self.spawn(convoyd, "coordinator", &a)?;
+        let (proc, ready) = self.spawn(convoyd, "coordinator", &a, &[])?;
         self.coordinator_addr = ready["addrs"][0]
             .as_str()
             .ok_or_else(|| anyhow!("the coordinator printed no address"))?
@@ -254,6 +254,18 @@ impl Fleet {
         name: &str,
         args: &[String],
     ) -> Result<serde_json::Value> {
+        self.start_target_with(convoyd, name, args, &[])
+    }
+
+    /// [`Fleet::start_target`] with these variables in its environment
+    /// (for its hooks, see `--hook-env`).
+    pub fn start_target_with(
+        &mut self,
+        convoyd: &Path,
+        name: &str,
+        args: &[String],
+        envs: &[(String, String)],
+    ) -> Result<serde_json::Value> {
         let mut a = vec![
             "target".to_string(),
             "--coordinator".into(),
@@ -262,7 +274,7 @@ impl Fleet {
             "127.0.0.1:0".into(),
         ];
         a.extend_from_slice(args);
-        let (proc, ready) = self.spawn(convoyd, name, &a)?;
+        let (proc, ready) = self.spawn(convoyd, name, &a, envs)?;
         self.targets.push(proc);
         if let Some(h) = ready["health"].as_str() {
             self.target_health.push(h.to_string());
@@ -276,10 +288,12 @@ impl Fleet {
         convoyd: &Path,
         name: &str,
         args: &[String],
+        envs: &[(String, String)],
     ) -> Result<(Proc, serde_json::Value)> {
         let log = std::fs::File::create(self.log(name))?;
         let mut child = Command::new(convoyd)
             .args(args)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
             .env_remove("CONVOY_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -7,6 +7,12 @@
 //! rolling, to show the halt and the automatic rollback. A summary follows;
 //! everything stops and is removed at the end, also on Ctrl-C, unless
 //! `--keep`.
+//!
+//! With `--lb` (see [`lb`]), the app is a real web server on every target
+//! behind HAProxy, a first release goes out before the load starts, and
+//! wrk drives requests through HAProxy during the three roll-outs.
+
+mod lb;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,6 +50,12 @@ pub struct DemoArgs {
     /// temporary directory
     #[arg(long, value_name = "DIR")]
     logs: Option<PathBuf>,
+    /// Put HAProxy in front of the targets, each running the app (a web
+    /// server answering with its version), and drive load through it
+    /// with wrk during the roll-outs: counts failed requests and the
+    /// versions served. Needs haproxy and wrk on PATH
+    #[arg(long, conflicts_with = "keep")]
+    lb: bool,
 }
 
 const DCS: u64 = 3;
@@ -64,6 +76,36 @@ max_failures = "0"
 drain_seconds = 0.5
 progress_deadline_seconds = 30
 "#;
+
+/// With `--lb`: the environment's load balancer, as HAProxy is set up
+/// ([`lb::haproxy_config`]), so drains last until it has seen them; the
+/// drain is left to its default.
+fn pipelines(lb: bool) -> String {
+    if !lb {
+        return PIPELINES.to_string();
+    }
+    let lb_table = format!(
+        "\n[environments.production.load_balancer]\ncheck_interval_seconds = {}\nfall = {}\nrise = {}\n",
+        lb::CHECK_INTERVAL_MS as f64 / 1000.0,
+        lb::FALL,
+        lb::RISE
+    );
+    PIPELINES
+        .replace(
+            "blue_green = true\n",
+            &format!("blue_green = true\n{lb_table}"),
+        )
+        .replace("drain_seconds = 0.5\n", "")
+}
+
+/// `--lb`: the version in service before the load starts.
+const BOOTSTRAP: Step = Step {
+    version: "0.9",
+    strategy: "live",
+    mode: "swarm",
+    expect: "succeeded",
+    what: "the version in service before the load starts",
+};
 
 /// One step of the demo: a version and how it goes out.
 struct Step {
@@ -101,7 +143,14 @@ const STEPS: [Step; 3] = [
 /// Writes the web app's tree for `version`: the same big files every
 /// time except a 4 KiB patch per version, an index naming the version,
 /// and hooks (v1.2's `validate` fails).
-fn write_app(dir: &Path, size: u64, step: usize, version: &str) -> Result<()> {
+fn write_app(
+    dir: &Path,
+    size: u64,
+    step: usize,
+    version: &str,
+    fails: bool,
+    server: Option<&Path>,
+) -> Result<()> {
     for d in ["bin", "static", "convoy/hooks"] {
         std::fs::create_dir_all(dir.join(d))?;
     }
@@ -117,7 +166,14 @@ fn write_app(dir: &Path, size: u64, step: usize, version: &str) -> Result<()> {
         }
         std::fs::write(dir.join(path), &buf).with_context(|| format!("writing {path}"))
     };
-    big("bin/server", size / 2, 0)?;
+    match server {
+        // `--lb`: the real app, its size subtracted from no other file.
+        Some(app) => {
+            std::fs::copy(app, dir.join("bin/server"))
+                .with_context(|| format!("copying {}", app.display()))?;
+        }
+        None => big("bin/server", size / 2, 0)?,
+    }
     big("static/app.js", size / 4, step)?;
     big("static/vendor.js", size - size / 2 - size / 4, 0)?;
     std::fs::write(
@@ -135,11 +191,17 @@ fn write_app(dir: &Path, size: u64, step: usize, version: &str) -> Result<()> {
         "before_activate",
         "test -x \"$CONVOY_RELEASE_DIR/bin/server\" || chmod +x \"$CONVOY_RELEASE_DIR/bin/server\"\n",
     )?;
+    if server.is_some() {
+        for (name, body) in lb::hooks(fails) {
+            hook(name, &body)?;
+        }
+        return Ok(());
+    }
     hook(
         "after_activate",
         "echo \"$CONVOY_APP $CONVOY_VERSION active (was ${CONVOY_PREVIOUS_VERSION:-none})\"\n",
     )?;
-    if STEPS[step].expect == "rolled_back" {
+    if fails {
         hook(
             "validate",
             "echo \"GET /healthz answered 500\" >&2\nexit 1\n",
@@ -174,10 +236,16 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
             eprintln!("{s}");
         }
     };
+    let tools = args.lb.then(lb::Tools::find).transpose()?;
     let mut fleet = Fleet::new("convoy-demo-", args.logs.clone())?;
     let root = fleet.dir.path().to_path_buf();
-    let pipelines = root.join("pipelines.toml");
-    std::fs::write(&pipelines, PIPELINES)?;
+    let pipelines_file = root.join("pipelines.toml");
+    std::fs::write(&pipelines_file, pipelines(args.lb))?;
+    // Declared after the fleet: the apps stop first.
+    let mut apps = lb::Apps {
+        pidfiles: Vec::new(),
+    };
+    let mut servers = Vec::new();
     say(format!(
         "== starting a coordinator and {} targets ({DCS} data centres, blue and green slices) in {}",
         args.nodes,
@@ -186,7 +254,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
     let mut cargs = fleet.common_args("coordinator", "warn", args.nodes as usize + 1);
     cargs.extend([
         "--pipelines".into(),
-        pipelines.display().to_string(),
+        pipelines_file.display().to_string(),
         "--heartbeat-ms".into(),
         "250".into(),
         "--label".into(),
@@ -204,7 +272,29 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
         ] {
             t.extend(["--label".into(), l]);
         }
-        fleet.start_target(convoyd, &name, &t)?;
+        let mut envs = Vec::new();
+        let mut app_port = 0;
+        if args.lb {
+            app_port = lb::free_port()?;
+            let pidfile = root.join(format!("{name}.web.pid"));
+            envs.push((lb::PORT_VAR.to_string(), app_port.to_string()));
+            envs.push((lb::PIDFILE_VAR.to_string(), pidfile.display().to_string()));
+            for var in [lb::PORT_VAR, lb::PIDFILE_VAR] {
+                t.extend(["--hook-env".into(), var.into()]);
+            }
+            apps.pidfiles.push(pidfile);
+        }
+        let ready = fleet.start_target_with(convoyd, &name, &t, &envs)?;
+        if args.lb {
+            let health = ready["health"]
+                .as_str()
+                .context("a target without health endpoint")?;
+            servers.push(lb::Server {
+                name,
+                app_port,
+                health: health.to_string(),
+            });
+        }
     }
     let client = fleet.operator_client().await?;
     wait_for_targets(&client, args.nodes as usize).await?;
@@ -215,14 +305,43 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
     let store = RocksStore::open(&root.join("cli-store"))?;
     let mut rows = Vec::new();
     let mut unexpected = Vec::new();
-    for (i, step) in STEPS.iter().enumerate() {
+    let steps: Vec<&Step> = args
+        .lb
+        .then_some(&BOOTSTRAP)
+        .into_iter()
+        .chain(STEPS.iter())
+        .collect();
+    // `--lb`: HAProxy, wrk and the sampler, once the first version serves.
+    let mut load: Option<(lb::Haproxy, lb::Load, lb::Sampler)> = None;
+    // The version in service before each roll-out.
+    let mut serving: Option<&str> = None;
+    for (i, step) in steps.iter().enumerate() {
+        if let (Some(tools), None, Some(_)) = (&tools, &load, serving) {
+            let haproxy = lb::Haproxy::start(tools, &root, lb::free_port()?, &servers)?;
+            let wrk = lb::Load::start(tools, &root, haproxy.front)?;
+            let sampler =
+                lb::Sampler::start(haproxy.front, &format!("during web@{}", step.version));
+            say(format!(
+                "\n== HAProxy on 127.0.0.1:{} in front of the {} targets (checks every {} ms, fall {}, rise {}); wrk drives load through it from now on",
+                haproxy.front,
+                servers.len(),
+                lb::CHECK_INTERVAL_MS,
+                lb::FALL,
+                lb::RISE
+            ));
+            load = Some((haproxy, wrk, sampler));
+        } else if let Some((_, _, sampler)) = &load {
+            sampler.phase(&format!("during web@{}", step.version));
+        }
         let release = format!("web@{}", step.version);
         say(format!(
             "\n== {release}: {} ({} in {} mode)",
             step.what, step.strategy, step.mode
         ));
         let dir = root.join(format!("web-{}", step.version));
-        write_app(&dir, size, i, step.version)?;
+        let fails = step.expect == "rolled_back";
+        let server = tools.as_ref().map(|t| t.app.as_path());
+        write_app(&dir, size, i, step.version, fails, server)?;
         let (_, manifest, uploaded, bytes) =
             publish_dir(&client, &store, &dir, "web", step.version).await?;
         say(format!(
@@ -246,6 +365,53 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
                 "{release} ended {result}, expected {}",
                 step.expect
             ));
+        }
+        let mut served = Value::Null;
+        if let Some((_, _, sampler)) = &load {
+            let (during_name, after_name) =
+                (format!("during {release}"), format!("after {release}"));
+            sampler.phase(&after_name);
+            sampler.wait_for(100)?;
+            let (during, after) = (sampler.seen(&during_name), sampler.seen(&after_name));
+            let before = serving.unwrap_or("?");
+            let now = if step.expect == "succeeded" {
+                step.version
+            } else {
+                before
+            };
+            say(format!(
+                "served through HAProxy: during {}; after {}",
+                seen_text(&during),
+                seen_text(&after)
+            ));
+            if step.strategy == "rolling" && step.expect == "succeeded" {
+                let both = [before, step.version]
+                    .iter()
+                    .all(|v| during.versions.contains_key(*v));
+                if !both {
+                    unexpected.push(format!(
+                        "during the rolling {release} HAProxy served {}, not both {before} and {}",
+                        seen_text(&during),
+                        step.version
+                    ));
+                }
+            }
+            if !after.only(now) {
+                unexpected.push(format!(
+                    "after {release} HAProxy served {}, not only {now}",
+                    seen_text(&after)
+                ));
+            }
+            if during.failed > 0 {
+                unexpected.push(format!(
+                    "{} requests failed during {release}",
+                    during.failed
+                ));
+            }
+            served = json!({"during": during.json(), "after": after.json()});
+        }
+        if result == "succeeded" {
+            serving = Some(step.version);
         }
         // The switch itself on each target, and (blue-green) from the idle
         // slice's validation to both slices' load changes.
@@ -286,6 +452,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
             "delivery_seconds": d["delivery_seconds"],
             "bytes_moved": d["bytes_moved"],
             "result": result,
+            "served": served,
         }));
     }
     // What the load balancers see: each target's health endpoint.
@@ -329,38 +496,96 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
         summarise(&in_load),
         summarise(&drained)
     );
-    out.emit(json!({"deployments": rows, "fleet": fleet_line}), || {
-        let mut s = format!(
-            "\n{:<10} {:<11} {:<6} {:>13} {:>10} {:>12}  {}\n",
-            "RELEASE", "STRATEGY", "MODE", "DISTRIBUTION", "DELIVERY", "MOVED", "RESULT"
+    // `--lb`: each target's app serves the release its target says is
+    // active, whichever slice it is in (a release switched back from
+    // must not be left running).
+    if args.lb {
+        let a = api.clone();
+        let checks: Vec<(String, String, u16)> = servers
+            .iter()
+            .map(|s| (s.name.clone(), s.health.clone(), s.app_port))
+            .collect();
+        let mismatched = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+            let mut bad = Vec::new();
+            for (name, health, port) in checks {
+                let (_, body) = a.probe_health(&health)?;
+                let active = body["active"]["web"].as_str().unwrap_or("-").to_string();
+                match lb::ask(port) {
+                    Ok(v) if v == active => {}
+                    Ok(v) => bad.push(format!("{name} runs web@{active} but its app answers {v}")),
+                    Err(e) => bad.push(format!("{name}'s app (web@{active}) does not answer: {e}")),
+                }
+            }
+            Ok(bad)
+        })
+        .await??;
+        unexpected.extend(mismatched);
+    }
+    let mut lb_json = Value::Null;
+    let mut lb_line = None;
+    if let Some((_haproxy, wrk, sampler)) = load.take() {
+        let phases = sampler.stop();
+        let w = wrk.stop()?;
+        let sampled: u64 = phases
+            .iter()
+            .map(|(_, s)| s.versions.values().sum::<u64>())
+            .sum();
+        let line = format!(
+            "load balancer: {} requests through HAProxy in {:.1} s ({:.0} per second), {} failed (connect {}, read {}, write {}, timeout {}, non-2xx {}); {sampled} sampled for their version",
+            w.requests,
+            w.seconds,
+            w.rate(),
+            w.failed(),
+            w.connect,
+            w.read,
+            w.write,
+            w.timeout,
+            w.status
         );
-        for r in &rows {
-            let secs = |v: &Value| v.as_f64().map_or("-".into(), |s| format!("{s:.2} s"));
-            s.push_str(&format!(
-                "{:<10} {:<11} {:<6} {:>13} {:>10} {:>12}  {}\n",
-                format!("web@{}", r["version"].as_str().unwrap_or("?")),
-                r["strategy"].as_str().unwrap_or("?"),
-                r["mode"].as_str().unwrap_or("?"),
-                secs(&r["distribution_seconds"]),
-                secs(&r["delivery_seconds"]),
-                format_bytes(r["bytes_moved"].as_u64().unwrap_or(0)),
-                r["result"].as_str().unwrap_or("?"),
-            ));
+        if w.failed() > 0 {
+            unexpected.push(format!("{} of wrk's requests failed", w.failed()));
         }
-        for r in &rows {
-            if let Some(ms) = r["activation_p99_ms"].as_f64() {
+        lb_json = json!({"wrk": w.json(), "sampled": sampled});
+        lb_line = Some(line);
+    }
+    out.emit(
+        json!({"deployments": rows, "fleet": fleet_line, "load_balancer": lb_json}),
+        || {
+            let mut s = format!(
+                "\n{:<10} {:<11} {:<6} {:>13} {:>10} {:>12}  {}\n",
+                "RELEASE", "STRATEGY", "MODE", "DISTRIBUTION", "DELIVERY", "MOVED", "RESULT"
+            );
+            for r in &rows {
+                let secs = |v: &Value| v.as_f64().map_or("-".into(), |s| format!("{s:.2} s"));
                 s.push_str(&format!(
-                    "\nweb@{}: activation (the switch of `current`) p99 {ms:.2} ms",
-                    r["version"].as_str().unwrap_or("?")
+                    "{:<10} {:<11} {:<6} {:>13} {:>10} {:>12}  {}\n",
+                    format!("web@{}", r["version"].as_str().unwrap_or("?")),
+                    r["strategy"].as_str().unwrap_or("?"),
+                    r["mode"].as_str().unwrap_or("?"),
+                    secs(&r["distribution_seconds"]),
+                    secs(&r["delivery_seconds"]),
+                    format_bytes(r["bytes_moved"].as_u64().unwrap_or(0)),
+                    r["result"].as_str().unwrap_or("?"),
                 ));
             }
-            if let Some(sw) = r["slice_switch_seconds"].as_f64() {
-                s.push_str(&format!("; slices swapped {sw:.3} s after validation"));
+            for r in &rows {
+                if let Some(ms) = r["activation_p99_ms"].as_f64() {
+                    s.push_str(&format!(
+                        "\nweb@{}: activation (the switch of `current`) p99 {ms:.2} ms",
+                        r["version"].as_str().unwrap_or("?")
+                    ));
+                }
+                if let Some(sw) = r["slice_switch_seconds"].as_f64() {
+                    s.push_str(&format!("; slices swapped {sw:.3} s after validation"));
+                }
             }
-        }
-        s.push_str(&format!("\nfleet now: {fleet_line}\n"));
-        s
-    });
+            s.push_str(&format!("\nfleet now: {fleet_line}\n"));
+            if let Some(l) = &lb_line {
+                s.push_str(&format!("{l}\n"));
+            }
+            s
+        },
+    );
     if args.keep {
         let pids = fleet.detach();
         let dir = root.display();
@@ -379,4 +604,21 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `0.9×120, 1.0×80` (and failures, if any).
+fn seen_text(s: &lb::Seen) -> String {
+    let mut parts: Vec<String> = s.versions.iter().map(|(v, n)| format!("{v}×{n}")).collect();
+    if s.failed > 0 {
+        parts.push(format!(
+            "{} failed ({})",
+            s.failed,
+            s.first_failure.as_deref().unwrap_or("?")
+        ));
+    }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
 }
