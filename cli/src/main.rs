@@ -260,6 +260,19 @@ enum Command {
         /// Where to write the key
         file: PathBuf,
     },
+    /// Print the completion script of convoy for SHELL (bash, zsh, fish,
+    /// elvish, powershell)
+    ///
+    /// Example: convoy completions bash > ~/.local/share/bash-completion/completions/convoy
+    Completions {
+        /// The shell
+        shell: convoy_daemon::manual::Shell,
+    },
+    /// Write convoy's man pages (convoy.1, convoy-pack.1, ...) into DIR
+    Man {
+        /// Where to write them (created)
+        dir: PathBuf,
+    },
     /// Run a local fleet and compare the distribution modes against the bound
     ///
     /// Starts a coordinator and N convoyd targets on loopback in a temporary
@@ -438,6 +451,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         operator_key_file: cli.operator_key_file,
     };
     match cli.command {
+        Command::Completions { shell } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            convoy_daemon::manual::completions(cmd, shell, &mut std::io::stdout())
+                .context("cannot write the completion script")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let pages = convoy_daemon::manual::man_pages(cmd, &dir)
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))?;
+            out.emit(serde_json::json!({ "pages": pages }), || {
+                pages.iter().map(|p| format!("{}\n", p.display())).collect()
+            });
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Keygen { file } => {
             let id = convoy_daemon::coordinator::operators::generate_key(&file)?;
             out.emit(

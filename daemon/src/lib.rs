@@ -18,7 +18,8 @@
 //! - [`protocol`] and [`pipeline`]: the wire's and the pipelines file's
 //!   types (the `convoy-protocol` crate).
 //! - [`durable`], [`fleet_key`], [`units`]: power-cut-safe file steps, the
-//!   fleet key, sizes and instants as people write them.
+//!   fleet key, sizes and instants as people write them; [`manual`]: shell
+//!   completions and man pages of the command lines.
 //!
 //! The roles depend on the shared folders, never on each other; `net`
 //! and `store` know no role; `transfer` does no I/O.
@@ -37,6 +38,7 @@
 pub mod coordinator;
 pub mod durable;
 pub mod fleet_key;
+pub mod manual;
 pub mod net;
 pub use convoy_protocol::pipeline;
 pub use convoy_protocol::wire as protocol;

@@ -145,6 +145,20 @@ enum Command {
         /// Where to write it; refused if it exists
         file: PathBuf,
     },
+    /// Print the completion script of convoyd for SHELL (bash, zsh, fish,
+    /// elvish, powershell)
+    ///
+    /// Example: convoyd completions bash > /usr/share/bash-completion/completions/convoyd
+    Completions {
+        /// The shell
+        shell: convoy_daemon::manual::Shell,
+    },
+    /// Write convoyd's man pages (convoyd.1, convoyd-coordinator.1, ...)
+    /// into DIR
+    Man {
+        /// Where to write them (created)
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -430,6 +444,22 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote a new fleet key to {}", file.display());
             Ok(())
         }
+        Command::Completions { shell } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            convoy_daemon::manual::completions(cmd, shell, &mut std::io::stdout())
+                .context("cannot write the completion script")
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let cmd = <Cli as clap::CommandFactory>::command();
+            for page in convoy_daemon::manual::man_pages(cmd, &dir)
+                .with_context(|| format!("cannot write man pages into {}", dir.display()))?
+            {
+                println!("{}", page.display());
+            }
+            Ok(())
+        }
         Command::Coordinator {
             common,
             push_parallel,
@@ -514,6 +544,7 @@ fn run(cli: Cli) -> Result<()> {
                 if local_operator_key.exists() {
                     ready["operator_key_file"] = serde_json::json!(local_operator_key);
                 }
+                let shutdown = shutdown_signal()?;
                 let (keypair, chunks, net, events, _) = start(&s, "coordinator", ready).await?;
                 let config = CoordinatorConfig {
                     keypair,
@@ -533,7 +564,7 @@ fn run(cli: Cli) -> Result<()> {
                     gc_every: s.gc_every,
                     delta_bases: delta_bases.or(file.delta_bases).unwrap_or(2),
                 };
-                coordinator::run(config, chunks, net, events, calls, shutdown_signal()).await
+                coordinator::run(config, chunks, net, events, calls, shutdown).await
             })
         }
         Command::Target {
@@ -588,6 +619,7 @@ fn run(cli: Cli) -> Result<()> {
                     })?;
                 let health_addr = health.local_addr()?.to_string();
                 let ready = serde_json::json!({"health": health_addr});
+                let shutdown = shutdown_signal()?;
                 let (_, chunks, net, events, listening) = start(&s, "target", ready).await?;
                 // Bound before the ready line named it: a check that
                 // comes before this waits in the listener's backlog.
@@ -616,7 +648,7 @@ fn run(cli: Cli) -> Result<()> {
                     health_addr: Some(health_addr),
                     gc_every: s.gc_every,
                 };
-                target::run(config, chunks, net, events, shutdown_signal()).await
+                target::run(config, chunks, net, events, shutdown).await
             })
         }
     }
@@ -703,6 +735,10 @@ async fn start(s: &Settings, role: &str, extra: serde_json::Value) -> Result<Sta
         r.extend(extra);
     }
     println!("{ready}");
+    // Under systemd (Type=notify): started. Elsewhere a no-op.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell the service manager that convoyd is ready: {e}");
+    }
     // Hand the events seen while waiting to the role, then the rest.
     let (tx, rx) = mpsc::channel(4096);
     tokio::spawn(async move {
@@ -735,12 +771,20 @@ fn stack(a: &Multiaddr) -> Vec<String> {
         .collect()
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled: called before convoyd says
+/// it is ready, so that a service manager's SIGTERM right after READY=1
+/// is not lost (it was, when the role's loop had not started yet).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    info!("shutting down");
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        info!("shutting down");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    })
 }
