@@ -91,13 +91,15 @@ apt_install() {
     fi
 }
 
-# ensure_commands WHY COMMAND...: installs the Debian package of each
-# command missing from PATH (each package is named as its command).
+# ensure_commands WHY COMMAND[:PACKAGE]...: installs the Debian package of
+# each command missing from PATH (PACKAGE, or the command's own name).
 ensure_commands() {
     local why="$1" missing=() c
     shift
     for c in "$@"; do
-        command -v "$c" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$c" >/dev/null 2>&1 || missing+=("$c")
+        command -v "${c%%:*}" >/dev/null 2>&1 ||
+            PATH="$PATH:/usr/sbin:/sbin" command -v "${c%%:*}" >/dev/null 2>&1 ||
+            missing+=("${c#*:}")
     done
     [ ${#missing[@]} -eq 0 ] || apt_install "$why" "${missing[@]}"
 }

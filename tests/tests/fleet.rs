@@ -188,6 +188,19 @@ fn push_and_pull_stage_exactly_the_missing_chunks() {
 
 #[test]
 fn a_target_killed_mid_transfer_resumes_without_refetching() {
+    interrupted_mid_transfer_resumes(|target| target.kill());
+}
+
+/// SIGTERM (what systemd sends to stop a unit): convoyd exits cleanly,
+/// its order kept, and takes it up again where it was.
+#[test]
+fn a_target_stopped_by_sigterm_mid_transfer_exits_cleanly_and_resumes() {
+    interrupted_mid_transfer_resumes(|target| {
+        assert!(target.stop(), "SIGTERM mid-transfer: not a clean exit")
+    });
+}
+
+fn interrupted_mid_transfer_resumes(interrupt: impl FnOnce(&mut convoy_tests::Daemon)) {
     // A slow origin (2 MiB/s) makes the 8 MiB transfer last about 4 s.
     let mut fleet = TestFleet::new(&["--upload-rate", "2MiB"]);
     fleet.add_target(&[]);
@@ -199,14 +212,14 @@ fn a_target_killed_mid_transfer_resumes_without_refetching() {
         .success()
         .json();
     let id = started["staging"].to_string();
-    // Wait until the target reports a third of the chunks, then kill it.
+    // Wait until the target reports a third of the chunks, then stop it.
     wait_staging(&fleet, &id, "a third of the chunks", |s| {
         s["per_target"][0]["chunks_held"].as_u64().unwrap_or(0) * 3
             >= s["per_target"][0]["chunks_total"]
                 .as_u64()
                 .unwrap_or(u64::MAX)
     });
-    fleet.targets[0].kill();
+    interrupt(&mut fleet.targets[0]);
     fleet.targets[0].restart();
     wait_staging(&fleet, &id, "staging to finish", |s| s["staged"] == 1);
     let status = fleet.convoy(&["staging", &id, "--json"]).success().json();
