@@ -753,6 +753,7 @@ mod tests {
                 })
                 .collect(),
             live_slice: None,
+            ordered_loads: true,
         }
     }
 

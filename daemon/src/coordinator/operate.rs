@@ -367,6 +367,7 @@ impl Coordinator {
             progress_deadline_ms: settings.progress_deadline_ms,
             targets: members,
             live_slice: blue_green.then(|| self.live_slice(&r.env, &targets)),
+            ordered_loads: true,
         };
         let summary = format!(
             "{} in {} mode to {} targets",

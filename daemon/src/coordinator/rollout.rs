@@ -77,6 +77,12 @@ pub struct Spec {
     pub targets: Vec<Member>,
     /// Blue-green: the slice in load before the roll-out.
     pub live_slice: Option<Slice>,
+    /// Blue-green: the idle slice leaves load before it is delivered to,
+    /// and a swap drains the old slice only once the new one is in load.
+    /// Off in roll-outs recorded before it existed, so that their logs
+    /// replay as they ran.
+    #[serde(default)]
+    pub ordered_loads: bool,
 }
 
 /// The events a roll-out reacts to; they are what the coordinator persists.
@@ -368,7 +374,8 @@ impl Rollout {
         let mut out = vec![Command::Stage(all)];
         // Blue-green: the idle slice leaves load (after a rolling or live
         // roll-out both slices may be in) before it gets the release.
-        if r.spec.strategy == Strategy::BlueGreen && r.live_slice.is_some() {
+        if r.spec.ordered_loads && r.spec.strategy == Strategy::BlueGreen && r.live_slice.is_some()
+        {
             r.set_loads(at, &mut out);
         }
         // An empty environment has nothing to wait for.
@@ -668,14 +675,15 @@ impl Rollout {
     /// slice to send requests to.
     fn set_loads(&mut self, at: Millis, out: &mut Vec<Command>) {
         let live = self.live_slice;
+        let ordered = self.spec.ordered_loads;
         for (id, t) in self.targets.iter_mut() {
             if t.slice.is_some() {
                 let in_load = t.slice == live;
                 t.load_pending = true;
-                t.load_deferred = !in_load;
+                t.load_deferred = ordered && !in_load;
                 t.progress = at;
                 t.slow = false;
-                if in_load {
+                if !t.load_deferred {
                     out.push(Command::SetLoad {
                         target: id.clone(),
                         in_load,
@@ -974,6 +982,7 @@ mod tests {
                 })
                 .collect(),
             live_slice: (strategy == Strategy::BlueGreen).then_some(Slice::Blue),
+            ordered_loads: true,
         }
     }
 
@@ -1241,6 +1250,43 @@ mod tests {
             .notices()
             .iter()
             .any(|n| matches!(n, Notice::Distributed { staged: 4, .. })));
+    }
+
+    #[test]
+    fn a_blue_green_roll_out_recorded_before_ordered_loads_replays_as_it_ran() {
+        // Its log: staged, delivered to the idle slice, both slices'
+        // load changes answered in any order — no drain of the idle slice
+        // first, no deferred drain.
+        let mut old = spec(4, Strategy::BlueGreen, "1", "0");
+        old.ordered_loads = false;
+        let json = serde_json::to_value(&old).unwrap();
+        let mut fields = json.as_object().unwrap().clone();
+        fields.remove("ordered_loads");
+        let old: Spec = serde_json::from_value(fields.into()).unwrap();
+        assert!(
+            !old.ordered_loads,
+            "a spec without the field reads as before"
+        );
+        let mut run = Run::new(old);
+        assert!(run
+            .out
+            .iter()
+            .all(|c| !matches!(c, Command::SetLoad { .. })));
+        for id in run.ids() {
+            run.ev(Event::Staged(id, Ok(())));
+        }
+        assert_eq!(run.delivering(), vec!["t01".to_string(), "t03".to_string()]);
+        let before = run.out.len();
+        run.deliver_wave();
+        let loads = run.out[before..]
+            .iter()
+            .filter(|c| matches!(c, Command::SetLoad { .. }))
+            .count();
+        assert_eq!(loads, 4, "the swap's four load changes at once");
+        for id in ["t00", "t02", "t01", "t03"] {
+            run.ev(Event::LoadSet(id.into(), Ok(())));
+        }
+        assert_eq!(run.outcome(), Some(Outcome::Succeeded));
     }
 
     #[test]
