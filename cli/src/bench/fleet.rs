@@ -412,16 +412,19 @@ impl Fleet {
 }
 
 pub(crate) fn convoyd_path(given: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_path_buf());
+    match given {
+        Some(p) => Ok(p.to_path_buf()),
+        None => sibling("convoyd", "pass --convoyd PATH"),
     }
+}
+
+/// The program `name` next to this one; `hint` says what to do if it is
+/// not there.
+pub(crate) fn sibling(name: &str, hint: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let p = exe.with_file_name("convoyd");
-    if !p.exists() {
-        bail!(
-            "convoyd is not next to {}; pass --convoyd PATH",
-            exe.display()
-        );
+    let p = exe.with_file_name(name);
+    if !p.is_file() {
+        bail!("{name} is not next to {}; {hint}", exe.display());
     }
     Ok(p)
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::bench::fleet::Proc;
+use crate::bench::fleet::{sibling, Proc};
 
 /// How often HAProxy checks a target's health endpoint, and how many
 /// checks take it out or put it back: the pipelines file's
@@ -66,18 +66,10 @@ impl Tools {
                 missing.join(" ")
             );
         }
-        let exe = std::env::current_exe().context("cannot find this program's path")?;
-        let app = exe.with_file_name("convoy-demo-web");
-        if !app.is_file() {
-            bail!(
-                "convoy-demo-web is not next to {} (cargo build --bins builds it)",
-                exe.display()
-            );
-        }
         Ok(Self {
             haproxy: on_path("haproxy").expect("checked"),
             wrk: on_path("wrk").expect("checked"),
-            app,
+            app: sibling("convoy-demo-web", "cargo build --bins builds it")?,
         })
     }
 }
