@@ -188,6 +188,55 @@ fn every_strategy_goes_live_and_the_health_endpoint_follows() {
     assert_eq!(h["history"][2]["by"], "coordinator");
 }
 
+/// An environment behind a load balancer: the drain and the wait after
+/// it follow its checks, and a drain too short for them is warned of.
+#[test]
+fn a_load_balancers_checks_set_the_drain_and_a_shorter_one_is_warned_of() {
+    let pipelines = PRODUCTION.replace(
+        "blue_green = true\n",
+        "blue_green = true\n[environments.production.load_balancer]\n\
+         check_interval_seconds = 0.1\nfall = 2\nrise = 3\n",
+    );
+    // The app's own default would be 0.1 s: too short for 2 checks.
+    let pipelines = pipelines.replace("drain_seconds = 0.1\n", "");
+    let f = fleet(2, &pipelines);
+    publish(&f, "1", VALIDATE_OK);
+    let (code, v) = deploy(&f, "1", &["--strategy", "rolling", "--drain", "0.1"]);
+    assert_eq!(code, Some(0), "{v}");
+    let warnings: Vec<&str> = v["notices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["notice"]["Warning"].as_str())
+        .collect();
+    assert_eq!(warnings.len(), 1, "{v}");
+    assert!(
+        warnings[0].contains("2 failed checks 0.1 s apart: 0.2 s"),
+        "{}",
+        warnings[0]
+    );
+    let text = f.operator(&["status", &v["id"].to_string()]).success();
+    assert!(
+        text.stdout.contains("warning: the drain (0.1 s)"),
+        "{}",
+        text.stdout
+    );
+    // Without --drain: (fall + 1) × interval, and rise × interval after.
+    publish(&f, "2", VALIDATE_OK);
+    let (code, v) = deploy(&f, "2", &["--strategy", "rolling"]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["drain_seconds"], 0.3, "{v}");
+    assert_eq!(v["settle_seconds"], 0.3, "{v}");
+    assert!(
+        !v["notices"].to_string().contains("Warning"),
+        "{}",
+        v["notices"]
+    );
+    for i in 0..2 {
+        assert_on(&f, i, "2", true);
+    }
+}
+
 #[test]
 fn past_the_failure_threshold_every_target_goes_back() {
     let f = fleet(4, PRODUCTION);

@@ -136,6 +136,16 @@ impl Deployment {
             serde_json::to_value(self.rollout.live_slice).expect("encodes"),
         );
         o.insert("paused".into(), self.rollout.pause_requested.into());
+        // How its targets leave load and come back (the environment's
+        // load balancer settings, or the drain asked for).
+        o.insert(
+            "drain_seconds".into(),
+            (self.load.drain_ms as f64 / 1000.0).into(),
+        );
+        o.insert(
+            "settle_seconds".into(),
+            (self.load.settle_ms as f64 / 1000.0).into(),
+        );
         o.insert(
             "notices".into(),
             self.notices
