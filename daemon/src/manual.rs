@@ -19,24 +19,21 @@ pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut dyn Write) ->
     }
 }
 
-/// Writes a man page for `cmd` and one for each of its subcommands
-/// (`convoy.1`, `convoy-pack.1`, ...) into `dir`, which must exist;
-/// returns their paths.
+/// Writes a man page for `cmd` and one for each of its visible
+/// subcommands (`convoy.1`, `convoy-pack.1`, ...) into `dir`, which must
+/// exist; returns their paths, `cmd`'s first.
 pub fn man_pages(cmd: clap::Command, dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let before: Vec<PathBuf> = pages_in(dir)?;
-    clap_mangen::generate_to(cmd, dir)?;
-    let mut made: Vec<PathBuf> = pages_in(dir)?
-        .into_iter()
-        .filter(|p| !before.contains(p))
-        .collect();
-    made.sort();
+    // As clap_mangen::generate_to does, keeping each page's path.
+    fn write(cmd: clap::Command, dir: &Path, made: &mut Vec<PathBuf>) -> io::Result<()> {
+        made.push(clap_mangen::Man::new(cmd.clone()).generate_to(dir)?);
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub.clone(), dir, made)?;
+        }
+        Ok(())
+    }
+    let mut cmd = cmd.disable_help_subcommand(true);
+    cmd.build();
+    let mut made = Vec::new();
+    write(cmd, dir, &mut made)?;
     Ok(made)
-}
-
-fn pages_in(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    Ok(std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "1"))
-        .collect())
 }
