@@ -195,6 +195,18 @@ pub struct LoadTerms {
     pub warnings: Vec<String>,
 }
 
+impl LoadTerms {
+    /// How long a target whose load changes to `in_load` waits before it
+    /// answers: the settle going in, the drain going out.
+    pub fn wait_ms(&self, in_load: bool) -> u64 {
+        if in_load {
+            self.settle_ms
+        } else {
+            self.drain_ms
+        }
+    }
+}
+
 /// A record of a roll-out's log.
 #[derive(Debug, Serialize, Deserialize)]
 enum Record {

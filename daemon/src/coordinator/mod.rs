@@ -1435,11 +1435,7 @@ impl Coordinator {
             let request = match (request, rollout) {
                 (ControlRequest::SetLoad { in_load, wait_ms }, Some(r)) => {
                     let wanted = r.wanted_load(&peer.to_string()).unwrap_or(in_load);
-                    let wait_ms = match deployment.map(|d| &d.load) {
-                        Some(l) if wanted => l.settle_ms,
-                        Some(l) => l.drain_ms,
-                        None => wait_ms,
-                    };
+                    let wait_ms = deployment.map_or(wait_ms, |d| d.load.wait_ms(wanted));
                     ControlRequest::SetLoad {
                         in_load: wanted,
                         wait_ms,

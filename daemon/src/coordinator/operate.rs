@@ -609,7 +609,8 @@ impl Coordinator {
             return;
         };
         let (release, app, mode) = (d.release, d.rollout.spec.app.clone(), d.rollout.spec.mode);
-        let (drain_ms, settle_ms) = (d.load.drain_ms, d.load.settle_ms);
+        let load = d.load.clone();
+        let (drain_ms, settle_ms) = (load.drain_ms, load.settle_ms);
         // Rolling targets leave load around a change of release; the
         // others are out of load already (blue-green's idle slice) or
         // change in load (live).
@@ -634,7 +635,7 @@ impl Coordinator {
                     },
                 ),
                 Command::SetLoad { target, in_load } => {
-                    let wait_ms = if in_load { settle_ms } else { drain_ms };
+                    let wait_ms = load.wait_ms(in_load);
                     (target, ControlRequest::SetLoad { in_load, wait_ms })
                 }
                 Command::Rollback(target) => {
