@@ -266,19 +266,20 @@ impl Pipelines {
             None => lb.map_or(1000, LoadBalancer::default_drain_ms),
         };
         let mut warnings = Vec::new();
-        if let Some(lb) = lb.filter(|lb| drain_ms <= lb.sees_drain_ms()) {
-            if strategy == Strategy::Rolling {
-                warnings.push(format!(
-                    "the drain ({:.1} s) is not longer than {env}'s load balancer takes to see it \
-                     ({} failed checks {} s apart: {:.1} s): it may send requests to a target \
-                     while it switches; drain for {:.1} s or more",
-                    drain_ms as f64 / 1000.0,
-                    lb.fall,
-                    lb.check_interval_seconds,
-                    lb.sees_drain_ms() as f64 / 1000.0,
-                    lb.default_drain_ms() as f64 / 1000.0,
-                ));
-            }
+        // Rolling targets drain around their switch, blue-green's idle
+        // slice before it gets the release; live ones never leave load.
+        let drains = strategy != Strategy::Live;
+        if let Some(lb) = lb.filter(|lb| drains && drain_ms <= lb.sees_drain_ms()) {
+            warnings.push(format!(
+                "the drain ({:.1} s) is not longer than {env}'s load balancer takes to see it \
+                 ({} failed checks {} s apart: {:.1} s): it may send requests to a target \
+                 while it switches; drain for {:.1} s or more",
+                drain_ms as f64 / 1000.0,
+                lb.fall,
+                lb.check_interval_seconds,
+                lb.sees_drain_ms() as f64 / 1000.0,
+                lb.default_drain_ms() as f64 / 1000.0,
+            ));
         }
         Ok(Settings {
             strategy,
@@ -400,6 +401,9 @@ drain_seconds = 0.5
             "{:?}",
             s.warnings
         );
+        // A live roll-out drains nobody: nothing to warn of.
+        d.strategy = "live".into();
+        assert!(p.settings("web", "prod", &d).unwrap().warnings.is_empty());
         // Without a load balancer: 1 s, nothing to wait for after.
         let p = Pipelines::parse(FILE).unwrap();
         let s = p
