@@ -961,6 +961,46 @@ mod tests {
         assert_eq!(f.releases.history("web").unwrap(), vec!["1"]);
     }
 
+    /// The release active again after a failed validate, and after a
+    /// rollback, runs its after_activate: whatever the newer release's
+    /// hook started must not go on serving.
+    #[tokio::test]
+    async fn the_release_active_again_runs_its_after_activate() {
+        let f = fixture();
+        let log = f.builds.parent().unwrap().join("activated.log");
+        let record = format!(
+            "echo \"$CONVOY_VERSION from ${{CONVOY_PREVIOUS_VERSION:-none}}\" >> {}",
+            log.display()
+        );
+        let hooks = |validate: &'static str| {
+            [
+                ("after_activate", record.clone()),
+                ("validate", validate.into()),
+            ]
+        };
+        let ok = hooks("true");
+        let ok: Vec<(&str, &str)> = ok.iter().map(|(n, s)| (*n, s.as_str())).collect();
+        f.deliver(&f.build("1", &[("a", "1")], &ok)).await.unwrap();
+        let bad = hooks("exit 1");
+        let bad: Vec<(&str, &str)> = bad.iter().map(|(n, s)| (*n, s.as_str())).collect();
+        f.deliver(&f.build("2", &[("a", "2")], &bad))
+            .await
+            .unwrap_err();
+        f.deliver(&f.build("3", &[("a", "3")], &ok)).await.unwrap();
+        assert_eq!(f.releases.rollback("web").await.unwrap(), "1");
+        let lines = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(
+            lines.lines().collect::<Vec<_>>(),
+            [
+                "1 from none",
+                "2 from 1",
+                "1 from 2",
+                "3 from 1",
+                "1 from 3"
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn a_switch_whose_history_cannot_be_written_is_undone() {
         let f = fixture();
