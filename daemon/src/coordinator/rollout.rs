@@ -1070,6 +1070,17 @@ mod tests {
             }
         }
 
+        /// The load orders given since command `from`.
+        fn load_orders(&self, from: usize) -> Vec<(TargetId, bool)> {
+            self.out[from..]
+                .iter()
+                .filter_map(|c| match c {
+                    Command::SetLoad { target, in_load } => Some((target.clone(), *in_load)),
+                    _ => None,
+                })
+                .collect()
+        }
+
         fn notices(&self) -> Vec<&Notice> {
             self.out
                 .iter()
@@ -1183,27 +1194,21 @@ mod tests {
             .map(|(id, _)| id.clone())
             .collect();
         assert_eq!(run.delivering(), green, "one wave: the idle slice");
-        let loads = |run: &Run, from: usize| -> Vec<(TargetId, bool)> {
-            run.out[from..]
-                .iter()
-                .filter_map(|c| match c {
-                    Command::SetLoad { target, in_load } => Some((target.clone(), *in_load)),
-                    _ => None,
-                })
-                .collect()
-        };
         let before = run.out.len();
         run.deliver_wave();
         // The idle slice goes into load first...
-        let going_in = loads(&run, before);
+        let going_in = run.load_orders(before);
         assert_eq!(going_in.len(), 2);
         assert!(going_in.iter().all(|(id, i)| *i && green.contains(id)));
         // ...and the live one leaves only once the last of it is in.
         let before = run.out.len();
         run.ev(Event::LoadSet(going_in[0].0.clone(), Ok(())));
-        assert!(loads(&run, before).is_empty(), "a drain before all are in");
+        assert!(
+            run.load_orders(before).is_empty(),
+            "a drain before all are in"
+        );
         run.ev(Event::LoadSet(going_in[1].0.clone(), Ok(())));
-        let going_out = loads(&run, before);
+        let going_out = run.load_orders(before);
         assert_eq!(going_out.len(), 2);
         assert!(going_out.iter().all(|(id, i)| !*i && !green.contains(id)));
         assert_eq!(run.outcome(), None, "done before the drains are");
@@ -1217,18 +1222,9 @@ mod tests {
     #[test]
     fn blue_green_takes_the_idle_slice_out_of_load_before_delivering_to_it() {
         let mut run = Run::new(spec(4, Strategy::BlueGreen, "1", "0"));
-        let load_orders = |run: &Run| -> Vec<(TargetId, bool)> {
-            run.out
-                .iter()
-                .filter_map(|c| match c {
-                    Command::SetLoad { target, in_load } => Some((target.clone(), *in_load)),
-                    _ => None,
-                })
-                .collect()
-        };
         // The live slice (blue: t00, t02) is confirmed in load first.
         assert_eq!(
-            load_orders(&run),
+            run.load_orders(0),
             vec![("t00".to_string(), true), ("t02".to_string(), true)]
         );
         for id in run.ids() {
@@ -1238,7 +1234,7 @@ mod tests {
         run.ev(Event::LoadSet("t02".into(), Ok(())));
         // Then the idle one leaves; staged, it is not delivered to yet.
         assert_eq!(
-            load_orders(&run)[2..],
+            run.load_orders(0)[2..],
             [("t01".to_string(), false), ("t03".to_string(), false)]
         );
         assert!(run.delivering().is_empty(), "delivered to while in load");
@@ -1278,10 +1274,7 @@ mod tests {
         assert_eq!(run.delivering(), vec!["t01".to_string(), "t03".to_string()]);
         let before = run.out.len();
         run.deliver_wave();
-        let loads = run.out[before..]
-            .iter()
-            .filter(|c| matches!(c, Command::SetLoad { .. }))
-            .count();
+        let loads = run.load_orders(before).len();
         assert_eq!(loads, 4, "the swap's four load changes at once");
         for id in ["t00", "t02", "t01", "t03"] {
             run.ev(Event::LoadSet(id.into(), Ok(())));
