@@ -60,11 +60,27 @@ pub struct DemoArgs {
 
 const DCS: u64 = 3;
 
-const PIPELINES: &str = r#"# Written by `convoy demo`.
+/// The demo's pipelines file. With `--lb`, the environment declares its
+/// load balancer as HAProxy is set up ([`lb::haproxy_config`]) and the
+/// drain is left to follow it; without, a fixed short drain.
+fn pipelines(lb: bool) -> String {
+    let (load_balancer, drain) = if lb {
+        let table = format!(
+            "\n[environments.production.load_balancer]\ncheck_interval_seconds = {}\nfall = {}\nrise = {}\n",
+            lb::CHECK_INTERVAL_MS as f64 / 1000.0,
+            lb::FALL,
+            lb::RISE
+        );
+        (table, "")
+    } else {
+        (String::new(), "drain_seconds = 0.5\n")
+    };
+    format!(
+        r#"# Written by `convoy demo`.
 [environments.production]
 selector = "env=production"
 blue_green = true
-
+{load_balancer}
 [apps.web]
 pipeline = ["production"]
 
@@ -73,29 +89,9 @@ strategy = "rolling"
 waves = "1,25%,50%,100%"
 mode = "swarm"
 max_failures = "0"
-drain_seconds = 0.5
-progress_deadline_seconds = 30
-"#;
-
-/// With `--lb`: the environment's load balancer, as HAProxy is set up
-/// ([`lb::haproxy_config`]), so drains last until it has seen them; the
-/// drain is left to its default.
-fn pipelines(lb: bool) -> String {
-    if !lb {
-        return PIPELINES.to_string();
-    }
-    let lb_table = format!(
-        "\n[environments.production.load_balancer]\ncheck_interval_seconds = {}\nfall = {}\nrise = {}\n",
-        lb::CHECK_INTERVAL_MS as f64 / 1000.0,
-        lb::FALL,
-        lb::RISE
-    );
-    PIPELINES
-        .replace(
-            "blue_green = true\n",
-            &format!("blue_green = true\n{lb_table}"),
-        )
-        .replace("drain_seconds = 0.5\n", "")
+{drain}progress_deadline_seconds = 30
+"#
+    )
 }
 
 /// `--lb`: the version in service before the load starts.
