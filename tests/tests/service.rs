@@ -281,6 +281,13 @@ fn the_debian_package_holds_the_binaries_units_config_completions_and_man_pages(
     ] {
         assert!(root.join(path).is_file(), "the package lacks {path}");
     }
+    // The settings may name secrets' files: not readable by everyone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.join("etc/convoy/convoyd.toml"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o640, "{mode:o}");
     // The packaged binary runs, and the packaged units verify against it.
     let version = Command::new(root.join("usr/bin/convoyd"))
         .arg("--version")
