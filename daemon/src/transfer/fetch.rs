@@ -150,6 +150,10 @@ struct Peer {
     /// what each uplink serves instead of asking a full peer again and
     /// again.
     window: usize,
+    /// When it last answered anything (a chunk, a refusal, busy).
+    last_heard: Option<Instant>,
+    /// Its smoothed time from request to chunk (as the fetcher's own).
+    round_trip: Option<Duration>,
 }
 
 impl Peer {
@@ -212,6 +216,12 @@ const MAX_ORIGIN_BUSY_WAIT: Duration = Duration::from_secs(6 * 3600);
 /// for the origin's next chunks, which reach it within seconds, does not
 /// import them twice.
 pub const STARVED_PATIENCE: Duration = Duration::from_secs(10);
+
+/// A peer that has answered before and then answers nothing for this many
+/// of its round trips has stalled ([`Fetcher::handle_timeout`]).
+pub const STALL_ROUND_TRIPS: u32 = 8;
+/// ... but never sooner than this.
+pub const STALL_FLOOR: Duration = Duration::from_secs(2);
 
 /// Candidates a pick weighs: the rarest of this many wins.
 const PICK_SAMPLE: usize = 256;
@@ -378,6 +388,8 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                 busy_until: None,
                 busy_streak: 0,
                 window: self.config.window,
+                last_heard: None,
+                round_trip: None,
             },
         );
         self.schedule(now);
@@ -455,13 +467,18 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// `peer` answered the request for `chunk`; `valid` says whether the
     /// bytes hashed to the chunk's name (the driver checks, then tells).
     pub fn handle_chunk(&mut self, now: Instant, peer: P, chunk: ChunkIndex, valid: bool) {
+        let smooth = |rt: Option<Duration>, sample| match rt {
+            None => sample,
+            Some(rt) => (rt * 7 + sample) / 8,
+        };
         if let Some(since) = self.request_time(chunk, peer) {
             let sample = now.saturating_duration_since(since);
-            self.round_trip = Some(match self.round_trip {
-                None => sample,
-                Some(rt) => (rt * 7 + sample) / 8,
-            });
+            self.round_trip = Some(smooth(self.round_trip, sample));
+            if let Some(p) = self.peers.get_mut(&peer) {
+                p.round_trip = Some(smooth(p.round_trip, sample));
+            }
         }
+        self.heard(now, peer);
         let was_outstanding = self.settle(chunk, peer);
         if !valid {
             self.count_failure(chunk);
@@ -543,6 +560,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// `peer` declined to serve `chunk` (busy, or the origin wants the swarm
     /// to spread it); it is asked of another holder.
     pub fn handle_refused(&mut self, now: Instant, peer: P, chunk: ChunkIndex) {
+        self.heard(now, peer);
         if self.settle(chunk, peer) {
             let until = now + self.config.refusal_backoff;
             if let Some(p) = self.peers.get_mut(&peer) {
@@ -556,6 +574,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     /// expects room in `retry_after`; it is asked nothing for that long (at
     /// least [`FetchConfig::busy_backoff`], at most [`MAX_BUSY_WAIT`]).
     pub fn handle_busy(&mut self, now: Instant, peer: P, chunk: ChunkIndex, retry_after: Duration) {
+        self.heard(now, peer);
         if self.settle(chunk, peer) {
             if let Some(p) = self.peers.get_mut(&peer) {
                 // Swarm peers free up fast and others can be asked meanwhile;
@@ -608,6 +627,15 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             self.count_failure(chunk);
             self.actions.push_back(FetchAction::Cancel { peer, chunk });
         }
+        let stalled: Vec<P> = self
+            .peers
+            .keys()
+            .copied()
+            .filter(|p| self.stalled_at(*p).is_some_and(|t| t <= now))
+            .collect();
+        for peer in stalled {
+            self.give_up_on(now, peer);
+        }
         if self.starved_until().is_some_and(|t| t <= now) {
             // Whatever its data centre's importers are doing, none of it
             // reaches this target: it imports for itself, as one alone in
@@ -649,11 +677,78 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                 .filter(|l| l.len() == 1 && !l[0].overdue)
                 .map(move |l| l[0].since + patience)
         });
+        let stalls = self.peers.keys().filter_map(|p| self.stalled_at(*p));
         requests
             .chain(refusals)
+            .chain(stalls)
             .chain(endgame.into_iter().flatten())
             .chain(self.starved_until())
             .min()
+    }
+
+    /// Notes that `peer` answered something.
+    fn heard(&mut self, now: Instant, peer: P) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.last_heard = Some(now);
+        }
+    }
+
+    /// When `peer`, which has answered before and has requests in flight,
+    /// counts as stalled: silent for [`STALL_ROUND_TRIPS`] of its own round
+    /// trips (at least [`STALL_FLOOR`], at most the request timeout) since
+    /// its last answer or its oldest request in flight, whichever is later.
+    /// A peer behind a cut link answers nothing, and its requests would
+    /// otherwise wait out the whole request timeout each.
+    fn stalled_at(&self, peer: P) -> Option<Instant> {
+        let p = self.peers.get(&peer)?;
+        let patience = self.stall_patience(peer)?;
+        if p.in_flight == 0 {
+            return None;
+        }
+        let oldest = self
+            .outstanding
+            .values()
+            .flatten()
+            .filter(|o| o.peer == peer)
+            .map(|o| o.since)
+            .min()?;
+        Some(p.last_heard.map_or(oldest, |h| h.max(oldest)) + patience)
+    }
+
+    /// How long `peer` may be silent, once it has answered a request.
+    fn stall_patience(&self, peer: P) -> Option<Duration> {
+        let round_trip = self.peers.get(&peer)?.round_trip?;
+        Some(
+            (round_trip * STALL_ROUND_TRIPS)
+                .max(STALL_FLOOR)
+                .min(self.config.request_timeout),
+        )
+    }
+
+    /// `peer` stalled: its requests are withdrawn and made elsewhere (not
+    /// counted against the chunks: the fault is the peer's), and it is
+    /// asked nothing for as long as it was given, then one request at a
+    /// time until it answers again.
+    fn give_up_on(&mut self, now: Instant, peer: P) {
+        let Some(patience) = self.stall_patience(peer) else {
+            return;
+        };
+        let chunks: Vec<ChunkIndex> = self
+            .outstanding
+            .iter()
+            .filter(|(_, os)| os.iter().any(|o| o.peer == peer))
+            .map(|(c, _)| *c)
+            .collect();
+        for chunk in chunks {
+            self.settle(chunk, peer);
+            self.actions.push_back(FetchAction::Cancel { peer, chunk });
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.busy_until = Some(now + patience);
+            p.window = 1;
+            // Silent since now: the next stall is measured from here.
+            p.last_heard = Some(now);
+        }
     }
 
     fn request_time(&self, chunk: ChunkIndex, peer: P) -> Option<Instant> {
@@ -1385,6 +1480,97 @@ mod tests {
         let actions = drain(&mut f);
         assert!(actions.contains(&FetchAction::Cancel { peer: 1, chunk: 0 }));
         assert_eq!(requests(&actions), [(1, 0)]);
+    }
+
+    /// A peer cut off (its link down) answers nothing: once it has been
+    /// silent for eight of its round trips (at least two seconds), what
+    /// is in flight to it is asked of others, long before the request
+    /// timeout, and it is left alone for as long.
+    #[test]
+    fn a_peer_that_falls_silent_has_its_requests_made_elsewhere() {
+        let start = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(40), config(4));
+        f.add_peer(start, 1, Locality::SameZone, HaveSet::full(40));
+        let first = requests(&drain(&mut f));
+        assert_eq!(first.len(), 4);
+        // It answers each request in 100 ms, then falls silent.
+        let mut now = start;
+        for (_, chunk) in &first {
+            now += Duration::from_millis(100);
+            f.handle_chunk(now, 1, *chunk, true);
+        }
+        let in_flight = requests(&drain(&mut f));
+        assert!(!in_flight.is_empty());
+        let last_answer = now;
+        // Peer 2 holds just what is in flight to peer 1, so nothing is
+        // asked of it until peer 1 stalls.
+        let held = HaveSet::from_indices(40, in_flight.iter().map(|(_, c)| *c));
+        f.add_peer(now, 2, Locality::SameDc, held);
+        assert!(requests(&drain(&mut f)).is_empty());
+        let due = f.poll_timeout().unwrap();
+        assert_eq!(
+            due,
+            last_answer + STALL_FLOOR,
+            "8 × 100 ms is under the floor"
+        );
+        f.handle_timeout(due);
+        let actions = drain(&mut f);
+        for (peer, chunk) in in_flight.iter().filter(|(p, _)| *p == 1) {
+            assert!(
+                actions.contains(&FetchAction::Cancel {
+                    peer: *peer,
+                    chunk: *chunk
+                }),
+                "chunk {chunk} withdrawn from the silent peer: {actions:?}"
+            );
+        }
+        let mut again = requests(&actions);
+        again.sort();
+        let mut expected: Vec<_> = in_flight.iter().map(|(_, c)| (2, *c)).collect();
+        expected.sort();
+        assert_eq!(again, expected, "asked of the other peer");
+        // Not a failure of the chunks: none is given up, and the timeout
+        // still counts from their new requests.
+        assert!(!actions
+            .iter()
+            .any(|a| matches!(a, FetchAction::GaveUp { .. })));
+        // Left alone for as long, then asked one chunk at a time.
+        let back = due + STALL_FLOOR;
+        f.handle_timeout(back);
+        let retried: Vec<_> = requests(&drain(&mut f))
+            .into_iter()
+            .filter(|(p, _)| *p == 1)
+            .collect();
+        assert_eq!(retried.len(), 1, "{retried:?}");
+    }
+
+    /// A slow peer that keeps answering is not stalled, however long each
+    /// answer takes once its round trip has grown to match.
+    #[test]
+    fn a_slow_peer_that_keeps_answering_keeps_its_requests() {
+        let start = Instant::now();
+        let mut f = Fetcher::new(HaveSet::empty(400), config(4));
+        f.add_peer(start, 1, Locality::SameZone, HaveSet::full(400));
+        let mut now = start;
+        // Answered in the order asked, one every 1.5 s: a crowded uplink.
+        let mut queue = std::collections::VecDeque::new();
+        for _ in 0..100 {
+            let actions = drain(&mut f);
+            assert!(
+                !actions
+                    .iter()
+                    .any(|a| matches!(a, FetchAction::Cancel { .. })),
+                "{actions:?}"
+            );
+            queue.extend(requests(&actions).into_iter().map(|(_, c)| c));
+            let chunk = queue.pop_front().expect("a request in flight");
+            now += Duration::from_millis(1500);
+            assert!(f.poll_timeout().unwrap() > now, "stalled while answering");
+            f.handle_chunk(now, 1, chunk, true);
+        }
+        assert!(!drain(&mut f)
+            .iter()
+            .any(|a| matches!(a, FetchAction::Cancel { .. })));
     }
 
     #[test]
