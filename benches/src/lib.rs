@@ -6,6 +6,8 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
+pub mod netns;
+
 use convoy_chunker::{AVG_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 
 /// The reference: FastCDC v2020 over `data` and BLAKE3 of each chunk,

@@ -178,15 +178,31 @@ pub struct Daemon {
     pub log: PathBuf,
     /// Its ready line (a target's health address, a coordinator's API).
     pub ready: serde_json::Value,
+    /// The command it runs under (`ip netns exec NS`), if any.
+    wrapper: Vec<String>,
     args: Vec<String>,
 }
 
 impl Daemon {
     /// Starts `convoyd ARGS...` with stderr to `log` and waits for its ready line.
     pub fn start(args: &[String], log: &Path) -> Self {
+        Self::start_under(&[], args, log)
+    }
+
+    /// [`Daemon::start`] under `wrapper` (a command that runs the one
+    /// after it, as `ip netns exec NS` does).
+    pub fn start_under(wrapper: &[String], args: &[String], log: &Path) -> Self {
         use std::io::BufRead;
         let exe = bin_dir().join("convoyd");
-        let mut child = Command::new(&exe)
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let mut child = cmd
             .args(args)
             .env_remove("CONVOY_CONFIG")
             .stdin(std::process::Stdio::null())
@@ -213,6 +229,7 @@ impl Daemon {
             peer_id: ready["peer_id"].as_str().expect("a peer id").to_string(),
             log: log.to_path_buf(),
             ready,
+            wrapper: wrapper.to_vec(),
             args: args.to_vec(),
         }
     }
@@ -236,7 +253,7 @@ impl Daemon {
         let log = self
             .first_log
             .with_extension(format!("restart-{restarts}.log"));
-        let mut again = Self::start(&self.args, &log);
+        let mut again = Self::start_under(&self.wrapper, &self.args, &log);
         again.restarts = restarts;
         again.first_log = self.first_log.clone();
         *self = again;
@@ -292,6 +309,9 @@ pub struct TestFleet {
     pub coordinator: Daemon,
     /// The fleet key file.
     pub key: PathBuf,
+    /// Where daemons run: each data centre's wrapper command and address
+    /// (one, loopback, unless the fleet stands in a network lab).
+    places: Vec<(Vec<String>, String)>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -312,6 +332,16 @@ impl TestFleet {
         Self::start(tempfile::tempdir().expect("temp dir"), extra)
     }
 
+    /// Starts a coordinator in data centre 0 of `lab`, with `extra`
+    /// arguments; [`TestFleet::add_target_in`] places targets in its
+    /// data centres.
+    pub fn in_lab(lab: &convoy_benches::netns::Lab, extra: &[&str]) -> Self {
+        let places = (0..lab.dcs())
+            .map(|n| (lab.exec_prefix(n), lab.dc_addr(n).to_string()))
+            .collect();
+        Self::start_at(tempfile::tempdir().expect("temp dir"), places, extra)
+    }
+
     /// Starts a coordinator that loads `pipelines` (a pipelines file's text).
     pub fn with_pipelines(pipelines: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -323,6 +353,14 @@ impl TestFleet {
     }
 
     fn start(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::start_at(dir, vec![(Vec::new(), "127.0.0.1".into())], extra)
+    }
+
+    fn start_at(
+        dir: tempfile::TempDir,
+        places: Vec<(Vec<String>, String)>,
+        extra: &[&str],
+    ) -> Self {
         let key = dir.path().join("fleet.key");
         let status = Command::new(bin_dir().join("convoyd"))
             .arg("fleet-key")
@@ -338,12 +376,13 @@ impl TestFleet {
                 .port()
         };
         let (port, api_port) = (free_port(), free_port());
+        let (wrapper, ip) = &places[0];
         let mut args = vec![
             "coordinator".to_string(),
             "--data-dir".into(),
             dir.path().join("coordinator").display().to_string(),
             "--listen".into(),
-            format!("/ip4/127.0.0.1/tcp/{port}"),
+            format!("/ip4/{ip}/tcp/{port}"),
             "--fleet-key-file".into(),
             key.display().to_string(),
             "--heartbeat-ms".into(),
@@ -351,14 +390,15 @@ impl TestFleet {
             "--log-level".into(),
             "info".into(),
             "--api-listen".into(),
-            format!("127.0.0.1:{api_port}"),
+            format!("{ip}:{api_port}"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let coordinator = Daemon::start(&args, &dir.path().join("coordinator.log"));
+        let coordinator = Daemon::start_under(wrapper, &args, &dir.path().join("coordinator.log"));
         Self {
             targets: Vec::new(),
             coordinator,
             key,
+            places,
             dir: Some(dir),
         }
     }
@@ -370,6 +410,13 @@ impl TestFleet {
 
     /// Starts a target with `extra` arguments (labels, caps, ...).
     pub fn add_target(&mut self, extra: &[&str]) -> usize {
+        self.add_target_in(0, extra)
+    }
+
+    /// Starts a target in data centre `dc` of the fleet's lab (0 is where
+    /// the coordinator runs; on loopback, the only one).
+    pub fn add_target_in(&mut self, dc: usize, extra: &[&str]) -> usize {
+        let (wrapper, ip) = self.places[dc].clone();
         let i = self.targets.len();
         let name = format!("target-{i}");
         let mut args = vec![
@@ -377,7 +424,7 @@ impl TestFleet {
             "--data-dir".into(),
             self.path().join(&name).display().to_string(),
             "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
+            format!("/ip4/{ip}/tcp/0"),
             "--fleet-key-file".into(),
             self.key.display().to_string(),
             "--coordinator".into(),
@@ -385,10 +432,11 @@ impl TestFleet {
             "--log-level".into(),
             "info".into(),
             "--health-listen".into(),
-            "127.0.0.1:0".into(),
+            format!("{ip}:0"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        self.targets.push(Daemon::start(
+        self.targets.push(Daemon::start_under(
+            &wrapper,
             &args,
             &self.path().join(format!("{name}.log")),
         ));

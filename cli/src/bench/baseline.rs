@@ -210,6 +210,7 @@ fn rsync_once(
             total_bytes_sent: None,
             chunk_bytes: received,
             cross_dc_bytes: 0,
+            cross_dc_link_bytes: None,
             max_target_bytes: 0,
             // The daemon's forks and the clients, not split by side.
             cpu: Cpu {
@@ -442,6 +443,7 @@ fn tcp_once(
             total_bytes_sent: None,
             chunk_bytes: received,
             cross_dc_bytes: 0,
+            cross_dc_link_bytes: None,
             max_target_bytes: package_bytes,
             cpu: Cpu {
                 fleet: origin + targets,

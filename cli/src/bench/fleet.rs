@@ -55,6 +55,9 @@ pub(crate) struct Fleet {
     pub coordinator_ready: serde_json::Value,
     pub key_file: PathBuf,
     logs: PathBuf,
+    /// The network lab the daemons run in (`--netns`), if any: after the
+    /// processes, so that it is removed once they have stopped.
+    pub lab: Option<convoy_benches::netns::Lab>,
     pub dir: tempfile::TempDir,
 }
 
@@ -146,8 +149,18 @@ impl Fleet {
             coordinator_ready: serde_json::Value::Null,
             key_file,
             logs,
+            lab: None,
             dir,
         })
+    }
+
+    /// The address daemons of data centre `dc` listen on: loopback, or
+    /// the data centre's own in a lab.
+    fn ip(&self, dc: usize) -> String {
+        match &self.lab {
+            Some(lab) => lab.dc_addr(dc % lab.dcs()).to_string(),
+            None => "127.0.0.1".into(),
+        }
     }
 
     /// Leaves the daemons running and the directory in place (`--keep`);
@@ -176,13 +189,19 @@ impl Fleet {
     /// machine's cores as worker threads — each stands for a server of its
     /// own, and dozens of runtimes of one thread per core would spend the
     /// cores waking each other.
-    pub fn common_args(&self, name: &str, log_level: &str, daemons: usize) -> Vec<String> {
+    pub fn common_args(
+        &self,
+        name: &str,
+        dc: usize,
+        log_level: &str,
+        daemons: usize,
+    ) -> Vec<String> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         vec![
             "--data-dir".into(),
             self.dir.path().join(name).display().to_string(),
             "--listen".into(),
-            "/ip4/127.0.0.1/tcp/0".into(),
+            format!("/ip4/{}/tcp/0", self.ip(dc)),
             "--fleet-key-file".into(),
             self.key_file.display().to_string(),
             "--log-level".into(),
@@ -193,15 +212,15 @@ impl Fleet {
     }
 
     /// Starts the coordinator (`args` after `coordinator`), its API on a
-    /// free loopback port.
+    /// free port of data centre 0.
     pub fn start_coordinator(&mut self, convoyd: &Path, args: &[String]) -> Result<()> {
         let mut a = vec![
             "coordinator".to_string(),
             "--api-listen".into(),
-            "127.0.0.1:0".into(),
+            format!("{}:0", self.ip(0)),
         ];
         a.extend_from_slice(args);
-        let (proc, ready) = self.spawn(convoyd, "coordinator", &a, &[])?;
+        let (proc, ready) = self.spawn(convoyd, "coordinator", 0, &a, &[])?;
         self.coordinator_addr = ready["addrs"][0]
             .as_str()
             .ok_or_else(|| anyhow!("the coordinator printed no address"))?
@@ -245,16 +264,17 @@ impl Fleet {
             .map_err(|e| anyhow!(e))
     }
 
-    /// Starts a target (`args` after `target`), pointed at the
-    /// coordinator, its health endpoint on a free loopback port; returns
-    /// its ready line.
+    /// Starts a target in data centre `dc` (`args` after `target`),
+    /// pointed at the coordinator, its health endpoint on a free port;
+    /// returns its ready line.
     pub fn start_target(
         &mut self,
         convoyd: &Path,
         name: &str,
+        dc: usize,
         args: &[String],
     ) -> Result<serde_json::Value> {
-        self.start_target_with(convoyd, name, args, &[])
+        self.start_target_with(convoyd, name, dc, args, &[])
     }
 
     /// [`Fleet::start_target`] with these variables in its environment
@@ -263,6 +283,7 @@ impl Fleet {
         &mut self,
         convoyd: &Path,
         name: &str,
+        dc: usize,
         args: &[String],
         envs: &[(String, String)],
     ) -> Result<serde_json::Value> {
@@ -271,10 +292,10 @@ impl Fleet {
             "--coordinator".into(),
             self.coordinator_addr.clone(),
             "--health-listen".into(),
-            "127.0.0.1:0".into(),
+            format!("{}:0", self.ip(dc)),
         ];
         a.extend_from_slice(args);
-        let (proc, ready) = self.spawn(convoyd, name, &a, envs)?;
+        let (proc, ready) = self.spawn(convoyd, name, dc, &a, envs)?;
         self.targets.push(proc);
         if let Some(h) = ready["health"].as_str() {
             self.target_health.push(h.to_string());
@@ -282,16 +303,27 @@ impl Fleet {
         Ok(ready)
     }
 
-    /// Starts a convoyd and waits for its ready line.
+    /// Starts a convoyd in data centre `dc` and waits for its ready line.
     fn spawn(
         &self,
         convoyd: &Path,
         name: &str,
+        dc: usize,
         args: &[String],
         envs: &[(String, String)],
     ) -> Result<(Proc, serde_json::Value)> {
         let log = std::fs::File::create(self.log(name))?;
-        let mut child = Command::new(convoyd)
+        // In a lab, `ip netns exec NS` runs it (and becomes it: the pid is
+        // convoyd's).
+        let mut cmd = match &self.lab {
+            Some(lab) => {
+                let mut c = Command::new("ip");
+                c.args(&lab.exec_prefix(dc % lab.dcs())[1..]).arg(convoyd);
+                c
+            }
+            None => Command::new(convoyd),
+        };
+        let mut child = cmd
             .args(args)
             .envs(envs.iter().map(|(k, v)| (k, v)))
             .env_remove("CONVOY_CONFIG")
@@ -504,8 +536,22 @@ pub(crate) fn rss(pid: u32) -> (u64, u64) {
 
 pub(super) async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path) -> Result<Fleet> {
     let mut fleet = Fleet::new("convoy-bench-", args.logs.clone())?;
-    let common = |fleet: &Fleet, name: &str, up: Option<u64>| -> Vec<String> {
-        let mut a = fleet.common_args(name, &args.daemon_log_level, args.nodes + 1);
+    if args.netns {
+        let link = rates.dc_link;
+        let lab = convoy_benches::netns::Lab::new(args.dcs, link).context("--netns")?;
+        eprintln!(
+            "{} data centres in network namespaces {}…, links {}",
+            args.dcs,
+            lab.dc(0),
+            link.map_or("uncapped".to_string(), |r| format!(
+                "capped at {}/s each way",
+                indicatif::BinaryBytes(r)
+            ))
+        );
+        fleet.lab = Some(lab);
+    }
+    let common = |fleet: &Fleet, name: &str, dc: usize, up: Option<u64>| -> Vec<String> {
+        let mut a = fleet.common_args(name, dc, &args.daemon_log_level, args.nodes + 1);
         a.extend(["--security".into(), args.security.name().to_string()]);
         if let Some(u) = up {
             a.extend(["--upload-rate".into(), u.to_string()]);
@@ -520,7 +566,7 @@ pub(super) async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path)
         args.nodes,
         fleet.dir.path().display()
     );
-    let mut cargs = common(&fleet, "coordinator", rates.origin);
+    let mut cargs = common(&fleet, "coordinator", 0, rates.origin);
     cargs.extend([
         "--label".into(),
         "dc=dc0".into(),
@@ -532,14 +578,15 @@ pub(super) async fn start_fleet(args: &BenchArgs, rates: &Rates, convoyd: &Path)
     fleet.start_coordinator(convoyd, &cargs)?;
     for i in 0..args.nodes {
         let name = format!("target-{i:03}");
-        let mut targs = common(&fleet, &name, rates.uplink);
+        let dc = i % args.dcs;
+        let mut targs = common(&fleet, &name, dc, rates.uplink);
         targs.extend([
             "--label".into(),
-            format!("dc=dc{}", i % args.dcs),
+            format!("dc=dc{dc}"),
             "--label".into(),
             format!("zone=z{}", (i / args.dcs) % 2),
         ]);
-        fleet.start_target(convoyd, &name, &targs)?;
+        fleet.start_target(convoyd, &name, dc, &targs)?;
     }
     Ok(fleet)
 }

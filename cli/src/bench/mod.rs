@@ -82,6 +82,16 @@ pub struct BenchArgs {
     /// Label the targets into this many data centres (dc0 holds the origin)
     #[arg(long, default_value_t = 1)]
     pub dcs: usize,
+    /// Run each data centre in a network namespace of its own, joined to
+    /// the others through a backbone namespace by veth links (addresses
+    /// in 198.18.0.0/15; everything is removed at the end, also on
+    /// Ctrl-C). Needs root and iproute2. Convoy modes only
+    #[arg(long)]
+    pub netns: bool,
+    /// With --netns: cap each data centre's link, each way (bytes per
+    /// second, with a tbf qdisc) [default: uncapped]
+    #[arg(long, value_name = "RATE", requires = "netns")]
+    pub dc_link: Option<String>,
     /// Push, rsync and tcp: targets served at once (K)
     #[arg(long, default_value_t = 4)]
     pub push_parallel: usize,
@@ -151,7 +161,13 @@ pub struct RunResult {
     /// bytes of the chunks the new version adds (FastCDC, as packed).
     pub changed_bytes: Option<u64>,
     pub new_chunk_bytes: Option<u64>,
+    /// Chunk bodies the targets received from another data centre, as
+    /// the daemons count them.
     pub cross_dc_bytes: u64,
+    /// With --netns: the bytes that crossed between data centres as the
+    /// kernel counted them on the links (every byte entering a data
+    /// centre, headers and control included, less the bench's own).
+    pub cross_dc_link_bytes: Option<u64>,
     /// The most any target received, over `package_bytes`.
     pub max_target_bytes_ratio: f64,
     /// The Kumar-Ross bound; null when the caps leave it unbounded.
@@ -197,6 +213,7 @@ struct Measured {
     total_bytes_sent: Option<u64>,
     chunk_bytes: u64,
     cross_dc_bytes: u64,
+    cross_dc_link_bytes: Option<u64>,
     max_target_bytes: u64,
     verified_nodes: usize,
     cpu: Cpu,
@@ -233,7 +250,7 @@ impl RunResult {
         if unfinished > 0 {
             q.p99 = f64::INFINITY;
         }
-        let bound = bound(rates, args.nodes, m.package_bytes);
+        let bound = bound(rates, args.nodes, args.dcs, m.package_bytes);
         Self {
             mode: m.mode.into(),
             nodes: args.nodes,
@@ -252,6 +269,7 @@ impl RunResult {
             changed_bytes: None,
             new_chunk_bytes: None,
             cross_dc_bytes: m.cross_dc_bytes,
+            cross_dc_link_bytes: m.cross_dc_link_bytes,
             max_target_bytes_ratio: m.max_target_bytes as f64 / m.package_bytes.max(1) as f64,
             bound_seconds: bound,
             ratio_to_bound: bound.map(|b| q.p99 / b),
@@ -289,6 +307,8 @@ struct Rates {
     uplink: Option<u64>,
     origin: Option<u64>,
     downlink: Option<u64>,
+    /// Each data centre's link, with --netns.
+    dc_link: Option<u64>,
 }
 
 impl Rates {
@@ -441,6 +461,10 @@ pub fn bench(args: BenchArgs, out: &Output) -> Result<ExitCode> {
             Some(t) => parse_rate(t, "downlink")?,
             None => None,
         },
+        dc_link: match &args.dc_link {
+            Some(t) => parse_rate(t, "dc-link")?,
+            None => None,
+        },
     };
     if size == 0 {
         bail!("--size must be more than 0");
@@ -456,6 +480,9 @@ pub fn bench(args: BenchArgs, out: &Output) -> Result<ExitCode> {
     let mut modes = Vec::new();
     for m in &args.modes {
         match m.as_str() {
+            "rsync" | "tcp" if args.netns => {
+                bail!("--netns runs the convoy modes (swarm, push, pull), not {m}")
+            }
             "rsync" if which("rsync").is_none() => {
                 eprintln!("convoy bench: rsync is not installed; skipping the rsync mode");
             }
@@ -471,9 +498,16 @@ pub fn bench(args: BenchArgs, out: &Output) -> Result<ExitCode> {
     let convoyd = convoyd_path(args.convoyd.as_deref())?;
     let rt = runtime()?;
     let (idle, results) = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Installed before anything starts: a signal that comes while the
+        // fleet (or its network lab) is being set up waits for the first
+        // await, and is not the default death that would leave it behind.
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
         tokio::select! {
             r = run_all(&args, &rates, size, &modes, &convoyd) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted; the fleet is stopped and its directory removed")),
+            _ = int.recv() => Err(anyhow!("interrupted; the fleet is stopped and its directory removed")),
+            _ = term.recv() => Err(anyhow!("terminated; the fleet is stopped and its directory removed")),
         }
     })?;
     report::report(&idle, &results, &args, out)?;
@@ -667,6 +701,7 @@ async fn stage_once(
     // order, to its own report of when it finished (the fleet shares this
     // host's clock).
     let traffic0 = fleet.traffic(client).await?;
+    let links0 = fleet.lab.as_ref().map(|l| l.link_bytes()).transpose()?;
     let ordered = SystemTime::now();
     let started = Instant::now();
     let ControlResponse::StagingStarted { id: staging, .. } = control(
@@ -693,6 +728,13 @@ async fn stage_once(
     let wall = started.elapsed().as_secs_f64();
     let cpu = stats.cpu() - cpu0;
     let traffic = fleet.traffic_once_quiet(client).await? - traffic0;
+    let cross_dc_link_bytes = match (&fleet.lab, links0) {
+        (Some(lab), Some(before)) => Some(convoy_benches::netns::cross_dc_bytes(
+            &before,
+            &lab.link_bytes()?,
+        )),
+        _ => None,
+    };
     let (staged, _) = count(&report);
     let progress: Vec<_> = report
         .targets
@@ -729,6 +771,7 @@ async fn stage_once(
             total_bytes_sent: Some(traffic.wire_sent),
             chunk_bytes: traffic.chunks_received,
             cross_dc_bytes: progress.iter().map(|p| p.bytes_received_cross_dc).sum(),
+            cross_dc_link_bytes,
             max_target_bytes: progress.iter().map(|p| p.bytes_received).max().unwrap_or(0),
             verified_nodes: progress
                 .iter()
@@ -799,11 +842,18 @@ fn with_deltas(
 }
 
 /// The Kumar-Ross bound for these caps, or `None` when they leave it at 0.
-fn bound(rates: &Rates, nodes: usize, bytes: u64) -> Option<f64> {
+fn bound(rates: &Rates, nodes: usize, dcs: usize, bytes: u64) -> Option<f64> {
     let cap = |r: Option<u64>| r.map_or(f64::INFINITY, |r| r as f64);
     let ups = vec![cap(rates.uplink); nodes];
     let downs = vec![cap(rates.downlink); nodes];
-    let b = kumar_ross_bound(bytes, cap(rates.origin), &ups, &downs);
+    let mut b = kumar_ross_bound(bytes, cap(rates.origin), &ups, &downs);
+    // With capped links between data centres (--netns --dc-link), every
+    // data centre holding targets but not the origin takes the whole
+    // release in through its link, which the origin's data centre must
+    // first send out through its own.
+    if dcs > 1 && nodes > 1 {
+        b = b.max(bytes as f64 / cap(rates.dc_link));
+    }
     (b.is_finite() && b > 0.0).then_some(b)
 }
 
@@ -825,7 +875,25 @@ mod tests {
         uplink: None,
         origin: None,
         downlink: None,
+        dc_link: None,
     };
+
+    #[test]
+    fn a_capped_link_between_data_centres_bounds_the_time() {
+        let rates = Rates {
+            dc_link: Some(1 << 20),
+            ..NO_CAPS
+        };
+        // 8 MiB through a 1 MiB/s link: 8 s, whatever else is uncapped.
+        assert_eq!(bound(&rates, 10, 3, 8 << 20), Some(8.0));
+        // One data centre: no link to cross.
+        assert_eq!(bound(&rates, 10, 1, 8 << 20), None);
+        let slow_origin = Rates {
+            origin: Some(512 << 10),
+            ..rates
+        };
+        assert_eq!(bound(&slow_origin, 10, 3, 8 << 20), Some(16.0));
+    }
 
     fn measured(done: Vec<f64>) -> Measured {
         Measured {
@@ -839,6 +907,7 @@ mod tests {
             total_bytes_sent: None,
             chunk_bytes: 0,
             cross_dc_bytes: 0,
+            cross_dc_link_bytes: None,
             max_target_bytes: 0,
             verified_nodes: 0,
             cpu: Cpu::default(),

@@ -262,7 +262,7 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
     };
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let mut s = format!(
-        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {} --push-parallel {} --delta-bases {} --security {}{} (at {})\n\n",
+        "convoy bench --nodes {}{} --uplink {}{}{}{}{}{}{} --dcs {}{}{} --push-parallel {} --delta-bases {} --security {}{} (at {})\n\n",
         args.nodes,
         flag("size", &args.size),
         args.uplink,
@@ -273,13 +273,15 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
         flag("from", &path(&args.from)),
         flag("to", &path(&args.to)),
         args.dcs,
+        if args.netns { " --netns" } else { "" },
+        flag("dc-link", &args.dc_link),
         args.push_parallel,
         args.delta_bases,
         args.security.name(),
         flag("repeat", &(args.repeat > 1).then(|| args.repeat.to_string())),
         env!("CONVOY_COMMIT"),
     );
-    s += "| mode | update | bytes/target | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved (control incl.) | cross-dc | verified | fleet CPU s | origin CPU s | peak RSS target / origin |\n";
+    s += "| mode | update | bytes/target | p50 s | p99 s | max s | bound s | p99/bound | origin egress | total moved (control incl.) | cross-dc chunks (links: all bytes) | verified | fleet CPU s | origin CPU s | peak RSS target / origin |\n";
     s += "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for r in results {
         let rss = match (r.target_peak_rss_bytes, r.origin_peak_rss_bytes) {
@@ -302,7 +304,14 @@ fn markdown(idle: &IdleRss, results: &[RunResult], args: &BenchArgs) -> String {
             r.ratio_to_bound.map_or("-".into(), |b| format!("{b:.2}")),
             format_bytes(r.origin_egress_bytes),
             format_bytes(r.total_bytes),
-            format_bytes(r.cross_dc_bytes),
+            match r.cross_dc_link_bytes {
+                Some(l) => format!(
+                    "{} (links: {})",
+                    format_bytes(r.cross_dc_bytes),
+                    format_bytes(l)
+                ),
+                None => format_bytes(r.cross_dc_bytes),
+            },
             r.verified_nodes,
             r.nodes,
             r.cpu_seconds,

@@ -247,7 +247,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
         args.nodes,
         root.display()
     ));
-    let mut cargs = fleet.common_args("coordinator", "warn", args.nodes as usize + 1);
+    let mut cargs = fleet.common_args("coordinator", 0, "warn", args.nodes as usize + 1);
     cargs.extend([
         "--pipelines".into(),
         pipelines_file.display().to_string(),
@@ -259,7 +259,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
     fleet.start_coordinator(convoyd, &cargs)?;
     for i in 0..args.nodes {
         let name = format!("target-{i:03}");
-        let mut t = fleet.common_args(&name, "warn", args.nodes as usize + 1);
+        let mut t = fleet.common_args(&name, 0, "warn", args.nodes as usize + 1);
         let slice = if i.is_multiple_of(2) { "blue" } else { "green" };
         for l in [
             "env=production".to_string(),
@@ -280,7 +280,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
             }
             apps.pidfiles.push(pidfile);
         }
-        let ready = fleet.start_target_with(convoyd, &name, &t, &envs)?;
+        let ready = fleet.start_target_with(convoyd, &name, 0, &t, &envs)?;
         if args.lb {
             let health = ready["health"]
                 .as_str()

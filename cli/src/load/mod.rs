@@ -411,7 +411,7 @@ async fn measure(args: &LoadArgs, n: usize, convoyd: &Path) -> Result<Row> {
         "== {n} targets: starting a coordinator in {}",
         root.display()
     );
-    let mut cargs = fleet.common_args("coordinator", "warn", 1);
+    let mut cargs = fleet.common_args("coordinator", 0, "warn", 1);
     cargs.extend([
         "--pipelines".into(),
         pipelines.display().to_string(),
