@@ -12,8 +12,9 @@
 //! | `GET /v1/apps/{app}/history` | every action on an app |
 //! | `GET /v1/fleet` | the targets |
 //! | `GET /metrics` | Prometheus text format |
+//! | `GET /` | the web view (no token: the page asks for it) |
 //!
-//! Every request needs `Authorization: Bearer TOKEN` with a token of the
+//! Every request but the web view's needs `Authorization: Bearer TOKEN` with a token of the
 //! token file (see [`Tokens`]); a refusal is logged and counted in
 //! `/metrics`, and history names the token each action came with. Errors are
 //! `{"error": "..."}` with a 4xx or 5xx status. Handlers hand each request
@@ -380,6 +381,8 @@ pub fn router(calls: mpsc::Sender<Call>, tokens: Tokens, refusals: Arc<Refusals>
         )
         .layer(middleware::from_fn_with_state(s.clone(), authorise))
         .with_state(s)
+        // The web view's page and assets need no token: they hold no data.
+        .merge(crate::coordinator::web::routes())
 }
 
 /// Serves the API on `listener` until the process stops.

@@ -31,6 +31,7 @@ pub mod deployments;
 mod operate;
 pub mod operators;
 pub mod rollout;
+mod web;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
