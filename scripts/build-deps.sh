@@ -103,3 +103,86 @@ ensure_commands() {
     done
     [ ${#missing[@]} -eq 0 ] || apt_install "$why" "${missing[@]}"
 }
+
+# ensure_rocksdb: builds the RocksDB that the rocksdb crate bundles once,
+# as a unity build, and points cargo at it (exports ROCKSDB_LIB_DIR and
+# ROCKSDB_STATIC, which librocksdb-sys's build script reads: it then only
+# generates its bindings and links). The crate's own build compiles
+# RocksDB's 343 files one by one with g++ (836 s of a first build here,
+# on its critical path); compiled eight to a unit with clang++, the same
+# sources with the same definitions and -O0 (the dev profile's level)
+# take about a fifth of that. The library is kept under the cargo target
+# directory, named by the crate's version and the compiler's, so it is
+# built once. Every cargo command on that target directory must see the
+# same two variables, or librocksdb-sys is built again the crate's way:
+# the scripts call this; in a shell, `. scripts/env.sh` does. Set
+# CONVOY_ROCKSDB_FROM_CRATE=1 to leave RocksDB to the crate. For other
+# targets than x86_64 Linux, or with RUSTFLAGS (whose target features the
+# crate passes on to the C++ compiler), the crate builds it as before.
+ensure_rocksdb() {
+    [ -z "${CONVOY_ROCKSDB_FROM_CRATE:-}" ] || return 0
+    [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] || return 0
+    [ -z "${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-}${CARGO_BUILD_RUSTFLAGS:-}" ] || return 0
+    local src cxx=clang++ target dir id
+    command -v clang++ >/dev/null 2>&1 || cxx=c++
+    src=$(rocksdb_sources) || return 1
+    target=${CARGO_TARGET_DIR:-target}
+    case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
+    id=$({ echo "${src##*/}"; "$cxx" --version | head -1; echo unity-1; } | sha256sum | cut -c1-12)
+    dir="$target/rocksdb-unity/$id"
+    if [ ! -f "$dir/librocksdb.a" ]; then
+        build_rocksdb_unity "$src" "$dir" "$cxx" || return 1
+    fi
+    export ROCKSDB_LIB_DIR="$dir" ROCKSDB_STATIC=1
+}
+
+# Prints the directory of the librocksdb-sys crate the lock file names,
+# fetching it first.
+rocksdb_sources() {
+    local manifest
+    cargo fetch --locked --quiet >&2 || return 1
+    manifest=$(cargo metadata --format-version 1 --locked 2>/dev/null |
+        grep -o '"manifest_path":"[^"]*/librocksdb-sys-[^"]*/Cargo.toml"' | head -1 |
+        sed 's/^"manifest_path":"//; s/"$//')
+    [ -n "$manifest" ] || { echo "cannot find the librocksdb-sys crate's sources (cargo metadata)" >&2; return 1; }
+    dirname "$manifest"
+}
+
+# build_rocksdb_unity SRC DIR CXX: compiles the crate's RocksDB sources
+# (its rocksdb_lib_sources.txt, with its pre-generated build_version.cc,
+# as its build script does on Linux) eight files to a unit into
+# DIR/librocksdb.a, as many units at once as there are cores.
+build_rocksdb_unity() {
+    local src="$1" dir="$2" cxx="$3" tmp="$2.tmp.$$" n=0 f jobs
+    rm -rf "$tmp" && mkdir -p "$tmp" || return 1
+    while read -r f; do
+        [ -n "$f" ] && [ "$f" != util/build_version.cc ] || continue
+        printf '#include "%s"\n' "$src/rocksdb/$f" >>"$tmp/unit-$(printf %03d $((n / 8))).cc"
+        n=$((n + 1))
+    done <"$src/rocksdb_lib_sources.txt"
+    printf '#include "%s"\n' "$src/build_version.cc" >>"$tmp/unit-$(printf %03d $((n / 8))).cc"
+    # librocksdb-sys's definitions and flags for x86_64 Linux (build.rs),
+    # at -O0 without debug information as the dev profile builds it here.
+    printf '%s\n' -I"$src/rocksdb/include" -I"$src/rocksdb" \
+        -I"$src/rocksdb/third-party/gtest-1.8.1/fused-src" -I"$src" \
+        -DNDEBUG=1 -DHAVE_ALIGNED_NEW -DHAVE_UINT128_EXTENSION -DOS_LINUX \
+        -DROCKSDB_PLATFORM_POSIX -DROCKSDB_LIB_IO_POSIX -DROCKSDB_SCHED_GETCPU_PRESENT \
+        -DROCKSDB_AUXV_GETAUXVAL_PRESENT -DROCKSDB_FALLOCATE_PRESENT \
+        -DROCKSDB_RANGESYNC_PRESENT -std=c++20 -msse2 -include cstdint -O0 \
+        -ffunction-sections -fdata-sections -fPIC -m64 -w >"$tmp/flags"
+    jobs=$(nproc 2>/dev/null || echo 2)
+    echo "building RocksDB once: $(ls "$tmp"/unit-*.cc | wc -l) units of $n files with $cxx, $jobs at a time (about 3 minutes on 2 cores)" >&2
+    export CONVOY_CXX="$cxx" CONVOY_FLAGS="$tmp/flags"
+    # shellcheck disable=SC2016
+    if ! ls "$tmp"/unit-*.cc | xargs -P "$jobs" -I{} sh -c \
+        'xargs -a "$CONVOY_FLAGS" -d "\n" "$CONVOY_CXX" -c "$1" -o "$1.o" 2>"$1.err" || { cat "$1.err" >&2; exit 255; }' _ {}; then
+        echo "building RocksDB failed (above); CONVOY_ROCKSDB_FROM_CRATE=1 leaves it to the crate" >&2
+        unset CONVOY_CXX CONVOY_FLAGS
+        rm -rf "$tmp"
+        return 1
+    fi
+    unset CONVOY_CXX CONVOY_FLAGS
+    ar crs "$tmp/librocksdb.a" "$tmp"/unit-*.o || return 1
+    rm -f "$tmp"/unit-*.o "$tmp"/*.err
+    rm -rf "$dir" && mv "$tmp" "$dir"
+}

@@ -38,6 +38,9 @@ if [ -n "$from" ]; then
     [ -n "$out" ] || out="$PWD/target/debian"
 else
     ensure_build_deps
+    # The dev profile links the RocksDB the other scripts build (-O0);
+    # another profile leaves RocksDB to the crate, at its own level.
+    if [ "$profile" = dev ]; then ensure_rocksdb; fi
     cargo build --profile "$profile" -p convoy-cli -p convoy-daemon --bins >&2
 fi
 target="${CARGO_TARGET_DIR:-$PWD/target}"

@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/build-deps.sh
 ensure_build_deps
+ensure_rocksdb
 for arg in "$@"; do
     if [ "$arg" = --lb ]; then
         ensure_commands "convoy demo --lb" haproxy wrk

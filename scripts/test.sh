@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/build-deps.sh
 ensure_build_deps
+ensure_rocksdb
 ensure_commands "the load balancer test" haproxy wrk ||
     [ -z "${CONVOY_REQUIRE_LB:-}" ]
 ensure_commands "the systemd units' test" systemd-analyze:systemd ||

@@ -586,7 +586,7 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
         let pids = fleet.detach();
         let dir = root.display();
         eprintln!(
-            "\nThe fleet keeps running in {dir}. Talk to it with:\n\n  export CONVOY_API={api_url} CONVOY_API_TOKEN_FILE={}\n  export CONVOY_COORDINATOR={} CONVOY_FLEET_KEY_FILE={}\n  convoy status; convoy history web; convoy fleet\n\nStop it with:\n\n  kill {}; rm -rf {dir}",
+            "\nThe fleet keeps running in {dir}. Talk to it with:\n\n  export CONVOY_API={api_url} CONVOY_API_TOKEN_FILE={}\n  export CONVOY_COORDINATOR={} CONVOY_FLEET_KEY_FILE={}\n  convoy status; convoy history web; convoy fleet\n\nor open {api_url}/ in a browser (the web view; its token is in the file above).\n\nStop it with:\n\n  kill {}; rm -rf {dir}",
             token_file.display(),
             fleet.coordinator_addr,
             fleet.key_file.display(),
