@@ -1,6 +1,6 @@
 # Sourced by the other scripts: makes sure what RocksDB's build needs is
-# here (libclang for bindgen, a C++ compiler), installing it with apt-get
-# when it is missing and we may.
+# here (libclang for bindgen, C++ compilers), installing it with apt-get
+# when it is missing and we may, and builds RocksDB once (ensure_rocksdb).
 
 # Prints the first libclang that bindgen (clang-sys, loading at run time as
 # the rocksdb crate's `bindgen-runtime` feature does) would load, and fails
@@ -54,6 +54,13 @@ ensure_build_deps() {
     local missing=()
     find_libclang >/dev/null || missing+=(libclang-dev)
     command -v c++ >/dev/null 2>&1 || missing+=(g++)
+    # RocksDB's unity build (ensure_rocksdb) compiles about a third faster
+    # with clang++ than with g++ at -O0 (measured here on db_impl.cc and
+    # block_based_table_reader.cc: 13.2 and 8.2 CPU-s against 20.4 and
+    # 11.5); without it, c++ does.
+    if ! command -v clang++ >/dev/null 2>&1 && ! apt_install "a faster RocksDB build" clang; then
+        echo "(RocksDB will be built with c++ instead of clang++)" >&2
+    fi
     command -v cargo >/dev/null 2>&1 || {
         echo "cargo not found: install the Rust toolchain (https://rustup.rs) first" >&2
         return 1

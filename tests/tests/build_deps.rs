@@ -112,3 +112,54 @@ fn libclang_path_alone_is_searched_when_set() {
         Some(lib.to_str().unwrap())
     );
 }
+
+/// Runs `ensure_rocksdb` from the repository with `envs` set (and no
+/// ROCKSDB_* variables inherited); what it exported as ROCKSDB_LIB_DIR,
+/// if anything, and whether it succeeded.
+fn ensure_rocksdb(envs: &[(&str, &str)]) -> (bool, Option<String>) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(r#". scripts/build-deps.sh && ensure_rocksdb && echo "${ROCKSDB_LIB_DIR:-}:${ROCKSDB_STATIC:-}""#)
+        .current_dir(&repo)
+        .env_remove("ROCKSDB_LIB_DIR")
+        .env_remove("ROCKSDB_STATIC")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CONVOY_ROCKSDB_FROM_CRATE");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("bash runs");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let dir = line
+        .strip_suffix(":1")
+        .filter(|d| !d.is_empty())
+        .map(str::to_string);
+    (out.status.success(), dir)
+}
+
+/// Where the scripts built RocksDB (they ran these tests: `scripts/test.sh`
+/// exports ROCKSDB_LIB_DIR), the same call finds it again without
+/// building, under the same name; asked not to, or with RUSTFLAGS (whose
+/// target features the crate would pass to its compiler), it leaves
+/// RocksDB to the crate.
+#[test]
+fn the_scripts_rocksdb_is_found_again_and_left_to_the_crate_when_asked() {
+    assert_eq!(ensure_rocksdb(&[("CONVOY_ROCKSDB_FROM_CRATE", "1")]), (true, None));
+    assert_eq!(
+        ensure_rocksdb(&[("RUSTFLAGS", "-Ctarget-cpu=native")]),
+        (true, None)
+    );
+    let Ok(built) = std::env::var("ROCKSDB_LIB_DIR") else {
+        eprintln!("not run by the scripts (no ROCKSDB_LIB_DIR): the reuse is not checked");
+        return;
+    };
+    assert!(Path::new(&built).join("librocksdb.a").is_file(), "{built}");
+    let started = std::time::Instant::now();
+    let again = ensure_rocksdb(&[]);
+    assert_eq!(again, (true, Some(built)));
+    // Found, not rebuilt: a build takes minutes.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
