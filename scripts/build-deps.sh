@@ -134,7 +134,7 @@ ensure_rocksdb() {
     command -v clang++ >/dev/null 2>&1 || cxx=c++
     src=$(rocksdb_sources) || return 1
     target=${CARGO_TARGET_DIR:-target}
-    case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
+    mkdir -p "$target" && target=$(cd "$target" && pwd -P) || return 1
     id=$({ echo "${src##*/}"; "$cxx" --version | head -1; echo unity-1; } | sha256sum | cut -c1-12)
     dir="$target/rocksdb-unity/$id"
     if [ ! -f "$dir/librocksdb.a" ]; then

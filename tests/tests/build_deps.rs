@@ -117,7 +117,10 @@ fn libclang_path_alone_is_searched_when_set() {
 /// ROCKSDB_* variables inherited); what it exported as ROCKSDB_LIB_DIR,
 /// if anything, and whether it succeeded.
 fn ensure_rocksdb(envs: &[(&str, &str)]) -> (bool, Option<String>) {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("the repository");
     let mut cmd = Command::new("bash");
     cmd.arg("-c")
         .arg(r#". scripts/build-deps.sh && ensure_rocksdb && echo "${ROCKSDB_LIB_DIR:-}:${ROCKSDB_STATIC:-}""#)
@@ -147,7 +150,10 @@ fn ensure_rocksdb(envs: &[(&str, &str)]) -> (bool, Option<String>) {
 /// RocksDB to the crate.
 #[test]
 fn the_scripts_rocksdb_is_found_again_and_left_to_the_crate_when_asked() {
-    assert_eq!(ensure_rocksdb(&[("CONVOY_ROCKSDB_FROM_CRATE", "1")]), (true, None));
+    assert_eq!(
+        ensure_rocksdb(&[("CONVOY_ROCKSDB_FROM_CRATE", "1")]),
+        (true, None)
+    );
     assert_eq!(
         ensure_rocksdb(&[("RUSTFLAGS", "-Ctarget-cpu=native")]),
         (true, None)
