@@ -457,6 +457,29 @@ impl TestFleet {
         cli.run(&all)
     }
 
+    /// `convoy deploy web@VERSION --env production --follow --json ARGS`
+    /// through the API: the exit code and the final status.
+    pub fn deploy_web(&self, version: &str, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+        let release = format!("web@{version}");
+        let mut all = vec![
+            "deploy",
+            release.as_str(),
+            "--env",
+            "production",
+            "--follow",
+            "--json",
+        ];
+        all.extend_from_slice(args);
+        let run = self.operator(&all);
+        let v = serde_json::from_str(&run.stdout).unwrap_or_else(|e| {
+            panic!(
+                "deploy printed no JSON ({e}):\n{}\n{}",
+                run.stdout, run.stderr
+            )
+        });
+        (run.code, v)
+    }
+
     /// What target `i`'s health endpoint answers: status and JSON body.
     pub fn health(&self, i: usize) -> (u16, serde_json::Value) {
         let addr = self.targets[i].ready["health"]

@@ -205,27 +205,8 @@ fn live_on_v1(lab: &Lab, pipelines: &tempfile::NamedTempFile, before: Option<&st
             .convoy(&["publish", dir.to_str().unwrap(), &format!("web@{v}")])
             .success();
     }
-    assert_eq!(deploy(&fleet, "1", &[]).0, Some(0));
+    assert_eq!(fleet.deploy_web("1", &[]).0, Some(0));
     fleet
-}
-
-/// `convoy deploy web@VERSION --env production --follow --json`: the exit
-/// code and the final status.
-fn deploy(fleet: &TestFleet, version: &str, extra: &[&str]) -> (Option<i32>, Value) {
-    let release = format!("web@{version}");
-    let mut args = vec![
-        "deploy",
-        &release,
-        "--env",
-        "production",
-        "--follow",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let run = fleet.operator(&args);
-    let v = serde_json::from_str(&run.stdout)
-        .unwrap_or_else(|e| panic!("no JSON ({e}):\n{}\n{}", run.stdout, run.stderr));
-    (run.code, v)
 }
 
 /// The targets a roll-out's notices say failed.
@@ -279,11 +260,7 @@ fn a_roll_out_to_a_data_centre_cut_off_halts_in_distribution_and_touches_none() 
     let pipelines = tempfile::NamedTempFile::new().unwrap();
     let fleet = live_on_v1(&lab, &pipelines, None);
     lab.set_link(2, false).unwrap();
-    let (code, v) = deploy(
-        &fleet,
-        "2",
-        &["--max-failures", "1", "--progress-deadline", "1"],
-    );
+    let (code, v) = fleet.deploy_web("2", &["--max-failures", "1", "--progress-deadline", "1"]);
     // Nothing was delivered: the roll-out failed (exit 3), with nothing
     // to roll back.
     assert_eq!(code, Some(3), "failed: {v}");
@@ -321,13 +298,8 @@ esac"#
     );
     let fleet = live_on_v1(&lab, &pipelines, Some(&hook));
     let deploying = std::thread::scope(|s| {
-        let run = s.spawn(|| {
-            deploy(
-                &fleet,
-                "2",
-                &["--max-failures", "1", "--progress-deadline", "2"],
-            )
-        });
+        let run =
+            s.spawn(|| fleet.deploy_web("2", &["--max-failures", "1", "--progress-deadline", "2"]));
         let deadline = Instant::now() + Duration::from_secs(60);
         while !(dir.path().join("target-4").exists() && dir.path().join("target-5").exists()) {
             assert!(Instant::now() < deadline, "dc2 never ran before_activate");

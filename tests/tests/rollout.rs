@@ -48,26 +48,9 @@ fn publish_with(f: &TestFleet, version: &str, after_activate: Option<&str>, vali
         .success();
 }
 
-/// `convoy deploy ... --follow --json`: the exit code and the final status.
+/// `convoy deploy web@VERSION --env production --follow --json ARGS`.
 fn deploy(f: &TestFleet, version: &str, args: &[&str]) -> (Option<i32>, Value) {
-    let release = format!("web@{version}");
-    let mut all = vec![
-        "deploy",
-        release.as_str(),
-        "--env",
-        "production",
-        "--follow",
-        "--json",
-    ];
-    all.extend_from_slice(args);
-    let run = f.operator(&all);
-    let v = serde_json::from_str(&run.stdout).unwrap_or_else(|e| {
-        panic!(
-            "deploy printed no JSON ({e}):\n{}\n{}",
-            run.stdout, run.stderr
-        )
-    });
-    (run.code, v)
+    f.deploy_web(version, args)
 }
 
 /// Starts a roll-out without following it; returns its id.
