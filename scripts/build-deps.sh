@@ -178,7 +178,7 @@ build_rocksdb_unity() {
         -DROCKSDB_RANGESYNC_PRESENT -std=c++20 -msse2 -include cstdint -O0 \
         -ffunction-sections -fdata-sections -fPIC -m64 -w >"$tmp/flags"
     jobs=$(nproc 2>/dev/null || echo 2)
-    echo "building RocksDB once: $(ls "$tmp"/unit-*.cc | wc -l) units of $n files with $cxx, $jobs at a time (about 3 minutes on 2 cores)" >&2
+    echo "building RocksDB once: $(ls "$tmp"/unit-*.cc | wc -l) units of $n files with $cxx, $jobs at a time (about 4 minutes on 2 cores)" >&2
     export CONVOY_CXX="$cxx" CONVOY_FLAGS="$tmp/flags"
     # shellcheck disable=SC2016
     if ! ls "$tmp"/unit-*.cc | xargs -P "$jobs" -I{} sh -c \
