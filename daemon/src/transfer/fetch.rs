@@ -627,14 +627,10 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
             self.count_failure(chunk);
             self.actions.push_back(FetchAction::Cancel { peer, chunk });
         }
-        let stalled: Vec<P> = self
-            .peers
-            .keys()
-            .copied()
-            .filter(|p| self.stalled_at(*p).is_some_and(|t| t <= now))
-            .collect();
-        for peer in stalled {
-            self.give_up_on(now, peer);
+        for (peer, at) in self.stalls() {
+            if at <= now {
+                self.give_up_on(now, peer);
+            }
         }
         if self.starved_until().is_some_and(|t| t <= now) {
             // Whatever its data centre's importers are doing, none of it
@@ -677,7 +673,7 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
                 .filter(|l| l.len() == 1 && !l[0].overdue)
                 .map(move |l| l[0].since + patience)
         });
-        let stalls = self.peers.keys().filter_map(|p| self.stalled_at(*p));
+        let stalls = self.stalls().into_iter().map(|(_, at)| at);
         requests
             .chain(refusals)
             .chain(stalls)
@@ -693,26 +689,27 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
         }
     }
 
-    /// When `peer`, which has answered before and has requests in flight,
-    /// counts as stalled: silent for [`STALL_ROUND_TRIPS`] of its own round
+    /// Every peer that will count as stalled, with when. A peer that has
+    /// answered before and has requests in flight stalls when silent for [`STALL_ROUND_TRIPS`] of its own round
     /// trips (at least [`STALL_FLOOR`], at most the request timeout) since
     /// its last answer or its oldest request in flight, whichever is later.
     /// A peer behind a cut link answers nothing, and its requests would
-    /// otherwise wait out the whole request timeout each.
-    fn stalled_at(&self, peer: P) -> Option<Instant> {
-        let p = self.peers.get(&peer)?;
-        let patience = self.stall_patience(peer)?;
-        if p.in_flight == 0 {
-            return None;
+    /// otherwise wait out the whole request timeout each. One pass over
+    /// the requests in flight: this runs after every input.
+    fn stalls(&self) -> Vec<(P, Instant)> {
+        let mut oldest: BTreeMap<P, Instant> = BTreeMap::new();
+        for o in self.outstanding.values().flatten() {
+            let t = oldest.entry(o.peer).or_insert(o.since);
+            *t = (*t).min(o.since);
         }
-        let oldest = self
-            .outstanding
-            .values()
-            .flatten()
-            .filter(|o| o.peer == peer)
-            .map(|o| o.since)
-            .min()?;
-        Some(p.last_heard.map_or(oldest, |h| h.max(oldest)) + patience)
+        oldest
+            .into_iter()
+            .filter_map(|(peer, oldest)| {
+                let patience = self.stall_patience(peer)?;
+                let heard = self.peers.get(&peer)?.last_heard;
+                Some((peer, heard.map_or(oldest, |h| h.max(oldest)) + patience))
+            })
+            .collect()
     }
 
     /// How long `peer` may be silent, once it has answered a request.
