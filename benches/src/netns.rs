@@ -174,6 +174,14 @@ impl Lab {
         vec!["ip".into(), "netns".into(), "exec".into(), self.dc(n)]
     }
 
+    /// `program` to be run in data centre `n` (see [`Lab::exec_prefix`]).
+    pub fn command(&self, n: usize, program: &std::path::Path) -> Command {
+        let prefix = self.exec_prefix(n);
+        let mut c = Command::new(&prefix[0]);
+        c.args(&prefix[1..]).arg(program);
+        c
+    }
+
     /// Cuts data centre `n` off (its link down) or joins it again. Its
     /// daemons keep running and keep their addresses: a partition, not a
     /// crash.
@@ -315,7 +323,7 @@ fn namespaces() -> Result<Vec<String>> {
 /// 64 KiB (GSO), and a bucket smaller than a segment would never pass it.
 fn cap(ns: &str, dev: &str, rate: u64) -> Result<()> {
     let burst = (rate / 10).max(256 << 10);
-    ip_tc(&[
+    tc(&[
         "-n",
         ns,
         "qdisc",
@@ -354,7 +362,7 @@ fn ip(args: &[&str]) -> Result<()> {
     output(Command::new("ip").args(args)).map(drop)
 }
 
-fn ip_tc(args: &[&str]) -> Result<()> {
+fn tc(args: &[&str]) -> Result<()> {
     output(Command::new("tc").args(args)).map(drop)
 }
 

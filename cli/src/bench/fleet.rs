@@ -316,11 +316,7 @@ impl Fleet {
         // In a lab, `ip netns exec NS` runs it (and becomes it: the pid is
         // convoyd's).
         let mut cmd = match &self.lab {
-            Some(lab) => {
-                let mut c = Command::new("ip");
-                c.args(&lab.exec_prefix(dc % lab.dcs())[1..]).arg(convoyd);
-                c
-            }
+            Some(lab) => lab.command(dc % lab.dcs(), convoyd),
             None => Command::new(convoyd),
         };
         let mut child = cmd
