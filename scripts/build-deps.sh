@@ -130,14 +130,18 @@ ensure_rocksdb() {
     [ -z "${CONVOY_ROCKSDB_FROM_CRATE:-}" ] || return 0
     [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] || return 0
     [ -z "${RUSTFLAGS:-}${CARGO_ENCODED_RUSTFLAGS:-}${CARGO_BUILD_RUSTFLAGS:-}" ] || return 0
-    local src cxx=clang++ target dir id
+    local src ver cxx=clang++ target dir id
     command -v clang++ >/dev/null 2>&1 || cxx=c++
-    src=$(rocksdb_sources) || return 1
+    # The crate's version from the lock file: its sources are fetched and
+    # looked up only when the library is to be built.
+    ver=$(awk '$0 == "name = \"librocksdb-sys\"" { getline; gsub(/^version = "|"$/, ""); print; exit }' Cargo.lock)
+    [ -n "$ver" ] || { echo "no librocksdb-sys in Cargo.lock" >&2; return 1; }
     target=${CARGO_TARGET_DIR:-target}
     mkdir -p "$target" && target=$(cd "$target" && pwd -P) || return 1
-    id=$({ echo "${src##*/}"; "$cxx" --version | head -1; echo unity-1; } | sha256sum | cut -c1-12)
+    id=$({ echo "librocksdb-sys-$ver"; "$cxx" --version | head -1; echo unity-1; } | sha256sum | cut -c1-12)
     dir="$target/rocksdb-unity/$id"
     if [ ! -f "$dir/librocksdb.a" ]; then
+        src=$(rocksdb_sources) || return 1
         build_rocksdb_unity "$src" "$dir" "$cxx" || return 1
     fi
     export ROCKSDB_LIB_DIR="$dir" ROCKSDB_STATIC=1
