@@ -282,10 +282,11 @@ enum Command {
     /// (p50, p99, max), origin egress, total bytes moved, cross-dc bytes,
     /// the Kumar-Ross bound and the ratio of p99 to it, targets verified,
     /// and the fleet's CPU seconds. rsync (when installed) pushes the same
-    /// tree from an rsync daemon on loopback, K at a time, each transfer
-    /// at 1/K of the origin's cap. Sizes and rates take binary suffixes;
+    /// tree from an rsync daemon on loopback, K at a time, the K sharing
+    /// the origin's cap as push does. Sizes and rates take binary suffixes;
     /// rates are bytes per second. Everything is stopped and removed at
-    /// the end, also on Ctrl-C.
+    /// the end, also on Ctrl-C; killed outright, its daemons get SIGTERM
+    /// from the kernel.
     ///
     /// Example: convoy bench --nodes 50 --size 16MiB --uplink 2MiB --modes swarm,push,pull --out results/
     Bench(bench::BenchArgs),

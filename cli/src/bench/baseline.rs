@@ -285,8 +285,8 @@ fn k_at_a_time(
 }
 
 /// The ceiling: the same bytes over plain TCP sockets on loopback, from
-/// the package's files into one file per target, K at a time, each at 1/K
-/// of the origin's cap. An update sends only the 64 KiB runs that changed.
+/// the package's files into one file per target, K at a time, sharing the
+/// origin's cap. An update sends only the 64 KiB runs that changed.
 pub(super) fn tcp_runs(
     fleet: &Fleet,
     args: &BenchArgs,
