@@ -1,6 +1,7 @@
-//! How the CLI meets closed pipes and sockets: a closed stdout ends it
-//! quietly, as it ends other Unix tools; a socket its peer closed is an
-//! error it reports, never a signal that kills it silently.
+//! How the CLI meets closed pipes, sockets and its own death: a closed
+//! stdout ends it quietly, as it ends other Unix tools; a socket its peer
+//! closed is an error it reports, never a signal that kills it silently;
+//! killed outright, it leaves no daemon of its fleet running.
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -147,4 +148,72 @@ fn a_failed_dial_names_its_cause_once() {
         "{stderr}"
     );
     assert!(stderr.contains(&format!("tcp/{port}")), "{stderr}");
+}
+
+/// Processes whose command line names `dir` (the daemons of a fleet in it).
+fn processes_in(dir: &str) -> Vec<libc::pid_t> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(dir))
+        })
+        .collect()
+}
+
+/// `convoy bench` killed with SIGKILL runs no handler and no destructor:
+/// its daemons used to run on, serving nothing, until killed by hand.
+/// Each now gets SIGTERM from the kernel when the bench dies.
+#[test]
+fn a_bench_killed_outright_leaves_no_daemon_running() {
+    use std::io::BufRead;
+    let work = tempfile::tempdir().unwrap();
+    let mut bench = Command::new(bin_dir().join("convoy"))
+        .arg("--store")
+        .arg(work.path().join("store"))
+        .args([
+            "bench", "--nodes", "3", "--size", "4MiB", "--uplink", "64KiB",
+        ])
+        .args(["--modes", "pull"])
+        .env("TMPDIR", work.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(bench.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let dir = line
+        .trim()
+        .strip_prefix("starting a coordinator and 3 targets in ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+    // The coordinator and three targets, started one after another.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while processes_in(&dir).len() < 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = processes_in(&dir).len();
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut left = processes_in(&dir);
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        left = processes_in(&dir);
+    }
+    for pid in &left {
+        // SAFETY: kill with a pid just read from /proc; the worst case is
+        // a signal to a process that has exited.
+        unsafe {
+            libc::kill(*pid, libc::SIGKILL);
+        }
+    }
+    assert_eq!(started, 4, "the fleet did not start");
+    assert!(
+        left.is_empty(),
+        "{} daemons still ran 30 s after the bench was killed",
+        left.len()
+    );
 }

@@ -59,6 +59,11 @@ pub(crate) struct Fleet {
     /// processes, so that it is removed once they have stopped.
     pub lab: Option<convoy_benches::netns::Lab>,
     pub dir: tempfile::TempDir,
+    /// Whether the daemons started from now on get SIGTERM when this
+    /// process dies, however it dies (true unless a fleet is meant to
+    /// outlive it, as `convoy demo --keep`'s does). Drop stops them when
+    /// it runs; this covers a SIGKILL or a crash, after which they ran on.
+    pub die_with_us: bool,
 }
 
 impl Drop for Fleet {
@@ -151,6 +156,7 @@ impl Fleet {
             logs,
             lab: None,
             dir,
+            die_with_us: true,
         })
     }
 
@@ -319,6 +325,9 @@ impl Fleet {
             Some(lab) => lab.command(dc % lab.dcs(), convoyd),
             None => Command::new(convoyd),
         };
+        if self.die_with_us {
+            die_with_parent(&mut cmd);
+        }
         let mut child = cmd
             .args(args)
             .envs(envs.iter().map(|(k, v)| (k, v)))
@@ -338,6 +347,30 @@ impl Fleet {
         let ready: serde_json::Value = serde_json::from_str(&line)
             .map_err(|_| anyhow!("{} did not start:\n{}", proc.name, self.tail(name)))?;
         Ok((proc, ready))
+    }
+}
+
+/// Makes the child `cmd` starts get SIGTERM when its parent dies
+/// (Linux's parent-death signal; it survives the `ip netns exec` in
+/// front of a lab's daemon, which execs it). The signal follows the
+/// thread that spawns: fleets are started from the runtime's own threads,
+/// which live as long as the process. A parent that died before the
+/// child set it up is caught by the parent's pid changing.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure calls only prctl and
+    // getppid, which are async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("the bench exited while starting it"));
+            }
+            Ok(())
+        });
     }
 }
 

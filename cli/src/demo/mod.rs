@@ -234,6 +234,8 @@ async fn run(args: &DemoArgs, size: u64, convoyd: &Path, out: &Output) -> Result
     };
     let tools = args.lb.then(lb::Tools::find).transpose()?;
     let mut fleet = Fleet::new("convoy-demo-", args.logs.clone())?;
+    // A kept fleet outlives this process.
+    fleet.die_with_us = !args.keep;
     let root = fleet.dir.path().to_path_buf();
     let pipelines_file = root.join("pipelines.toml");
     std::fs::write(&pipelines_file, pipelines(args.lb))?;
