@@ -48,11 +48,6 @@ fn publish_with(f: &TestFleet, version: &str, after_activate: Option<&str>, vali
         .success();
 }
 
-/// `convoy deploy web@VERSION --env production --follow --json ARGS`.
-fn deploy(f: &TestFleet, version: &str, args: &[&str]) -> (Option<i32>, Value) {
-    f.deploy_web(version, args)
-}
-
 /// Starts a roll-out without following it; returns its id.
 fn start(f: &TestFleet, version: &str, args: &[&str]) -> u64 {
     let release = format!("web@{version}");
@@ -94,7 +89,7 @@ fn delivered(v: &Value) -> usize {
 fn every_strategy_goes_live_and_the_health_endpoint_follows() {
     let f = fleet(4, PRODUCTION);
     publish(&f, "1", VALIDATE_OK);
-    let (code, v) = deploy(&f, "1", &["--strategy", "live", "--waves", "50%,100%"]);
+    let (code, v) = f.deploy_web("1", &["--strategy", "live", "--waves", "50%,100%"]);
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["outcome"], "succeeded");
     for i in 0..4 {
@@ -102,8 +97,7 @@ fn every_strategy_goes_live_and_the_health_endpoint_follows() {
     }
 
     publish(&f, "2", VALIDATE_OK);
-    let (code, v) = deploy(
-        &f,
+    let (code, v) = f.deploy_web(
         "2",
         &[
             "--strategy",
@@ -122,7 +116,7 @@ fn every_strategy_goes_live_and_the_health_endpoint_follows() {
 
     // Both slices are in load: blue counts as live, green gets v3.
     publish(&f, "3", VALIDATE_OK);
-    let (code, v) = deploy(&f, "3", &["--strategy", "blue-green", "--mode", "swarm"]);
+    let (code, v) = f.deploy_web("3", &["--strategy", "blue-green", "--mode", "swarm"]);
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["live_slice"], "Green");
     for i in 0..4 {
@@ -184,7 +178,7 @@ fn a_load_balancers_checks_set_the_drain_and_a_shorter_one_is_warned_of() {
     let pipelines = pipelines.replace("drain_seconds = 0.1\n", "");
     let f = fleet(2, &pipelines);
     publish(&f, "1", VALIDATE_OK);
-    let (code, v) = deploy(&f, "1", &["--strategy", "rolling", "--drain", "0.1"]);
+    let (code, v) = f.deploy_web("1", &["--strategy", "rolling", "--drain", "0.1"]);
     assert_eq!(code, Some(0), "{v}");
     let warnings: Vec<&str> = v["notices"]
         .as_array()
@@ -206,7 +200,7 @@ fn a_load_balancers_checks_set_the_drain_and_a_shorter_one_is_warned_of() {
     );
     // Without --drain: (fall + 1) × interval, and rise × interval after.
     publish(&f, "2", VALIDATE_OK);
-    let (code, v) = deploy(&f, "2", &["--strategy", "rolling"]);
+    let (code, v) = f.deploy_web("2", &["--strategy", "rolling"]);
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["drain_seconds"], 0.3, "{v}");
     assert_eq!(v["settle_seconds"], 0.3, "{v}");
@@ -224,7 +218,7 @@ fn a_load_balancers_checks_set_the_drain_and_a_shorter_one_is_warned_of() {
 fn past_the_failure_threshold_every_target_goes_back() {
     let f = fleet(4, PRODUCTION);
     publish(&f, "1", VALIDATE_OK);
-    assert_eq!(deploy(&f, "1", &[]).0, Some(0));
+    assert_eq!(f.deploy_web("1", &[]).0, Some(0));
     // v2 fails validation on target-2 only: the others activate it first
     // (or after), and all must end on v1.
     publish(
@@ -232,8 +226,7 @@ fn past_the_failure_threshold_every_target_goes_back() {
         "2",
         r#"case "$CONVOY_RELEASE_DIR" in */target-2/*) echo "500 on /healthz" >&2; exit 1;; esac"#,
     );
-    let (code, v) = deploy(
-        &f,
+    let (code, v) = f.deploy_web(
         "2",
         &[
             "--strategy",
@@ -259,7 +252,7 @@ fn past_the_failure_threshold_every_target_goes_back() {
 fn pause_resume_abort_and_one_roll_out_at_a_time() {
     let f = fleet(3, PRODUCTION);
     publish(&f, "1", VALIDATE_OK);
-    assert_eq!(deploy(&f, "1", &[]).0, Some(0));
+    assert_eq!(f.deploy_web("1", &[]).0, Some(0));
     publish(&f, "2", VALIDATE_OK);
     let id = start(
         &f,
@@ -332,7 +325,7 @@ fn pause_resume_abort_and_one_roll_out_at_a_time() {
 fn a_restarted_coordinator_finishes_the_roll_out() {
     let mut f = fleet(3, PRODUCTION);
     publish(&f, "1", VALIDATE_OK);
-    assert_eq!(deploy(&f, "1", &[]).0, Some(0));
+    assert_eq!(f.deploy_web("1", &[]).0, Some(0));
     publish(&f, "2", VALIDATE_OK);
     let id = start(
         &f,
@@ -357,7 +350,7 @@ fn a_restarted_coordinator_finishes_the_roll_out() {
 fn a_target_killed_mid_activation_comes_back_whole_and_consistent() {
     let mut f = fleet(2, PRODUCTION);
     publish(&f, "1", VALIDATE_OK);
-    assert_eq!(deploy(&f, "1", &[]).0, Some(0));
+    assert_eq!(f.deploy_web("1", &[]).0, Some(0));
     // On target-1, after_activate (after the switch) marks that it runs
     // and waits, so the test can kill the daemon there.
     publish_with(

@@ -353,9 +353,10 @@ impl Fleet {
 /// Makes the child `cmd` starts get SIGTERM when its parent dies
 /// (Linux's parent-death signal; it survives the `ip netns exec` in
 /// front of a lab's daemon, which execs it). The signal follows the
-/// thread that spawns: fleets are started from the runtime's own threads,
-/// which live as long as the process. A parent that died before the
-/// child set it up is caught by the parent's pid changing.
+/// thread that spawns, not the process: bench, demo and load-test start
+/// their fleets from the thread that runs their runtime's `block_on`,
+/// the main thread. A parent that died before the child set it up is
+/// caught by the parent's pid changing.
 fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
@@ -367,7 +368,9 @@ fn die_with_parent(cmd: &mut Command) {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() != parent {
-                return Err(std::io::Error::other("the bench exited while starting it"));
+                return Err(std::io::Error::other(
+                    "the process starting it exited first",
+                ));
             }
             Ok(())
         });

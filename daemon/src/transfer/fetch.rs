@@ -690,9 +690,10 @@ impl<P: Copy + Ord + Hash + std::fmt::Debug> Fetcher<P> {
     }
 
     /// Every peer that will count as stalled, with when. A peer that has
-    /// answered before and has requests in flight stalls when silent for [`STALL_ROUND_TRIPS`] of its own round
-    /// trips (at least [`STALL_FLOOR`], at most the request timeout) since
-    /// its last answer or its oldest request in flight, whichever is later.
+    /// answered before and has requests in flight stalls when silent for
+    /// [`STALL_ROUND_TRIPS`] of its own round trips (at least
+    /// [`STALL_FLOOR`], at most the request timeout) since its last answer
+    /// or its oldest request in flight, whichever is later.
     /// A peer behind a cut link answers nothing, and its requests would
     /// otherwise wait out the whole request timeout each. One pass over
     /// the requests in flight: this runs after every input.
